@@ -1,0 +1,113 @@
+"""Architecture plugins: any timm model by name, plus tested presets with small-image adaptations.
+
+`arch=timm arch.model=<any timm name>` builds any timm model (pretrained=False: nothing is ever
+downloaded). The presets fix the small-image adaptations that CIFAR-style papers use, so that
+32x32 (or digits' 8x8) inputs are not downsampled to nothing:
+- ResNets: a 3x3 stride-1 stem conv and no max-pool (the CIFAR ResNet of Madry/TRADES/AWP code).
+- ViTs: `img_size` set to the data's size and a small `patch_size` (4 at 32x32 -> 64 tokens).
+- ConvNeXt: a smaller patchify stem (`patch_size`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import timm
+from torch import nn
+
+from architectures.classifier import Classifier
+from harness.registry import ARCHITECTURES
+
+
+@dataclass(frozen=True)
+class TimmArchitecture:
+    """Builds `Classifier(timm.create_model(model, ...))` with the preset's adaptations."""
+
+    model: str | None = None  # None: taken from the config's `model` key (the generic `timm` plugin)
+    small_stem: bool = False  # ResNet family: 3x3 stride-1 stem, no max-pool
+    vit_patch: dict[int, int] = field(default_factory=dict)  # img_size upper bound -> patch size
+    convnext_patch: dict[int, int] = field(default_factory=dict)
+
+    def build(
+        self,
+        *,
+        num_classes: int,
+        in_chans: int,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        model: str | None = None,
+        small_input: bool = True,
+        kwargs: dict[str, Any] | None = None,
+    ) -> Classifier:
+        name = model or self.model
+        if not name:
+            raise ValueError("arch=timm needs a model name: pass arch.model=<timm model name>")
+        if name not in timm.list_models():
+            raise ValueError(
+                f"unknown timm model '{name}'. Fix: pick a name from timm.list_models(), "
+                f"e.g. resnet18, vit_tiny_patch16_224, convnext_nano"
+            )
+        preset = self if self.model else _family_preset(name)
+        create_kwargs: dict[str, Any] = {}
+        if small_input and preset.vit_patch:
+            create_kwargs.update(img_size=img_size, patch_size=_pick(preset.vit_patch, img_size))
+        if small_input and preset.convnext_patch:
+            create_kwargs.update(patch_size=_pick(preset.convnext_patch, img_size))
+        create_kwargs.update(kwargs or {})
+        body = timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **create_kwargs
+        )
+        if small_input and preset.small_stem:
+            _cifar_stem(body, in_chans)
+        return Classifier(body, mean=mean, std=std)
+
+
+def _family_preset(model: str) -> "TimmArchitecture":
+    """The small-image adaptation of a timm model family, for the generic `timm` plugin."""
+    if model.startswith(("resnet", "wide_resnet", "resnext", "seresnet", "test_resnet")):
+        return TimmArchitecture(model, small_stem=True)
+    if model.startswith(("vit_", "deit_", "test_vit")):
+        return TimmArchitecture(model, vit_patch=_VIT_PATCH)
+    if model.startswith(("convnext", "test_convnext")):
+        return TimmArchitecture(model, convnext_patch=_CONVNEXT_PATCH)
+    return TimmArchitecture(model)
+
+
+def _pick(table: dict[int, int], img_size: int) -> int:
+    """The patch size of the first bound >= img_size (tables are small and sorted by bound)."""
+    for bound in sorted(table):
+        if img_size <= bound:
+            return table[bound]
+    return table[max(table)]
+
+
+def _cifar_stem(body: nn.Module, in_chans: int) -> None:
+    """Replace a timm ResNet's stem with a 3x3 stride-1 conv and drop the max-pool."""
+    if not (hasattr(body, "conv1") and hasattr(body, "bn1") and hasattr(body, "maxpool")):
+        raise ValueError(f"small_stem needs a timm ResNet; {type(body).__name__} has no conv1/bn1/maxpool")
+    out_channels = body.bn1.num_features
+    body.conv1 = nn.Conv2d(in_chans, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    body.maxpool = nn.Identity()
+
+
+_VIT_PATCH = {8: 2, 16: 4, 64: 4, 10_000: 16}
+_CONVNEXT_PATCH = {16: 1, 32: 2, 10_000: 4}
+
+ARCHITECTURES.add("timm", TimmArchitecture())
+ARCHITECTURES.add("resnet18", TimmArchitecture("resnet18", small_stem=True))
+ARCHITECTURES.add("vit_tiny", TimmArchitecture("vit_tiny_patch16_224", vit_patch=_VIT_PATCH))
+ARCHITECTURES.add("convnext_nano", TimmArchitecture("convnext_nano", convnext_patch=_CONVNEXT_PATCH))
+# Tiny presets (~0.1 s a training step at 8-32 px on one CPU core) for tests and the demo.
+ARCHITECTURES.add("test_resnet", TimmArchitecture("test_resnet", small_stem=True))
+ARCHITECTURES.add("test_vit", TimmArchitecture("test_vit", vit_patch=_VIT_PATCH))
+ARCHITECTURES.add("test_convnext", TimmArchitecture("test_convnext", convnext_patch=_CONVNEXT_PATCH))
+
+
+def build_classifier(arch_cfg: dict[str, Any], *, num_classes: int, in_chans: int, img_size: int,
+                     mean: Sequence[float], std: Sequence[float]) -> Classifier:
+    """Build the classifier an `arch` config names (`name` + optional `model`, `kwargs`)."""
+    arch_cfg = dict(arch_cfg)
+    plugin = ARCHITECTURES.get(arch_cfg.pop("name"))
+    return plugin.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                        mean=mean, std=std, **arch_cfg)

@@ -1,0 +1,87 @@
+"""The attack contract.
+
+An attack is a stateless call `attack(model, x, y) -> x_adv` on images in [0,1]:
+- it runs on the unwrapped model (never the DDP wrapper: no buffer broadcasts, no reducer
+  bookkeeping), in eval mode, and restores `model.training` in a `finally`;
+- it takes gradients with respect to the input only (`torch.autograd.grad`), so parameter
+  `.grad` is never filled and no weight gradient is computed;
+- its output is always within the eps-ball around x and within [0,1].
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from fractions import Fraction
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from harness.registry import ATTACKS
+
+Norm = Literal["linf", "l2"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> scalar to MAXIMISE
+
+
+class Attack(ABC):
+    """Base class: subclasses implement `perturb` and register with `@ATTACKS.register`."""
+
+    name: ClassVar[str]
+    norm: Norm = "linf"
+
+    def __init__(self, eps: float | str) -> None:
+        self.eps = parse_number(eps)
+        if self.eps < 0:
+            raise ValueError(f"attack eps must be >= 0, got {self.eps}")
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                x_adv = self.perturb(model, x.detach(), y.detach())
+        finally:
+            model.train(was_training)
+        return x_adv.detach()
+
+    @abstractmethod
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return x_adv (model is in eval mode here)."""
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that define this attack (stored with every result row)."""
+        return {"name": self.name, "norm": self.norm, **{
+            k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """d loss / d x only (no parameter gradients); returns (grad, logits)."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    loss = loss_fn(logits, y)
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad, logits.detach()
+
+
+def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Into the L-inf eps-ball around x, then into [0,1] (the ball contains x, which is in [0,1])."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def parse_number(value: float | int | str) -> float:
+    """Accept 0.031, 8/255 (as the string '8/255' from a command line) or '0.1'."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(Fraction(str(value).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"not a number: {value!r}; write e.g. 0.031 or 8/255") from None
+
+
+def build_attack(cfg: dict[str, Any]) -> Attack:
+    """Instantiate the attack an `attack` config names: {'name': 'pgd', 'eps': ..., ...}."""
+    cfg = dict(cfg)
+    cls = ATTACKS.get(cfg.pop("name"))
+    try:
+        return cls(**cfg)
+    except TypeError as err:
+        raise ValueError(f"bad settings for attack '{cls.name}': {err}") from None

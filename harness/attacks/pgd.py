@@ -1,0 +1,62 @@
+"""PGD, L-inf (Madry et al. 2018): iterated signed-gradient ascent, projected onto the eps-ball.
+
+`pgd_linf` is the engine that the train-time attacks of PGD-AT and TRADES share; the registered
+`PGD` plugin is the evaluation/training attack with a CE loss and a uniform random start.
+Random start draws `uniform_(-eps, eps)` like torchattacks, so with one seed the two agree.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.attacks.base import Attack, LossFn, input_gradient, parse_number, project_linf
+from harness.registry import ATTACKS
+
+
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    loss_fn: LossFn,
+    init: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Maximise `loss_fn(model(x_adv), y)` over the L-inf ball; `init(x)` gives the start point."""
+    x_adv = project_linf(init(x), x, eps) if init is not None else x.clone()
+    for _ in range(steps):
+        grad, _ = input_gradient(model, x_adv, y, loss_fn)
+        x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv
+
+
+def uniform_start(eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x + torch.empty_like(x).uniform_(-eps, eps)
+
+
+@ATTACKS.register("pgd")
+class PGD(Attack):
+    """PGD-L-inf on the CE loss; `step_size` defaults to eps/4 (2/255 at eps 8/255)."""
+
+    name = "pgd"
+    norm = "linf"
+
+    def __init__(self, eps: float | str, steps: int = 20, step_size: float | str | None = None,
+                 random_start: bool = True) -> None:
+        super().__init__(eps)
+        if steps < 1:
+            raise ValueError(f"pgd steps must be >= 1, got {steps}")
+        self.steps = int(steps)
+        self.step_size = parse_number(step_size) if step_size is not None else self.eps / 4
+        self.random_start = bool(random_start)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return pgd_linf(
+            model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
+            loss_fn=F.cross_entropy, init=uniform_start(self.eps) if self.random_start else None,
+        )

@@ -1,0 +1,117 @@
+"""One grid cell end to end: train (DDP) -> evaluate (clean + attacks) -> commit Parquet rows.
+
+Any exception (a NaN loss, a bad setting found late, a crash in an attack) becomes one 'failed'
+row with the error text, so a grid goes on and the failure is visible on the leaderboard.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.data.shards import dataset_sha256, load_manifest
+from harness.evaluate import EvalResult, evaluate
+from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
+from harness.results import SCHEMA_VERSION, write_cell_result
+from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
+
+
+@dataclass
+class CellOutcome:
+    key: str
+    label: str
+    status: str  # 'ok' | 'failed'
+    error: str | None
+    result_path: str
+    seconds: float
+
+
+def checkpoint_dir(cfg: dict[str, Any]) -> Path:
+    return Path(cfg["results_dir"]) / "checkpoints" / cfg["key"]
+
+
+def run_cell(cfg: dict[str, Any]) -> CellOutcome:
+    """Run a finalized cell config (see harness.config.finalize) and commit its result file."""
+    started = _now()
+    work_dir = checkpoint_dir(cfg)
+    try:
+        summary = train(cfg, work_dir)
+        manifest = load_manifest(Path(cfg["data"]["dir"]))
+        model = load_trained_classifier(cfg, work_dir)
+        ecfg = cfg.get("eval", {})
+        result = evaluate(
+            model, list(cfg["attack"].values()), Path(cfg["data"]["dir"]),
+            num_classes=manifest["num_classes"], batch_size=int(ecfg.get("batch_size", 256)),
+            img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"), seed=int(cfg["seed"]),
+        )
+        rows = _ok_rows(cfg, summary, result, manifest, work_dir, started)
+        status, error = "ok", None
+    except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
+        error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
+        rows = [_base_row(cfg, started) | {"status": "failed", "error": error}]
+        status = "failed"
+    path = write_cell_result(cfg["results_dir"], cfg["key"], rows)
+    return CellOutcome(cfg["key"], cfg.get("label", cfg["key"]), status, error, str(path),
+                       (_now() - started).total_seconds())
+
+
+def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, manifest: dict[str, Any],
+             work_dir: Path, started: dt.datetime) -> list[dict[str, Any]]:
+    base = _base_row(cfg, started) | {
+        "status": "ok",
+        "clean_acc": result.clean_acc,
+        "per_class_clean_acc": result.per_class_clean_acc,
+        "class_names": manifest["class_names"],
+        "n_eval": result.n_eval,
+        "n_train": summary.n_train,
+        "epochs": summary.epochs,
+        "world_size": summary.world_size,
+        "train_seconds": summary.train_seconds,
+        "eval_seconds": result.seconds,
+        "images_per_second": summary.images_per_second,
+        "final_train_loss": summary.final_train_loss,
+        "train_curve": json.dumps(summary.curve),
+        "data_sha256": dataset_sha256(manifest),
+        "checkpoint_sha256": file_sha256(work_dir / CHECKPOINT),
+        "device": summary.device,
+    }
+    rows = []
+    for attack_result in result.attacks:
+        attack = attack_result.attack
+        rows.append(base | {
+            "attack": attack.name,
+            "norm": attack.norm,
+            "eps": attack.eps,
+            "attack_config": json.dumps(attack.describe(), sort_keys=True),
+            "robust_acc": attack_result.robust_acc,
+            "per_class_robust_acc": attack_result.per_class_robust_acc,
+            "attack_seconds": attack_result.seconds,
+        })
+    return rows
+
+
+def _base_row(cfg: dict[str, Any], started: dt.datetime) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "key": cfg["key"],
+        "grid": (cfg.get("grid") or {}).get("name"),
+        "dataset": cfg["data"]["name"],
+        "arch": cfg["arch"].get("model") or cfg["arch"]["name"],
+        "method": cfg["method"]["name"],
+        "seed": int(cfg["seed"]),
+        "git_commit": git_commit(),
+        "code_version": cfg.get("code_version"),
+        "package_versions": package_versions(),
+        "config_json": json.dumps(cfg, sort_keys=True),
+        "hardware": hardware(),
+        "hostname": hostname(),
+        "started_at": started,
+        "finished_at": _now(),
+    }
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

@@ -1,0 +1,150 @@
+"""The `robustgrid` command.
+
+    robustgrid run [overrides...]            one cell, in this process
+    robustgrid grid grid=demo [overrides...] a grid of cells on Ray, then the leaderboard
+    robustgrid list methods|attacks|architectures|datasets
+    robustgrid data prepare digits|cifar10 [--source ARCHIVE] [--root DIR]
+    robustgrid leaderboard --results DIR --out DIR
+
+Overrides are Hydra's (`method=trades trainer.epochs=5 attack=[pgd]`); see configs/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from harness.config import ConfigError
+    from harness.data.shards import DataError
+    from harness.registry import UnknownPluginError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, UnknownPluginError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}", markup=True, highlight=False)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustgrid", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers()
+
+    run = sub.add_parser("run", help="run one cell in this process")
+    run.add_argument("overrides", nargs="*")
+    run.set_defaults(func=_cmd_run)
+
+    grid = sub.add_parser("grid", help="run a grid of cells on Ray, then build the leaderboard")
+    grid.add_argument("overrides", nargs="*")
+    grid.add_argument("--no-leaderboard", action="store_true", help="skip building the site")
+    grid.set_defaults(func=_cmd_grid)
+
+    lst = sub.add_parser("list", help="print registered plugin names, one per line")
+    lst.add_argument("kind", choices=["methods", "attacks", "architectures", "datasets"])
+    lst.set_defaults(func=_cmd_list)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers()
+    prep = data_sub.add_parser("prepare", help="convert a dataset into WebDataset shards")
+    prep.add_argument("name")
+    prep.add_argument("--source", type=Path, help="local archive to convert (cifar10: cifar-10-python.tar.gz)")
+    prep.add_argument("--root", type=Path, default=Path(os.environ.get("ROBUSTGRID_DATA", "data")))
+    prep.set_defaults(func=_cmd_prepare)
+
+    board = sub.add_parser("leaderboard", help="build the static leaderboard site from results")
+    board.add_argument("--results", type=Path, default=Path("results"))
+    board.add_argument("--out", type=Path, default=Path("site"))
+    board.set_defaults(func=_cmd_leaderboard)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.cell import run_cell
+    from harness.config import compose_config, finalize
+    from harness.data.ensure import ensure_prepared
+    from harness.grid import validate_cell
+    from harness.results import read_cell_result, result_path
+
+    cfg = finalize(compose_config(args.overrides))
+    validate_cell(cfg)
+    ensure_prepared(cfg["data"])
+    console.print(f"cell {cfg['label']} key={cfg['key']}")
+    outcome = run_cell(cfg)
+    table = read_cell_result(result_path(cfg["results_dir"], cfg["key"]))
+    _print_rows(table.to_pylist() if table is not None else [])
+    if outcome.status != "ok":
+        console.print(f"[red]cell failed:[/] {outcome.error}", highlight=False)
+        return 1
+    print(outcome.result_path)
+    return 0
+
+
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from harness.grid import expand_grid, run_grid
+
+    cells = expand_grid(args.overrides)
+    first = cells[0]
+    report = run_grid(cells, ray_address=first["ray"].get("address"), num_cpus=first["ray"].get("num_cpus"))
+    n_ok = len(report.skipped) + len(report.outcomes) - len(report.failed)
+    console.print(f"grid done in {report.seconds:.1f}s: {n_ok} ok, {len(report.failed)} failed, "
+                  f"{len(report.skipped)} reused")
+    results_dirs = sorted({c["results_dir"] for c in cells})
+    if not args.no_leaderboard:
+        from leaderboard import build_site
+
+        for results_dir in results_dirs:
+            index = build_site(results_dir, Path(first["leaderboard_dir"]))
+            console.print("leaderboard:")
+            print(index.resolve())
+    return 1 if report.failed else 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from harness.registry import REGISTRIES
+
+    for name in REGISTRIES[args.kind].names():
+        print(name)
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from harness.registry import DATASETS
+
+    plugin = DATASETS.get(args.name)()
+    out = plugin.prepare(args.root, args.source)
+    print(out)
+    return 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from leaderboard import build_site
+
+    if not args.results.is_dir():
+        raise ValueError(f"results folder {args.results} does not exist; run a grid first or pass --results DIR")
+    print(build_site(args.results, args.out).resolve())
+    return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    table = Table("attack", "eps", "clean acc", "robust acc", "status")
+    for row in rows:
+        fmt = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        table.add_row(str(row.get("attack")), f"{row['eps']:.4f}" if row.get("eps") is not None else "-",
+                      fmt(row.get("clean_acc")), fmt(row.get("robust_acc")), row["status"])
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

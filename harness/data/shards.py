@@ -1,0 +1,291 @@
+"""WebDataset shards and their manifest: writing a dataset directory, reading and checking it.
+
+A dataset directory `<root>/<name>/` holds `train-000000.tar`, ..., `test-000000.tar`, ... and
+`manifest.json`. Each sample is `<key>.png` (lossless uint8 image) + `<key>.cls` (integer text)
+with key `"%06d" % index_within_split`. Writing is byte-deterministic (fixed tar mtime, owner
+and mode; PNG with fixed settings), so the manifest's sha256s identify the data exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+_TAR_MTIME = 0.0  # fixed so that identical input gives byte-identical shards
+_HASH_CHUNK = 1 << 20
+
+
+class DataError(RuntimeError):
+    """A dataset on disk is missing, incomplete or corrupt; the message names the file and fix."""
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard `index` of `split`, e.g. `train-000003.tar`."""
+    return f"{split}-{index:06d}.tar"
+
+
+def prepare_hint(dataset_dir: Path) -> str:
+    """The fix to print in errors: re-create the dataset with the CLI."""
+    return f"re-run `robustgrid data prepare {Path(dataset_dir).name}`"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG of a uint8 image: (H, W) -> mode "L", (H, W, 3) -> mode "RGB"."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {image.dtype}")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"expected (H, W) or (H, W, 3) image, got shape {image.shape}")
+    pil = Image.fromarray(np.ascontiguousarray(image))  # uint8 2-D -> "L", (H, W, 3) -> "RGB"
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", compress_level=6, optimize=False)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Inverse of `encode_png`: uint8 array (H, W) for "L" or (H, W, 3) for "RGB"."""
+    with Image.open(io.BytesIO(data)) as pil:
+        return np.asarray(pil).copy()
+
+
+class _ChannelStats:
+    """Running per-channel mean/std of images in [0, 1] units (float64 sums, population std)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: np.ndarray | None = None
+        self.sumsq: np.ndarray | None = None
+
+    def add(self, image: np.ndarray) -> None:
+        pixels = image.reshape(image.shape[0] * image.shape[1], -1).astype(np.float64) / 255.0
+        if self.sum is None:
+            self.sum = np.zeros(pixels.shape[1])
+            self.sumsq = np.zeros(pixels.shape[1])
+        self.sum += pixels.sum(axis=0)
+        self.sumsq += (pixels**2).sum(axis=0)
+        self.n += pixels.shape[0]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        if self.sum is None or self.n == 0:
+            raise ValueError("no images to compute mean/std from")
+        mean = self.sum / self.n
+        var = np.maximum(self.sumsq / self.n - mean**2, 0.0)
+        return [float(m) for m in mean], [float(s) for s in np.sqrt(var)]
+
+
+def write_split(
+    out_dir: Path,
+    split: str,
+    samples: Iterable[tuple[np.ndarray, int]],
+    samples_per_shard: int,
+    on_image: Callable[[np.ndarray], None] | None = None,
+) -> dict[str, Any]:
+    """Write `(image, label)` pairs as `<split>-NNNNNN.tar` shards; return the split's entry.
+
+    Keys are the running index within the split; `on_image` sees every image (for statistics).
+    """
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    shards: list[dict[str, Any]] = []
+    writer: wds.TarWriter | None = None
+    stream = None
+    index = 0
+    shard_start = 0
+
+    def close_shard() -> None:
+        nonlocal writer, stream, shard_start
+        if writer is None:
+            return
+        writer.close()  # closes the tar stream only; the file is ours to close
+        stream.close()
+        name = shard_name(split, len(shards))
+        shards.append(
+            {"file": name, "count": index - shard_start, "sha256": file_sha256(out_dir / name)}
+        )
+        writer, stream, shard_start = None, None, index
+
+    for image, label in samples:
+        if writer is None:
+            stream = open(out_dir / shard_name(split, len(shards)), "wb")
+            writer = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
+        if on_image is not None:
+            on_image(image)
+        key = f"{index:06d}"
+        writer.write({"__key__": key, "png": encode_png(image), "cls": b"%d" % int(label)})
+        index += 1
+        if index % samples_per_shard == 0:
+            close_shard()
+    close_shard()
+    return {"count": index, "shards": shards}
+
+
+def write_dataset(
+    out_root: Path,
+    name: str,
+    splits: dict[str, Callable[[], Iterator[tuple[np.ndarray, int]]]],
+    info: dict[str, Any],
+    samples_per_shard: int,
+) -> Path:
+    """Write a whole dataset atomically: shards + manifest in a temp dir, then rename into place.
+
+    `splits` maps split name -> a callable giving `(image, label)` pairs (it must include
+    "train", whose images give mean/std). `info` supplies the remaining manifest fields
+    (num_classes, class_names, channels, image_size, source, split_rule). A crash leaves at
+    most a hidden `.<name>.tmp*` directory, never a half dataset under `<name>/`.
+    """
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    final = out_root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=out_root))
+    try:
+        stats = _ChannelStats()
+        split_entries: dict[str, Any] = {}
+        for split, make_samples in splits.items():
+            on_image = stats.add if split == "train" else None
+            split_entries[split] = write_split(
+                tmp, split, make_samples(), samples_per_shard, on_image
+            )
+        mean, std = stats.result()
+        manifest = {
+            "name": name,
+            "format_version": FORMAT_VERSION,
+            "num_classes": info["num_classes"],
+            "class_names": list(info["class_names"]),
+            "channels": info["channels"],
+            "image_size": list(info["image_size"]),
+            "mean": mean,
+            "std": std,
+            "source": info["source"],
+            "split_rule": info["split_rule"],
+            "splits": split_entries,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if final.exists():
+            if existing_dataset(final):  # a concurrent prepare finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            shutil.rmtree(final)  # an invalid leftover: replace it
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def existing_dataset(dataset_dir: Path) -> bool:
+    """True when `dataset_dir` holds a complete dataset (valid manifest, all shard hashes match)."""
+    try:
+        verify_shards(dataset_dir, load_manifest(dataset_dir))
+    except DataError:
+        return False
+    return True
+
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "format_version": int,
+    "num_classes": int,
+    "class_names": list,
+    "channels": int,
+    "image_size": list,
+    "mean": list,
+    "std": list,
+    "source": str,
+    "split_rule": str,
+    "splits": dict,
+}
+
+
+def load_manifest(dataset_dir: Path) -> dict[str, Any]:
+    """Read and structurally check `<dataset_dir>/manifest.json`; DataError if missing/invalid."""
+    path = Path(dataset_dir) / MANIFEST
+    fix = prepare_hint(dataset_dir)
+    if not path.is_file():
+        raise DataError(f"dataset manifest {path} does not exist; {fix}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"dataset manifest {path} is not valid JSON ({exc}); {fix}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"dataset manifest {path} is invalid: {problem}; {fix}")
+    return manifest
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """First structural problem of a manifest, or None."""
+    if not isinstance(m, dict):
+        return "top level is not an object"
+    for key, typ in _REQUIRED.items():
+        if not isinstance(m.get(key), typ) or isinstance(m.get(key), bool):
+            return f"field '{key}' missing or not {getattr(typ, '__name__', typ)}"
+    if m["format_version"] != FORMAT_VERSION:
+        return f"format_version {m['format_version']} (this code reads {FORMAT_VERSION})"
+    if len(m["class_names"]) != m["num_classes"]:
+        return "class_names length differs from num_classes"
+    if len(m["mean"]) != m["channels"] or len(m["std"]) != m["channels"]:
+        return "mean/std length differs from channels"
+    if len(m["image_size"]) != 2:
+        return "image_size is not [h, w]"
+    for split, entry in m["splits"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+            return f"split '{split}' has no shard list"
+        for shard in entry["shards"]:
+            if not isinstance(shard, dict) or not {"file", "count", "sha256"} <= set(shard):
+                return f"split '{split}' has a shard entry without file/count/sha256"
+            if Path(shard["file"]).name != shard["file"]:
+                return f"shard file '{shard['file']}' is not a plain file name"
+        if entry.get("count") != sum(s["count"] for s in entry["shards"]):
+            return f"split '{split}' count differs from the sum of its shard counts"
+    return None
+
+
+def verify_shards(
+    dataset_dir: Path, manifest: dict[str, Any], splits: Iterable[str] = SPLITS
+) -> None:
+    """Check that each shard of `splits` exists and matches its manifest sha256, else DataError."""
+    dataset_dir = Path(dataset_dir)
+    fix = prepare_hint(dataset_dir)
+    for split in splits:
+        entry = manifest["splits"].get(split)
+        if entry is None:
+            known = ", ".join(sorted(manifest["splits"])) or "(none)"
+            raise DataError(
+                f"dataset {dataset_dir} has no split '{split}' (it has: {known}); {fix}"
+            )
+        for shard in entry["shards"]:
+            path = dataset_dir / shard["file"]
+            if not path.is_file():
+                raise DataError(f"shard {shard['file']} is missing ({path}); {fix}")
+            if file_sha256(path) != shard["sha256"]:
+                raise DataError(
+                    f"shard {shard['file']} is corrupt: its sha256 differs from the manifest "
+                    f"({path}); {fix}"
+                )
+
+
+def dataset_sha256(manifest: dict[str, Any]) -> str:
+    """Provenance id of a dataset: sha256 of the manifest's canonical JSON (sorted, compact)."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -1,0 +1,155 @@
+"""Expand a grid into cells and run them as Ray tasks.
+
+A grid config (configs/grid/*.yaml) names its axes, e.g. {arch: [...], method: [...], seed: [...]},
+and overrides applied to every cell. Each combination is composed into a full cell config
+and keyed by the hash of what it computes (harness.config.cell_key). Everything is validated
+before Ray starts; cells whose result is already committed with status 'ok' are skipped, so
+re-running a finished grid trains nothing and does not even start Ray.
+
+Locally Ray runs embedded (no setup); `ray.address=auto` (or an address) joins a cluster.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from harness.attacks.base import build_attack
+from harness.cell import CellOutcome, run_cell
+from harness.config import ConfigError, compose_config, finalize
+from harness.data.ensure import ensure_prepared
+from harness.results import committed_status, write_cell_result
+from methods.base import build_method
+
+console = Console(stderr=True)
+
+
+@dataclass
+class GridReport:
+    cells: list[dict[str, Any]]
+    skipped: list[str] = field(default_factory=list)
+    outcomes: list[CellOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[CellOutcome]:
+        return [o for o in self.outcomes if o.status != "ok"]
+
+
+def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
+    """All cells of the grid the overrides select (`grid=<name>`), as finalized configs."""
+    base = compose_config(overrides)
+    grid = base.get("grid")
+    if not grid:
+        raise ConfigError("no grid selected: pass grid=<name> (see configs/grid/)")
+    axes: dict[str, list[Any]] = grid.get("axes") or {}
+    if not axes:
+        raise ConfigError(f"grid '{grid.get('name')}' has no axes")
+    fixed = list(grid.get("overrides") or [])
+    user = [o for o in overrides if not o.startswith("grid=")]
+    names = list(axes)
+    cells: dict[str, dict[str, Any]] = {}
+    for values in itertools.product(*(axes[n] for n in names)):
+        axis_overrides = [f"{n}={_override_value(v)}" for n, v in zip(names, values)]
+        # grid's fixed settings first, then the axis values, then the user's own overrides
+        cfg = compose_config(_last_wins(fixed + axis_overrides + user + [f"grid={grid['name']}"]))
+        cfg = finalize(cfg)
+        cells.setdefault(cfg["key"], cfg)
+    return list(cells.values())
+
+
+def _last_wins(overrides: list[str]) -> list[str]:
+    """Drop earlier overrides of the same key (Hydra rejects two values for one group)."""
+    by_key = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
+    return list(by_key.values())
+
+
+def _override_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def validate_cell(cfg: dict[str, Any]) -> None:
+    """Build the method and attacks from the config: bad settings fail before any training."""
+    build_method(cfg["method"])
+    for attack_cfg in cfg["attack"].values():
+        build_attack(attack_cfg)
+
+
+def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num_cpus: int | None = None) -> GridReport:
+    """Run every not-yet-committed cell as a Ray task, with one progress view of the grid."""
+    t0 = time.perf_counter()
+    for cfg in cells:
+        validate_cell(cfg)
+    for data_cfg in {c["data"]["dir"]: c["data"] for c in cells}.values():
+        ensure_prepared(data_cfg)
+    report = GridReport(cells=cells)
+    pending = []
+    for cfg in cells:
+        if committed_status(cfg["results_dir"], cfg["key"]) == "ok":
+            report.skipped.append(cfg["key"])
+        else:
+            pending.append(cfg)
+    console.print(f"grid: {len(cells)} cells, {len(report.skipped)} already committed, {len(pending)} to run")
+    if pending:
+        report.outcomes = _run_on_ray(pending, ray_address, num_cpus)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: int | None) -> list[CellOutcome]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus if address is None else None,
+                 include_dashboard=False, log_to_driver=True, configure_logging=False)
+    task = ray.remote(_run_cell_task)
+    refs = {}
+    for cfg in pending:
+        res = cfg.get("resources") or {}
+        options = {"num_cpus": float(res.get("cpus", 1)), "num_gpus": float(res.get("gpus", 0)),
+                   "max_retries": int(res.get("max_retries", 1))}
+        refs[task.options(**options).remote(cfg)] = cfg
+    outcomes: list[CellOutcome] = []
+    columns = (TextColumn("[bold]grid"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("grid", total=len(refs), status="")
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            cfg = refs[done[0]]
+            try:
+                outcome = ray.get(done[0])
+            except Exception as err:  # the worker died (OOM, node lost) after its retries
+                error = f"{type(err).__name__}: {err}"
+                path = write_cell_result(cfg["results_dir"], cfg["key"], [_lost_row(cfg, error)])
+                outcome = CellOutcome(cfg["key"], cfg["label"], "failed", error, str(path), 0.0)
+            outcomes.append(outcome)
+            n_failed = sum(o.status != "ok" for o in outcomes)
+            progress.update(bar, advance=1, status=f"running {len(waiting)}, failed {n_failed}")
+            mark = "[green]ok[/]" if outcome.status == "ok" else "[red]FAILED[/]"
+            progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s")
+    return outcomes
+
+
+def _run_cell_task(cfg: dict[str, Any]) -> CellOutcome:
+    """The Ray task: one cell, torch on the CPUs Ray gave it."""
+    import torch
+
+    torch.set_num_threads(max(1, int((cfg.get("resources") or {}).get("cpus", 1))))
+    return run_cell(cfg)
+
+
+def _lost_row(cfg: dict[str, Any], error: str) -> dict[str, Any]:
+    from harness.cell import _base_row, _now
+
+    return _base_row(cfg, _now()) | {"status": "failed", "error": error}

@@ -1,0 +1,315 @@
+"""One DDP trainer for every method.
+
+The loop knows nothing about any one method: it builds the classifier, lets the method `build`
+on it, wraps the result in DistributedDataParallel (gloo on CPU, NCCL on GPU; world size 1 is
+still DDP, so the single-process path is the multi-process path), and calls
+`method.training_step` per batch. It owns the optimiser, the per-step LR schedule, one
+checkpoint per epoch (resume continues from the last finished epoch), bf16 autocast and
+channels_last on CUDA, and the cell's wall time and images/s.
+
+World size > 1 on one machine spawns processes with torch.multiprocessing; every rank sees a
+disjoint part of each epoch (harness/data/loader.py) and runs the same number of batches, so
+DDP never waits on a rank that ran out of data.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from architectures.presets import build_classifier
+from harness.data.loader import make_loader, split_count
+from harness.data.shards import load_manifest
+from harness.progress import progress_bar
+from harness.schedule import lr_factor
+from methods.base import Method, TrainContext, build_method
+
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "train_summary.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A method produced a NaN/inf loss: the cell is recorded as failed, the grid goes on."""
+
+
+@dataclass
+class TrainSummary:
+    epochs: int
+    world_size: int
+    n_train: int
+    train_seconds: float
+    images_per_second: float
+    final_train_loss: float
+    samples_per_epoch: list[int] = field(default_factory=list)
+    replicas_in_sync: bool = True
+    device: str = "cpu"
+    precision: str = "fp32"
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
+    """Train the cell described by the resolved config `cfg`; checkpoints live in `work_dir`.
+
+    Returns the summary; the final weights are in `work_dir/checkpoint.pt`.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    world_size = int(cfg["trainer"].get("world_size", 1))
+    store_dir = Path(tempfile.mkdtemp(prefix="rg-store-", dir=work_dir))
+    store_file = str(store_dir / "store")
+    try:
+        if world_size == 1:
+            _train_rank(0, 1, cfg, str(work_dir), store_file)
+        else:
+            mp.start_processes(_train_rank, args=(world_size, cfg, str(work_dir), store_file),
+                               nprocs=world_size, start_method="spawn", join=True)
+    except mp.ProcessRaisedException as err:
+        if "NonFiniteLossError" in str(err):
+            raise NonFiniteLossError(str(err).strip().splitlines()[-1]) from None
+        raise
+    finally:
+        for leftover in store_dir.glob("*"):
+            leftover.unlink(missing_ok=True)
+        store_dir.rmdir()
+    return TrainSummary(**json.loads((work_dir / SUMMARY).read_text()))
+
+
+# --------------------------------------------------------------------------- one rank
+
+
+def _train_rank(rank: int, world_size: int, cfg: dict[str, Any], work_dir_s: str, store_file: str) -> None:
+    work_dir = Path(work_dir_s)
+    tcfg = cfg["trainer"]
+    device = _device(tcfg.get("device", "auto"), rank)
+    torch.set_num_threads(int(tcfg.get("threads_per_rank") or 1))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.FileStore(store_file, world_size),
+                            rank=rank, world_size=world_size)
+    try:
+        summary = _fit(rank, world_size, cfg, work_dir, device)
+        if rank == 0:
+            _atomic_write_text(work_dir / SUMMARY, json.dumps(asdict(summary)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device: torch.device) -> TrainSummary:
+    tcfg, dcfg = cfg["trainer"], cfg["data"]
+    dataset_dir = Path(dcfg["dir"])
+    manifest = load_manifest(dataset_dir)
+    use_cuda = device.type == "cuda"
+    precision = tcfg.get("precision", "fp32") if use_cuda else "fp32"
+    channels_last = bool(tcfg.get("channels_last", False)) and use_cuda
+
+    torch.manual_seed(int(cfg["seed"]))  # identical init on every rank (DDP also broadcasts rank 0's)
+    classifier = build_classifier(
+        cfg["arch"], num_classes=manifest["num_classes"], in_chans=manifest["channels"],
+        img_size=int(dcfg.get("img_size") or manifest["image_size"][0]),
+        mean=manifest["mean"], std=manifest["std"],
+    )
+    method = build_method(cfg["method"])
+    module = method.build(classifier).to(device)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(tcfg["optimizer"], method.param_groups(module))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    epochs = int(tcfg["epochs"])
+    global_batch = int(tcfg["batch_size"])
+    per_rank_batch = max(1, global_batch // world_size)
+    counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit")) for r in range(world_size)]
+    steps_per_epoch = max(1, math.ceil(max(counts) / per_rank_batch))
+    if min(counts) < steps_per_epoch:
+        raise ValueError(f"too few training samples per rank ({min(counts)}) for {steps_per_epoch} steps; "
+                         f"lower trainer.world_size or trainer.batch_size")
+
+    start_epoch, state = _load_checkpoint(work_dir / CHECKPOINT, module, optimizer, method, device)
+    ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
+              find_unused_parameters=method.find_unused_parameters)
+    torch.manual_seed(int(cfg["seed"]) * 1000 + rank + 7919 * start_epoch)  # attack/augment randomness
+    curve: list[dict[str, float]] = state.get("curve", [])
+    train_seconds = float(state.get("train_seconds", 0.0))
+    samples_per_epoch: list[int] = state.get("samples_per_epoch", [])
+
+    bar = progress_bar(total=(epochs - start_epoch) * steps_per_epoch, desc=cfg.get("label", "train"),
+                       enabled=rank == 0 and bool(tcfg.get("progress", True)))
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        ddp.train()
+        loader = make_loader(dataset_dir, "train", per_rank_batch, rank=rank, world_size=world_size,
+                             num_workers=int(tcfg.get("num_workers", 0)), shuffle=True,
+                             seed=int(cfg["seed"]), epoch=epoch, img_size=dcfg.get("img_size"),
+                             augment=dcfg.get("augment"), limit=dcfg.get("train_limit"))
+        sums: dict[str, float] = {}
+        seen = 0
+        for step_in_epoch, (x, y) in enumerate(even_batches(loader, counts[rank], steps_per_epoch)):
+            lr_scale = lr_factor(tcfg["schedule"], epoch + step_in_epoch / steps_per_epoch, epochs)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_scale
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            ctx = TrainContext(epoch=epoch, epochs=epochs, step=epoch * steps_per_epoch + step_in_epoch,
+                               steps_per_epoch=steps_per_epoch, device=device, rank=rank,
+                               world_size=world_size, classifier=method.eval_model(module))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logs = method.training_step(ddp, x, y, ctx)
+            loss = logs["loss"]
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(f"{cfg['method']['name']}: loss is {loss.item()} at epoch {epoch}, "
+                                         f"step {step_in_epoch}; lower the learning rate or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += y.shape[0]
+            for name, value in logs.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * y.shape[0]
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}")
+        epoch_stats = _reduce_epoch(sums, seen, device)
+        train_seconds += time.perf_counter() - t0
+        samples_per_epoch.append(int(epoch_stats.pop("samples")))
+        curve.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **epoch_stats})
+        if rank == 0:
+            _save_checkpoint(work_dir / CHECKPOINT, epoch, module, optimizer, method,
+                             {"curve": curve, "train_seconds": train_seconds, "samples_per_epoch": samples_per_epoch})
+        dist.barrier()
+    bar.close()
+
+    in_sync = _replicas_in_sync(module, device)
+    total_samples = sum(samples_per_epoch)
+    return TrainSummary(
+        epochs=epochs, world_size=world_size, n_train=sum(counts), train_seconds=train_seconds,
+        images_per_second=total_samples / train_seconds if train_seconds > 0 else 0.0,
+        final_train_loss=curve[-1]["loss"] if curve else float("nan"),
+        samples_per_epoch=samples_per_epoch, replicas_in_sync=in_sync,
+        device=str(device.type), precision=precision, curve=curve,
+    )
+
+
+def even_batches(loader: Iterable, n_samples: int, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Re-cut a rank's stream of batches into exactly `n_batches` batches of near-equal size.
+
+    Every rank then runs the same number of DDP steps (no rank waits on another that ran out),
+    while every sample of the epoch is still used exactly once.
+    """
+    sizes = [n_samples // n_batches + (1 if i < n_samples % n_batches else 0) for i in range(n_batches)]
+    buf_x: list[torch.Tensor] = []
+    buf_y: list[torch.Tensor] = []
+    buffered = 0
+    it = iter(loader)
+    for size in sizes:
+        while buffered < size:
+            x, y = next(it)[:2]
+            buf_x.append(x)
+            buf_y.append(y)
+            buffered += y.shape[0]
+        xs, ys = torch.cat(buf_x), torch.cat(buf_y)
+        yield xs[:size], ys[:size]
+        buf_x, buf_y = [xs[size:]], [ys[size:]]
+        buffered -= size
+    leftover = sum(1 for _ in it)
+    if buffered or leftover:
+        raise RuntimeError(f"data loader gave more samples than the {n_samples} planned for this rank")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device(spec: str, rank: int) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device(spec)
+
+
+def _optimizer(ocfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    ocfg = dict(ocfg)
+    name = ocfg.pop("name")
+    if name == "sgd":
+        return torch.optim.SGD(groups, **ocfg)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, **ocfg)
+    if name == "adam":
+        return torch.optim.Adam(groups, **ocfg)
+    raise ValueError(f"unknown optimizer '{name}'. Known optimizers: adam, adamw, sgd")
+
+
+def _reduce_epoch(sums: dict[str, float], seen: int, device: torch.device) -> dict[str, float]:
+    """Sample-weighted means of the logged terms over all ranks, plus the epoch's sample count."""
+    names = sorted(sums)
+    tensor = torch.tensor([sums[n] for n in names] + [float(seen)], dtype=torch.float64,
+                          device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor)
+    total = tensor[-1].item()
+    stats = {n: tensor[i].item() / max(total, 1.0) for i, n in enumerate(names)}
+    stats["samples"] = total
+    return stats
+
+
+def _replicas_in_sync(module: nn.Module, device: torch.device) -> bool:
+    """All ranks hold bitwise-equal parameters (what DDP promises); checked once at the end."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in module.parameters()])
+        probe = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), dtype=flat.dtype,
+                                                               device=flat.device)).sum()])
+        gathered = [torch.zeros_like(probe) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, probe)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _save_checkpoint(path: Path, epoch: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     method: Method, extra: dict[str, Any]) -> None:
+    state = {"epoch": epoch, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+             "method": method.state_dict(), "rng_cpu": torch.get_rng_state(), **extra}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, method: Method,
+                     device: torch.device) -> tuple[int, dict[str, Any]]:
+    """(first epoch to run, saved extras); (0, {}) when there is no checkpoint."""
+    if not path.exists():
+        return 0, {}
+    state = torch.load(path, map_location=device, weights_only=False)
+    module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    method.load_state_dict(state.get("method", {}))
+    return int(state["epoch"]) + 1, state
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_trained_classifier(cfg: dict[str, Any], work_dir: Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the cell's module and load its final checkpoint; returns the method's eval model."""
+    manifest = load_manifest(Path(cfg["data"]["dir"]))
+    torch.manual_seed(int(cfg["seed"]))
+    classifier = build_classifier(
+        cfg["arch"], num_classes=manifest["num_classes"], in_chans=manifest["channels"],
+        img_size=int(cfg["data"].get("img_size") or manifest["image_size"][0]),
+        mean=manifest["mean"], std=manifest["std"],
+    )
+    method = build_method(cfg["method"])
+    module = method.build(classifier)
+    state = torch.load(work_dir / CHECKPOINT, map_location=device, weights_only=False)
+    module.load_state_dict(state["model"])
+    module.to(device).eval()
+    return method.eval_model(module)

@@ -1,0 +1,93 @@
+"""The method contract: what a training method may do, and what the trainer does for it.
+
+The trainer owns the loop, DDP, the optimiser, schedule, checkpoints and timing; a method only
+says how one batch becomes a loss. Hooks, in the order the trainer calls them:
+
+    method = MyMethod(**cfg)                 # cfg: the method's config, minus 'name'
+    module = method.build(classifier)        # add heads / extra models; before optimiser & DDP
+    groups = method.param_groups(module)     # what the optimiser updates
+    each epoch: method.on_epoch_start(ctx)
+    each batch: method.training_step(ddp_module, x, y, ctx) -> {'loss': ..., other logged terms}
+    evaluation: method.eval_model(module)    # the classifier the attacks are run against
+
+Train-time attacks run on `ctx.classifier` (the unwrapped classifier), never on the DDP
+wrapper. A method whose extra modules need gradients only on some steps sets
+`find_unused_parameters = True`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from architectures.classifier import Classifier
+from harness.registry import METHODS
+
+
+@dataclass
+class TrainContext:
+    """What a method may read about the run; the trainer fills it in."""
+
+    epoch: int
+    epochs: int
+    step: int  # global optimisation step
+    steps_per_epoch: int
+    device: torch.device
+    rank: int
+    world_size: int
+    classifier: Classifier  # unwrapped: what train-time attacks run on
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1): for ramps such as CausalAdv's alpha_t."""
+        return (self.epoch + 0.0) / max(1, self.epochs)
+
+
+class Method:
+    """Base class with ERM-like defaults; subclasses override `training_step` at least."""
+
+    name: ClassVar[str]
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, **settings: Any) -> None:
+        if settings:
+            raise ValueError(
+                f"method '{self.name}' got unknown settings {sorted(settings)}; "
+                f"remove them or pick the method that takes them"
+            )
+
+    def build(self, model: Classifier) -> nn.Module:
+        return model
+
+    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+
+    def on_epoch_start(self, ctx: TrainContext) -> None:
+        pass
+
+    def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      ctx: TrainContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def eval_model(self, module: nn.Module) -> Classifier:
+        return module  # type: ignore[return-value]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state beyond the module's parameters (e.g. an extra optimiser), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def build_method(cfg: dict[str, Any]) -> Method:
+    """Instantiate the method a `method` config names."""
+    cfg = dict(cfg)
+    cls = METHODS.get(cfg.pop("name"))
+    cfg.pop("stages", None)
+    try:
+        return cls(**cfg)
+    except TypeError as err:
+        raise ValueError(f"bad settings for method '{cls.name}': {err}") from None

@@ -1,0 +1,71 @@
+"""TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL.
+
+As the official code: x' starts at x + 0.001 N(0, I), 10 signed steps of 0.007 (at eps 0.031)
+on the summed KL with the model in eval mode; the loss uses a batch-mean KL whose target
+softmax(f(x)) is NOT detached, so the KL term also shapes the clean prediction. beta 6.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.attacks.base import Attack, parse_number
+from harness.attacks.pgd import pgd_linf
+from harness.registry import ATTACKS, METHODS
+from methods.base import Method, TrainContext
+
+
+@ATTACKS.register("trades_kl")
+class TradesKL(Attack):
+    """Maximise KL(f(x) || f(x')) from a Gaussian start: TRADES' inner attack (label-free)."""
+
+    name = "trades_kl"
+    norm = "linf"
+
+    def __init__(self, eps: float | str, steps: int = 10, step_size: float | str | None = None,
+                 init_std: float = 0.001) -> None:
+        super().__init__(eps)
+        self.steps = int(steps)
+        self.step_size = parse_number(step_size) if step_size is not None else self.eps * 0.007 / 0.031
+        self.init_std = float(init_std)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), dim=1)
+
+        def kl_sum(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+
+        return pgd_linf(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
+                        loss_fn=kl_sum, init=lambda z: z + self.init_std * torch.randn_like(z))
+
+
+def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, natural CE, robust KL) exactly as TRADES: KL(sum) / batch size, target not detached."""
+    natural = F.cross_entropy(logits_clean, y)
+    robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1),
+                      reduction="sum") / y.shape[0]
+    return natural + beta * robust, natural, robust
+
+
+@METHODS.register("trades")
+class TRADES(Method):
+    name = "trades"
+
+    def __init__(self, attack: dict[str, Any], beta: float = 6.0) -> None:
+        super().__init__()
+        self.beta = float(beta)
+        self.attack = TradesKL(**{k: v for k, v in attack.items() if k != "name"})
+
+    def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      ctx: TrainContext) -> dict[str, torch.Tensor]:
+        x_adv = self.attack(ctx.classifier, x, y)
+        logits_clean = module(x)
+        logits_adv = module(x_adv)
+        loss, natural, robust = trades_loss(logits_clean, logits_adv, y, self.beta)
+        return {"loss": loss, "loss_natural": natural.detach(), "loss_robust": robust.detach(),
+                "train_acc": (logits_clean.argmax(1) == y).float().mean()}

@@ -1,0 +1,49 @@
+"""Shared fixtures: the digits shards (prepared once), tiny cell overrides, one Ray per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from harness.data.prepare import prepare_digits
+
+    root = tmp_path_factory.mktemp("data")
+    prepare_digits(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_dir(data_root: Path) -> Path:
+    return data_root / "digits"
+
+
+@pytest.fixture()
+def tiny(data_root: Path, tmp_path: Path) -> list[str]:
+    """Overrides that shrink a cell to a few seconds on one CPU core."""
+    return [
+        f"data.root={data_root}",
+        f"results_dir={tmp_path / 'results'}",
+        f"leaderboard_dir={tmp_path / 'site'}",
+        "trainer=tiny",
+        "data.train_limit=256",
+        "eval.limit=64",
+        "attack.pgd.steps=3",
+    ]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for the whole test session (starting Ray costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

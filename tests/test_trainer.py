@@ -1,0 +1,93 @@
+"""The DDP trainer: checkpoints and resume, multi-process sample accounting, failure handling."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness.cell import checkpoint_dir, run_cell
+from harness.config import compose_config, finalize
+from harness.registry import METHODS
+from harness.results import read_cell_result, result_path
+from harness.trainer import CHECKPOINT, NonFiniteLossError, even_batches, train
+from methods.base import Method
+
+
+def _cfg(overrides: list[str]) -> dict:
+    return finalize(compose_config(overrides))
+
+
+def test_two_process_ddp_sees_each_sample_once_and_stays_in_sync(tiny) -> None:
+    one = _cfg(tiny + ["trainer.epochs=1", "trainer.world_size=1"])
+    two = _cfg(tiny + ["trainer.epochs=1", "trainer.world_size=2", "seed=0"])
+    assert one["key"] != two["key"]
+    s1 = train(one, checkpoint_dir(one))
+    s2 = train(two, checkpoint_dir(two))
+    assert s1.samples_per_epoch == [256] == s2.samples_per_epoch
+    assert s2.world_size == 2 and s2.replicas_in_sync
+    assert s2.n_train == 256
+
+
+def test_checkpoint_each_epoch_and_resume_skips_finished_epochs(tiny) -> None:
+    cfg = _cfg(tiny + ["trainer.epochs=1", "trainer.schedule.name=constant"])
+    work = checkpoint_dir(cfg)
+    first = train(cfg, work)
+    state = torch.load(work / CHECKPOINT, weights_only=False)
+    assert state["epoch"] == 0 and len(first.curve) == 1
+    weights_after_1 = {k: v.clone() for k, v in state["model"].items()}
+
+    cfg2 = dict(cfg, trainer=dict(cfg["trainer"], epochs=2))  # same work dir: continue to epoch 2
+    second = train(cfg2, work)
+    assert [c["epoch"] for c in second.curve] == [0, 1]
+    assert second.curve[0] == first.curve[0], "epoch 0 must come from the checkpoint, not be retrained"
+    assert torch.load(work / CHECKPOINT, weights_only=False)["epoch"] == 1
+    assert any(not torch.equal(v, weights_after_1[k]) for k, v in
+               torch.load(work / CHECKPOINT, weights_only=False)["model"].items())
+
+    third = train(cfg2, work)  # nothing left to do
+    assert third.curve == second.curve and third.train_seconds == pytest.approx(second.train_seconds)
+
+
+class _NaNMethod(Method):
+    name = "nan_for_tests"
+
+    def training_step(self, module, x, y, ctx):
+        return {"loss": module(x).sum() * float("nan")}
+
+
+def test_nan_loss_makes_a_failed_cell_row(tiny) -> None:
+    METHODS.add("nan_for_tests", _NaNMethod)
+    cfg = _cfg(tiny + ["method=nan_for_tests"])
+    outcome = run_cell(cfg)
+    assert outcome.status == "failed" and "NonFiniteLossError" in outcome.error
+    rows = read_cell_result(result_path(cfg["results_dir"], cfg["key"])).to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "failed" and rows[0]["clean_acc"] is None
+    assert "loss is nan" in rows[0]["error"]
+    assert NonFiniteLossError.__name__ in rows[0]["error"]
+
+
+def test_run_cell_writes_one_row_per_attack_with_provenance(tiny) -> None:
+    cfg = _cfg(tiny + ["method=pgd_at", "trainer.epochs=1"])
+    outcome = run_cell(cfg)
+    assert outcome.status == "ok", outcome.error
+    rows = read_cell_result(result_path(cfg["results_dir"], cfg["key"])).to_pylist()
+    assert sorted(r["attack"] for r in rows) == ["fgsm", "pgd"]
+    for row in rows:
+        assert row["key"] == cfg["key"] and row["method"] == "pgd_at" and row["n_eval"] == 64
+        assert 0 <= row["robust_acc"] <= row["clean_acc"] <= 1
+        assert len(row["per_class_robust_acc"]) == 10 and row["class_names"][3] == "3"
+        assert row["eps"] == pytest.approx(0.1) and row["norm"] == "linf"
+        assert row["train_seconds"] > 0 and row["images_per_second"] > 0
+        assert len(row["checkpoint_sha256"]) == 64 and len(row["data_sha256"]) == 64
+        assert json.loads(row["config_json"])["key"] == cfg["key"]
+        assert dict(row["package_versions"])["torch"] == torch.__version__
+        assert row["git_commit"]
+
+
+def test_even_batches_cuts_exactly() -> None:
+    stream = [(torch.arange(i, i + 5).float(), torch.arange(i, i + 5)) for i in range(0, 23, 5)]
+    stream[-1] = (stream[-1][0][:3], stream[-1][1][:3])  # 23 samples in batches of 5,5,5,5,3
+    batches = list(even_batches(stream, 23, 4))
+    assert [len(b[1]) for b in batches] == [6, 6, 6, 5]
+    assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(23))
