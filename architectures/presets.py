@@ -91,7 +91,7 @@ def _cifar_stem(body: nn.Module, in_chans: int) -> None:
     body.maxpool = nn.Identity()
 
 
-_VIT_PATCH = {8: 2, 16: 4, 64: 4, 10_000: 16}
+_VIT_PATCH = {64: 4, 10_000: 16}  # 8x8 digits -> 4 tokens; 32x32 -> 64 tokens
 _CONVNEXT_PATCH = {16: 1, 32: 2, 10_000: 4}
 
 ARCHITECTURES.add("timm", TimmArchitecture())

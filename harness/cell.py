@@ -69,6 +69,7 @@ def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, man
         "n_train": summary.n_train,
         "epochs": summary.epochs,
         "world_size": summary.world_size,
+        "replicas_in_sync": summary.replicas_in_sync,
         "train_seconds": summary.train_seconds,
         "eval_seconds": result.seconds,
         "images_per_second": summary.images_per_second,

@@ -115,7 +115,8 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
     refs = {}
     for cfg in pending:
         res = cfg.get("resources") or {}
-        options = {"num_cpus": float(res.get("cpus", 1)), "num_gpus": float(res.get("gpus", 0)),
+        ranks = int(cfg["trainer"].get("world_size", 1))
+        options = {"num_cpus": float(res.get("cpus", 1)) * ranks, "num_gpus": float(res.get("gpus", 0)) * ranks,
                    "max_retries": int(res.get("max_retries", 1))}
         refs[task.options(**options).remote(cfg)] = cfg
     outcomes: list[CellOutcome] = []

@@ -44,6 +44,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("n_train", pa.int64()),
         pa.field("epochs", pa.int32()),
         pa.field("world_size", pa.int32()),
+        pa.field("replicas_in_sync", pa.bool_()),  # DDP ranks ended with bitwise-equal weights
         pa.field("train_seconds", pa.float64()),
         pa.field("eval_seconds", pa.float64()),
         pa.field("attack_seconds", pa.float64()),

@@ -178,7 +178,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}")
         epoch_stats = _reduce_epoch(sums, seen, device)
         train_seconds += time.perf_counter() - t0
-        samples_per_epoch.append(int(epoch_stats.pop("samples")))
+        samples_per_epoch.append(int(epoch_stats["samples"]))
         curve.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **epoch_stats})
         if rank == 0:
             _save_checkpoint(work_dir / CHECKPOINT, epoch, module, optimizer, method,
