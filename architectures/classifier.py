@@ -43,8 +43,8 @@ class Classifier(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.body.num_features if not hasattr(self.body, "head_hidden_size")
-                   else self.body.head_hidden_size or self.body.num_features)
+        """Size of the `features` embedding (timm's head_hidden_size where a pre-logits layer exists)."""
+        return int(getattr(self.body, "head_hidden_size", None) or self.body.num_features)
 
     def layer_names(self) -> list[str]:
         """Names (relative to this module) of the stages timm reports in `feature_info`:

@@ -30,7 +30,8 @@ class CellOutcome:
 
 
 def checkpoint_dir(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["results_dir"]) / "checkpoints" / cfg["key"]
+    """Keyed by what is trained only: cells differing in eval attacks share the checkpoint."""
+    return Path(cfg["results_dir"]) / "checkpoints" / cfg["train_key"]
 
 
 def run_cell(cfg: dict[str, Any]) -> CellOutcome:

@@ -27,7 +27,9 @@ from harness.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, Registry
 PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, "data": DATASETS}
 
 # Keys that say where/how a cell runs, not what it computes: left out of the cell key.
-NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "label", "grid", "key", "code_version")
+NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "label", "grid", "key",
+                     "train_key", "code_version")
+EVAL_ONLY_KEYS = ("attack", "eval")
 NON_SEMANTIC_TRAINER_KEYS = ("progress", "num_workers", "threads_per_rank", "device")
 NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source")
 
@@ -119,11 +121,28 @@ def _check_plugin_names(cfg: dict[str, Any]) -> None:
 
 def cell_key(cfg: dict[str, Any]) -> str:
     """Hash of what a cell computes: resolved config (minus where/how it runs) + code version + seed."""
+    return _hash(_semantic(cfg))
+
+
+def train_key(cfg: dict[str, Any]) -> str:
+    """Hash of what a cell trains (no eval settings): cells that differ only in their eval
+    attacks share one checkpoint, so adding an attack to a grid re-evaluates but never retrains."""
+    semantic = _semantic(cfg)
+    for name in EVAL_ONLY_KEYS:
+        semantic.pop(name, None)
+    return _hash(semantic)
+
+
+def _semantic(cfg: dict[str, Any]) -> dict[str, Any]:
     semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
     semantic["trainer"] = {k: v for k, v in cfg["trainer"].items() if k not in NON_SEMANTIC_TRAINER_KEYS}
     semantic["data"] = {k: v for k, v in cfg["data"].items() if k not in NON_SEMANTIC_DATA_KEYS}
     semantic["code_version"] = harness.__version__
-    blob = json.dumps(semantic, sort_keys=True, separators=(",", ":"), default=str)
+    return semantic
+
+
+def _hash(obj: dict[str, Any]) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -137,5 +156,6 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg["results_dir"] = str(Path(cfg["results_dir"]).expanduser().resolve())
     cfg["code_version"] = harness.__version__
     cfg["key"] = cell_key(cfg)
+    cfg["train_key"] = train_key(cfg)
     cfg["label"] = f"{cfg['arch']['name']}/{cfg['method']['name']}/s{cfg['seed']}"
     return cfg

@@ -25,6 +25,7 @@ from harness.cell import CellOutcome, run_cell
 from harness.config import ConfigError, compose_config, finalize
 from harness.data.ensure import ensure_prepared
 from harness.results import committed_status, write_cell_result
+from harness.trainer import check_trainer_config
 from methods.base import build_method
 
 console = Console(stderr=True)
@@ -78,6 +79,7 @@ def _override_value(value: Any) -> str:
 
 def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
+    check_trainer_config(cfg["trainer"])
     build_method(cfg["method"])
     for attack_cfg in cfg["attack"].values():
         build_attack(attack_cfg)
@@ -113,12 +115,18 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
                  include_dashboard=False, log_to_driver=True, configure_logging=False)
     task = ray.remote(_run_cell_task)
     refs = {}
+    last_by_train_key: dict[str, Any] = {}
     for cfg in pending:
         res = cfg.get("resources") or {}
         ranks = int(cfg["trainer"].get("world_size", 1))
         options = {"num_cpus": float(res.get("cpus", 1)) * ranks, "num_gpus": float(res.get("gpus", 0)) * ranks,
                    "max_retries": int(res.get("max_retries", 1))}
-        refs[task.options(**options).remote(cfg)] = cfg
+        # Cells that train the same model (differing only in eval attacks) share one checkpoint:
+        # chain them, so the first trains and the others only evaluate.
+        after = [last_by_train_key[cfg["train_key"]]] if cfg["train_key"] in last_by_train_key else []
+        ref = task.options(**options).remote(cfg, *after)
+        last_by_train_key[cfg["train_key"]] = ref
+        refs[ref] = cfg
     outcomes: list[CellOutcome] = []
     columns = (TextColumn("[bold]grid"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
@@ -142,8 +150,8 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
     return outcomes
 
 
-def _run_cell_task(cfg: dict[str, Any]) -> CellOutcome:
-    """The Ray task: one cell, torch on the CPUs Ray gave it."""
+def _run_cell_task(cfg: dict[str, Any], *after: CellOutcome) -> CellOutcome:
+    """The Ray task: one cell, torch on the CPUs Ray gave it (`after`: cells it waited for)."""
     import torch
 
     torch.set_num_threads(max(1, int((cfg.get("resources") or {}).get("cpus", 1))))

@@ -9,6 +9,9 @@ import math
 from typing import Any
 
 
+SCHEDULES = ("constant", "cosine", "cyclic", "multistep")
+
+
 def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
     """Multiplier of the base lr at fractional epoch `epoch` (0 <= epoch < epochs).
 
@@ -17,6 +20,8 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
     fast AT and ADML's cyclic lr).
     """
     name = scfg.get("name", "constant")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{name}'. Known schedules: {', '.join(SCHEDULES)}")
     warmup = float(scfg.get("warmup_epochs", 0) or 0)
     if warmup > 0 and epoch < warmup and name != "cyclic":
         return (epoch + 1e-8) / warmup
@@ -34,4 +39,4 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
         if epoch <= peak:
             return epoch / peak if peak > 0 else 1.0
         return max(0.0, (epochs - epoch) / max(epochs - peak, 1e-8))
-    raise ValueError(f"unknown schedule '{name}'. Known schedules: constant, cosine, cyclic, multistep")
+    raise AssertionError(name)

@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -58,6 +59,21 @@ class TrainSummary:
     curve: list[dict[str, float]] = field(default_factory=list)
 
 
+def check_trainer_config(tcfg: dict[str, Any]) -> None:
+    """Fail before any work on trainer settings that could only fail later, inside a cell."""
+    world_size, epochs, batch = (int(tcfg.get(k, 1)) for k in ("world_size", "epochs", "batch_size"))
+    if world_size < 1 or epochs < 1 or batch < 1:
+        raise ValueError(f"trainer.world_size, trainer.epochs and trainer.batch_size must be >= 1; "
+                         f"got {world_size}, {epochs}, {batch}")
+    if batch < world_size:
+        raise ValueError(f"trainer.batch_size ({batch}) is the global batch: it must be >= "
+                         f"trainer.world_size ({world_size})")
+    if tcfg.get("precision", "fp32") not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision must be fp32 or bf16, got {tcfg.get('precision')!r}")
+    _optimizer(tcfg["optimizer"], [{"params": [torch.zeros(1, requires_grad=True)]}])
+    lr_factor(tcfg["schedule"], 0.0, epochs)
+
+
 def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
     """Train the cell described by the resolved config `cfg`; checkpoints live in `work_dir`.
 
@@ -90,6 +106,9 @@ def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
 def _train_rank(rank: int, world_size: int, cfg: dict[str, Any], work_dir_s: str, store_file: str) -> None:
     work_dir = Path(work_dir_s)
     tcfg = cfg["trainer"]
+    # Tiny 1x1 / single-channel convs make DDP warn that grad strides differ from its buckets:
+    # a copy per step, harmless at that size; keep it out of every cell's log.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     device = _device(tcfg.get("device", "auto"), rank)
     torch.set_num_threads(int(tcfg.get("threads_per_rank") or 1))
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -236,16 +255,18 @@ def _device(spec: str, rank: int) -> torch.device:
     return torch.device(spec)
 
 
+_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
 def _optimizer(ocfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     ocfg = dict(ocfg)
     name = ocfg.pop("name")
-    if name == "sgd":
-        return torch.optim.SGD(groups, **ocfg)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, **ocfg)
-    if name == "adam":
-        return torch.optim.Adam(groups, **ocfg)
-    raise ValueError(f"unknown optimizer '{name}'. Known optimizers: adam, adamw, sgd")
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}'. Known optimizers: {', '.join(sorted(_OPTIMIZERS))}")
+    try:
+        return _OPTIMIZERS[name](groups, **ocfg)
+    except TypeError as err:
+        raise ValueError(f"bad settings for optimizer '{name}': {err}") from None
 
 
 def _reduce_epoch(sums: dict[str, float], seen: int, device: torch.device) -> dict[str, float]:

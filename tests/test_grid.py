@@ -41,3 +41,36 @@ def test_grid_runs_commits_and_skips_on_rerun(tiny, ray_session) -> None:
     assert again.outcomes == [] and sorted(again.skipped) == sorted(c["key"] for c in cells)
     assert {p: os.stat(p).st_mtime_ns for p in mtimes} == mtimes, "committed results must not be rewritten"
     assert read_results(results_dir).num_rows == 4
+
+
+def test_cells_differing_only_in_eval_attacks_train_once(tiny, ray_session) -> None:
+    overrides = ["grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm]",
+                 "+grid.axes.attack=[[fgsm],[pgd]]"] + [o for o in tiny if not o.startswith("attack.pgd")]
+    cells = expand_grid(overrides)
+    assert len(cells) == 2 and len({c["key"] for c in cells}) == 2
+    assert len({c["train_key"] for c in cells}) == 1
+    report = run_grid(cells)
+    assert [o.status for o in report.outcomes] == ["ok", "ok"]
+    rows = read_results(cells[0]["results_dir"]).to_pylist()
+    assert sorted(r["attack"] for r in rows) == ["fgsm", "pgd"]
+    assert len({r["checkpoint_sha256"] for r in rows}) == 1
+    assert len({r["train_seconds"] for r in rows}) == 1, "the second cell must reuse the first's training"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.optimizer.name=lion", "unknown optimizer 'lion'"),
+    ("trainer.schedule.name=exp", "unknown schedule 'exp'"),
+    ("trainer.world_size=0", "must be >= 1"),
+    ("+trainer.optimizer.momentum=0.9", "bad settings for optimizer 'adamw'"),
+    ("method=pgd_at", None),
+])
+def test_bad_trainer_settings_fail_before_any_work(tiny, override, message) -> None:
+    from harness.config import compose_config, finalize
+    from harness.grid import validate_cell
+
+    cfg = finalize(compose_config(tiny + [override]))
+    if message is None:
+        validate_cell(cfg)
+        return
+    with pytest.raises(ValueError, match=message):
+        validate_cell(cfg)
