@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from harness.config import ConfigError
-    from harness.data.shards import DataError
+    from harness.errors import DataError
     from harness.registry import UnknownPluginError
 
     try:
@@ -71,13 +71,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from harness.cell import run_cell
     from harness.config import compose_config, finalize
+
+    cfg = finalize(compose_config(args.overrides))  # bad names fail here, before heavy imports
+
+    from harness.cell import run_cell
     from harness.data.ensure import ensure_prepared
     from harness.grid import validate_cell
     from harness.results import read_cell_result, result_path
 
-    cfg = finalize(compose_config(args.overrides))
     validate_cell(cfg)
     ensure_prepared(cfg["data"])
     console.print(f"cell {cfg['label']} key={cfg['key']}")

@@ -20,15 +20,13 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from harness.errors import DataError  # defined there so the CLI can catch it without importing torch
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 _TAR_MTIME = 0.0  # fixed so that identical input gives byte-identical shards
 _HASH_CHUNK = 1 << 20
-
-
-class DataError(RuntimeError):
-    """A dataset on disk is missing, incomplete or corrupt; the message names the file and fix."""
 
 
 def shard_name(split: str, index: int) -> str:
