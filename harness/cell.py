@@ -89,6 +89,7 @@ def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, man
             "eps": attack.eps,
             "attack_config": json.dumps(attack.describe(), sort_keys=True),
             "robust_acc": attack_result.robust_acc,
+            "flags": [],  # integrity checks (gradient masking etc.) arrive with the attack suite
             "per_class_robust_acc": attack_result.per_class_robust_acc,
             "attack_seconds": attack_result.seconds,
         })

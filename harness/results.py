@@ -37,6 +37,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("attack_config", pa.string()),  # JSON of the eval attack's settings
         pa.field("clean_acc", pa.float64()),
         pa.field("robust_acc", pa.float64()),
+        pa.field("flags", pa.list_(pa.string())),  # integrity flags (evaluation untrustworthy if any)
         pa.field("per_class_clean_acc", pa.list_(pa.float64())),
         pa.field("per_class_robust_acc", pa.list_(pa.float64())),
         pa.field("class_names", pa.list_(pa.string())),
