@@ -113,7 +113,11 @@ METHODS: Registry = Registry(
     "method", "robustgrid.methods", ("methods.erm", "methods.pgd_at", "methods.trades")
 )
 ATTACKS: Registry = Registry(
-    "attack", "robustgrid.attacks", ("harness.attacks.fgsm", "harness.attacks.pgd")
+    "attack",
+    "robustgrid.attacks",
+    # methods.trades holds TRADES' own inner attack (trades_kl): a plugin's story stays in one file
+    ("harness.attacks.fgsm", "harness.attacks.pgd", "harness.attacks.pgd_l2", "harness.attacks.cw",
+     "methods.trades"),
 )
 ARCHITECTURES: Registry = Registry(
     "architecture", "robustgrid.architectures", ("architectures.presets",)
