@@ -25,6 +25,15 @@ def digits_dir(data_root: Path) -> Path:
     return data_root / "digits"
 
 
+@pytest.fixture(scope="session")
+def erm_model(digits_dir: Path):
+    """A test_resnet trained on digits (~97% test accuracy), shared by the attack tests.
+    Tests that switch its mode switch it back to eval."""
+    from helpers import digits_classifier, train_erm
+
+    return train_erm(digits_classifier(digits_dir), digits_dir)
+
+
 @pytest.fixture()
 def tiny(data_root: Path, tmp_path: Path) -> list[str]:
     """Overrides that shrink a cell to a few seconds on one CPU core."""

@@ -7,7 +7,7 @@ import torch
 from harness.attacks.base import build_attack, parse_number
 from harness.evaluate import check_perturbation
 from harness.registry import ATTACKS
-from helpers import accuracy, digits_batch, digits_classifier, train_erm
+from helpers import accuracy, digits_batch
 
 EPS = 0.1
 EPS_L2 = 1.0
@@ -18,6 +18,8 @@ ATTACK_SETTINGS = {
     "pgd_l2": {"eps": EPS_L2, "steps": 10},
     "cw_linf": {"eps": EPS, "steps": 10},
     "trades_kl": {"eps": EPS, "steps": 10},
+    "apgd_ce": {"eps": EPS, "n_iter": 20},
+    "apgd_t": {"eps": EPS, "n_iter": 10, "n_target_classes": 3},
 }
 
 
@@ -26,8 +28,8 @@ def test_every_registered_attack_is_covered() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(digits_dir):
-    model = train_erm(digits_classifier(digits_dir), digits_dir)
+def trained(digits_dir, erm_model):
+    model = erm_model.eval()
     x, y = digits_batch(digits_dir, 128)
     assert accuracy(model, x, y) > 0.85, "the fixture model should classify digits well"
     return model, x, y

@@ -10,7 +10,7 @@ from harness.attacks.base import build_attack
 from harness.attacks.cw import CWLinf, cw_margin_loss
 from harness.attacks.pgd_l2 import PGDL2, project_l2
 from harness.evaluate import check_perturbation
-from helpers import accuracy, digits_batch, digits_classifier, train_erm
+from helpers import accuracy, digits_batch
 
 EPS_LINF = 0.1
 EPS_L2 = 1.0  # 8x8 digits: 64 pixels, an L-inf 0.1 cube has L2 radius 0.8
@@ -21,8 +21,8 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def trained(digits_dir):
-    model = train_erm(digits_classifier(digits_dir), digits_dir)
+def trained(digits_dir, erm_model):
+    model = erm_model.eval()
     x, y = digits_batch(digits_dir, 128)
     assert accuracy(model, x, y) > 0.85, "the fixture model should classify digits well"
     return model, x, y
