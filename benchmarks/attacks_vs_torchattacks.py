@@ -20,37 +20,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 import harness.attacks.fgsm  # noqa: E402,F401  (register the attacks this script builds)
 import harness.attacks.pgd  # noqa: E402,F401
 import harness.attacks.pgd_l2  # noqa: E402,F401
-from architectures.presets import build_classifier  # noqa: E402
 from harness.attacks.base import build_attack  # noqa: E402
 from harness.data.loader import make_loader  # noqa: E402
 from harness.data.prepare import prepare_digits  # noqa: E402
-from harness.data.shards import load_manifest  # noqa: E402
+from digits_model import train_digits_model  # noqa: E402  (benchmarks/ is on sys.path)
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def train_model(digits_dir: Path, *, epochs: int, seed: int) -> torch.nn.Module:
-    manifest = load_manifest(digits_dir)
-    torch.manual_seed(seed)
-    model = build_classifier({"name": "test_resnet"}, num_classes=manifest["num_classes"],
-                             in_chans=manifest["channels"], img_size=manifest["image_size"][0],
-                             mean=manifest["mean"], std=manifest["std"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for epoch in range(epochs):
-        for x, y in make_loader(digits_dir, "train", 64, shuffle=True, seed=seed, epoch=epoch):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
 
 
 def inputs(digits_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -95,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     digits_dir = prepare_digits(args.data_root)
     t0 = time.perf_counter()
-    model = train_model(digits_dir, epochs=args.epochs, seed=args.seed)
+    model = train_digits_model(digits_dir, epochs=args.epochs, seed=args.seed)
     x, y, unique = inputs(digits_dir, args.n)
     with torch.no_grad():
         clean = float((model(x).argmax(1) == y).float().mean())

@@ -18,34 +18,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from architectures.presets import build_classifier  # noqa: E402
 from harness.attacks.apgd import APGDCE, APGDT  # noqa: E402
 from harness.data.loader import make_loader  # noqa: E402
 from harness.data.prepare import prepare_digits  # noqa: E402
-from harness.data.shards import load_manifest  # noqa: E402
+from digits_model import train_digits_model  # noqa: E402  (benchmarks/ is on sys.path)
 
 
-def train_model(digits_dir: Path, epochs: int, seed: int) -> torch.nn.Module:
-    """Deterministic ERM on digits (the same recipe as the tests' fixture model)."""
-    manifest = load_manifest(digits_dir)
-    torch.manual_seed(seed)
-    model = build_classifier({"name": "test_resnet", "kwargs": {}}, num_classes=manifest["num_classes"],
-                             in_chans=manifest["channels"], img_size=manifest["image_size"][0],
-                             mean=manifest["mean"], std=manifest["std"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for epoch in range(epochs):
-        for x, y in make_loader(digits_dir, "train", 64, shuffle=True, seed=seed, epoch=epoch):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
 
 
 def robust_acc(model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -73,7 +55,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         digits_dir = prepare_digits(args.data_root or Path(tmp))
-        model = train_model(digits_dir, args.epochs, seed=0)
+        model = train_digits_model(digits_dir, epochs=args.epochs, seed=0)
         x, y = next(iter(make_loader(digits_dir, "test", args.n)))
     clean = robust_acc(model, x, y)
     ref_norm = {"linf": "Linf", "l2": "L2"}[args.norm]
