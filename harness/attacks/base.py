@@ -53,6 +53,22 @@ class Attack(ABC):
             k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
 
+class IterativeAttack(Attack):
+    """Shared settings of the PGD family: `steps` signed/normalised steps of `step_size`
+    (default eps/4: 2/255 at eps 8/255) from an optional random start."""
+
+    def __init__(self, eps: float | str, steps: int = 20, step_size: float | str | None = None,
+                 random_start: bool = True) -> None:
+        super().__init__(eps)
+        if int(steps) < 1:
+            raise ValueError(f"{self.name} steps must be >= 1, got {steps}")
+        self.steps = int(steps)
+        self.step_size = parse_number(step_size) if step_size is not None else self.eps / 4
+        if self.step_size < 0:
+            raise ValueError(f"{self.name} step_size must be >= 0, got {self.step_size}")
+        self.random_start = bool(random_start)
+
+
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
     """d loss / d x only (no parameter gradients); returns (grad, logits)."""
     x = x.detach().requires_grad_(True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.attacks.base import Attack, parse_number
+from harness.attacks.base import IterativeAttack, parse_number
 from harness.attacks.pgd import pgd_linf, uniform_start
 from harness.registry import ATTACKS
 
@@ -44,7 +44,7 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0,
 
 
 @ATTACKS.register("cw_linf")
-class CWLinf(Attack):
+class CWLinf(IterativeAttack):
     """PGD-L-inf on the CW margin loss (see the module docstring for the exact loss).
 
     Defaults: 30 steps of eps/4 (2/255 at eps 8/255), kappa=50, uniform random start in the
@@ -56,17 +56,10 @@ class CWLinf(Attack):
 
     def __init__(self, eps: float | str, steps: int = 30, step_size: float | str | None = None,
                  kappa: float | str = 50.0, random_start: bool = True) -> None:
-        super().__init__(eps)
-        if steps < 1:
-            raise ValueError(f"cw_linf steps must be >= 1, got {steps}")
-        self.steps = int(steps)
-        self.step_size = parse_number(step_size) if step_size is not None else self.eps / 4
-        if self.step_size < 0:
-            raise ValueError(f"cw_linf step_size must be >= 0, got {self.step_size}")
+        super().__init__(eps, steps, step_size, random_start)
         self.kappa = parse_number(kappa)
         if self.kappa < 0:
             raise ValueError(f"cw_linf kappa must be >= 0, got {self.kappa}")
-        self.random_start = bool(random_start)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         kappa = self.kappa

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.attacks.base import Attack, LossFn, input_gradient, parse_number, project_linf
+from harness.attacks.base import IterativeAttack, LossFn, input_gradient, project_linf
 from harness.registry import ATTACKS
 
 
@@ -40,20 +40,11 @@ def uniform_start(eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @ATTACKS.register("pgd")
-class PGD(Attack):
+class PGD(IterativeAttack):
     """PGD-L-inf on the CE loss; `step_size` defaults to eps/4 (2/255 at eps 8/255)."""
 
     name = "pgd"
     norm = "linf"
-
-    def __init__(self, eps: float | str, steps: int = 20, step_size: float | str | None = None,
-                 random_start: bool = True) -> None:
-        super().__init__(eps)
-        if steps < 1:
-            raise ValueError(f"pgd steps must be >= 1, got {steps}")
-        self.steps = int(steps)
-        self.step_size = parse_number(step_size) if step_size is not None else self.eps / 4
-        self.random_start = bool(random_start)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return pgd_linf(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.attacks.base import Attack, LossFn, input_gradient, parse_number
+from harness.attacks.base import IterativeAttack, LossFn, input_gradient
 from harness.registry import ATTACKS
 
 _GRAD_EPS = 1e-10  # added to the gradient norm (torchattacks' eps_for_division)
@@ -79,7 +79,7 @@ def pgd_l2(
 
 
 @ATTACKS.register("pgd_l2")
-class PGDL2(Attack):
+class PGDL2(IterativeAttack):
     """PGD-L2 on the CE loss.
 
     `step_size` defaults to eps/4, the same rule as the L-inf `pgd` (20 steps then cover 5 eps of
@@ -89,17 +89,6 @@ class PGDL2(Attack):
 
     name = "pgd_l2"
     norm = "l2"
-
-    def __init__(self, eps: float | str, steps: int = 20, step_size: float | str | None = None,
-                 random_start: bool = True) -> None:
-        super().__init__(eps)
-        if steps < 1:
-            raise ValueError(f"pgd_l2 steps must be >= 1, got {steps}")
-        self.steps = int(steps)
-        self.step_size = parse_number(step_size) if step_size is not None else self.eps / 4
-        if self.step_size < 0:
-            raise ValueError(f"pgd_l2 step_size must be >= 0, got {self.step_size}")
-        self.random_start = bool(random_start)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return pgd_l2(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
