@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the site, print the index path; 2 when the results folder is missing."""
     parser = argparse.ArgumentParser(prog="python -m leaderboard", description=__doc__)
     parser.add_argument("--results", required=True, help="folder of per-cell result Parquet files")
-    parser.add_argument("--out", required=True, help="folder to write index.html, data.json, data.csv")
+    parser.add_argument("--out", required=True, help="folder to write the site (index.html, settings/, cells/, data.json, data.csv)")
     args = parser.parse_args(argv)
     try:
         index = build_site(args.results, args.out)

@@ -1,9 +1,12 @@
-"""Leaderboard site: numeric ranking, hand-checked mean ± std, failed cells, escaping, data files."""
+"""Leaderboard site: numeric ranking, headline choice, flagged rows last, hand-checked mean ± std,
+cost, failed cells, page per setting and per cell, escaping, data files. Browser checks live in
+tests/test_site_browser.py."""
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -16,11 +19,12 @@ import pytest
 
 from harness.results import write_cell_result
 from leaderboard import build_site
-from leaderboard.build import eps_label
+from leaderboard.format import cell_file, eps_label, setting_file
 
 REPO = Path(__file__).resolve().parents[1]
 XSS = "<script>alert(1)</script>"
 ATTACKS = ["fgsm", "pgd"]
+FLAG = "gradient_masking<b>"
 # (dataset, norm, eps) -> {(arch, method): target worst-case robust mean}. Values are picked so
 # that sorting the formatted text ("9.50" > "85.00", "5.00" > "10.00") differs from numeric order.
 WORST = {
@@ -33,7 +37,11 @@ WORST = {
         ("cnn", "erm"): 0.9, ("cnn", "pgd_at"): 0.1, ("cnn", XSS): 0.5,
     },
 }
-HEADINGS = ["digits — L∞, ε = 0.1000 (25.5/255)", "fashion — L2, ε = 0.5000"]
+FLAGGED = ("digits", "cnn", "pgd_at", 1)  # (dataset, arch, method, seed) of the one flagged cell
+# A setting evaluated with AutoAttack, where AutoAttack's order differs from the worst case's.
+AA_SETTING = ("digits", "l2", 1.0)
+AA_CELLS = {("mlp", "erm"): {"autoattack": 0.3, "fgsm": 0.2}, ("cnn", "erm"): {"autoattack": 0.25, "fgsm": 0.4}}
+HEADINGS = ["digits — L2, ε = 1.0000", "digits — L∞, ε = 0.1000 (25.5/255)", "fashion — L2, ε = 0.5000"]
 FAILED_ERROR = "RuntimeError: CUDA out of memory <img src=x onerror=alert(2)>\n  File \"train.py\", line 3"
 
 
@@ -49,17 +57,30 @@ def robust_values(w: float, seed: int) -> dict[str, float]:
     return {"fgsm": w + 0.01, "pgd": w + 0.04}
 
 
+def cost_fields(dataset: str, seed: int) -> dict:
+    """digits cells ran on 2 GPUs, fashion cells on one CPU (world_size left null)."""
+    if dataset == "digits":
+        return {"train_seconds": 1800.0, "eval_seconds": 180.0 * (seed + 1), "world_size": 2,
+                "device": "cuda", "images_per_second": 1000.0 + 100 * seed}
+    return {"train_seconds": 360.0, "eval_seconds": 0.0, "device": "cpu", "images_per_second": 50.0}
+
+
 def cell_rows(key: str, dataset: str, norm: str, eps: float, arch: str, method: str,
-              seed: int, w: float) -> list[dict]:
-    clean = 0.5 + w / 2 + 0.01 * seed
+              seed: int, robust: dict[str, float], clean: float) -> list[dict]:
+    flagged = (dataset, arch, method, seed) == FLAGGED
     return [
         {
             "key": key, "grid": "test", "status": "ok", "dataset": dataset, "arch": arch,
             "method": method, "seed": seed, "attack": attack, "norm": norm, "eps": eps,
-            "clean_acc": clean, "robust_acc": acc, "per_class_robust_acc": [acc, acc],
-            "class_names": ["a", "b"], "n_eval": 100, "epochs": 1,
+            "clean_acc": clean, "robust_acc": acc, "per_class_robust_acc": [acc, acc / 2],
+            "per_class_clean_acc": [clean, clean], "class_names": ["a", XSS], "n_eval": 100, "epochs": 2,
+            "flags": [FLAG] if flagged and attack == "pgd" else [],
+            "train_curve": json.dumps([{"epoch": 0, "lr": 0.1, "loss": 2.0}, {"epoch": 1, "lr": 0.05, "loss": 1.5}]),
+            "config_json": json.dumps({"method": {"name": method}, "seed": seed}),
+            "git_commit": "abc123", "package_versions": {"torch": "2.0"},
+            **cost_fields(dataset, seed),
         }
-        for attack, acc in robust_values(w, seed).items()
+        for attack, acc in robust.items()
     ]
 
 
@@ -70,10 +91,15 @@ def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for (arch, method), w in rows.items():
             for seed in (0, 1):
                 key = make_key(dataset, norm, eps, arch, method, seed)
-                write_cell_result(root, key, cell_rows(key, dataset, norm, eps, arch, method, seed, w))
+                clean = 0.5 + w / 2 + 0.01 * seed
+                write_cell_result(root, key, cell_rows(key, dataset, norm, eps, arch, method, seed,
+                                                       robust_values(w, seed), clean))
     # A single-seed row: its std is undefined and must show as "—" / null.
     key = make_key("fashion", "vit", "erm", 0)
-    write_cell_result(root, key, cell_rows(key, "fashion", "l2", 0.5, "vit", "erm", 0, 0.3))
+    write_cell_result(root, key, cell_rows(key, "fashion", "l2", 0.5, "vit", "erm", 0, robust_values(0.3, 0), 0.65))
+    for (arch, method), robust in AA_CELLS.items():
+        key = make_key(*AA_SETTING, arch, method)
+        write_cell_result(root, key, cell_rows(key, *AA_SETTING, arch, method, 0, robust, 0.9))
     # A failed cell for an (arch, method) that also has ok cells.
     failed_key = make_key("failed")
     write_cell_result(root, failed_key, [{
@@ -98,37 +124,45 @@ def site(results_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Page(HTMLParser):
-    """Collects ranking tables (heading, header, rows) and the failed-cells table as cell text."""
+    """Collects ranking tables (heading, header, rows as text, links) and failed-cells rows."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tables: list[dict] = []
         self.failed: list[list[str]] = []
+        self.links: list[str] = []
+        self.headings: list[str] = []
         self._kind: str | None = None
-        self._h2: list[str] | None = None
-        self._heading = ""
+        self._heading: list[str] | None = None
         self._row: list[str] | None = None
+        self._row_links: list[str] = []
+        self._row_class = ""
         self._cell: list[str] | None = None
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         attrs = dict(attrs)
-        if tag == "h2":
-            self._h2 = []
+        if tag in ("h1", "h3"):
+            self._heading = []
+        elif tag == "a" and attrs.get("href"):
+            self.links.append(attrs["href"])
+            if self._row is not None:
+                self._row_links.append(attrs["href"])
         elif tag == "table":
-            self._kind = attrs.get("class")
+            classes = (attrs.get("class") or "").split()
+            self._kind = "ranking" if "ranking" in classes else ("failed" if "failed" in classes else None)
             if self._kind == "ranking":
-                self.tables.append({"heading": self._heading, "header": [], "rows": []})
+                self.tables.append({"heading": self.headings[-1] if self.headings else "", "header": [], "rows": []})
         elif tag == "tr":
-            self._row = []
+            self._row, self._row_links, self._row_class = [], [], attrs.get("class") or ""
         elif tag in ("td", "th"):
             self._cell = []
 
     def handle_endtag(self, tag: str) -> None:
-        if tag == "h2" and self._h2 is not None:
-            self._heading = "".join(self._h2).strip()
-            self._h2 = None
+        if tag in ("h1", "h3") and self._heading is not None:
+            self.headings.append("".join(self._heading).strip())
+            self._heading = None
         elif tag in ("td", "th") and self._cell is not None and self._row is not None:
-            self._row.append("".join(self._cell).strip())
+            self._row.append(" ".join("".join(self._cell).split()))
             self._cell = None
         elif tag == "tr" and self._row is not None:
             if self._kind == "ranking":
@@ -136,24 +170,30 @@ class Page(HTMLParser):
                 if not table["header"]:
                     table["header"] = self._row
                 else:
-                    table["rows"].append(dict(zip(table["header"], self._row)))
+                    row = dict(zip(table["header"], self._row))
+                    row["_links"], row["_flagged"] = self._row_links, "flagged" in self._row_class
+                    table["rows"].append(row)
             elif self._kind == "failed":
-                self.failed.append(self._row)
+                self.failed.append(self._row + self._row_links)
             self._row = None
         elif tag == "table":
             self._kind = None
 
     def handle_data(self, data: str) -> None:
-        if self._h2 is not None:
-            self._h2.append(data)
+        if self._heading is not None:
+            self._heading.append(data)
         if self._cell is not None:
             self._cell.append(data)
 
 
-def parse(index: Path) -> Page:
+def parse(path: Path) -> Page:
     page = Page()
-    page.feed(index.read_text(encoding="utf-8"))
+    page.feed(path.read_text(encoding="utf-8"))
     return page
+
+
+def setting_page(site: Path, dataset: str, norm: str, eps: float) -> Path:
+    return site.parent / setting_file("lp", dataset, norm, eps)
 
 
 def expected_rows(results_dir: Path) -> dict[tuple, dict]:
@@ -171,6 +211,8 @@ def expected_rows(results_dir: Path) -> dict[tuple, dict]:
                 "key": r0["key"], "seed": r0["seed"], "clean": r0["clean_acc"],
                 "robust": {r["attack"]: r["robust_acc"] for r in rows},
                 "worst": min(r["robust_acc"] for r in rows),
+                "hours": (r0["train_seconds"] + r0["eval_seconds"]) * (r0["world_size"] or 1) / 3600,
+                "flags": sorted({f for r in rows for f in r["flags"]}),
             }
         )
 
@@ -180,12 +222,15 @@ def expected_rows(results_dir: Path) -> dict[tuple, dict]:
     out = {}
     for group, group_cells in cells.items():
         group_cells.sort(key=lambda c: (c["seed"], c["key"]))
+        attacks = sorted(group_cells[0]["robust"])
         out[group] = {
             "n_seeds": len(group_cells),
             "keys": [c["key"] for c in group_cells],
             "clean": stats([c["clean"] for c in group_cells]),
             "worst": stats([c["worst"] for c in group_cells]),
-            "robust": {a: stats([c["robust"][a] for c in group_cells]) for a in ATTACKS},
+            "hours": stats([c["hours"] for c in group_cells]),
+            "robust": {a: stats([c["robust"][a] for c in group_cells]) for a in attacks},
+            "flags": sorted({f for c in group_cells for f in c["flags"]}),
         }
     return out
 
@@ -196,108 +241,180 @@ def fmt(mean_std: tuple[float, float | None]) -> str:
 
 
 def test_files_written(site: Path) -> None:
+    out = site.parent
     assert site.name == "index.html" and site.is_file()
-    assert (site.parent / "data.json").is_file()
-    assert (site.parent / "data.csv").is_file()
+    assert (out / "data.json").is_file() and (out / "data.csv").is_file()
+    assert len(list((out / "settings").glob("*.html"))) == 3
+    assert len(list((out / "cells").glob("*.html"))) == 28  # 27 ok + 1 failed; no foreign/in-flight
+    assert not list(out.rglob(".tmp-*"))
 
 
-def test_tables_and_headings(site: Path) -> None:
+def test_index_lists_every_setting_and_links_every_cell(site: Path, results_dir: Path) -> None:
     page = parse(site)
     assert [t["heading"] for t in page.tables] == HEADINGS
-    for table in page.tables:
-        assert table["header"][:5] == ["#", "arch", "method", "n seeds", "clean"]
-        assert table["header"][5:] == ["fgsm", "pgd", "worst-case robust", "cells"]
-    assert [len(t["rows"]) for t in page.tables] == [6, 7]
+    for table, (dataset, norm, eps) in zip(page.tables, [AA_SETTING, *WORST]):
+        assert setting_file("lp", dataset, norm, eps) in page.links
+    keys = {p.stem for p in results_dir.glob("*.parquet") if len(p.stem) == 40}
+    assert len(keys) == 28
+    assert {cell_file(k) for k in keys} <= set(page.links)  # one click from the index
+    for link in page.links:  # no dead links
+        if not link.startswith(("http", "#")):
+            assert (site.parent / link).is_file(), link
 
 
-def test_rows_sorted_numerically_by_worst_case(site: Path) -> None:
-    page = parse(site)
-    digits = page.tables[0]["rows"]
-    assert [(r["arch"], r["method"]) for r in digits] == [
-        ("cnn", "pgd_at"), ("mlp", "pgd_at"), ("mlp", XSS), ("cnn", XSS), ("mlp", "erm"), ("cnn", "erm"),
+def test_setting_tables_and_headings(site: Path) -> None:
+    for (dataset, norm, eps), heading in zip([AA_SETTING, *WORST], HEADINGS):
+        (table,) = parse(setting_page(site, dataset, norm, eps)).tables
+        assert table["heading"] == heading
+        assert table["header"][:5] == ["#", "arch", "method", "seeds", "clean"]
+        assert table["header"][-4:] == ["cost / seed", "images/s", "integrity", "cells"]
+    digits = parse(setting_page(site, "digits", "linf", 0.1)).tables[0]
+    assert digits["header"][5:8] == ["fgsm", "pgd", "worst-case robust headline"]
+    assert len(digits["rows"]) == 6
+    assert len(parse(setting_page(site, "fashion", "l2", 0.5)).tables[0]["rows"]) == 7
+
+
+def test_rows_sorted_numerically_flagged_last(site: Path) -> None:
+    for path in (site, setting_page(site, "digits", "linf", 0.1)):
+        digits = next(t for t in parse(path).tables if t["heading"] == HEADINGS[1])["rows"]
+        # cnn/pgd_at has the best worst case (90%) but one of its cells is flagged: ranked last.
+        assert [(r["arch"], r["method"]) for r in digits] == [
+            ("mlp", "pgd_at"), ("mlp", XSS), ("cnn", XSS), ("mlp", "erm"), ("cnn", "erm"), ("cnn", "pgd_at"),
+        ]
+        assert [r["_flagged"] for r in digits] == [False] * 5 + [True]
+        assert digits[-1]["integrity"] == f"⚠ {FLAG}"
+        assert all(r["integrity"] == "✓ no flags" for r in digits[:-1])
+    fashion = parse(setting_page(site, "fashion", "l2", 0.5)).tables[0]["rows"]
+    worst = [float(r["worst-case robust headline"].split(" ± ")[0]) for r in fashion]
+    assert worst == sorted(worst, reverse=True)
+    as_text = [r["worst-case robust headline"] for r in fashion]
+    assert as_text != sorted(as_text, reverse=True), "fixture must make text sort differ"
+    assert [r["#"] for r in fashion] == [str(i) for i in range(1, 8)]
+
+
+def test_autoattack_is_the_headline_when_present(site: Path) -> None:
+    (table,) = parse(setting_page(site, *AA_SETTING)).tables
+    assert table["header"][5:8] == ["autoattack headline", "fgsm", "worst-case robust"]
+    # Ranked by AutoAttack (30 > 25), although the worst case would rank cnn first (25 > 20).
+    assert [(r["arch"], r["autoattack headline"], r["worst-case robust"]) for r in table["rows"]] == [
+        ("mlp", "30.00 ± —", "20.00 ± —"), ("cnn", "25.00 ± —", "25.00 ± —"),
     ]
-    for table in page.tables:
-        worst = [float(r["worst-case robust"].split(" ± ")[0]) for r in table["rows"]]
-        assert worst == sorted(worst, reverse=True)
-        as_text = [r["worst-case robust"] for r in table["rows"]]
-        assert as_text != sorted(as_text, reverse=True), "fixture must make text sort differ"
-        assert [r["#"] for r in table["rows"]] == [str(i) for i in range(1, len(table["rows"]) + 1)]
+    index_table = parse(site).tables[0]
+    assert "AutoAttack robust headline" in index_table["header"]
+    assert "Headline: robust accuracy under AutoAttack." in setting_page(site, *AA_SETTING).read_text()
 
 
 def test_numbers_match_hand_computation(site: Path, results_dir: Path) -> None:
-    page = parse(site)
     expected = expected_rows(results_dir)
-    tables = {(d, n, e): t for (d, n, e), t in zip(WORST, page.tables)}
     seen = 0
-    for (dataset, norm, eps, arch, method), exp in expected.items():
-        table = tables[(dataset, norm, eps)]
-        (row,) = [r for r in table["rows"] if (r["arch"], r["method"]) == (arch, method)]
-        assert row["n seeds"] == str(exp["n_seeds"])
-        assert row["clean"] == fmt(exp["clean"])
-        assert row["worst-case robust"] == fmt(exp["worst"])
-        for attack in ATTACKS:
-            assert row[attack] == fmt(exp["robust"][attack])
-        assert row["cells"].split() == [k[:10] for k in exp["keys"]]
-        seen += 1
-    assert seen == 13
+    for dataset, norm, eps in [AA_SETTING, *WORST]:
+        (table,) = parse(setting_page(site, dataset, norm, eps)).tables
+        for row in table["rows"]:
+            exp = expected[(dataset, norm, eps, row["arch"], row["method"])]
+            assert row["seeds"] == str(exp["n_seeds"])
+            assert row["clean"] == fmt(exp["clean"])
+            assert row["worst-case robust" if "worst-case robust" in row else "worst-case robust headline"] == fmt(exp["worst"])
+            for attack, stats in exp["robust"].items():
+                assert row.get(attack, row.get(f"{attack} headline")) == fmt(stats)
+            assert row["cells"].split() == [k[:10] for k in exp["keys"]]
+            assert row["_links"] == [f"../{cell_file(k)}" for k in exp["keys"]]
+            unit = "GPU-h" if dataset == "digits" else "CPU-h"
+            assert row["cost / seed"] == f"{exp['hours'][0]:.3g} {unit}"
+            seen += 1
+    assert seen == 15
     # Spot checks against literal numbers: worst = mean of per-cell minima, not min of means.
-    (top,) = [r for r in page.tables[0]["rows"] if (r["arch"], r["method"]) == ("cnn", "pgd_at")]
-    assert top["worst-case robust"] == "90.00 ± 1.41"
+    rows = parse(setting_page(site, "digits", "linf", 0.1)).tables[0]["rows"]
+    (top,) = [r for r in rows if (r["arch"], r["method"]) == ("cnn", "pgd_at")]
+    assert top["worst-case robust headline"] == "90.00 ± 1.41"
     assert top["fgsm"] == "92.00 ± 1.41" and top["pgd"] == "91.50 ± 3.54"
-    (single,) = [r for r in page.tables[1]["rows"] if r["arch"] == "vit"]
-    assert single["n seeds"] == "1" and single["worst-case robust"] == "29.00 ± —"
+    assert top["cost / seed"] == "1.15 GPU-h" and top["images/s"] == "1,050"
+    (single,) = [r for r in parse(setting_page(site, "fashion", "l2", 0.5)).tables[0]["rows"] if r["arch"] == "vit"]
+    assert single["seeds"] == "1" and single["worst-case robust headline"] == "29.00 ± —"
+    assert single["cost / seed"] == "0.1 CPU-h"
 
 
-def test_failed_cells_listed_apart(site: Path) -> None:
+def test_failed_cells_listed_apart_with_pages(site: Path) -> None:
     page = parse(site)
     failed_key = make_key("failed")
     assert page.failed[0] == ["key", "dataset", "arch", "method", "seed", "error"]
     assert page.failed[1:] == [[
         failed_key[:10], "digits", "cnn", "pgd_at", "2",
-        "RuntimeError: CUDA out of memory <img src=x onerror=alert(2)>",
+        "RuntimeError: CUDA out of memory <img src=x onerror=alert(2)>", cell_file(failed_key),
     ]]
     for table in page.tables:
         for row in table["rows"]:
             assert failed_key[:10] not in row["cells"]
-    html = site.read_text(encoding="utf-8")
-    assert "train.py" not in html  # only the error's first line is shown
-    assert make_key("inflight")[:10] not in html  # in-flight temp files are not results
+    assert "train.py" not in site.read_text(encoding="utf-8")  # only the error's first line
+    assert make_key("inflight")[:10] not in site.read_text(encoding="utf-8")
+    cell = (site.parent / cell_file(failed_key)).read_text(encoding="utf-8")
+    assert '<pre class="error">RuntimeError: CUDA out of memory &lt;img src=x onerror=alert(2)&gt;\n' in cell
+    assert "train.py&#34;, line 3</pre>" in cell or "train.py&quot;, line 3</pre>" in cell
+    setting = setting_page(site, "digits", "linf", 0.1).read_text(encoding="utf-8")
+    assert f"../{cell_file(failed_key)}" in setting
+
+
+def test_cell_page_shows_rows_provenance_config_curves(site: Path, results_dir: Path) -> None:
+    key = make_key("digits", "linf", 0.1, "cnn", "pgd_at", 1)
+    html = (site.parent / cell_file(key)).read_text(encoding="utf-8")
+    rows = pq.read_table(results_dir / f"{key}.parquet").to_pylist()
+    for row in rows:
+        assert f'title="{row["robust_acc"]!r}">{100 * row["robust_acc"]:.2f}</td>' in html
+    assert f"⚠ {FLAG.replace('<', '&lt;').replace('>', '&gt;')}" in html
+    assert "abc123" in html and "torch==2.0" in html and "<td>1.2 GPU-h</td>" in html  # (1800 + 360) s × 2 ranks
+    assert '"name": "pgd_at"' in html.replace("&#34;", '"')  # pretty JSON config
+    assert html.count("<svg") == 3  # loss, lr, per-class heatmap
+    assert "../" + setting_file("lp", "digits", "linf", 0.1) in html
+
+
+def test_setting_page_plots(site: Path) -> None:
+    html = setting_page(site, "digits", "linf", 0.1).read_text(encoding="utf-8")
+    assert html.count("<svg") == 2
+    assert 'id="robust-vs-clean"' in html and 'id="per-class-robust"' in html
+    assert "clean accuracy (%)" in html and "worst-case robust accuracy (%)" in html
+    assert "flagged (untrustworthy)" in html  # legend entry for the flagged point
+    assert html.count('class="point"') == 6
 
 
 def test_strings_are_escaped(site: Path) -> None:
-    html = site.read_text(encoding="utf-8")
-    assert "<script" not in html.lower()
+    for path in [site, *site.parent.glob("settings/*.html"), *site.parent.glob("cells/*.html")]:
+        html = path.read_text(encoding="utf-8")
+        assert html.lower().count("<script") == 1, path  # only the site's own inline script
+        assert "<img" not in html and "<b>" not in html, path
+    html = setting_page(site, "digits", "linf", 0.1).read_text(encoding="utf-8")
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert "<img" not in html and "&lt;img src=x onerror=alert(2)&gt;" in html
     methods = {r["method"] for t in parse(site).tables for r in t["rows"]}
     assert XSS in methods  # rendered as text
 
 
 def test_data_json_matches_parquet(site: Path, results_dir: Path) -> None:
     data = json.loads((site.parent / "data.json").read_text(encoding="utf-8"))
-    assert set(data) >= {"generated_at", "tables", "failed"}
-    assert [(t["dataset"], t["norm"], t["eps"]) for t in data["tables"]] == list(WORST)
+    assert set(data) >= {"generated_at", "summary", "tables", "failed"}
+    assert [(t["dataset"], t["norm"], t["eps"]) for t in data["tables"]] == [AA_SETTING, *WORST]
+    assert [t["headline"]["kind"] for t in data["tables"]] == ["autoattack", "worst_case", "worst_case"]
     expected = expected_rows(results_dir)
     n = 0
     for table in data["tables"]:
-        assert table["attacks"] == ATTACKS
-        worst = [r["worst_robust_mean"] for r in table["rows"]]
-        assert worst == sorted(worst, reverse=True)
+        assert (site.parent / table["page"]).is_file()
+        ranked = [(r["flagged"], -r["headline_mean"]) for r in table["rows"]]
+        assert ranked == sorted(ranked)
         for row in table["rows"]:
             exp = expected[(table["dataset"], table["norm"], table["eps"], row["arch"], row["method"])]
             assert row["n_seeds"] == exp["n_seeds"] and row["keys"] == exp["keys"]
+            assert row["cell_pages"] == [cell_file(k) for k in exp["keys"]]
+            assert row["flags"] == exp["flags"] and row["flagged"] == bool(exp["flags"])
             assert isinstance(row["worst_robust_mean"], float)
             assert row["clean_acc_mean"] == pytest.approx(exp["clean"][0])
             assert row["worst_robust_mean"] == pytest.approx(exp["worst"][0])
-            for attack in ATTACKS:
-                assert row["robust"][attack]["mean"] == pytest.approx(exp["robust"][attack][0])
-            for got, (_, std) in [
-                (row["clean_acc_std"], exp["clean"]), (row["worst_robust_std"], exp["worst"]),
-                *[(row["robust"][a]["std"], exp["robust"][a]) for a in ATTACKS],
-            ]:
+            assert row["cost_hours_mean"] == pytest.approx(exp["hours"][0])
+            for attack, stats in exp["robust"].items():
+                assert row["robust"][attack]["mean"] == pytest.approx(stats[0])
+            headline = exp["robust"]["autoattack"] if table["headline"]["kind"] == "autoattack" else exp["worst"]
+            assert row["headline_mean"] == pytest.approx(headline[0])
+            for got, (_, std) in [(row["clean_acc_std"], exp["clean"]), (row["worst_robust_std"], exp["worst"])]:
                 assert got is None if std is None else got == pytest.approx(std)
             n += 1
-    assert n == len(expected) == 13
+    assert n == len(expected) == 15
+    assert data["summary"]["n_flagged_rows"] == 1
     assert [f["key"] for f in data["failed"]] == [make_key("failed")]
     assert data["failed"][0]["error"] == FAILED_ERROR
 
@@ -305,18 +422,27 @@ def test_data_json_matches_parquet(site: Path, results_dir: Path) -> None:
 def test_data_csv_long_form(site: Path) -> None:
     with open(site.parent / "data.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 13 * len(ATTACKS)
-    top = [r for r in rows if (r["dataset"], r["arch"], r["method"]) == ("digits", "cnn", "pgd_at")]
+    assert len(rows) == 15 * 2
+    top = [r for r in rows if (r["dataset"], r["norm"], r["arch"], r["method"]) == ("digits", "linf", "cnn", "pgd_at")]
     assert {r["attack"]: float(r["robust_mean"]) for r in top} == pytest.approx({"fgsm": 0.92, "pgd": 0.915})
     assert all(float(r["worst_robust_mean"]) == pytest.approx(0.9) for r in top)
+    assert all(r["flags"] == FLAG and r["rank"] == "6" and r["cost_unit"] == "GPU-h" for r in top)
     assert any(r["method"] == XSS for r in rows)
 
 
 def test_footer_counts(site: Path) -> None:
     html = site.read_text(encoding="utf-8")
-    assert "26 cells (25 ok, 1 failed)" in html
-    assert "51 result rows" in html and "13 leaderboard rows" in html
+    assert "28 cells (27 ok, 1 failed)" in html
+    assert "55 result rows" in html and "15 leaderboard rows" in html
     assert "Generated 20" in html
+
+
+def test_rebuild_removes_stale_pages(results_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    (out / "cells").mkdir(parents=True)
+    (out / "cells" / "gone.html").write_text("old")
+    build_site(results_dir, out)
+    assert not (out / "cells" / "gone.html").exists()
 
 
 def test_empty_results(tmp_path: Path) -> None:
@@ -332,6 +458,17 @@ def test_only_failed_results(tmp_path: Path) -> None:
     write_cell_result(tmp_path / "r", "k1", [{"key": "k1", "status": "failed", "error": "boom"}])
     html = build_site(tmp_path / "r", tmp_path / "s").read_text(encoding="utf-8")
     assert "No successful results" in html and "boom" in html
+    assert "boom" in (tmp_path / "s" / "cells" / "k1.html").read_text()
+
+
+def test_odd_keys_get_safe_file_names() -> None:
+    assert cell_file("0123abcd") == "cells/0123abcd.html"
+    for key in ["../../etc/passwd", "<b>x</b>", "a/b", ".hidden"]:
+        name = cell_file(key)
+        assert re.fullmatch(r"cells/[A-Za-z0-9_-]+\.html", name), name
+    assert cell_file("a/b") != cell_file("a-b")
+    assert setting_file("lp", "digits", "linf", 0.1) == "settings/lp-digits-linf-0.1.html"
+    assert re.fullmatch(r"settings/[A-Za-z0-9_.-]+\.html", setting_file("lp", XSS, "l2", 0.5))
 
 
 def test_missing_results_folder(tmp_path: Path) -> None:

@@ -1,0 +1,108 @@
+"""Per-cell records for the cell pages: every Parquet row of a cell, plus parsed config and curve.
+
+Cells come straight from pyarrow (to_pylist), not from the aggregation, so a cell page shows
+its rows exactly as committed: the numbers a reader checks against the Parquet file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from leaderboard.format import cell_file
+
+# Cell-level fields shown as provenance (same on every row of a cell; the first non-null wins).
+PROVENANCE = [
+    "grid", "dataset", "arch", "method", "seed", "norm", "eps", "git_commit", "code_version",
+    "data_sha256", "checkpoint_sha256", "device", "hardware", "hostname", "world_size",
+    "replicas_in_sync", "n_train", "n_eval", "epochs", "final_train_loss", "train_seconds",
+    "eval_seconds", "images_per_second", "started_at", "finished_at",
+]
+
+
+@dataclass
+class Cell:
+    """One cell (one trained model, one seed) and all its result rows."""
+
+    key: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def page(self) -> str:
+        return cell_file(self.key)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.get("status") == "ok" for r in self.rows)
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else "failed"
+
+    def first(self, name: str) -> Any:
+        """The first non-null value of a column over the cell's rows."""
+        for row in self.rows:
+            if row.get(name) is not None:
+                return row[name]
+        return None
+
+    @property
+    def errors(self) -> list[str]:
+        return list(dict.fromkeys(r["error"] for r in self.rows if r.get("error")))
+
+    @property
+    def flags(self) -> list[str]:
+        return sorted({f for r in self.rows for f in (r.get("flags") or [])})
+
+    @property
+    def package_versions(self) -> list[tuple[str, str]]:
+        value = self.first("package_versions") or []
+        return sorted(value.items()) if isinstance(value, dict) else [tuple(kv) for kv in value]
+
+    @property
+    def config(self) -> str | None:
+        """The resolved config as pretty JSON (the raw text when it is not valid JSON)."""
+        text = self.first("config_json")
+        if text is None:
+            return None
+        try:
+            return json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False)
+        except ValueError:
+            return text
+
+    @property
+    def train_curve(self) -> list[dict[str, Any]]:
+        """Per-epoch dicts from train_curve JSON; [] when missing or malformed."""
+        try:
+            curve = json.loads(self.first("train_curve") or "[]")
+        except ValueError:
+            return []
+        return [p for p in curve if isinstance(p, dict)] if isinstance(curve, list) else []
+
+    @property
+    def cost_hours(self) -> float | None:
+        """(train_seconds + eval_seconds) * world_size / 3600, as in the tables."""
+        train, ev = self.first("train_seconds"), self.first("eval_seconds")
+        if train is None and ev is None:
+            return None
+        return ((train or 0.0) + (ev or 0.0)) * (self.first("world_size") or 1) / 3600.0
+
+    def headline_row(self, headline_attack: str | None) -> dict[str, Any] | None:
+        """The row behind the cell's headline: the named attack, else the attack with the lowest
+        robust accuracy (the cell's worst case)."""
+        rows = [r for r in self.rows if r.get("attack") is not None and r.get("robust_acc") is not None]
+        if headline_attack is not None:
+            rows = [r for r in rows if r["attack"] == headline_attack]
+        return min(rows, key=lambda r: r["robust_acc"]) if rows else None
+
+
+def group_cells(results: pa.Table) -> dict[str, Cell]:
+    """All cells by key, rows sorted by attack (failed rows without attack first)."""
+    cells: dict[str, Cell] = {}
+    for row in results.to_pylist():
+        cells.setdefault(row["key"], Cell(row["key"])).rows.append(row)
+    for cell in cells.values():
+        cell.rows.sort(key=lambda r: (r.get("attack") is not None, str(r.get("attack"))))
+    return dict(sorted(cells.items()))

@@ -1,0 +1,158 @@
+"""Which plots each page shows: small functions that turn aggregated data into Figures.
+
+This is the extension point for new plots. A setting-page figure is a function
+(table, cells) -> Figure | None, a cell-page figure a function (cell) -> Figure | None; returning
+None (no data for it) leaves no trace on the page. Neuron-sensitivity profiles or counterfactual
+galleries, once the harness records them, are one more function appended to SETTING_FIGURES or
+CELL_FIGURES; nothing else changes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from markupsafe import Markup
+
+from leaderboard.cells import Cell
+from leaderboard.svg import Point, heatmap, line_chart, scatter
+
+
+@dataclass
+class Figure:
+    """A titled figure: one or more inline SVGs and a caption saying how to read them."""
+
+    id: str
+    title: str
+    caption: str
+    svgs: list[Markup] = field(default_factory=list)
+
+
+SettingFigure = Callable[[dict[str, Any], Mapping[str, Cell]], "Figure | None"]
+CellFigure = Callable[[Cell], "Figure | None"]
+
+
+def row_label(row: dict[str, Any]) -> str:
+    return f"{row['arch']} / {row['method']}" + (" ⚠" if row["flagged"] else "")
+
+
+def robust_vs_clean(table: dict[str, Any], cells: Mapping[str, Cell]) -> Figure | None:
+    """One point per (arch, method): clean accuracy against the headline robust accuracy."""
+    points = [
+        Point(
+            x=100 * r["clean_acc_mean"], y=100 * r["headline_mean"],
+            x_err=None if r["clean_acc_std"] is None else 100 * r["clean_acc_std"],
+            y_err=None if r["headline_std"] is None else 100 * r["headline_std"],
+            color_key=str(r["method"]), shape_key=str(r["arch"]), flagged=r["flagged"],
+            tooltip=(f"{r['arch']} / {r['method']}: clean {100 * r['clean_acc_mean']:.2f}%, "
+                     f"{table['headline']['label']} {100 * r['headline_mean']:.2f}%, {r['n_seeds']} seed(s)"
+                     + (f"; flags: {', '.join(r['flags'])}" if r["flags"] else "")),
+        )
+        for r in table["rows"]
+        if r["clean_acc_mean"] is not None and r["headline_mean"] is not None
+    ]
+    if not points:
+        return None
+    svg = scatter(points, "clean accuracy (%)", f"{table['headline']['label']} accuracy (%)",
+                  color_title="method (colour)", shape_title="arch (shape)")
+    return Figure(
+        "robust-vs-clean", "Robust vs clean accuracy",
+        "One point per architecture × method, mean over seeds; whiskers are ± std over seeds. "
+        "Up and to the right is better; the dashed line is robust = clean. "
+        "Hollow red-ringed points carry integrity flags.", [svg])
+
+
+def _mean_vectors(vectors: list[list[float | None]]) -> list[float | None]:
+    out = []
+    for column in zip(*vectors):
+        vals = [v for v in column if v is not None]
+        out.append(sum(vals) / len(vals) if vals else None)
+    return out
+
+
+def per_class_robust(table: dict[str, Any], cells: Mapping[str, Cell]) -> Figure | None:
+    """Rows = arch / method (in rank order), columns = classes: per-class robust accuracy under
+    each cell's headline attack, averaged over seeds."""
+    attack = table["headline"]["attack"]
+    names: list[str] | None = None
+    labels, values = [], []
+    for row in table["rows"]:
+        vectors = []
+        for key in row["keys"]:
+            hr = cells[key].headline_row(attack) if key in cells else None
+            if hr is None or not hr.get("per_class_robust_acc"):
+                continue
+            cls = [str(c) for c in (hr.get("class_names") or range(len(hr["per_class_robust_acc"])))]
+            if names is None:
+                names = cls
+            if cls == names and len(hr["per_class_robust_acc"]) == len(names):
+                vectors.append(hr["per_class_robust_acc"])
+        if vectors:
+            labels.append(row_label(row))
+            values.append(_mean_vectors(vectors))
+    if not values or not names:
+        return None
+    which = ("AutoAttack" if attack else
+             "each cell's worst-case attack (the eval attack with the lowest overall robust accuracy)")
+    return Figure(
+        "per-class-robust", "Per-class robust accuracy",
+        f"Robust accuracy (%) per class under {which}, mean over seeds; rows in rank order. "
+        "Pale cells are the classes a model fails to defend.",
+        [heatmap(labels, names, values, "robust accuracy")])
+
+
+def training_curves(cell: Cell) -> Figure | None:
+    """Loss (every 'loss*' key) and learning rate per epoch, plus train accuracy when logged."""
+    curve = cell.train_curve
+    if not curve:
+        return None
+
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(float(p.get("epoch", i)), float(p[key])) for i, p in enumerate(curve)
+                if isinstance(p.get(key), (int, float))]
+
+    keys = list(dict.fromkeys(k for p in curve for k in p))
+    groups = [
+        ({k: series(k) for k in keys if k.startswith("loss")}, "loss"),
+        ({"lr": series("lr")}, "learning rate"),
+        ({k: series(k) for k in keys if k.endswith("acc")}, "accuracy (fraction)"),
+    ]
+    svgs = [line_chart({k: v for k, v in group.items() if v}, "epoch", label)
+            for group, label in groups if any(group.values())]
+    if not svgs:
+        return None
+    return Figure("training-curves", "Training curves",
+                  "Per-epoch values from the cell's train_curve (loss averaged over the epoch).", svgs)
+
+
+def per_class_cell(cell: Cell) -> Figure | None:
+    """Rows = clean and each eval attack, columns = classes, for this one cell."""
+    rows = [r for r in cell.rows if r.get("per_class_robust_acc")]
+    if not rows:
+        return None
+    n = len(rows[0]["per_class_robust_acc"])
+    names = [str(c) for c in (rows[0].get("class_names") or range(n))]
+    labels, values = [], []
+    clean = rows[0].get("per_class_clean_acc")
+    if clean and len(clean) == len(names):
+        labels.append("clean")
+        values.append(clean)
+    for r in rows:
+        if len(r["per_class_robust_acc"]) == len(names):
+            labels.append(f"{r.get('attack')}")
+            values.append(r["per_class_robust_acc"])
+    return Figure("per-class", "Per-class accuracy",
+                  "Accuracy (%) per class: clean, and robust under each eval attack.",
+                  [heatmap(labels, names, values, "accuracy")])
+
+
+SETTING_FIGURES: list[SettingFigure] = [robust_vs_clean, per_class_robust]
+CELL_FIGURES: list[CellFigure] = [training_curves, per_class_cell]
+
+
+def setting_figures(table: dict[str, Any], cells: Mapping[str, Cell]) -> list[Figure]:
+    return [f for f in (make(table, cells) for make in SETTING_FIGURES) if f is not None]
+
+
+def cell_figures(cell: Cell) -> list[Figure]:
+    return [f for f in (make(cell) for make in CELL_FIGURES) if f is not None]

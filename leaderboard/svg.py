@@ -1,0 +1,276 @@
+"""Inline SVG plots generated in Python: scatter, heatmap, line chart. No JavaScript, no fonts
+or files to fetch, so they render offline and in any static host.
+
+Every piece of text that reaches the SVG goes through `esc` (names come from configs/plugins),
+and the result is returned as markupsafe.Markup so Jinja inserts it without escaping it again.
+Sizes are in CSS pixels; the SVG scales down with its container (viewBox, max-width).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+
+from markupsafe import Markup
+
+FONT = 'font-family="system-ui, -apple-system, Segoe UI, sans-serif"'
+# Tableau 10: distinguishable and colour-blind friendlier than the default matplotlib cycle.
+PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2",
+           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+SHAPES = ["circle", "square", "triangle", "diamond", "triangle-down", "cross"]
+FLAG_COLOR = "#c0392b"
+CHAR_W = 6.6  # rough width of a 12px sans-serif character, for layout only
+
+
+def esc(text: object) -> str:
+    return escape(str(text), quote=True)
+
+
+def short(text: object, limit: int = 28) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round tick values covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + 1.0
+    raw_step = (hi - lo) / max(n, 1)
+    mag = 10 ** math.floor(math.log10(raw_step))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw_step)
+    start = math.ceil(lo / step - 1e-9) * step
+    ticks, t = [], start
+    while t <= hi + 1e-9 * step:
+        ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+def tick_text(value: float) -> str:
+    return f"{value:.6g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+
+
+def _svg(width: float, height: float, body: list[str], label: str) -> Markup:
+    return Markup(
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width:.0f} {height:.0f}" '
+        f'width="{width:.0f}" style="max-width:100%;height:auto" role="img" aria-label="{esc(label)}" '
+        f'{FONT} font-size="12">' + "".join(body) + "</svg>"
+    )
+
+
+def marker(shape: str, x: float, y: float, r: float, fill: str, stroke: str, width: float = 1.2) -> str:
+    """One marker of a given shape centred at (x, y)."""
+    style = f'fill="{fill}" stroke="{stroke}" stroke-width="{width}"'
+    if shape == "circle":
+        return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" {style}/>'
+    if shape == "square":
+        return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r:.1f}" height="{2 * r:.1f}" {style}/>'
+    if shape == "cross":
+        a = r * 0.45
+        pts = [(-a, -r), (a, -r), (a, -a), (r, -a), (r, a), (a, a), (a, r), (-a, r), (-a, a), (-r, a), (-r, -a), (-a, -a)]
+    else:
+        pts = {
+            "triangle": [(0, -1.2 * r), (1.1 * r, 0.8 * r), (-1.1 * r, 0.8 * r)],
+            "triangle-down": [(0, 1.2 * r), (1.1 * r, -0.8 * r), (-1.1 * r, -0.8 * r)],
+            "diamond": [(0, -1.3 * r), (1.3 * r, 0), (0, 1.3 * r), (-1.3 * r, 0)],
+        }[shape]
+    path = " ".join(f"{x + dx:.1f},{y + dy:.1f}" for dx, dy in pts)
+    return f'<polygon points="{path}" {style}/>'
+
+
+@dataclass
+class Axes:
+    """A linear x/y mapping from data to pixels inside a plot rectangle."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+
+    def x(self, v: float) -> float:
+        return self.left + (v - self.x0) / (self.x1 - self.x0) * self.width
+
+    def y(self, v: float) -> float:
+        return self.top + self.height - (v - self.y0) / (self.y1 - self.y0) * self.height
+
+    def frame(self, x_label: str, y_label: str, xticks: list[float], yticks: list[float]) -> list[str]:
+        """Grid lines, tick labels, axis box and axis titles."""
+        out = []
+        for t in xticks:
+            px = self.x(t)
+            out.append(f'<line x1="{px:.1f}" y1="{self.top}" x2="{px:.1f}" y2="{self.top + self.height}" stroke="#e6e6e6"/>')
+            out.append(f'<text x="{px:.1f}" y="{self.top + self.height + 16}" text-anchor="middle" fill="#333">{esc(tick_text(t))}</text>')
+        for t in yticks:
+            py = self.y(t)
+            out.append(f'<line x1="{self.left}" y1="{py:.1f}" x2="{self.left + self.width}" y2="{py:.1f}" stroke="#e6e6e6"/>')
+            out.append(f'<text x="{self.left - 6}" y="{py + 4:.1f}" text-anchor="end" fill="#333">{esc(tick_text(t))}</text>')
+        out.append(f'<rect x="{self.left}" y="{self.top}" width="{self.width}" height="{self.height}" fill="none" stroke="#888"/>')
+        out.append(f'<text x="{self.left + self.width / 2:.1f}" y="{self.top + self.height + 36}" text-anchor="middle" '
+                   f'font-size="13" fill="#111">{esc(x_label)}</text>')
+        cy = self.top + self.height / 2
+        out.append(f'<text x="16" y="{cy:.1f}" transform="rotate(-90 16 {cy:.1f})" text-anchor="middle" '
+                   f'font-size="13" fill="#111">{esc(y_label)}</text>')
+        return out
+
+
+def _range(values: Sequence[float], floor: float | None = None, ceil: float | None = None) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    pad = max((hi - lo) * 0.08, 1.0 if floor is not None else abs(hi) * 0.05 or 1e-3)
+    lo, hi = lo - pad, hi + pad
+    if floor is not None:
+        lo = max(lo, floor)
+    if ceil is not None:
+        hi = min(hi, ceil)
+    return lo, hi
+
+
+@dataclass
+class Point:
+    """One scatter point: position, optional std whiskers, colour group, shape group, flagged."""
+
+    x: float
+    y: float
+    color_key: str
+    shape_key: str
+    x_err: float | None = None
+    y_err: float | None = None
+    flagged: bool = False
+    tooltip: str = ""
+
+
+def scatter(points: list[Point], x_label: str, y_label: str, color_title: str, shape_title: str,
+            diagonal: bool = True) -> Markup:
+    """Scatter in percent units (0-100 clamp) with colour = color_key, shape = shape_key,
+    whiskers = ± std, hollow red-outlined markers for flagged points, legend on the right."""
+    colors = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(sorted({p.color_key for p in points}))}
+    shapes = {k: SHAPES[i % len(SHAPES)] for i, k in enumerate(sorted({p.shape_key for p in points}))}
+    legend_w = 40 + CHAR_W * max([len(short(k)) for k in [*colors, *shapes, color_title, shape_title]] + [12])
+    ax = Axes(64, 16, 440, 340, *_range([p.x for p in points], 0, 100), *_range([p.y for p in points], 0, 100))
+    body = ax.frame(x_label, y_label, nice_ticks(ax.x0, ax.x1), nice_ticks(ax.y0, ax.y1))
+    if diagonal:  # robust accuracy can't exceed clean accuracy: points sit below this line
+        lo, hi = max(ax.x0, ax.y0), min(ax.x1, ax.y1)
+        if hi > lo:
+            body.append(f'<line x1="{ax.x(lo):.1f}" y1="{ax.y(lo):.1f}" x2="{ax.x(hi):.1f}" y2="{ax.y(hi):.1f}" '
+                        f'stroke="#aaa" stroke-dasharray="4 4"><title>robust = clean</title></line>')
+    for p in points:
+        px, py, color = ax.x(p.x), ax.y(p.y), colors[p.color_key]
+        g = [f'<g class="point"><title>{esc(p.tooltip)}</title>']
+        if p.x_err:
+            g.append(f'<line x1="{ax.x(p.x - p.x_err):.1f}" y1="{py:.1f}" x2="{ax.x(p.x + p.x_err):.1f}" y2="{py:.1f}" stroke="{color}"/>')
+        if p.y_err:
+            g.append(f'<line x1="{px:.1f}" y1="{ax.y(p.y - p.y_err):.1f}" x2="{px:.1f}" y2="{ax.y(p.y + p.y_err):.1f}" stroke="{color}"/>')
+        if p.flagged:
+            g.append(marker(shapes[p.shape_key], px, py, 7, "#fff", FLAG_COLOR, 2.2))
+            g.append(marker(shapes[p.shape_key], px, py, 3.5, color, color))
+        else:
+            g.append(marker(shapes[p.shape_key], px, py, 6, color, "#222", 0.8))
+        g.append("</g>")
+        body.append("".join(g))
+    # Legend: colours, shapes, flagged.
+    lx, ly = ax.left + ax.width + 24, ax.top + 6
+    body.append(f'<text x="{lx}" y="{ly + 4}" font-weight="600">{esc(short(color_title))}</text>')
+    for k, color in colors.items():
+        ly += 20
+        body.append(marker("circle", lx + 6, ly, 6, color, "#222", 0.8))
+        body.append(f'<text x="{lx + 18}" y="{ly + 4}"><title>{esc(k)}</title>{esc(short(k))}</text>')
+    ly += 30
+    body.append(f'<text x="{lx}" y="{ly + 4}" font-weight="600">{esc(short(shape_title))}</text>')
+    for k, shape in shapes.items():
+        ly += 20
+        body.append(marker(shape, lx + 6, ly, 6, "#999", "#222", 0.8))
+        body.append(f'<text x="{lx + 18}" y="{ly + 4}"><title>{esc(k)}</title>{esc(short(k))}</text>')
+    if any(p.flagged for p in points):
+        ly += 30
+        body.append(marker("circle", lx + 6, ly, 7, "#fff", FLAG_COLOR, 2.2))
+        body.append(f'<text x="{lx + 18}" y="{ly + 4}" fill="{FLAG_COLOR}">flagged (untrustworthy)</text>')
+    height = max(ax.top + ax.height + 48, ly + 16)
+    return _svg(lx + legend_w, height, body, f"{y_label} against {x_label}")
+
+
+def _blend(value: float) -> str:
+    """White -> dark blue for value in [0, 1]."""
+    v = min(max(value, 0.0), 1.0)
+    lo, hi = (247, 251, 255), (8, 69, 148)
+    r, g, b = (round(a + (c - a) * v) for a, c in zip(lo, hi))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def heatmap(row_labels: list[str], col_labels: list[str], values: list[list[float | None]],
+            value_label: str, col_title: str = "class") -> Markup:
+    """Rows x columns of fractions in [0, 1], coloured white -> blue, each cell printed in %
+    when there are few enough columns to fit the number; a colour bar explains the scale."""
+    n_cols = len(col_labels)
+    cell_w = 44 if n_cols <= 12 else 34 if n_cols <= 20 else max(10, 720 // max(n_cols, 1))
+    cell_h = 26
+    show_numbers = cell_w >= 34
+    left = 12 + CHAR_W * max([len(short(r, 36)) for r in row_labels] + [4])
+    longest = max([len(short(c, 16)) for c in col_labels] + [1])
+    rotate = longest * CHAR_W > cell_w - 4
+    top = 28 + (longest * CHAR_W * 0.72 if rotate else 14)
+    body = [f'<text x="{left + n_cols * cell_w / 2:.1f}" y="14" text-anchor="middle" font-size="13">{esc(col_title)}</text>']
+    for j, name in enumerate(col_labels):
+        cx = left + (j + 0.5) * cell_w
+        if rotate:
+            body.append(f'<text x="{cx:.1f}" y="{top - 6:.1f}" transform="rotate(-45 {cx:.1f} {top - 6:.1f})">'
+                        f'<title>{esc(name)}</title>{esc(short(name, 16))}</text>')
+        else:
+            body.append(f'<text x="{cx:.1f}" y="{top - 6:.1f}" text-anchor="middle"><title>{esc(name)}</title>{esc(name)}</text>')
+    for i, (name, row) in enumerate(zip(row_labels, values)):
+        y = top + i * cell_h
+        body.append(f'<text x="{left - 8:.1f}" y="{y + cell_h / 2 + 4:.1f}" text-anchor="end"><title>{esc(name)}</title>{esc(short(name, 36))}</text>')
+        for j, v in enumerate(row):
+            x = left + j * cell_w
+            col = col_labels[j] if j < len(col_labels) else j
+            tip = f"{name} · {col}: " + ("no value" if v is None else f"{100 * v:.2f}%")
+            fill = "#eee" if v is None else _blend(v)
+            body.append(f'<g><title>{esc(tip)}</title><rect x="{x:.1f}" y="{y:.1f}" width="{cell_w}" height="{cell_h}" '
+                        f'fill="{fill}" stroke="#fff"/>')
+            if show_numbers:
+                text = "—" if v is None else f"{100 * v:.0f}"
+                ink = "#fff" if v is not None and v > 0.55 else "#111"
+                body.append(f'<text x="{x + cell_w / 2:.1f}" y="{y + cell_h / 2 + 4:.1f}" text-anchor="middle" '
+                            f'fill="{ink}" font-size="11">{text}</text>')
+            body.append("</g>")
+    # Colour bar.
+    bar_y = top + len(row_labels) * cell_h + 14
+    bar_w = 200
+    for k in range(20):
+        body.append(f'<rect x="{left + k * bar_w / 20:.1f}" y="{bar_y}" width="{bar_w / 20 + 0.5:.1f}" height="10" fill="{_blend((k + 0.5) / 20)}"/>')
+    body.append(f'<rect x="{left}" y="{bar_y}" width="{bar_w}" height="10" fill="none" stroke="#888"/>')
+    body.append(f'<text x="{left}" y="{bar_y + 24}" text-anchor="start">0%</text>')
+    body.append(f'<text x="{left + bar_w}" y="{bar_y + 24}" text-anchor="end">100%</text>')
+    body.append(f'<text x="{left + bar_w + 12}" y="{bar_y + 9}">{esc(value_label)}</text>')
+    width = max(left + n_cols * cell_w + 16, left + bar_w + 12 + CHAR_W * len(value_label) + 8)
+    return _svg(width, bar_y + 34, body, f"heatmap of {value_label}")
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
+               width: float = 400, height: float = 250) -> Markup:
+    """Lines with point markers, one colour per series, legend above the plot."""
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    legend_rows = math.ceil(len(series) / 2)
+    top = 14 + 18 * legend_rows
+    x0, x1 = (min(xs), max(xs)) if max(xs) > min(xs) else (min(xs) - 1, max(xs) + 1)
+    y0, y1 = _range(ys)
+    if min(ys) >= 0:
+        y0 = max(y0, 0.0)
+    ax = Axes(64, top, width - 80, height - top - 46, x0, x1, y0, y1)
+    body = ax.frame(x_label, y_label, nice_ticks(x0, x1, 6), nice_ticks(y0, y1, 4))
+    for i, (name, pts) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        path = " ".join(f"{ax.x(x):.1f},{ax.y(y):.1f}" for x, y in pts)
+        body.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for x, y in pts:
+            body.append(f'<circle cx="{ax.x(x):.1f}" cy="{ax.y(y):.1f}" r="2.5" fill="{color}">'
+                        f'<title>{esc(name)} at {esc(x_label)} {esc(tick_text(x))}: {esc(f"{y:.6g}")}</title></circle>')
+        lx = ax.left + (i % 2) * (ax.width / 2)
+        ly = 14 + 18 * (i // 2)
+        body.append(f'<line x1="{lx:.1f}" y1="{ly - 4}" x2="{lx + 18:.1f}" y2="{ly - 4}" stroke="{color}" stroke-width="3"/>')
+        body.append(f'<text x="{lx + 24:.1f}" y="{ly}"><title>{esc(name)}</title>{esc(short(name, 26))}</text>')
+    return _svg(width, height, body, f"{y_label} per {x_label}")
