@@ -4,7 +4,9 @@ Why this order: the worst case must be taken inside one trained model (a cell = 
 so a cell's worst-case robust accuracy is min(robust_acc) over its eval attacks, and only then
 are cells averaged over seeds. Taking min over per-attack means would overstate robustness.
 
-A setting is one table: for the Lp track, one (dataset, norm, eps). Its headline is the attack
+A setting is one table: for the Lp track, one (dataset, norm, eps). A cell evaluated under
+attacks of several threat models (e.g. PGD-Linf and PGD-L2) appears in each of those settings,
+and its worst case is taken only over the attacks of that setting. Its headline is the attack
 named "autoattack" when every row was evaluated with it, else the worst case over attacks.
 Rows are ranked by headline, numerically (floats from Parquet to the sort), with every row that
 carries an integrity flag ranked after all unflagged rows. Failed cells (any row with
@@ -39,7 +41,7 @@ WITH
 cell_status AS (SELECT key, bool_and(status = 'ok') AS ok FROM results GROUP BY key),
 ok_rows AS (SELECT r.* FROM results r JOIN cell_status s USING (key) WHERE s.ok),
 cells AS (
-    SELECT key, any_value(dataset) AS dataset, any_value(norm) AS norm, any_value(eps) AS eps,
+    SELECT key, norm, eps, any_value(dataset) AS dataset,
            any_value(arch) AS arch, any_value(method) AS method, any_value(seed) AS seed,
            avg(clean_acc) AS clean,
            list_sort(list_distinct(flatten(coalesce(list(flags) FILTER (WHERE flags IS NOT NULL), [])))) AS flags,
@@ -47,14 +49,14 @@ cells AS (
                 ELSE (coalesce(max(train_seconds), 0) + coalesce(max(eval_seconds), 0))
                      * coalesce(max(world_size), 1) / 3600.0 END AS hours,
            any_value(device) AS device, avg(images_per_second) AS ips
-    FROM ok_rows GROUP BY key
+    FROM ok_rows GROUP BY key, norm, eps
 ),
 cell_attack AS (
-    SELECT key, attack, avg(robust_acc) AS robust
+    SELECT key, norm, eps, attack, avg(robust_acc) AS robust
     FROM ok_rows WHERE attack IS NOT NULL AND robust_acc IS NOT NULL
-    GROUP BY key, attack
+    GROUP BY key, norm, eps, attack
 ),
-cell_worst AS (SELECT key, min(robust) AS worst FROM cell_attack GROUP BY key)
+cell_worst AS (SELECT key, norm, eps, min(robust) AS worst FROM cell_attack GROUP BY key, norm, eps)
 """
 
 _ROWS_SQL = _PRELUDE + """
@@ -67,7 +69,8 @@ SELECT c.dataset, c.norm, c.eps, c.arch, c.method,
        avg(c.hours) AS hours_mean, stddev_samp(c.hours) AS hours_std, sum(c.hours) AS hours_total,
        list_sort(list_distinct(list(c.device) FILTER (WHERE c.device IS NOT NULL))) AS devices,
        avg(c.ips) AS ips_mean, stddev_samp(c.ips) AS ips_std
-FROM cells c LEFT JOIN cell_worst w USING (key)
+FROM cells c LEFT JOIN cell_worst w
+  ON w.key = c.key AND w.norm IS NOT DISTINCT FROM c.norm AND w.eps IS NOT DISTINCT FROM c.eps
 GROUP BY c.dataset, c.norm, c.eps, c.arch, c.method
 ORDER BY c.dataset NULLS LAST, c.norm NULLS LAST, c.eps NULLS LAST, c.arch, c.method
 """
@@ -75,7 +78,8 @@ ORDER BY c.dataset NULLS LAST, c.norm NULLS LAST, c.eps NULLS LAST, c.arch, c.me
 _ATTACKS_SQL = _PRELUDE + """
 SELECT c.dataset, c.norm, c.eps, c.arch, c.method, a.attack,
        avg(a.robust) AS mean, stddev_samp(a.robust) AS std, count(*) AS n
-FROM cell_attack a JOIN cells c USING (key)
+FROM cell_attack a JOIN cells c
+  ON a.key = c.key AND a.norm IS NOT DISTINCT FROM c.norm AND a.eps IS NOT DISTINCT FROM c.eps
 GROUP BY c.dataset, c.norm, c.eps, c.arch, c.method, a.attack
 ORDER BY a.attack
 """
@@ -191,6 +195,7 @@ def aggregate(results: pa.Table) -> Leaderboard:
                 "attacks": [], "headline": {}, "rows": [], "failed_keys": [],
             }
         cell_flags = {k: list(f) for k, f in zip(keys, flags) if f}
+        devices = list(devices or [])
         units = sorted({cost_unit(d) for d in devices})
         table["rows"].append({
             "arch": arch,

@@ -490,3 +490,23 @@ def test_module_cli(results_dir: Path, tmp_path: Path) -> None:
     )
     assert proc.stdout.strip() == str(out / "index.html")
     assert (out / "index.html").is_file()
+
+
+def test_cell_with_two_threat_models_is_ranked_in_each(tmp_path: Path) -> None:
+    """A cell evaluated under PGD-Linf and PGD-L2 appears in both settings; each worst case uses
+    only that setting's attacks (an L2 number must never be the worst case of an Linf table)."""
+    rows = [
+        {"key": "k2", "status": "ok", "dataset": "digits", "arch": "cnn", "method": "erm", "seed": 0,
+         "attack": attack, "norm": norm, "eps": eps, "clean_acc": 0.9, "robust_acc": acc}
+        for attack, norm, eps, acc in [("fgsm", "linf", 0.1, 0.4), ("pgd", "linf", 0.1, 0.3),
+                                       ("pgd_l2", "l2", 1.0, 0.6)]
+    ]
+    write_cell_result(tmp_path / "r", "k2", rows)
+    build_site(tmp_path / "r", tmp_path / "s")
+    tables = {(t["norm"], t["eps"]): t for t in json.loads((tmp_path / "s" / "data.json").read_text())["tables"]}
+    assert set(tables) == {("linf", 0.1), ("l2", 1.0)}
+    linf_row, = tables[("linf", 0.1)]["rows"]
+    l2_row, = tables[("l2", 1.0)]["rows"]
+    assert linf_row["worst_robust_mean"] == pytest.approx(0.3) and set(linf_row["robust"]) == {"fgsm", "pgd"}
+    assert l2_row["worst_robust_mean"] == pytest.approx(0.6) and set(l2_row["robust"]) == {"pgd_l2"}
+    assert linf_row["keys"] == l2_row["keys"] == ["k2"]
