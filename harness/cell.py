@@ -10,12 +10,14 @@ import json
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness.data.shards import dataset_sha256, load_manifest
+from harness.checkpoint_sync import local_work_dir
 from harness.evaluate import EvalResult, evaluate
 from harness.neuron_sensitivity import SensitivityResult, analyse_cell
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
+from harness.resources import worker_death_exceptions
 from harness.results import SCHEMA_VERSION, write_cell_result
 from harness.stages import ensure_dependencies, train_config
 from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
@@ -32,17 +34,22 @@ class CellOutcome:
 
 
 def checkpoint_dir(cfg: dict[str, Any]) -> Path:
-    """Keyed by what is trained only: cells differing in eval attacks share the checkpoint."""
-    return Path(cfg["results_dir"]) / "checkpoints" / cfg["train_key"]
+    """Keyed by what is trained only: cells differing in eval attacks share the checkpoint.
+    A node-local cache synced to the store when results_dir is a URI (harness.checkpoint_sync)."""
+    return local_work_dir(cfg)
 
 
-def run_cell(cfg: dict[str, Any]) -> CellOutcome:
-    """Run a finalized cell config (see harness.config.finalize) and commit its result file."""
+def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], TrainSummary] = train) -> CellOutcome:
+    """Run a finalized cell config (see harness.config.finalize) and commit its result file.
+
+    `train_fn` trains (or, for Ray Train, fetches what its workers trained). A killed DDP rank
+    (resources.retry_worker_death) is re-raised so Ray retries the cell instead of failing it.
+    """
     started = _now()
     work_dir = checkpoint_dir(cfg)
     try:
         ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
-        summary = train(train_config(cfg), work_dir)
+        summary = train_fn(train_config(cfg), work_dir)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
         ecfg = cfg.get("eval", {})
@@ -55,6 +62,8 @@ def run_cell(cfg: dict[str, Any]) -> CellOutcome:
         rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
         status, error = "ok", None
     except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
+        if isinstance(err, worker_death_exceptions()) and (cfg.get("resources") or {}).get("retry_worker_death", True):
+            raise  # a killed process, not the cell's fault: Ray retries the cell
         error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
         rows = [_base_row(cfg, started) | {"status": "failed", "error": error}]
         status = "failed"
