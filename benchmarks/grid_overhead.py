@@ -30,7 +30,7 @@ def _cells(data_root: Path, results: Path, seeds: list[int]) -> list[dict]:
     return expand_grid([
         "grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm]",
         f"grid.axes.seed=[{','.join(map(str, seeds))}]", "trainer=tiny", "trainer.epochs=1",
-        "data.train_limit=128", "eval.limit=64", "attack=[fgsm]", f"data.root={data_root}",
+        "data.train_limit=512", "eval.limit=128", "attack=[fgsm]", f"data.root={data_root}",
         f"results_dir={results}",
     ])
 
