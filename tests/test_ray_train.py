@@ -25,17 +25,20 @@ def _overrides(tiny: list[str], tmp_path, epochs: int) -> list[str]:
 
 
 def _kill_a_train_worker_after_first_epoch(meta_path, killed: list[int], stop: threading.Event) -> None:
-    from ray.util.state import list_actors
+    """Once epoch 0's checkpoint is in the store, SIGKILL one Ray Train worker process (its
+    process title is `ray::RayTrainWorker...`; only workers started by this test are considered)."""
+    import psutil
 
+    started = time.time()
     while not stop.is_set():
         if meta_path.exists():
-            actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-            workers = [a for a in actors if "RayTrainWorker" in (a.class_name or "")]
-            if workers and workers[-1].pid:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append(workers[-1].pid)
-                return
-        time.sleep(0.2)
+            for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if "RayTrainWorker" in cmdline and proc.info["create_time"] >= started - 1:
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    return
+        time.sleep(0.1)
 
 
 def test_ray_train_cell_survives_a_killed_worker(tiny, tmp_path, ray_session) -> None:
