@@ -15,9 +15,11 @@ from typing import Any, Callable
 from harness.data.shards import dataset_sha256, load_manifest
 from harness.checkpoint_sync import local_work_dir
 from harness.evaluate import EvalResult, evaluate
+from harness.neuron_sensitivity import SensitivityResult, analyse_cell
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
 from harness.resources import worker_death_exceptions
 from harness.results import SCHEMA_VERSION, write_cell_result
+from harness.stages import ensure_dependencies, train_config
 from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
 
 
@@ -46,7 +48,8 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
     started = _now()
     work_dir = checkpoint_dir(cfg)
     try:
-        summary = train_fn(cfg, work_dir)
+        ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
+        summary = train_fn(train_config(cfg), work_dir)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
         ecfg = cfg.get("eval", {})
@@ -55,7 +58,8 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
             num_classes=manifest["num_classes"], batch_size=int(ecfg.get("batch_size", 256)),
             img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"), seed=int(cfg["seed"]),
         )
-        rows = _ok_rows(cfg, summary, result, manifest, work_dir, started)
+        sensitivity = analyse_cell(cfg, model)
+        rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
         status, error = "ok", None
     except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
         if isinstance(err, worker_death_exceptions()) and (cfg.get("resources") or {}).get("retry_worker_death", True):
@@ -69,7 +73,7 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
 
 
 def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, manifest: dict[str, Any],
-             work_dir: Path, started: dt.datetime) -> list[dict[str, Any]]:
+             work_dir: Path, started: dt.datetime, sensitivity: SensitivityResult | None = None) -> list[dict[str, Any]]:
     base = _base_row(cfg, started) | {
         "status": "ok",
         "clean_acc": result.clean_acc,
@@ -88,6 +92,8 @@ def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, man
         "data_sha256": dataset_sha256(manifest),
         "checkpoint_sha256": file_sha256(work_dir / CHECKPOINT),
         "device": summary.device,
+        "neuron_sensitivity": sensitivity.value if sensitivity else None,
+        "neuron_sensitivity_layers": sensitivity.layers_json() if sensitivity else None,
     }
     rows = []
     for attack_result in result.attacks:

@@ -25,6 +25,7 @@ from harness.config import ConfigError, compose_config, finalize
 from harness.data.ensure import ensure_prepared
 from harness.resources import cell_resources, task_options
 from harness.results import committed_status, write_cell_result
+from harness.stages import dependency_keys, in_dependency_order, train_config
 from harness.trainer import check_trainer_config
 from methods.base import build_method
 
@@ -79,7 +80,7 @@ def _override_value(value: Any) -> str:
 
 def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
-    check_trainer_config(cfg["trainer"])
+    check_trainer_config(train_config(cfg)["trainer"])
     cell_resources(cfg)
     build_method(cfg["method"])
     for attack_cfg in cfg["attack"].values():
@@ -117,11 +118,13 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
     task = ray.remote(_run_cell_task)
     refs = {}
     last_by_train_key: dict[str, Any] = {}
-    for cfg in pending:
+    for cfg in in_dependency_order(pending):
         options = task_options(cfg)  # CPUs/GPUs/memory per rank, retries on worker/node death
         # Cells that train the same model (differing only in eval attacks) share one checkpoint:
-        # chain them, so the first trains and the others only evaluate.
-        after = [last_by_train_key[cfg["train_key"]]] if cfg["train_key"] in last_by_train_key else []
+        # chain them, so the first trains and the others only evaluate. A two-stage cell (ADML)
+        # also waits for the cells that train its base checkpoint.
+        needs = [cfg["train_key"], *dependency_keys(cfg)]
+        after = [last_by_train_key[k] for k in needs if k in last_by_train_key]
         ref = task.options(**options).remote(cfg, *after)
         last_by_train_key[cfg["train_key"]] = ref
         refs[ref] = cfg

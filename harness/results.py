@@ -64,6 +64,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("hostname", pa.string()),
         pa.field("started_at", pa.timestamp("s", tz="UTC")),
         pa.field("finished_at", pa.timestamp("s", tz="UTC")),
+        pa.field("neuron_sensitivity", pa.float64()),  # mean per-layer neuron sensitivity (harness/neuron_sensitivity.py)
+        pa.field("neuron_sensitivity_layers", pa.string()),  # JSON {layer: sensitivity}
     ]
 )
 

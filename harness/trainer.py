@@ -177,6 +177,9 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                          f"lower trainer.world_size or trainer.batch_size")
 
     start_epoch, state = _load_checkpoint(work_dir / CHECKPOINT, module, optimizer, method, device)
+    if start_epoch == 0 and tcfg.get("init_from"):  # a later stage starts from an earlier one's weights
+        init = torch.load(tcfg["init_from"], map_location=device, weights_only=False)
+        module.load_state_dict(init["model"])
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
               find_unused_parameters=method.find_unused_parameters)
     torch.manual_seed(int(cfg["seed"]) * 1000 + rank + 7919 * start_epoch)  # attack/augment randomness
@@ -204,7 +207,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                 x = x.contiguous(memory_format=torch.channels_last)
             ctx = TrainContext(epoch=epoch, epochs=epochs, step=epoch * steps_per_epoch + step_in_epoch,
                                steps_per_epoch=steps_per_epoch, device=device, rank=rank,
-                               world_size=world_size, classifier=method.eval_model(module))
+                               world_size=world_size, classifier=method.eval_model(module), lr_scale=lr_scale)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logs = method.training_step(ddp, x, y, ctx)
             loss = logs["loss"]
@@ -214,6 +217,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            method.after_step(module, ctx)
             seen += y.shape[0]
             for name, value in logs.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) * y.shape[0]
