@@ -71,7 +71,7 @@ def main() -> None:
         prepare_digits(data_root)
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray_init = time.perf_counter() - t0
     worker_start = _warm_worker()
     run_cell(_cells(data_root, work / "warm-serial", [999])[0])  # imports + caches, this process

@@ -113,7 +113,9 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus if address is None else None,
+        # "local": a fresh embedded Ray even when a `ray start` cluster is running on this machine
+        # (ray.init(None) would silently join it); ray.address=auto|host:port joins a cluster.
+        ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
                  include_dashboard=False, log_to_driver=True, configure_logging=False)
     task = ray.remote(_run_cell_task)
     refs = {}
