@@ -171,12 +171,16 @@ def _run_cell_task(cfg: dict[str, Any], *after: CellOutcome) -> CellOutcome:
 
         return CellOutcome(cfg["key"], cfg["label"], "ok", None, str(result_path(cfg["results_dir"], cfg["key"])), 0.0)
     torch.set_num_threads(max(1, int((cfg.get("resources") or {}).get("cpus", 1))))
-    with RunningMarker(cfg["results_dir"], cfg["key"]):
-        if cell_resources(cfg).launcher == "ray_train":
-            from harness.ray_train import run_cell_ray_train
+    try:
+        with RunningMarker(cfg["results_dir"], cfg["key"]):
+            if cell_resources(cfg).launcher == "ray_train":
+                from harness.ray_train import run_cell_ray_train
 
-            return run_cell_ray_train(cfg)
-        return run_cell(cfg)
+                return run_cell_ray_train(cfg)
+            return run_cell(cfg)
+    finally:
+        if torch.cuda.is_available():  # the worker is reused: hand cached GPU memory back to cells sharing the GPU
+            torch.cuda.empty_cache()
 
 
 def _lost_row(cfg: dict[str, Any], error: str) -> dict[str, Any]:

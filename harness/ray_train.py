@@ -42,11 +42,19 @@ def train_with_ray_train(cfg: dict[str, Any]) -> None:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the process group is up; train this rank."""
+    """One Ray Train worker: the process group is up; train this rank.
+
+    A two-stage cell (ADML) starts from its base's checkpoint: each worker pulls it to its node
+    first, so `trainer.init_from` (harness.stages.train_config) names a local file."""
+    from harness.stages import base_cell, train_config
     from harness.trainer import train_in_process_group
 
     cfg = config["cfg"]
-    train_in_process_group(cfg, local_work_dir(cfg))
+    base = base_cell(cfg)
+    while base is not None:
+        pull(base, local_work_dir(base))
+        base = base_cell(base)
+    train_in_process_group(train_config(cfg), local_work_dir(cfg))
 
 
 def _train_storage(cfg: dict[str, Any]) -> str:
@@ -76,7 +84,10 @@ def run_cell_ray_train(cfg: dict[str, Any]) -> CellOutcome:
     """The whole cell under launcher=ray_train: train on Ray Train, then evaluate + commit in a task."""
     import ray
 
+    from harness.stages import ensure_dependencies
+
     try:
+        ensure_dependencies(cfg)  # a two-stage cell's base stage, trained here if not yet done
         train_with_ray_train(cfg)
     except Exception as err:  # training failed past its retries: a failed cell, recorded like any other
         from harness.cell import _base_row, _now

@@ -52,7 +52,7 @@ class RunningMarker:
     def __enter__(self) -> "RunningMarker":
         info = self._info()
         self.store.write_bytes(f"{ATTEMPTS}/{self.key}/{info['started_at']}-{self.attempt}.json",
-                               json.dumps(info).encode())
+                               json.dumps(info).encode(), durable=False)
         self._beat()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{self.key}", daemon=True)
         self._thread.start()
@@ -75,7 +75,7 @@ class RunningMarker:
 
     def _beat(self) -> None:
         info = self._info() | {"heartbeat": time.time()}
-        self.store.write_bytes(f"{RUNNING}/{self.key}.json", json.dumps(info).encode())
+        self.store.write_bytes(f"{RUNNING}/{self.key}.json", json.dumps(info).encode(), durable=False)
 
     def _info(self) -> dict[str, Any]:
         return {"key": self.key, "attempt": self.attempt, "host": socket.gethostname(), "pid": os.getpid(),

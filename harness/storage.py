@@ -124,12 +124,13 @@ class Store:
         except (FileNotFoundError, OSError, pa.ArrowException):
             return None
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole file atomically: to a unique temp name, then moved into place."""
+    def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> None:
+        """Write a whole file atomically: to a unique temp name, then moved into place.
+        `durable=False` skips fsync (heartbeats: losing one to a machine crash is harmless)."""
         final = self.path(rel)
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         tmp = self.path(STAGING, f"{uuid.uuid4().hex}.tmp")
-        self._write_new(tmp, data)
+        self._write_new(tmp, data, durable)
         try:
             self.fs.move(tmp, final)
         except Exception:
@@ -151,9 +152,9 @@ class Store:
     def delete(self, rel: str) -> None:
         self._delete_quietly(self.path(rel))
 
-    def _write_new(self, full: str, data: bytes) -> None:
+    def _write_new(self, full: str, data: bytes, durable: bool = True) -> None:
         self.fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
-        if self.is_local:  # fsync, so a machine crash cannot leave a renamed-but-empty file
+        if self.is_local and durable:  # fsync, so a machine crash cannot leave a renamed-but-empty file
             with open(full, "wb") as fh:
                 fh.write(data)
                 fh.flush()

@@ -177,6 +177,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                          f"lower trainer.world_size or trainer.batch_size")
 
     start_epoch, state = _load_checkpoint(work_dir / CHECKPOINT, module, optimizer, method, device)
+    if rank == 0 and 0 < start_epoch < epochs:  # a retried cell (worker/node/driver died): say so in the grid log
+        print(f"{cfg.get('label', 'cell')}: resuming from the epoch {start_epoch - 1} checkpoint", flush=True)
     if start_epoch == 0 and tcfg.get("init_from"):  # a later stage starts from an earlier one's weights
         init = torch.load(tcfg["init_from"], map_location=device, weights_only=False)
         module.load_state_dict(init["model"])

@@ -123,3 +123,24 @@ def test_locations_normalise_and_bad_uris_fail_clearly(tmp_path: Path, monkeypat
     assert local_path("file:///x/y") == Path("/x/y") and local_path("s3://b/p") is None
     with pytest.raises(StorageError, match="file:///abs/path"):
         Store("nosuchscheme://bucket/x")
+
+
+def test_grid_reruns_only_the_cell_whose_committed_file_was_corrupted(tiny, ray_session) -> None:
+    from harness.grid import expand_grid, run_grid
+
+    cells = expand_grid(["grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm]",
+                         "grid.axes.seed=[0,1]", "attack=[fgsm]"] + [o for o in tiny if not o.startswith("attack.")])
+    report = run_grid(cells)
+    assert [o.status for o in report.outcomes] == ["ok", "ok"], [o.error for o in report.outcomes]
+    folder = Path(cells[0]["results_dir"])
+    bad, good = cells[0]["key"], cells[1]["key"]
+    good_marker = (folder / COMMITS / f"{good}.json").read_text()
+    data = (folder / f"{bad}.parquet").read_bytes()
+    (folder / f"{bad}.parquet").write_bytes(data[:100])  # a torn file
+    assert committed_status(folder, bad) is None
+    again = run_grid(expand_grid(["grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm]",
+                                  "grid.axes.seed=[0,1]", "attack=[fgsm]"] + [o for o in tiny if not o.startswith("attack.")]))
+    assert again.skipped == [good] and [o.key for o in again.outcomes] == [bad]
+    assert committed_status(folder, bad) == "ok"
+    assert (folder / COMMITS / f"{good}.json").read_text() == good_marker
+    assert read_results(folder).num_rows == 2
