@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -107,3 +108,19 @@ def test_adml_cell_alone_trains_its_base_first(tiny) -> None:
     assert (Path(cfg["results_dir"]) / "checkpoints" / base["train_key"] / "checkpoint.pt").exists()
     row = read_results(cfg["results_dir"]).to_pylist()[0]
     assert row["neuron_sensitivity"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["causaladv_m", "awp", "fgsm_rs", "sns", "adml_awp"])
+def test_two_process_ddp_keeps_replicas_equal(tiny, method) -> None:
+    """Extra modules (CausalAdv's g), AWP's weight perturbation, the CO guard's decision and
+    ADML's two stages all stay identical across DDP ranks."""
+    from harness.cell import checkpoint_dir
+    from harness.stages import ensure_dependencies
+    from harness.trainer import train
+
+    cfg = finalize(compose_config(tiny + [f"method={method}", "trainer.epochs=2", "trainer.world_size=2",
+                                          "data.train_limit=128"]))
+    ensure_dependencies(cfg)
+    summary = train(train_config(cfg), checkpoint_dir(cfg))
+    assert summary.world_size == 2 and summary.replicas_in_sync
