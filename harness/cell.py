@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
     `train_fn` trains (or, for Ray Train, fetches what its workers trained). A killed DDP rank
     (resources.retry_worker_death) is re-raised so Ray retries the cell instead of failing it.
     """
-    started = _now()
+    started, t0 = _now(), time.perf_counter()
     work_dir = checkpoint_dir(cfg)
     try:
         ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
@@ -69,7 +70,7 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
         status = "failed"
     path = write_cell_result(cfg["results_dir"], cfg["key"], rows)
     return CellOutcome(cfg["key"], cfg.get("label", cfg["key"]), status, error, str(path),
-                       (_now() - started).total_seconds())
+                       time.perf_counter() - t0)
 
 
 def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, manifest: dict[str, Any],

@@ -137,7 +137,10 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
         bar = progress.add_task("grid", total=len(refs), status="")
         waiting = list(refs)
         while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=5.0)
+            if not done:  # nothing finished: refresh the running count from the cells' heartbeats
+                progress.update(bar, status=_live_status(refs, waiting, outcomes))
+                continue
             cfg = refs[done[0]]
             try:
                 outcome = ray.get(done[0])
@@ -149,11 +152,19 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
                 outcome = CellOutcome(cfg["key"], cfg["label"], status, None if status == "ok" else error,
                                       str(path), 0.0)
             outcomes.append(outcome)
-            n_failed = sum(o.status != "ok" for o in outcomes)
-            progress.update(bar, advance=1, status=f"running {len(waiting)}, failed {n_failed}")
+            progress.update(bar, advance=1, status=_live_status(refs, waiting, outcomes))
             mark = "[green]ok[/]" if outcome.status == "ok" else "[red]FAILED[/]"
             progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s")
     return outcomes
+
+
+def _live_status(refs: dict[Any, dict[str, Any]], waiting: list[Any], outcomes: list[CellOutcome]) -> str:
+    """'running R, queued Q, failed F': R from fresh heartbeats in the results store(s)."""
+    from harness.status import running_cells
+
+    keys = {refs[ref]["key"] for ref in waiting}
+    running = set().union(*(running_cells(d) for d in {cfg["results_dir"] for cfg in refs.values()})) & keys
+    return f"running {len(running)}, queued {len(keys) - len(running)}, failed {sum(o.status != 'ok' for o in outcomes)}"
 
 
 def _run_cell_task(cfg: dict[str, Any], *after: CellOutcome) -> CellOutcome:

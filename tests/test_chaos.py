@@ -5,6 +5,7 @@ worker process, kill the second node (its raylet and workers) and add a fresh on
 the driver and run the same command again. Every cell must end committed exactly once with a
 verified file, nothing corrupt may be trusted, and cells committed before the restart must not
 run again. The store is a file:// URI, so checkpoints go through the store sync too.
+A second test SIGKILLs one DDP rank process of a 2-rank cell: Ray must retry the cell, not fail it.
 """
 from __future__ import annotations
 
@@ -121,3 +122,43 @@ def test_grid_survives_killed_workers_node_and_driver(data_root: Path, tmp_path:
     retried = {k: len(v) for k, v in _attempts(store, after).items() if len(v) > 1}
     assert retried, "the killed worker's cell must have been retried"
     print(f"chaos: {len(before)} cells committed before the driver restart, attempts per retried cell {retried}")
+
+
+def test_a_killed_ddp_rank_makes_ray_retry_the_cell_which_resumes(tiny, tmp_path: Path, ray_session) -> None:
+    """SIGKILL one of a 2-rank cell's DDP processes after its first epoch: torch raises
+    ProcessExitedException, Ray retries the cell (retry_exceptions), the retry resumes."""
+    import threading
+
+    import psutil
+
+    from harness.grid import expand_grid, run_grid
+    from harness.status import attempt_count
+
+    cells = expand_grid(["grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm]",
+                         "trainer.world_size=2", "trainer.epochs=4", "attack=[fgsm]"]
+                        + [o for o in tiny if not o.startswith("attack.")])
+    cfg = cells[0]
+    checkpoint = Path(cfg["results_dir"]) / "checkpoints" / cfg["train_key"] / "checkpoint.json"
+    killed: list[int] = []
+
+    def kill_rank_1() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            running = running_cells(cfg["results_dir"])
+            if checkpoint.exists() and cfg["key"] in running:
+                ranks = psutil.Process(int(running[cfg["key"]]["pid"])).children()
+                ranks = [p for p in ranks if "spawn_main" in " ".join(p.cmdline())]
+                if len(ranks) == 2:
+                    ranks[-1].kill()
+                    killed.append(ranks[-1].pid)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    report = run_grid(cells)
+    killer.join(5)
+    assert killed, "a DDP rank must have been killed mid-training"
+    assert [o.status for o in report.outcomes] == ["ok"], [o.error for o in report.outcomes]
+    assert attempt_count(cfg["results_dir"], cfg["key"]) == 2, "Ray retried the cell once"
+    row = read_results(cfg["results_dir"]).to_pylist()[0]
+    assert row["world_size"] == 2 and [p["epoch"] for p in json.loads(row["train_curve"])] == [0, 1, 2, 3]
