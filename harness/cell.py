@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
 from harness.evaluate import EvalResult, evaluate
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
 from harness.results import SCHEMA_VERSION, write_cell_result
+from harness.samples import load_survivors, samples_table, write_samples
 from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
 
 
@@ -39,15 +41,24 @@ def run_cell(cfg: dict[str, Any]) -> CellOutcome:
     started = _now()
     work_dir = checkpoint_dir(cfg)
     try:
+        ecfg = cfg.get("eval", {})
+        survivors = None
+        if ecfg.get("survivors_from"):  # checked before any training or attack runs
+            n_eval = split_count(Path(cfg["data"]["dir"]), "test", 0, 1, ecfg.get("limit"))
+            survivors = load_survivors(cfg["results_dir"], str(ecfg["survivors_from"]),
+                                       train_key=cfg.get("train_key"), n_eval=n_eval)
         summary = train(cfg, work_dir)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
-        ecfg = cfg.get("eval", {})
         result = evaluate(
             model, list(cfg["attack"].values()), Path(cfg["data"]["dir"]),
             num_classes=manifest["num_classes"], batch_size=int(ecfg.get("batch_size", 256)),
             img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"), seed=int(cfg["seed"]),
+            survivors=survivors, integrity_points=int(ecfg.get("integrity_points", 64)),
         )
+        write_samples(cfg["results_dir"], cfg["key"], samples_table(
+            cfg["key"], cfg.get("train_key"), {r.attack.name: r.broken_by for r in result.attacks},
+            result.labels, result.clean_ok))
         rows = _ok_rows(cfg, summary, result, manifest, work_dir, started)
         status, error = "ok", None
     except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
@@ -87,13 +98,20 @@ def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, man
             "attack": attack.name,
             "norm": attack.norm,
             "eps": attack.eps,
-            "attack_config": json.dumps(attack.describe(), sort_keys=True),
+            "attack_config": json.dumps(attack.describe() | _resumed(cfg), sort_keys=True),
             "robust_acc": attack_result.robust_acc,
-            "flags": [],  # integrity checks (gradient masking etc.) arrive with the attack suite
+            "flags": attack_result.flags,
+            "flag_details": json.dumps(attack_result.flag_details, sort_keys=True),
             "per_class_robust_acc": attack_result.per_class_robust_acc,
             "attack_seconds": attack_result.seconds,
         })
     return rows
+
+
+def _resumed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Robust accuracy resumed from survivors is that of both evaluations' attacks together."""
+    source = (cfg.get("eval") or {}).get("survivors_from")
+    return {"survivors_from": str(source)} if source else {}
 
 
 def _base_row(cfg: dict[str, Any], started: dt.datetime) -> dict[str, Any]:

@@ -63,6 +63,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("hostname", pa.string()),
         pa.field("started_at", pa.timestamp("s", tz="UTC")),
         pa.field("finished_at", pa.timestamp("s", tz="UTC")),
+        pa.field("flag_details", pa.string()),  # JSON {flag: evidence} (harness/integrity.py)
     ]
 )
 
