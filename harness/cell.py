@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
 from harness.checkpoint_sync import local_work_dir
 from harness.evaluate import EvalResult, evaluate
@@ -21,6 +22,7 @@ from harness.provenance import file_sha256, git_commit, hardware, hostname, pack
 from harness.resources import worker_death_exceptions
 from harness.results import SCHEMA_VERSION, write_cell_result
 from harness.stages import ensure_dependencies, train_config
+from harness.samples import load_survivors, samples_table, write_samples
 from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
 
 
@@ -49,16 +51,25 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
     started, t0 = _now(), time.perf_counter()
     work_dir = checkpoint_dir(cfg)
     try:
+        ecfg = cfg.get("eval", {})
+        survivors = None
+        if ecfg.get("survivors_from"):  # checked before any training or attack runs
+            n_eval = split_count(Path(cfg["data"]["dir"]), "test", 0, 1, ecfg.get("limit"))
+            survivors = load_survivors(cfg["results_dir"], str(ecfg["survivors_from"]),
+                                       train_key=cfg.get("train_key"), n_eval=n_eval)
         ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
         summary = train_fn(train_config(cfg), work_dir)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
-        ecfg = cfg.get("eval", {})
         result = evaluate(
             model, list(cfg["attack"].values()), Path(cfg["data"]["dir"]),
             num_classes=manifest["num_classes"], batch_size=int(ecfg.get("batch_size", 256)),
             img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"), seed=int(cfg["seed"]),
+            survivors=survivors, integrity_points=int(ecfg.get("integrity_points", 64)),
         )
+        write_samples(cfg["results_dir"], cfg["key"], samples_table(
+            cfg["key"], cfg.get("train_key"), {r.attack.name: r.broken_by for r in result.attacks},
+            result.labels, result.clean_ok))
         sensitivity = analyse_cell(cfg, model)
         rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
         status, error = "ok", None
@@ -103,13 +114,20 @@ def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, man
             "attack": attack.name,
             "norm": attack.norm,
             "eps": attack.eps,
-            "attack_config": json.dumps(attack.describe(), sort_keys=True),
+            "attack_config": json.dumps(attack.describe() | _resumed(cfg), sort_keys=True),
             "robust_acc": attack_result.robust_acc,
-            "flags": [],  # integrity checks (gradient masking etc.) arrive with the attack suite
+            "flags": attack_result.flags,
+            "flag_details": json.dumps(attack_result.flag_details, sort_keys=True),
             "per_class_robust_acc": attack_result.per_class_robust_acc,
             "attack_seconds": attack_result.seconds,
         })
     return rows
+
+
+def _resumed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Robust accuracy resumed from survivors is that of both evaluations' attacks together."""
+    source = (cfg.get("eval") or {}).get("survivors_from")
+    return {"survivors_from": str(source)} if source else {}
 
 
 def _base_row(cfg: dict[str, Any], started: dt.datetime) -> dict[str, Any]:

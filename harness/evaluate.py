@@ -2,8 +2,10 @@
 
 A sample counts as robust under an attack when the model classifies both the clean image and
 the attacked image correctly (the AutoAttack/RobustBench convention: robust <= clean).
-Every attack output is checked to lie in the eps-ball and in [0,1]; a violation is an error,
-not a number.
+Only clean-correct points are attacked (and, with `survivors`, only those an earlier
+evaluation left robust). Every attack output is checked to lie in the eps-ball and in [0,1]; a
+violating output is projected back and its row flagged (harness/integrity.py), as are the other
+integrity checks; per-sample outcomes are kept for harness/samples.py.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from torch import nn
 
 from harness.attacks.base import Attack, build_attack
 from harness.data.loader import make_loader
+from harness.integrity import Details, enforce_threat_model, flag_list, probe_model, row_flags
+from harness.samples import CLEAN, Survivors, run_attack
 
 _TOL = 1e-6
 
@@ -27,6 +31,9 @@ class AttackResult:
     robust_acc: float
     per_class_robust_acc: list[float]
     seconds: float
+    broken_by: list[str | None] = field(default_factory=list)  # per test point (samples.py)
+    flags: list[str] = field(default_factory=list)
+    flag_details: Details = field(default_factory=dict)
 
 
 @dataclass
@@ -36,12 +43,16 @@ class EvalResult:
     per_class_clean_acc: list[float]
     attacks: list[AttackResult] = field(default_factory=list)
     seconds: float = 0.0
+    labels: torch.Tensor | None = None
+    clean_ok: torch.Tensor | None = None
 
 
 def evaluate(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_dir: Path, *,
              num_classes: int, batch_size: int = 256, img_size: int | None = None,
-             limit: int | None = None, device: torch.device | str = "cpu", seed: int = 0) -> EvalResult:
-    """Clean + robust accuracy of `model` on the test split under each configured attack."""
+             limit: int | None = None, device: torch.device | str = "cpu", seed: int = 0,
+             survivors: Survivors | None = None, integrity_points: int = 64) -> EvalResult:
+    """Clean + robust accuracy of `model` on the test split under each configured attack, with
+    integrity flags (probes on the first `integrity_points` test points; 0 skips the probes)."""
     t_start = time.perf_counter()
     attacks = [build_attack(cfg) for cfg in attack_cfgs]
     model.eval()
@@ -49,27 +60,58 @@ def evaluate(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_dir: P
     clean_ok: list[torch.Tensor] = []
     adv_ok: list[list[torch.Tensor]] = [[] for _ in attacks]
     seconds = [0.0 for _ in attacks]
+    broken: list[list[str | None]] = [[] for _ in attacks]
+    out_of_bounds: list[dict[str, Any] | None] = [None for _ in attacks]
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None
     torch.manual_seed(seed)
     for x, y in make_loader(dataset_dir, "test", batch_size, img_size=img_size, limit=limit):
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
             correct = model(x).argmax(1) == y
+        start = sum(len(t) for t in labels)
+        before = [CLEAN if not c else None for c in correct.tolist()]
+        todo = correct.clone()
+        if survivors is not None:
+            todo &= survivors.robust[start:start + len(y)].to(device)
+            before = [b or survivors.broken_by[start + j] for j, b in enumerate(before)]
+        probe = probe if probe is not None else (x[:integrity_points], y[:integrity_points])
         labels.append(y.cpu())
         clean_ok.append(correct.cpu())
+        idx = todo.nonzero().flatten()
         for i, attack in enumerate(attacks):
+            by = list(before)
+            x_adv = x.clone()
             t0 = time.perf_counter()
-            x_adv = attack(model, x, y)
+            if idx.numel():
+                adv, by_idx = run_attack(attack, model, x[idx], y[idx])
+                adv, bad = enforce_threat_model(attack, x[idx], adv)
+                if bad and (out_of_bounds[i] is None or bad["max_size"] > out_of_bounds[i]["max_size"]):
+                    out_of_bounds[i] = bad
+                x_adv[idx] = adv
             seconds[i] += time.perf_counter() - t0
-            check_perturbation(attack, x, x_adv)
             with torch.no_grad():
-                adv_ok[i].append(((model(x_adv).argmax(1) == y) & correct).cpu())
+                ok = (model(x_adv).argmax(1) == y) & todo
+            if idx.numel():
+                for j, b in zip(idx.tolist(), by_idx):
+                    by[j] = None if ok[j] else (b or attack.name)
+            broken[i] += by
+            adv_ok[i].append(ok.cpu())
     y_all = torch.cat(labels)
     clean = torch.cat(clean_ok)
     result = EvalResult(n_eval=int(y_all.numel()), clean_acc=_mean(clean),
-                        per_class_clean_acc=per_class(clean, y_all, num_classes))
+                        per_class_clean_acc=per_class(clean, y_all, num_classes), labels=y_all, clean_ok=clean)
     for i, attack in enumerate(attacks):
         robust = torch.cat(adv_ok[i])
-        result.attacks.append(AttackResult(attack, _mean(robust), per_class(robust, y_all, num_classes), seconds[i]))
+        result.attacks.append(AttackResult(attack, _mean(robust), per_class(robust, y_all, num_classes),
+                                           seconds[i], broken_by=broken[i]))
+    model_details: Details = {}
+    if integrity_points > 0 and probe is not None:
+        model_details = probe_model(model, *probe, {(a.norm, a.eps) for a in attacks}, seed=seed)
+    rows = [{"name": r.attack.name, "norm": r.attack.norm, "eps": r.attack.eps, "config": r.attack.describe(),
+             "robust_acc": r.robust_acc, "broken_by": r.broken_by, "out_of_bounds": out_of_bounds[i]}
+            for i, r in enumerate(result.attacks)]
+    for r, details in zip(result.attacks, row_flags(result.clean_acc, rows, model_details)):
+        r.flags, r.flag_details = flag_list(details), details
     result.seconds = time.perf_counter() - t_start
     return result
 

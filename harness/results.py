@@ -66,6 +66,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("finished_at", pa.timestamp("s", tz="UTC")),
         pa.field("neuron_sensitivity", pa.float64()),  # mean per-layer neuron sensitivity (harness/neuron_sensitivity.py)
         pa.field("neuron_sensitivity_layers", pa.string()),  # JSON {layer: sensitivity}
+        pa.field("flag_details", pa.string()),  # JSON {flag: evidence} (harness/integrity.py)
     ]
 )
 

@@ -20,6 +20,10 @@ ATTACK_SETTINGS = {
     "trades_kl": {"eps": EPS, "steps": 10},
     "apgd_ce": {"eps": EPS, "n_iter": 20},
     "apgd_t": {"eps": EPS, "n_iter": 10, "n_target_classes": 3},
+    "fab_t": {"eps": EPS, "n_iter": 10, "n_target_classes": 3},
+    "square": {"eps": 2 * EPS, "n_queries": 100},  # black-box: needs a larger ball to bite in 100 queries
+    "autoattack": {"eps": EPS, "n_iter": 10, "n_queries": 100},
+    "autoattack_fast": {"eps": EPS, "n_iter": 10},
 }
 
 
