@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.backdoor.metrics import add_backdoor_metrics
 from harness.data.shards import dataset_sha256, load_manifest
 from harness.evaluate import EvalResult, evaluate
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
@@ -49,6 +50,7 @@ def run_cell(cfg: dict[str, Any]) -> CellOutcome:
             img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"), seed=int(cfg["seed"]),
         )
         rows = _ok_rows(cfg, summary, result, manifest, work_dir, started)
+        rows = add_backdoor_metrics(cfg, model, rows, manifest["num_classes"])
         status, error = "ok", None
     except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
         error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from harness.attacks.base import build_attack
+from harness.backdoor.base import build_poison
 from harness.cell import CellOutcome, run_cell
 from harness.config import ConfigError, compose_config, finalize
 from harness.data.ensure import ensure_prepared
@@ -80,6 +81,7 @@ def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
     check_trainer_config(cfg["trainer"])
     build_method(cfg["method"])
+    build_poison(cfg.get("backdoor"))
     for attack_cfg in cfg["attack"].values():
         build_attack(attack_cfg)
 

@@ -123,10 +123,16 @@ ARCHITECTURES: Registry = Registry(
     "architecture", "robustgrid.architectures", ("architectures.presets",)
 )
 DATASETS: Registry = Registry("dataset", "robustgrid.datasets", ("harness.data.datasets",))
+POISONS: Registry = Registry(
+    "poison", "robustgrid.poisons",
+    ("harness.backdoor.none", "harness.backdoor.badnets", "harness.backdoor.blended",
+     "harness.backdoor.sig", "harness.backdoor.wanet"),
+)
 
 REGISTRIES: dict[str, Registry] = {
     "methods": METHODS,
     "attacks": ATTACKS,
     "architectures": ARCHITECTURES,
     "datasets": DATASETS,
+    "poisons": POISONS,
 }
