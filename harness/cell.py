@@ -17,7 +17,8 @@ from harness.data.shards import dataset_sha256, load_manifest
 from harness.evaluate import EvalResult, evaluate
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
 from harness.results import SCHEMA_VERSION, write_cell_result
-from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
+from harness.stages import train_in_place
+from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier
 
 
 @dataclass
@@ -40,7 +41,7 @@ def run_cell(cfg: dict[str, Any]) -> CellOutcome:
     started = _now()
     work_dir = checkpoint_dir(cfg)
     try:
-        summary = train(cfg, work_dir)
+        summary = train_in_place(cfg, work_dir)  # trains prerequisite stages first, if any
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
         ecfg = cfg.get("eval", {})

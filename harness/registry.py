@@ -110,7 +110,7 @@ def _where(obj: object) -> str:
 
 
 METHODS: Registry = Registry(
-    "method", "robustgrid.methods", ("methods.erm", "methods.pgd_at", "methods.trades")
+    "method", "robustgrid.methods", ("methods.erm", "methods.pgd_at", "methods.trades", "methods.cbd")
 )
 ATTACKS: Registry = Registry(
     "attack",
