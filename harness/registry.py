@@ -110,7 +110,10 @@ def _where(obj: object) -> str:
 
 
 METHODS: Registry = Registry(
-    "method", "robustgrid.methods", ("methods.erm", "methods.pgd_at", "methods.trades", "methods.cbd")
+    "method", "robustgrid.methods",
+    ("methods.erm", "methods.pgd_at", "methods.trades",
+     # backdoor defenses (docs/backdoor.md)
+     "methods.cbd", "methods.ft", "methods.fp", "methods.nad", "methods.abl"),
 )
 ATTACKS: Registry = Registry(
     "attack",

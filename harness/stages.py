@@ -17,6 +17,12 @@ A method class may also declare `clean_subset: float` (a method setting): the de
 clean split. The cell then trains on the first ceil(clean_subset * n) training samples with
 poisoning switched off (`backdoor.clean_train`), as post-training defenses assume.
 
+A method class may declare `runtime_trainer(method_cfg, trainer_cfg) -> dict`: overrides of the
+cell's own trainer settings (post-training defenses fine-tune briefly at a small lr, while their
+prerequisite keeps the grid's trainer, so it stays the grid's ERM cell). With
+`needs_train_data = True` the method also gets `train_data` = the cell's data/backdoor/seed
+config, to read the (poisoned) training split itself (ABL's isolation).
+
 These rewrites happen at run time on a copy of the cell config: keys were computed before and
 already cover everything that decides the result (method settings, trainer, backdoor, data).
 """
@@ -76,6 +82,12 @@ def runtime_config(cfg: dict[str, Any]) -> dict[str, Any]:
         work_dir = checkpoint_dir(pcfg)
         train_in_place(pcfg, work_dir)
         out["method"][pre.arg] = str(work_dir / "checkpoint.pt")
+    runtime_trainer = getattr(cls, "runtime_trainer", None)
+    if runtime_trainer is not None:
+        out["trainer"] = {**out["trainer"], **runtime_trainer(cfg["method"], cfg["trainer"])}
+    if getattr(cls, "needs_train_data", False):
+        out["method"]["train_data"] = {"data": cfg["data"], "backdoor": cfg.get("backdoor"),
+                                       "seed": cfg["seed"]}
     fraction = cfg["method"].get("clean_subset")
     if fraction is not None:
         if not 0 < float(fraction) <= 1:
