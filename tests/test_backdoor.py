@@ -171,3 +171,76 @@ def test_erm_learns_a_badnets_backdoor_end_to_end(tiny) -> None:
     assert row["asr"] > 0.8, row["asr"]
     assert row["clean_acc"] > 0.8
     assert 0 <= row["backdoor_robust_acc"] <= 1 - row["asr"] + 1e-9
+
+
+def test_post_training_defense_reuses_the_erm_checkpoint_and_a_clean_subset(tiny) -> None:
+    """FT's prerequisite is the ERM cell of the same config (same train key, trained once), and
+    FT itself trains on the first 5% of the (limited) training split with poisoning off."""
+    from harness.cell import checkpoint_dir, run_cell
+    from harness.results import read_results
+    from harness.stages import runtime_config
+
+    base = [o for o in tiny if not o.startswith("attack.")] + ["backdoor=badnets", "attack=[fgsm]"]
+    erm = finalize(compose_config(base + ["method=erm"]))
+    ft = finalize(compose_config(base + ["method=ft", "method.epochs=1"]))
+    outcome = run_cell(ft)
+    assert outcome.status == "ok", outcome.error
+    assert (checkpoint_dir(erm) / "checkpoint.pt").exists(), "the ERM prerequisite trains into the ERM cell's folder"
+    run = runtime_config(ft)
+    assert run["method"]["backdoored_checkpoint"] == str(checkpoint_dir(erm) / "checkpoint.pt")
+    assert run["backdoor"]["clean_train"] and train_plan(run) is None
+    row = read_results(ft["results_dir"]).to_pylist()[0]
+    assert row["n_train"] == math.ceil(0.05 * 256) and row["epochs"] == 1
+    assert row["backdoor"] == "badnets" and row["asr"] is not None
+    mtime = (checkpoint_dir(erm) / "checkpoint.pt").stat().st_mtime_ns
+    assert run_cell(erm).status == "ok"  # the ERM cell finds its checkpoint done: no retraining
+    assert (checkpoint_dir(erm) / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_cbd_weights_critic_and_prerequisite() -> None:
+    from methods.cbd import CBD, MICritic, cbd_weights, spectral_norm
+
+    loss_b = torch.tensor([0.001, 1.0, 2.0, 0.5])
+    loss_c = torch.tensor([2.0, 1.0, 0.5, 0.5], requires_grad=True)
+    w = cbd_weights(loss_b, loss_c)
+    raw = loss_b / (loss_b + loss_c.detach() + 1e-8)
+    assert torch.allclose(w, raw / raw.mean()) and w.mean().item() == pytest.approx(1.0)
+    assert not w.requires_grad and w.argmin() == 0  # the sample f_B fits (poison-like) counts least
+    critic = MICritic(6, 6)
+    torch.manual_seed(0)
+    for p in critic.parameters():
+        p.data.mul_(10)
+    critic.spectral_normalize(iterations=50)
+    for p in critic.parameters():
+        mat = p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(1, -1)
+        assert torch.linalg.matrix_norm(mat, ord=2).item() == pytest.approx(1.0, rel=1e-3)
+    assert spectral_norm(torch.diag(torch.tensor([3.0, 1.0])), 20).item() == pytest.approx(3.0, rel=1e-4)
+    critic.eval()
+    z_b, z_c = torch.randn(8, 6), torch.randn(8, 6)
+    manual = critic(z_b, z_c).mean() - critic(z_b, torch.roll(z_c, 1, 0)).mean()
+    assert torch.allclose(critic.bound(z_b, z_c), manual)
+    (pre,) = CBD.prerequisites({"name": "cbd", "backdoored_epochs": 3})
+    assert pre.method == {"name": "erm"} and pre.trainer == {"epochs": 3} and pre.arg == "backdoored_checkpoint"
+
+
+def test_cbd_step_trains_only_the_clean_model_and_steps_the_critic(digits_dir) -> None:
+    from helpers import digits_batch, digits_classifier
+    from methods.base import TrainContext
+    from methods.cbd import CBD
+
+    method = CBD()
+    module = method.build(digits_classifier(digits_dir))
+    module.train()
+    assert not module.backdoored.training, "f_B stays frozen in eval mode"
+    x, y = digits_batch(digits_dir, 32)
+    before = [p.detach().clone() for p in method.critic.parameters()]
+    ctx = TrainContext(0, 1, 0, 1, torch.device("cpu"), 0, 1, method.eval_model(module))
+    logs = method.training_step(module, x, y, ctx)
+    logs["loss"].backward()
+    assert all(p.grad is None for p in module.backdoored.parameters())
+    assert all(p.grad is not None for p in module.clean.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.critic.parameters())), "critic took a step"
+    assert {"mi", "critic_bound", "loss_weighted_ce"} <= set(logs)
+    off = CBD(mi=False)
+    off_module = off.build(digits_classifier(digits_dir))
+    assert "mi" not in off.training_step(off_module, x, y, ctx)
