@@ -53,6 +53,12 @@ def test_badnets_stamps_only_the_bottom_right_patch(h: int, size: int) -> None:
     assert (out[..., h - size:, h - size:] == 1.0).all()
 
 
+def test_badnets_checkerboard_pattern() -> None:
+    out = BadNets(pattern="checkerboard", patch_size=3).trigger(torch.full((1, 1, 32, 32), 0.5))
+    assert torch.equal(out[0, 0, -3:, -3:], torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]]))
+    assert (out[0, 0, :29] == 0.5).all() and (out[0, 0, :, :29] == 0.5).all()
+
+
 def test_blended_is_a_fixed_alpha_blend() -> None:
     x = _batch(3, 32)
     poison = Blended(alpha=0.2)

@@ -1,7 +1,9 @@
-"""BadNets (Gu et al. 2017): a small white square stamped in the bottom-right corner.
+"""BadNets (Gu et al. 2017): a small patch stamped in the bottom-right corner.
 
-3x3 on 32x32 images (BackdoorBench's CIFAR-10 setting); when `patch_size` is null it is scaled
-to the image: 2x2 on 8x8 digits. `margin` pixels are left between the patch and the corner.
+3x3 on 32x32 images; when `patch_size` is null it is scaled to the image: 2x2 on 8x8 digits.
+`margin` pixels are left between the patch and the corner. `pattern`: 'white' (a square of
+`value`, BackdoorBench's CIFAR-10 trigger) or 'checkerboard' (alternating `value` / 0 starting
+with `value` at the patch's top-left: the "gridTrigger" of the NAD/ABL/CBD code).
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ class BadNets(Poison):
     name = "badnets"
 
     def __init__(self, patch_size: int | None = None, margin: int = 0, value: float = 1.0,
-                 **common) -> None:
+                 pattern: str = "white", **common) -> None:
         super().__init__(**common)
+        if pattern not in ("white", "checkerboard"):
+            raise ValueError(f"backdoor.pattern must be 'white' or 'checkerboard', got {pattern!r}")
+        self.pattern = pattern
         if patch_size is not None and int(patch_size) < 1:
             raise ValueError(f"backdoor.patch_size must be >= 1 (or null for auto), got {patch_size}")
         if int(margin) < 0 or not 0.0 <= float(value) <= 1.0:
@@ -37,5 +42,10 @@ class BadNets(Poison):
     def _trigger(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.patch_box(x.shape[-2], x.shape[-1])
         out = x.clone()
-        out[..., rows, cols] = self.value
+        size = rows.stop - rows.start
+        patch = torch.full((size, size), self.value, dtype=x.dtype, device=x.device)
+        if self.pattern == "checkerboard":
+            ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+            patch = patch * ((ii + jj) % 2 == 0).to(x.dtype).to(x.device)
+        out[..., rows, cols] = patch
         return out
