@@ -3,11 +3,11 @@
 A method class may declare
 
     @classmethod
-    def prerequisites(cls, method_cfg) -> list[Prerequisite]
+    def prerequisites(cls, method_cfg, trainer_cfg) -> list[Prerequisite]
 
 each naming a cell derived from the current one (another method config, trainer overrides) whose
 final checkpoint path is passed to the method as the keyword `arg`. CBD's frozen backdoored
-model is ERM trained for 5 epochs on the same poisoned data; FT/FP/NAD start from the ERM cell
+model is ERM trained for a few epochs on the same poisoned data; FT/FP/NAD start from the ERM cell
 itself (same trainer settings, so the same train key and the same checkpoint as the grid's ERM
 cell: it is trained once). A prerequisite lives in `results/checkpoints/<its train key>` and is
 trained there if not yet done (recursively), under a file lock, so two cells of a grid needing it
@@ -77,7 +77,7 @@ def runtime_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config a cell trains with: prerequisite checkpoints trained and injected, clean subset set."""
     cls = METHODS.get(cfg["method"]["name"])
     out = copy.deepcopy(cfg)
-    for pre in getattr(cls, "prerequisites", lambda _cfg: [])(cfg["method"]):
+    for pre in getattr(cls, "prerequisites", lambda _m, _t: [])(cfg["method"], cfg["trainer"]):
         pcfg = derive(cfg, pre)
         work_dir = checkpoint_dir(pcfg)
         train_in_place(pcfg, work_dir)

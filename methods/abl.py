@@ -70,7 +70,7 @@ class ABL(Method):
         self.precision = float("nan")
 
     @classmethod
-    def prerequisites(cls, method_cfg: dict[str, Any]) -> list[Prerequisite]:
+    def prerequisites(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Prerequisite]:
         return [Prerequisite("isolation_checkpoint", {"name": "abl_lga", "gamma": float(method_cfg.get("gamma", 0.5))})]
 
     @staticmethod

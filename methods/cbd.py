@@ -1,8 +1,9 @@
 """CBD — Causality-inspired Backdoor Defense (Zhang et al., CVPR 2023).
 
 The backdoor is a confounder tying the trigger to the target label. Stage 1 (a prerequisite cell,
-harness/stages.py): f_B = ERM on the poisoned data for only `backdoored_epochs` (5) epochs, then
-frozen; it fits the poisoned samples (easy, low loss) long before the clean ones. Stage 2 (this
+harness/stages.py): f_B = ERM on the poisoned data for only T epochs, then frozen; T = 5 of the
+paper's 100 epochs, so by default `backdoored_fraction` 0.05 of the trainer's epochs (2 of the
+digits preset's 40), or `backdoored_epochs` when set; it fits the poisoned samples (easy, low loss) long before the clean ones. Stage 2 (this
 cell) trains the clean model f_C on the same poisoned data with
     l_B, l_C per-sample CE of f_B and f_C;  w = l_B / (l_B + sg(l_C) + 1e-8), rescaled to mean 1
     L = mean(w * l_C) + lambda * [mean T(z_B, z_C) - mean T(z_B, roll(z_C, 1))]
@@ -101,13 +102,16 @@ def cbd_weights(loss_b: torch.Tensor, loss_c: torch.Tensor) -> torch.Tensor:
 class CBD(Method):
     name = "cbd"
 
-    def __init__(self, backdoored_epochs: int = 5, mi: bool = True, mi_weight: float = 0.01,
+    def __init__(self, backdoored_epochs: int | None = None, backdoored_fraction: float = 0.05, mi: bool = True, mi_weight: float = 0.01,
                  critic_lr: float = 0.2, critic_step_epochs: int = 20, critic_dropout: float = 0.2,
                  power_iterations: int = 5, backdoored_checkpoint: str | None = None) -> None:
         super().__init__()
-        if int(backdoored_epochs) < 1:
-            raise ValueError(f"method.backdoored_epochs must be >= 1, got {backdoored_epochs}")
-        self.backdoored_epochs = int(backdoored_epochs)
+        if backdoored_epochs is not None and int(backdoored_epochs) < 1:
+            raise ValueError(f"method.backdoored_epochs must be >= 1 (or null), got {backdoored_epochs}")
+        if not 0 < float(backdoored_fraction) <= 1:
+            raise ValueError(f"method.backdoored_fraction must be in (0, 1], got {backdoored_fraction}")
+        self.backdoored_epochs = backdoored_epochs
+        self.backdoored_fraction = float(backdoored_fraction)
         self.mi = bool(mi)
         self.mi_weight = float(mi_weight)
         self.critic_lr = float(critic_lr)
@@ -119,9 +123,14 @@ class CBD(Method):
         self.critic_opt: torch.optim.Optimizer | None = None
 
     @classmethod
-    def prerequisites(cls, method_cfg: dict[str, Any]) -> list[Prerequisite]:
-        """Stage 1: ERM on the poisoned data for `backdoored_epochs` epochs (same trainer otherwise)."""
-        epochs = int(method_cfg.get("backdoored_epochs", 5))
+    def prerequisites(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Prerequisite]:
+        """Stage 1: ERM on the poisoned data for T epochs (same trainer otherwise; with the
+        multistep recipe the lr stays at its initial value, as the paper intends)."""
+        epochs = method_cfg.get("backdoored_epochs")
+        if epochs is None:
+            fraction = float(method_cfg.get("backdoored_fraction", 0.05))
+            epochs = max(1, round(fraction * int(trainer_cfg["epochs"])))
+        epochs = int(epochs)
         return [Prerequisite("backdoored_checkpoint", {"name": "erm"}, {"epochs": epochs})]
 
     def build(self, model: Classifier) -> nn.Module:

@@ -49,7 +49,7 @@ class FineTuning(Method):
         self.backdoored_checkpoint = backdoored_checkpoint
 
     @classmethod
-    def prerequisites(cls, method_cfg: dict[str, Any]) -> list[Prerequisite]:
+    def prerequisites(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Prerequisite]:
         return [Prerequisite("backdoored_checkpoint", {"name": "erm"})]
 
     runtime_trainer = staticmethod(finetune_trainer)

@@ -87,7 +87,7 @@ class NAD(Method):
         self.backdoored_checkpoint, self.teacher_checkpoint = backdoored_checkpoint, teacher_checkpoint
 
     @classmethod
-    def prerequisites(cls, method_cfg: dict[str, Any]) -> list[Prerequisite]:
+    def prerequisites(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Prerequisite]:
         teacher = {"name": "ft", **(method_cfg.get("teacher") or {})}
         return [Prerequisite("backdoored_checkpoint", {"name": "erm"}),
                 Prerequisite("teacher_checkpoint", teacher)]

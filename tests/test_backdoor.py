@@ -176,7 +176,7 @@ def test_erm_learns_a_badnets_backdoor_end_to_end(tiny) -> None:
     assert row["backdoor"] == "badnets" and row["n_poisoned"] == len(row["poison_indices"]) > 0
     assert row["asr"] > 0.8, row["asr"]
     assert row["clean_acc"] > 0.8
-    assert 0 <= row["backdoor_robust_acc"] <= 1 - row["asr"] + 1e-9
+    assert 0 <= row["backdoor_robust_acc"] <= 1 - row["asr"] + 1e-6
 
 
 def test_post_training_defense_reuses_the_erm_checkpoint_and_a_clean_subset(tiny) -> None:
@@ -225,8 +225,10 @@ def test_cbd_weights_critic_and_prerequisite() -> None:
     z_b, z_c = torch.randn(8, 6), torch.randn(8, 6)
     manual = critic(z_b, z_c).mean() - critic(z_b, torch.roll(z_c, 1, 0)).mean()
     assert torch.allclose(critic.bound(z_b, z_c), manual)
-    (pre,) = CBD.prerequisites({"name": "cbd", "backdoored_epochs": 3})
+    (pre,) = CBD.prerequisites({"name": "cbd", "backdoored_epochs": 3}, {"epochs": 100})
     assert pre.method == {"name": "erm"} and pre.trainer == {"epochs": 3} and pre.arg == "backdoored_checkpoint"
+    assert CBD.prerequisites({"name": "cbd", "backdoored_epochs": None}, {"epochs": 100})[0].trainer == {"epochs": 5}
+    assert CBD.prerequisites({"name": "cbd"}, {"epochs": 40})[0].trainer == {"epochs": 2}
 
 
 def test_cbd_step_trains_only_the_clean_model_and_steps_the_critic(digits_dir) -> None:
