@@ -10,7 +10,11 @@ ascent (loss = -CE on a batch of isolated samples per step) for `epochs` (5) at 
 Left out on purpose: the official code's optional fine-tuning of the isolation model on the other
 99% before unlearning (`--finetuning_ascent_model`); the grid's trainer already trained it for
 the full schedule. The isolation precision (share of isolated samples that were poisoned, from
-the recorded poison plan) is logged in the training curve.
+the recorded poison plan) is logged in the training curve. As the official code, the unlearning
+forward runs BatchNorm in train mode; `freeze_bn: true` runs it in eval mode instead. Measured on
+digits/BadNets: train mode takes clean accuracy from 94% to 33% (the few isolated samples, 14,
+overwrite the running statistics) with ASR 0.3%; eval mode keeps 94% but the ascent from a
+near-zero loss barely moves (isolated CE 0.0016 -> 0.0019) and ASR stays 97%.
 """
 from __future__ import annotations
 
@@ -57,13 +61,15 @@ class ABL(Method):
     needs_train_data = True
 
     def __init__(self, gamma: float = 0.5, isolation_ratio: float = 0.01, epochs: int = 5, lr: float = 5e-4,
-                 batch_size: int = 256, unlearn_batch: int = 64, isolation_checkpoint: str | None = None,
+                 batch_size: int = 256, unlearn_batch: int = 64, freeze_bn: bool = False,
+                 isolation_checkpoint: str | None = None,
                  train_data: dict[str, Any] | None = None) -> None:
         super().__init__()
         if not 0 < float(isolation_ratio) < 1:
             raise ValueError(f"method.isolation_ratio must be in (0, 1), got {isolation_ratio}")
         self.gamma, self.isolation_ratio = float(gamma), float(isolation_ratio)
         self.epochs, self.lr, self.batch_size, self.unlearn_batch = int(epochs), float(lr), int(batch_size), int(unlearn_batch)
+        self.freeze_bn = bool(freeze_bn)
         self.isolation_checkpoint, self.train_data = isolation_checkpoint, train_data
         self.isolated_x: torch.Tensor | None = None
         self.isolated_y: torch.Tensor | None = None
@@ -120,7 +126,15 @@ class ABL(Method):
             g = torch.Generator().manual_seed(ctx.step)
             pick = torch.randperm(len(self.isolated_y), generator=g)[: self.unlearn_batch]
             xi, yi = self.isolated_x[pick].to(x.device), self.isolated_y[pick].to(x.device)
-        ce = F.cross_entropy(module(xi), yi)
+        norms = [m for m in ctx.classifier.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self.freeze_bn:
+            for m in norms:
+                m.eval()
+        try:
+            ce = F.cross_entropy(module(xi), yi)
+        finally:
+            for m in norms:
+                m.train(ctx.classifier.training)
         logs = {"loss": -ce, "isolated_ce": ce.detach()}
         if np.isfinite(self.precision):
             logs["isolation_precision"] = torch.tensor(self.precision)
