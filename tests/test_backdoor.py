@@ -108,6 +108,8 @@ def test_poisoned_indices_deterministic_at_rate_and_never_target() -> None:
     assert len(sig) == 50 and (labels[sig] == 2).all()
     capped, _ = select_indices(labels, SIG(target=2, rate=0.5), seed=0)
     assert len(capped) == 100  # clean-label: at most the target class
+    with pytest.raises(ValueError, match="backdoor.target 10 is not a class"):
+        select_indices(labels, BadNets(target=10), seed=0, num_classes=10)
     w, wc = select_indices(labels, WaNet(rate=0.1), seed=0)
     assert len(wc) == 200 and not set(w.tolist()) & set(wc.tolist())
 

@@ -47,11 +47,13 @@ def split_labels(dataset_dir: Path, split: str) -> np.ndarray:
     return _split_labels_cached(str(dataset_dir), split, sha)
 
 
-def select_indices(labels: np.ndarray, poison: Poison, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def select_indices(labels: np.ndarray, poison: Poison, seed: int,
+                   num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(poisoned indices, cross indices), each sorted; deterministic from `seed`."""
-    if poison.target >= int(labels.max(initial=0)) + 1 and len(labels):
+    num_classes = int(labels.max(initial=0)) + 1 if num_classes is None else int(num_classes)
+    if poison.target >= num_classes:
         raise ValueError(f"backdoor.target {poison.target} is not a class of this dataset "
-                         f"(classes 0..{int(labels.max())})")
+                         f"(classes 0..{num_classes - 1}); pick backdoor.target=<class index>")
     n = len(labels)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFF_FFFF, _PLAN_TAG]))
     eligible = np.flatnonzero(labels == poison.target if poison.clean_label else labels != poison.target)
@@ -123,7 +125,8 @@ def train_plan(cfg: dict[str, Any]) -> PoisonPlan | None:
     limit = cfg["data"].get("train_limit")
     if limit is not None:
         labels = labels[: int(limit)]
-    poisoned, cross = select_indices(labels, poison, poison_seed(cfg))
+    num_classes = load_manifest(dataset_dir)["num_classes"]
+    poisoned, cross = select_indices(labels, poison, poison_seed(cfg), num_classes)
     return PoisonPlan(poison, "train", poisoned, cross)
 
 
