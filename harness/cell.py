@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.backdoor.metrics import add_backdoor_metrics
 from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
 from harness.checkpoint_sync import local_work_dir
@@ -21,8 +22,9 @@ from harness.neuron_sensitivity import SensitivityResult, analyse_cell
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
 from harness.resources import worker_death_exceptions
 from harness.results import SCHEMA_VERSION, write_cell_result
-from harness.stages import ensure_dependencies, train_config
+from harness.prerequisites import runtime_config, training_lock
 from harness.samples import load_survivors, samples_table, write_samples
+from harness.stages import ensure_dependencies, train_config
 from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
 
 
@@ -58,7 +60,11 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
             survivors = load_survivors(cfg["results_dir"], str(ecfg["survivors_from"]),
                                        train_key=cfg.get("train_key"), n_eval=n_eval)
         ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
-        summary = train_fn(train_config(cfg), work_dir)
+        # method-declared prerequisites (CBD's f_B, FT/FP/NAD's backdoored ERM) are trained here,
+        # and post-training defenses get their clean subset (harness/prerequisites.py)
+        run_cfg = runtime_config(train_config(cfg))
+        with training_lock(work_dir):
+            summary = train_fn(run_cfg, work_dir)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
         result = evaluate(
@@ -72,6 +78,7 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
             result.labels, result.clean_ok))
         sensitivity = analyse_cell(cfg, model)
         rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
+        rows = add_backdoor_metrics(cfg, model, rows, manifest["num_classes"])
         status, error = "ok", None
     except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
         if isinstance(err, worker_death_exceptions()) and (cfg.get("resources") or {}).get("retry_worker_death", True):

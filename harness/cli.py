@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_cmd_status)
 
     lst = sub.add_parser("list", help="print registered plugin names, one per line")
-    lst.add_argument("kind", choices=["methods", "attacks", "architectures", "datasets"])
+    lst.add_argument("kind", choices=["methods", "attacks", "architectures", "datasets", "poisons"])
     lst.set_defaults(func=_cmd_list)
 
     data = sub.add_parser("data", help="dataset tools")

@@ -22,10 +22,11 @@ from omegaconf import OmegaConf
 
 import harness
 from harness.storage import normalize_location
-from harness.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, Registry, UnknownPluginError
+from harness.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, POISONS, Registry, UnknownPluginError
 
 # Groups whose option names are plugin names, and the registry that knows them.
-PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, "data": DATASETS}
+PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, "data": DATASETS,
+                                      "backdoor": POISONS}
 
 # Keys that say where/how a cell runs, not what it computes: left out of the cell key.
 NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "label", "grid", "key",
@@ -138,6 +139,8 @@ def _semantic(cfg: dict[str, Any]) -> dict[str, Any]:
     semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
     semantic["trainer"] = {k: v for k, v in cfg["trainer"].items() if k not in NON_SEMANTIC_TRAINER_KEYS}
     semantic["data"] = {k: v for k, v in cfg["data"].items() if k not in NON_SEMANTIC_DATA_KEYS}
+    if (cfg.get("backdoor") or {}).get("name", "none") == "none":
+        semantic.pop("backdoor", None)  # clean cells keep the keys they had before the backdoor track
     semantic["code_version"] = harness.__version__
     return semantic
 
@@ -159,4 +162,6 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg["key"] = cell_key(cfg)
     cfg["train_key"] = train_key(cfg)
     cfg["label"] = f"{cfg['arch']['name']}/{cfg['method']['name']}/s{cfg['seed']}"
+    if (cfg.get("backdoor") or {}).get("name", "none") != "none":
+        cfg["label"] += f"/{cfg['backdoor']['name']}"
     return cfg

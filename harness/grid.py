@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from harness.attacks.base import build_attack
+from harness.backdoor.base import build_poison
 from harness.cell import CellOutcome, run_cell
 from harness.config import ConfigError, compose_config, finalize
 from harness.data.ensure import ensure_prepared
@@ -83,6 +84,7 @@ def validate_cell(cfg: dict[str, Any]) -> None:
     check_trainer_config(train_config(cfg)["trainer"])
     cell_resources(cfg)
     build_method(cfg["method"])
+    build_poison(cfg.get("backdoor"))
     for attack_cfg in cfg["attack"].values():
         build_attack(attack_cfg)
 

@@ -67,6 +67,18 @@ RESULT_SCHEMA = pa.schema(
         pa.field("neuron_sensitivity", pa.float64()),  # mean per-layer neuron sensitivity (harness/neuron_sensitivity.py)
         pa.field("neuron_sensitivity_layers", pa.string()),  # JSON {layer: sensitivity}
         pa.field("flag_details", pa.string()),  # JSON {flag: evidence} (harness/integrity.py)
+        # backdoor track (harness/backdoor/metrics.py): null on cells trained on clean data
+        pa.field("backdoor", pa.string()),  # poisoning attack name
+        pa.field("poison_rate", pa.float64()),
+        pa.field("target_class", pa.int64()),
+        pa.field("n_poisoned", pa.int64()),
+        pa.field("poison_indices", pa.list_(pa.int64())),  # training-split indices that were poisoned
+        pa.field("poison_indices_sha256", pa.string()),
+        pa.field("asr", pa.float64()),  # attack success rate on triggered non-target test images
+        pa.field("backdoor_robust_acc", pa.float64()),  # triggered non-target images -> true class
+        pa.field("per_class_asr", pa.list_(pa.float64())),
+        pa.field("n_triggered", pa.int64()),
+        pa.field("backdoor_eval_seconds", pa.float64()),
     ]
 )
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from architectures.presets import build_classifier
+from harness.backdoor.plan import train_plan
 from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
 from harness.progress import progress_bar
@@ -189,6 +190,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     train_seconds = float(state.get("train_seconds", 0.0))
     samples_per_epoch: list[int] = state.get("samples_per_epoch", [])
 
+    poison = train_plan(cfg)  # None unless the cell trains on poisoned data
     bar = progress_bar(total=(epochs - start_epoch) * steps_per_epoch, desc=cfg.get("label", "train"),
                        enabled=rank == 0 and bool(tcfg.get("progress", True)))
     for epoch in range(start_epoch, epochs):
@@ -197,7 +199,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         loader = make_loader(dataset_dir, "train", per_rank_batch, rank=rank, world_size=world_size,
                              num_workers=int(tcfg.get("num_workers", 0)), shuffle=True,
                              seed=int(cfg["seed"]), epoch=epoch, img_size=dcfg.get("img_size"),
-                             augment=dcfg.get("augment"), limit=dcfg.get("train_limit"))
+                             augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
+                             poison=poison.for_epoch(epoch) if poison else None)
         sums: dict[str, float] = {}
         seen = 0
         for step_in_epoch, (x, y) in enumerate(even_batches(loader, counts[rank], steps_per_epoch)):
