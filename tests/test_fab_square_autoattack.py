@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from harness.attacks.autoattack import AutoAttack, AutoAttackFast
-from harness.attacks.base import build_attack
+from harness.attacks.base import build_attack, project_linf
 from harness.attacks.cw import cw_margin_loss
 from harness.attacks.fab import FABT, project_linf_box
-from harness.attacks.pgd import project_linf
 from harness.attacks.square import Square, square_fraction
 from helpers import accuracy, digits_batch
 
