@@ -54,7 +54,7 @@ def run_pass(fn: AttackFn, x: torch.Tensor, y: torch.Tensor, batch_size: int, se
     outs = []
     t0 = time.perf_counter()
     for i in range(0, len(y), batch_size):
-        outs.append(fn(x[i:i + batch_size], y[i:i + batch_size]))
+        outs.append(fn(x[i:i + batch_size], y[i:i + batch_size]).detach())
     return time.perf_counter() - t0, torch.cat(outs)
 
 
