@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.attacks.base import IterativeAttack, LossFn, input_gradient, project_linf
+from harness.attacks.base import IterativeAttack, LossFn, input_gradient
 from harness.registry import ATTACKS
 
 
@@ -28,10 +28,13 @@ def pgd_linf(
     init: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Maximise `loss_fn(model(x_adv), y)` over the L-inf ball; `init(x)` gives the start point."""
-    x_adv = project_linf(init(x), x, eps) if init is not None else x.clone()
+    # The ball-and-box bounds are fixed: computed once, each step is then 2 clamps (min, max),
+    # the same values as project_linf (max(x-eps, 0) <= x_adv <= min(x+eps, 1)).
+    lo, hi = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+    x_adv = torch.max(torch.min(init(x), hi), lo) if init is not None else x.clone()
     for _ in range(steps):
         grad, _ = input_gradient(model, x_adv, y, loss_fn)
-        x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+        x_adv = torch.max(torch.min(grad.sign_().mul_(step_size).add_(x_adv), hi), lo)
     return x_adv
 
 
