@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.analysis.runner import check_analyses, run_analyses
 from harness.data.shards import dataset_sha256, load_manifest
 from harness.evaluate import EvalResult, evaluate
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
@@ -39,6 +40,7 @@ def run_cell(cfg: dict[str, Any]) -> CellOutcome:
     started = _now()
     work_dir = checkpoint_dir(cfg)
     try:
+        check_analyses(cfg)
         summary = train(cfg, work_dir)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
@@ -48,7 +50,10 @@ def run_cell(cfg: dict[str, Any]) -> CellOutcome:
             num_classes=manifest["num_classes"], batch_size=int(ecfg.get("batch_size", 256)),
             img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"), seed=int(cfg["seed"]),
         )
+        analyses = run_analyses(cfg, model)
         rows = _ok_rows(cfg, summary, result, manifest, work_dir, started)
+        if analyses:
+            rows = [r | {"analysis_json": json.dumps(analyses, sort_keys=True, default=str)} for r in rows]
         status, error = "ok", None
     except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
         error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"

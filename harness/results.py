@@ -63,6 +63,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("hostname", pa.string()),
         pa.field("started_at", pa.timestamp("s", tz="UTC")),
         pa.field("finished_at", pa.timestamp("s", tz="UTC")),
+        pa.field("analysis_json", pa.string()),  # JSON {label: summary} of post-eval analyses (ACE)
     ]
 )
 
