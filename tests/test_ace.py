@@ -170,3 +170,31 @@ def test_gallery_page_renders_escaped_and_linked(tmp_path: Path) -> None:
     assert 'href="ace.html"' in index.read_text()
     cell_page = next((tmp_path / "site" / "cells").glob("*.html")).read_text()
     assert 'href="../ace.html"' in cell_page
+
+
+def test_cell_with_ace_reuses_the_checkpoint_and_commits_the_summary(tiny) -> None:
+    from harness.cell import checkpoint_dir, run_cell
+    from harness.config import compose_config, finalize
+    from harness.results import read_results
+
+    tiny = [o for o in tiny if not o.startswith("attack.pgd")] + ["attack=[fgsm]"]
+    plain = finalize(compose_config(tiny))
+    assert run_cell(plain).status == "ok"
+    ckpt = checkpoint_dir(plain) / "checkpoint.pt"
+    before = ckpt.stat().st_mtime_ns
+    small = ["analysis=[ace]", "analysis.ace.n_explain=4", "analysis.ace.batch_size=4",
+             "analysis.ace.ddpm.channels=[8,16]", "analysis.ace.ddpm.attention=false",
+             "analysis.ace.ddpm.train_steps=3", "analysis.ace.ddpm.batch_size=16",
+             "analysis.ace.ace.iterations=3", "analysis.ace.ace.sampling_steps=10"]
+    cfg = finalize(compose_config(tiny + small))
+    out = run_cell(cfg)
+    assert out.status == "ok", out.error
+    assert ckpt.stat().st_mtime_ns == before, "adding an analysis must not retrain the cell"
+    rows = [r for r in read_results(cfg["results_dir"]).to_pylist() if r["key"] == cfg["key"]]
+    summary = json.loads(rows[0]["analysis_json"])["ace"]
+    assert summary["n_explained"] == 4 and 0 <= summary["ace_flip_rate"] <= 1
+    folder = Path(cfg["results_dir"]) / "analysis" / cfg["key"] / "ace"
+    assert {"summary.json", "counterfactuals.npz", "gallery.png"} <= {p.name for p in folder.iterdir()}
+    bad = finalize(compose_config(tiny + ["analysis=[ace]", "analysis.ace.ace.tau=2"]))
+    failed = run_cell(bad)
+    assert failed.status == "failed" and "tau" in failed.error
