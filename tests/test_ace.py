@@ -68,7 +68,8 @@ def test_deterministic_filter_is_repeatable_up_to_forward_noise(tiny_ddpm, digit
 def test_ace_flips_a_tiny_model_and_keeps_pixels_outside_the_mask(tiny_ddpm, linear_model, digits) -> None:
     x, y = digits[0][:12], digits[1][:12]
     target = runner_up_target(linear_model, x)
-    cfg = ACEConfig(tau=0.1, sampling_steps=20, iterations=30, step_size=0.05, mask_dilation=3)
+    cfg = ACEConfig(tau=0.1, sampling_steps=20, iterations=30, step_size=0.05, mask_dilation=1,
+                    mask_threshold=0.5)
     torch.manual_seed(0)
     res = ace(linear_model, tiny_ddpm, x, target, cfg)
     assert res.cf.shape == x.shape and res.cf.min() >= 0 and res.cf.max() <= 1
@@ -78,6 +79,22 @@ def test_ace_flips_a_tiny_model_and_keeps_pixels_outside_the_mask(tiny_ddpm, lin
     base = plain_pgd(linear_model, x, target, cfg)
     assert bool(M.flipped(linear_model, base.cf, target).all())
     assert (base.iterations < cfg.iterations).all()
+
+
+@pytest.mark.parametrize("refine", ["repaint", "paired"])
+def test_refinements_leave_pixels_outside_the_mask_unchanged(tiny_ddpm, digits, refine) -> None:
+    x = digits[0][:4]
+    mask = torch.zeros(4, 1, 8, 8)
+    mask[:, :, 2:5, 3:6] = 1
+    out = denoise_from(tiny_ddpm, x.flip(-1), 0.3, 20, known=(x, mask))
+    assert torch.equal(out[(mask == 0).expand_as(x)], x[(mask == 0).expand_as(x)])
+    assert not torch.equal(out, x)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    cfg = ACEConfig(tau=0.2, sampling_steps=20, iterations=2, refine=refine, mask_threshold=0.6,
+                    mask_dilation=1)
+    res = ace(model, tiny_ddpm, x, torch.zeros(4, dtype=torch.long), cfg)
+    outside = (res.mask == 0).expand_as(x)
+    assert outside.any() and torch.equal(res.cf[outside], x[outside])
 
 
 def test_refinement_mask_dilates_the_largest_change() -> None:

@@ -21,9 +21,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.analysis.diffusion import DDPM, denoise_from
+from harness.analysis.diffusion import DDPM, denoise_from, filter_noise_draws
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
+REFINE = ("repaint", "paired", "none")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class ACEConfig:
     dist_weight: float = 0.001    # lambda, per sample
     mask_threshold: float = 0.15
     mask_dilation: int = 3        # max-pool kernel (odd); 1 = no dilation
-    refine: bool = True
+    refine: str = "repaint"       # repaint (the paper), paired (see module doc) or none
+    seed: int = 0                 # noise of the filter: iteration i of the attack uses seed + i
     grad_checkpoint: bool = True
 
     @classmethod
@@ -55,6 +57,8 @@ class ACEConfig:
             raise ValueError(f"ace.mask_dilation must be an odd kernel size >= 1, got {cfg.mask_dilation}")
         if cfg.iterations < 1 or cfg.step_size <= 0 or cfg.dist_weight < 0:
             raise ValueError("ace.iterations >= 1, ace.step_size > 0 and ace.dist_weight >= 0 are required")
+        if cfg.refine not in REFINE:
+            raise ValueError(f"ace.refine must be one of {', '.join(REFINE)}, got '{cfg.refine}'")
         if not 0.0 <= cfg.eta <= 1.0:
             raise ValueError(f"ace.eta must be in [0, 1], got {cfg.eta}")
         return cfg
@@ -83,42 +87,60 @@ def runner_up_target(model: Classifier, x: torch.Tensor) -> torch.Tensor:
         return model(x).topk(2, dim=1).indices[:, 1]
 
 
-def _signed_pgd(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig,
-                view: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """PGD on CE(model(view(x')), target) + lambda d(x, x'); per sample, stop at the first flip.
+Finish = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
-    Returns (view(x') at the flip, or at the last iteration; iterations used)."""
+
+def _signed_pgd(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig,
+                view: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+                finish: Finish | None = None) -> Counterfactuals:
+    """PGD on CE(model(view(x')), target) + lambda d(x, x'); per sample, stop once it flips.
+
+    `view(x'[idx], idx, iteration)` sees the still-active rows. With `finish(pre, idx, iteration)
+    -> (cf, mask)` (the refinement), a sample stops only when its refined counterfactual flips
+    (the attack goes on otherwise); without it, when view(x') flips. A sample never flipped
+    keeps its last iteration's result; `iterations` is then cfg.iterations."""
+    pre, cf = x.clone(), x.clone()
+    mask = torch.ones_like(x[:, :1])
     xa = x.clone()
-    out = x.clone()
     used = torch.full((len(x),), cfg.iterations, dtype=torch.long)
-    active = torch.ones(len(x), dtype=torch.bool)
+    active = torch.ones(len(x), dtype=torch.bool, device=x.device)
     for it in range(cfg.iterations + 1):
         idx = active.nonzero().flatten()
         if len(idx) == 0:
             break
-        xi = xa[idx].detach().requires_grad_(it < cfg.iterations)
-        with torch.set_grad_enabled(it < cfg.iterations):
-            seen = view(xi)
+        last = it == cfg.iterations
+        xi = xa[idx].detach().requires_grad_(not last)
+        with torch.set_grad_enabled(not last):
+            seen = view(xi, idx, it)
             logits = model(seen)
-            hit = (logits.argmax(1) == target[idx]).cpu()
-            out[idx] = seen.detach()
-            if it == cfg.iterations:
-                break
-            loss = F.cross_entropy(logits, target[idx], reduction="none") + \
-                cfg.dist_weight * distance(xi, x[idx], cfg.distance)
-            grad, = torch.autograd.grad(loss.sum(), xi)
+        hit = logits.argmax(1) == target[idx]
+        pre[idx] = seen.detach()
+        if finish is None:
+            cf[idx] = seen.detach()
+        else:
+            sel = hit | last
+            if sel.any():
+                with torch.no_grad():
+                    c, m = finish(seen.detach()[sel], idx[sel], it)
+                    cf[idx[sel]], mask[idx[sel]] = c, m
+                    ok = torch.zeros_like(hit)
+                    ok[sel] = model(c).argmax(1) == target[idx[sel]]
+                hit = hit & ok
+        if last:
+            break
+        loss = F.cross_entropy(logits, target[idx], reduction="none") + \
+            cfg.dist_weight * distance(xi, x[idx], cfg.distance)
+        grad, = torch.autograd.grad(loss.sum(), xi)
         step = (xa[idx] - cfg.step_size * grad.sign()).clamp(0, 1)
-        keep = ~hit.to(x.device)
-        xa[idx] = torch.where(keep.view(-1, 1, 1, 1), step, xa[idx])
-        used[idx[hit]] = it
+        xa[idx] = torch.where(hit.view(-1, 1, 1, 1), xa[idx], step)
+        used[idx[hit].cpu()] = it
         active[idx[hit]] = False
-    return out, used
+    return Counterfactuals(cf, pre, mask, used)
 
 
 def plain_pgd(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig) -> Counterfactuals:
     """The baseline: ACE's attack with no diffusion filter (same loss, step, stopping rule)."""
-    cf, used = _signed_pgd(model, x, target, cfg, view=lambda z: z)
-    return Counterfactuals(cf, cf, torch.ones_like(x[:, :1]), used)
+    return _signed_pgd(model, x, target, cfg, view=lambda z, idx, it: z)
 
 
 def refinement_mask(x: torch.Tensor, pre: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
@@ -130,15 +152,32 @@ def refinement_mask(x: torch.Tensor, pre: torch.Tensor, threshold: float, dilati
     return (diff > threshold).to(x.dtype)
 
 
+def _noise_bank(ddpm: DDPM, cfg: ACEConfig, x: torch.Tensor, it: int) -> torch.Tensor:
+    """The filter's noise for attack iteration `it`, for the whole batch: (K, N, C, H, W)."""
+    k = filter_noise_draws(ddpm, cfg.sampling_steps, cfg.tau)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+    return torch.randn((k, *x.shape), generator=gen).to(x.device)
+
+
 def ace(model: Classifier, ddpm: DDPM, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig) -> Counterfactuals:
     """ACE counterfactuals of `x` ([0, 1]) towards `target` for `model`."""
-    filt = lambda z: denoise_from(ddpm, z, cfg.tau, cfg.sampling_steps, eta=cfg.eta,
-                                  grad_checkpoint=cfg.grad_checkpoint)
-    pre, used = _signed_pgd(model, x, target, cfg, view=filt)
-    if not cfg.refine:
-        return Counterfactuals(pre, pre, torch.ones_like(x[:, :1]), used)
-    mask = refinement_mask(x, pre, cfg.mask_threshold, cfg.mask_dilation)
-    with torch.no_grad():
-        cf = denoise_from(ddpm, pre, cfg.tau, cfg.sampling_steps, eta=cfg.eta, known=(x, mask))
-    cf = mask * cf + (1 - mask) * x   # exact outside the mask (already so after the last step)
-    return Counterfactuals(cf, pre, mask, used)
+    def filt(z: torch.Tensor, idx: torch.Tensor, it: int) -> torch.Tensor:
+        return denoise_from(ddpm, z, cfg.tau, cfg.sampling_steps, eta=cfg.eta,
+                            grad_checkpoint=cfg.grad_checkpoint, noise=_noise_bank(ddpm, cfg, x, it)[:, idx])
+
+    if cfg.refine == "none":
+        return _signed_pgd(model, x, target, cfg, view=filt)
+
+    def finish(pre: torch.Tensor, idx: torch.Tensor, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = x[idx]
+        if cfg.refine == "paired":
+            # F_tau(x) under the very noise that produced the pre-explanation: their difference
+            # is what the attack changed, without the filter's own reconstruction error of x.
+            ref = filt(x0, idx, it)
+            mask = refinement_mask(ref, pre, cfg.mask_threshold, cfg.mask_dilation)
+            return (x0 + mask * (pre - ref)).clamp(0, 1), mask
+        mask = refinement_mask(x0, pre, cfg.mask_threshold, cfg.mask_dilation)
+        cf = denoise_from(ddpm, pre, cfg.tau, cfg.sampling_steps, eta=cfg.eta, known=(x0, mask))
+        return mask * cf + (1 - mask) * x0, mask   # exact outside the mask
+
+    return _signed_pgd(model, x, target, cfg, view=filt, finish=finish)

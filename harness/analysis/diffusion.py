@@ -234,29 +234,43 @@ def denoise_step(ddpm: DDPM, xt: torch.Tensor, t: int, t_prev: int, eta: float,
 
 def denoise_from(ddpm: DDPM, x01: torch.Tensor, tau: float, steps: int, *, eta: float = 1.0,
                  grad_checkpoint: bool = False,
-                 known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 known: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
     """The filter F_tau: noise `x01` to tau*T, denoise with the respaced chain; [0, 1] in and out.
 
     `known=(x_known01, mask)` is RePaint-style inpainting: after every step, the pixels where
     mask == 0 are replaced by q_sample(x_known, t_prev), so only the masked region is generated.
     `grad_checkpoint` recomputes each UNet call in the backward pass (memory O(1) in steps).
+    `noise` (K >= filter_noise_draws(...) stacked like x01) fixes every random draw, so the same
+    noise can filter two images (common random numbers); None draws fresh noise.
     """
     ts = respaced_timesteps(ddpm.T, steps, tau)
     if not ts:
         return x01
-    x = ddpm.q_sample(x01, ts[0])
+    if noise is not None and noise.shape[0] < len(ts) + 1:
+        raise ValueError(f"denoise_from needs {len(ts) + 1} noise draws, got {noise.shape[0]}")
+    draw = (lambda k: noise[k]) if noise is not None else (lambda k: torch.randn_like(x01))
+    x = ddpm.q_sample(x01, ts[0], draw(0))
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        noise = torch.randn_like(x) if eta > 0 and t_prev >= 0 else None
+        z = draw(i + 1) if eta > 0 and t_prev >= 0 else None
         if grad_checkpoint and torch.is_grad_enabled():
-            x = checkpoint(denoise_step, ddpm, x, t, t_prev, eta, noise, use_reentrant=False)
+            x = checkpoint(denoise_step, ddpm, x, t, t_prev, eta, z, use_reentrant=False)
         else:
-            x = denoise_step(ddpm, x, t, t_prev, eta, noise)
-        if known is not None:
+            x = denoise_step(ddpm, x, t, t_prev, eta, z)
+        if known is not None and t_prev >= 0:
             x_known, mask = known
-            ref = ddpm.q_sample(x_known, t_prev) if t_prev >= 0 else 2 * x_known - 1
-            x = mask * x + (1 - mask) * ref
-    return ((x + 1) / 2).clamp(0, 1)
+            x = mask * x + (1 - mask) * ddpm.q_sample(x_known, t_prev)
+    out = ((x + 1) / 2).clamp(0, 1)
+    if known is not None:   # composite in [0, 1]: pixels outside the mask are exactly x_known
+        out = known[1] * out + (1 - known[1]) * known[0]
+    return out
+
+
+def filter_noise_draws(ddpm: DDPM, steps: int, tau: float) -> int:
+    """How many noise tensors one filter pass draws (forward noising + one per stochastic step)."""
+    n = len(respaced_timesteps(ddpm.T, steps, tau))
+    return n + 1 if n else 0
 
 
 def sample(ddpm: DDPM, n: int, shape: tuple[int, int, int], steps: int = 100, eta: float = 1.0,
