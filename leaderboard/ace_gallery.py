@@ -25,7 +25,8 @@ N_SHOWN = 12
 # (summary key, column title, format): ACE and plain-PGD side by side.
 METRICS = [
     ("flip_rate", "flip rate", "pct"), ("l1", "L1", "sig"), ("l2", "L2", "sig"),
-    ("hf_share", "HF share", "sig"), ("hf_energy", "HF energy", "sig"),
+    ("hf_share", "HF share", "sig"), ("hf_share_0.375", "HF share >0.375", "sig"),
+    ("hf_energy", "HF energy", "sig"),
     ("oracle_flip_rate", "oracle agrees", "pct"), ("cout", "COUT", "sig"), ("fid_local", "FID (local)", "sig"),
 ]
 

@@ -23,6 +23,7 @@ from harness.analysis.ace import ACEConfig, ace, plain_pgd, runner_up_target
 from harness.analysis.aux_models import ensure_aux
 from harness.analysis.diffusion import DDPMConfig, ensure_ddpm, load_split
 
+EXTRA_CUTOFFS = (0.125, 0.375)
 SETTINGS = ("name", "n_explain", "batch_size", "hf_cutoff", "ddpm", "ace", "seed")
 
 
@@ -77,6 +78,7 @@ def run_ace(model: torch.nn.Module, data_dir: Path, results_dir: Path, out_dir: 
     cat = {k: torch.cat(v) for k, v in parts.items()}
     summary = summarize(model, oracle, feats, x, y, target, cat["cf"], cat["pre"], cat["pgd"],
                         float(acfg.get("hf_cutoff", 0.25)))
+    summary |= natural_reference(Path(data_dir), x, target, float(acfg.get("hf_cutoff", 0.25)))
     summary |= {
         "analysis": "ace", "ace_seconds": t_ace, "pgd_seconds": t_pgd,
         "ace_mean_iterations": float(cat["it"].float().mean()),
@@ -113,12 +115,27 @@ def summarize(model: Callable, oracle: Callable, feats: torch.nn.Module, x: torc
         out[f"{name}_l2"] = float(M.l2(d).mean()) if len(d) else float("nan")
         out[f"{name}_hf_share"] = M.nanmean(M.hf_share(d, cutoff)) if len(d) else float("nan")
         out[f"{name}_hf_energy"] = float(M.hf_energy(d, cutoff).mean()) if len(d) else float("nan")
+        for c in EXTRA_CUTOFFS:   # the cutoff matters on tiny images: report a sweep beside it
+            out[f"{name}_hf_share_{c:g}"] = M.nanmean(M.hf_share(d, c)) if len(d) else float("nan")
         out[f"{name}_oracle_flip_rate"] = float(M.flipped(oracle, z[both], target[both]).float().mean()) \
             if len(d) else float("nan")
         out[f"{name}_cout"] = float(M.cout(model, x[both], z[both], y[both], target[both]).mean()) \
             if len(d) else float("nan")
         with torch.no_grad():
             out[f"{name}_fid_local"] = M.frechet_distance(feats.features(z).numpy(), real)
+    return out
+
+
+def natural_reference(data_dir: Path, x: torch.Tensor, target: torch.Tensor, cutoff: float) -> dict[str, Any]:
+    """Frequency content of a natural class change: x -> its nearest training image of the target
+    class (L2). Tells what HF share a real, semantic edit has on this dataset."""
+    xt, yt = load_split(data_dir, "train")
+    dist = torch.cdist(x.flatten(1), xt.flatten(1))
+    dist = dist.masked_fill(yt[None, :] != target[:, None], float("inf"))
+    d = xt[dist.argmin(1)] - x
+    out = {"nn_l2": float(M.l2(d).mean()), "nn_hf_share": M.nanmean(M.hf_share(d, cutoff))}
+    for c in EXTRA_CUTOFFS:
+        out[f"nn_hf_share_{c:g}"] = M.nanmean(M.hf_share(d, c))
     return out
 
 
