@@ -88,9 +88,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eps = 1e-6 * np.eye(len(cov_a))   # few samples give singular covariances: regularise
-    covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
+    eps = 1e-6 * np.eye(len(cov_a))   # few samples give singular covariances: regularise both
+    cov_a, cov_b = cov_a + eps, cov_b + eps
+    covmean = linalg.sqrtm(cov_a @ cov_b).real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 
 
