@@ -69,11 +69,13 @@ def png_uri(image: np.ndarray, scale: int = 8) -> Markup:
 def _samples(npz_path: Path, class_names: list[str], n: int) -> list[dict[str, Any]]:
     with np.load(npz_path) as z:
         x, y, t, cf, pgd = z["x"], z["y"], z["target"], z["ace_cf"], z["pgd_cf"]
+        extra = {k: z[k] for k in ("ace_flip", "pgd_flip", "oracle_ace", "oracle_pgd") if k in z.files}
     name = lambda i: class_names[int(i)] if 0 <= int(i) < len(class_names) else str(int(i))
     out = []
     for i in range(min(n, len(x))):
         out.append({
             "label": name(y[i]), "target": name(t[i]),
+            **{k: (bool(v[i]) if "flip" in k else name(v[i])) for k, v in extra.items()},
             "x": png_uri(x[i]), "ace": png_uri(cf[i]), "ace_diff": png_uri((cf[i] - x[i] + 1) / 2),
             "pgd": png_uri(pgd[i]), "pgd_diff": png_uri((pgd[i] - x[i] + 1) / 2),
         })

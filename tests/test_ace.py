@@ -171,7 +171,9 @@ def _fake_cell(results_dir: Path, key: str, method: str, n: int = 3) -> None:
     rng = np.random.default_rng(0)
     x = rng.random((n, 1, 8, 8)).astype(np.float32)
     np.savez_compressed(folder / "counterfactuals.npz", x=x, y=np.arange(n), target=np.arange(n) + 1,
-                        ace_cf=x[::-1], ace_pre=x, ace_mask=np.ones_like(x), pgd_cf=x * 0.5)
+                        ace_cf=x[::-1], ace_pre=x, ace_mask=np.ones_like(x), pgd_cf=x * 0.5,
+                        ace_flip=np.array([True, False, True]), pgd_flip=np.ones(n, bool),
+                        oracle_ace=np.arange(n) + 1, oracle_pgd=np.arange(n))
 
 
 def test_gallery_page_renders_escaped_and_linked(tmp_path: Path) -> None:
@@ -184,6 +186,7 @@ def test_gallery_page_renders_escaped_and_linked(tmp_path: Path) -> None:
     assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
     assert page.count("data:image/png;base64,") == 3 * 5
     assert "100.00" in page and "0.2" in page and "0.4" in page
+    assert page.count("not flipped ✗") == 1 and "oracle says 3" in page
     assert 'href="ace.html"' in index.read_text()
     cell_page = next((tmp_path / "site" / "cells").glob("*.html")).read_text()
     assert 'href="../ace.html"' in cell_page

@@ -76,6 +76,11 @@ def run_ace(model: torch.nn.Module, data_dir: Path, results_dir: Path, out_dir: 
             parts[k].append(v.detach())
         log(f"ace: {min(i + bs, len(x))}/{len(x)} explained ({time.time() - started:.0f}s)")
     cat = {k: torch.cat(v) for k, v in parts.items()}
+    cat["ace_flip"] = M.flipped(model, cat["cf"], target)
+    cat["pgd_flip"] = M.flipped(model, cat["pgd"], target)
+    with torch.no_grad():
+        cat["oracle_ace"] = oracle(cat["cf"]).argmax(1)
+        cat["oracle_pgd"] = oracle(cat["pgd"]).argmax(1)
     summary = summarize(model, oracle, feats, x, y, target, cat["cf"], cat["pre"], cat["pgd"],
                         float(acfg.get("hf_cutoff", 0.25)))
     summary |= natural_reference(Path(data_dir), x, target, float(acfg.get("hf_cutoff", 0.25)))
@@ -144,7 +149,9 @@ def write_artifacts(out_dir: Path, summary: dict[str, Any], x: torch.Tensor, y: 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / "counterfactuals.npz", x=x.numpy(), y=y.numpy(), target=target.numpy(),
                         ace_cf=cat["cf"].numpy(), ace_pre=cat["pre"].numpy(), ace_mask=cat["mask"].numpy(),
-                        pgd_cf=cat["pgd"].numpy())
+                        pgd_cf=cat["pgd"].numpy(), ace_flip=cat["ace_flip"].numpy(),
+                        pgd_flip=cat["pgd_flip"].numpy(), oracle_ace=cat["oracle_ace"].numpy(),
+                        oracle_pgd=cat["oracle_pgd"].numpy())
     gallery_png(out_dir / "gallery.png", x, cat["cf"], cat["pgd"])
     tmp = out_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
