@@ -10,13 +10,17 @@ import json
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness.analysis.runner import check_analyses, run_analyses
 from harness.data.shards import dataset_sha256, load_manifest
+from harness.checkpoint_sync import local_work_dir
 from harness.evaluate import EvalResult, evaluate
+from harness.neuron_sensitivity import SensitivityResult, analyse_cell
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
+from harness.resources import worker_death_exceptions
 from harness.results import SCHEMA_VERSION, write_cell_result
+from harness.stages import ensure_dependencies, train_config
 from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
 
 
@@ -31,17 +35,23 @@ class CellOutcome:
 
 
 def checkpoint_dir(cfg: dict[str, Any]) -> Path:
-    """Keyed by what is trained only: cells differing in eval attacks share the checkpoint."""
-    return Path(cfg["results_dir"]) / "checkpoints" / cfg["train_key"]
+    """Keyed by what is trained only: cells differing in eval attacks share the checkpoint.
+    A node-local cache synced to the store when results_dir is a URI (harness.checkpoint_sync)."""
+    return local_work_dir(cfg)
 
 
-def run_cell(cfg: dict[str, Any]) -> CellOutcome:
-    """Run a finalized cell config (see harness.config.finalize) and commit its result file."""
+def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], TrainSummary] = train) -> CellOutcome:
+    """Run a finalized cell config (see harness.config.finalize) and commit its result file.
+
+    `train_fn` trains (or, for Ray Train, fetches what its workers trained). A killed DDP rank
+    (resources.retry_worker_death) is re-raised so Ray retries the cell instead of failing it.
+    """
     started = _now()
     work_dir = checkpoint_dir(cfg)
     try:
         check_analyses(cfg)
-        summary = train(cfg, work_dir)
+        ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
+        summary = train_fn(train_config(cfg), work_dir)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
         ecfg = cfg.get("eval", {})
@@ -50,12 +60,15 @@ def run_cell(cfg: dict[str, Any]) -> CellOutcome:
             num_classes=manifest["num_classes"], batch_size=int(ecfg.get("batch_size", 256)),
             img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"), seed=int(cfg["seed"]),
         )
+        sensitivity = analyse_cell(cfg, model)
         analyses = run_analyses(cfg, model)
-        rows = _ok_rows(cfg, summary, result, manifest, work_dir, started)
+        rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
         if analyses:
             rows = [r | {"analysis_json": json.dumps(analyses, sort_keys=True, default=str)} for r in rows]
         status, error = "ok", None
     except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
+        if isinstance(err, worker_death_exceptions()) and (cfg.get("resources") or {}).get("retry_worker_death", True):
+            raise  # a killed process, not the cell's fault: Ray retries the cell
         error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
         rows = [_base_row(cfg, started) | {"status": "failed", "error": error}]
         status = "failed"
@@ -65,7 +78,7 @@ def run_cell(cfg: dict[str, Any]) -> CellOutcome:
 
 
 def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, manifest: dict[str, Any],
-             work_dir: Path, started: dt.datetime) -> list[dict[str, Any]]:
+             work_dir: Path, started: dt.datetime, sensitivity: SensitivityResult | None = None) -> list[dict[str, Any]]:
     base = _base_row(cfg, started) | {
         "status": "ok",
         "clean_acc": result.clean_acc,
@@ -84,6 +97,8 @@ def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, man
         "data_sha256": dataset_sha256(manifest),
         "checkpoint_sha256": file_sha256(work_dir / CHECKPOINT),
         "device": summary.device,
+        "neuron_sensitivity": sensitivity.value if sensitivity else None,
+        "neuron_sensitivity_layers": sensitivity.layers_json() if sensitivity else None,
     }
     rows = []
     for attack_result in result.attacks:

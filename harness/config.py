@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import harness
+from harness.storage import normalize_location
 from harness.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, Registry, UnknownPluginError
 
 # Groups whose option names are plugin names, and the registry that knows them.
@@ -153,7 +154,7 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
     data["dir"] = str((Path(data["root"]).expanduser() / data["name"]).resolve())
     if data.get("source"):
         data["source"] = str(Path(data["source"]).expanduser().resolve())
-    cfg["results_dir"] = str(Path(cfg["results_dir"]).expanduser().resolve())
+    cfg["results_dir"] = normalize_location(cfg["results_dir"])  # a local path or a pyarrow.fs URI
     cfg["code_version"] = harness.__version__
     cfg["key"] = cell_key(cfg)
     cfg["train_key"] = train_key(cfg)

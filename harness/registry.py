@@ -110,7 +110,9 @@ def _where(obj: object) -> str:
 
 
 METHODS: Registry = Registry(
-    "method", "robustgrid.methods", ("methods.erm", "methods.pgd_at", "methods.trades")
+    "method", "robustgrid.methods",
+    ("methods.erm", "methods.pgd_at", "methods.trades", "methods.mart", "methods.awp", "methods.trades_awp",
+     "methods.fgsm_rs", "methods.causaladv", "methods.sns", "methods.adml"),
 )
 ATTACKS: Registry = Registry(
     "attack",
