@@ -56,6 +56,13 @@ def test_respacing_and_tau_zero_is_identity(tiny_ddpm, digits) -> None:
         respaced_timesteps(1000, 50, 1.5)
 
 
+def test_resized_cells_get_resized_images_and_their_own_ddpm(digits_dir: Path) -> None:
+    from harness.analysis.diffusion import ddpm_key
+
+    assert load_split(digits_dir, "test", limit=4, img_size=16)[0].shape == (4, 1, 16, 16)
+    assert ddpm_key("sha", TINY_DDPM) != ddpm_key("sha", TINY_DDPM, 16)
+
+
 def test_deterministic_filter_is_repeatable_up_to_forward_noise(tiny_ddpm, digits) -> None:
     x = digits[0][:4]
     torch.manual_seed(3)

@@ -62,7 +62,8 @@ def train_aux(images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed
     return model.eval().requires_grad_(False)
 
 
-def ensure_aux(role: str, data_dir: Path, results_dir: Path) -> tuple[SmallCNN, dict]:
+def ensure_aux(role: str, data_dir: Path, results_dir: Path,
+               img_size: int | None = None) -> tuple[SmallCNN, dict]:
     """The cached helper classifier `role` ('oracle' or 'features') for this dataset; trains if missing.
 
     Returns the model and its meta (including its test accuracy)."""
@@ -73,16 +74,17 @@ def ensure_aux(role: str, data_dir: Path, results_dir: Path) -> tuple[SmallCNN, 
         raise ValueError(f"unknown helper classifier role '{role}'; known: {sorted(ROLES)}")
     manifest = load_manifest(Path(data_dir))
     sha = dataset_sha256(manifest)
-    key = hashlib.sha256(json.dumps([sha, role, ROLES[role], "SmallCNN-v1"]).encode()).hexdigest()[:20]
+    ident = [sha, role, ROLES[role], "SmallCNN-v1"] + ([int(img_size)] if img_size is not None else [])
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
     folder = Path(results_dir) / "artifacts" / "aux" / key
     model = SmallCNN(manifest["channels"], manifest["num_classes"])
     if (folder / AUX_FILE).exists():
         blob = torch.load(folder / AUX_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(blob["state_dict"])
         return model.eval().requires_grad_(False), blob["meta"]
-    x, y = load_split(Path(data_dir), "train")
+    x, y = load_split(Path(data_dir), "train", img_size=img_size)
     model = train_aux(x, y, manifest["num_classes"], ROLES[role])
-    xt, yt = load_split(Path(data_dir), "test")
+    xt, yt = load_split(Path(data_dir), "test", img_size=img_size)
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
     meta = {"role": role, "seed": ROLES[role], "test_acc": acc, "data_sha256": sha}

@@ -107,20 +107,24 @@ def make_scheduler(cfg: DDPMConfig) -> Any:
                          prediction_type="epsilon", clip_sample=True)
 
 
-def ddpm_key(data_sha256: str, cfg: DDPMConfig) -> str:
+def ddpm_key(data_sha256: str, cfg: DDPMConfig, img_size: int | None = None) -> str:
     import harness
 
-    blob = json.dumps({"data": data_sha256, "ddpm": asdict(cfg), "code": harness.__version__},
-                      sort_keys=True)
+    blob = {"data": data_sha256, "ddpm": asdict(cfg), "code": harness.__version__}
+    if img_size is not None:   # native size: no entry, so keys of native-size DDPMs stay put
+        blob["img_size"] = int(img_size)
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def load_split(data_dir: Path, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split in memory (the datasets an 8x8..32x32 DDPM is trained on are small)."""
+def load_split(data_dir: Path, split: str, limit: int | None = None,
+               img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split in memory (the datasets an 8x8..32x32 DDPM is trained on are small),
+    resized like the cell's loader when `img_size` is set."""
     from harness.data.loader import make_loader
 
     xs, ys = [], []
-    for x, y in make_loader(Path(data_dir), split, 512, limit=limit):
+    for x, y in make_loader(Path(data_dir), split, 512, limit=limit, img_size=img_size):
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
@@ -184,16 +188,16 @@ def load_ddpm(folder: Path) -> DDPM:
 
 
 def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
-                log: Callable[[str], None] | None = None) -> tuple[DDPM, Path]:
+                log: Callable[[str], None] | None = None, img_size: int | None = None) -> tuple[DDPM, Path]:
     """The cached DDPM for this dataset and config, training (and caching) it if missing."""
     from harness.data.shards import dataset_sha256, load_manifest
 
     manifest = load_manifest(Path(data_dir))
     sha = dataset_sha256(manifest)
-    folder = Path(results_dir) / "artifacts" / "ddpm" / ddpm_key(sha, cfg)
+    folder = Path(results_dir) / "artifacts" / "ddpm" / ddpm_key(sha, cfg, img_size)
     if (folder / DDPM_FILE).exists() and (folder / META_FILE).exists():
         return load_ddpm(folder), folder
-    images, _ = load_split(Path(data_dir), "train")
+    images, _ = load_split(Path(data_dir), "train", img_size=img_size)
     ddpm = train_ddpm(images, cfg, log=log)
     save_ddpm(ddpm, folder, {"data_sha256": sha, "channels": images.shape[1],
                              "image_size": images.shape[-1], "dataset": manifest.get("name")})

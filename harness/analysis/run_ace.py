@@ -39,24 +39,27 @@ def check_settings(acfg: dict[str, Any]) -> tuple[ACEConfig, DDPMConfig]:
     return ACEConfig.from_dict(acfg.get("ace")), DDPMConfig.from_dict(acfg.get("ddpm"))
 
 
-def explained_images(model: Callable, data_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def explained_images(model: Callable, data_dir: Path, n: int,
+                     img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n test images the model classifies correctly, with their labels."""
-    x, y = load_split(data_dir, "test")
+    x, y = load_split(data_dir, "test", img_size=img_size)
     with torch.no_grad():
         ok = model(x).argmax(1) == y
     return x[ok][:n], y[ok][:n]
 
 
 def run_ace(model: torch.nn.Module, data_dir: Path, results_dir: Path, out_dir: Path,
-            acfg: dict[str, Any], log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """ACE + plain PGD on `model`; writes artifacts under out_dir and returns the summary dict."""
+            acfg: dict[str, Any], log: Callable[[str], None] = lambda s: None,
+            img_size: int | None = None) -> dict[str, Any]:
+    """ACE + plain PGD on `model`; writes artifacts under out_dir and returns the summary dict.
+    `img_size`: the cell's data.img_size (images, DDPM and helper CNNs all at that size)."""
     ace_cfg, ddpm_cfg = check_settings(acfg)
     started = time.time()
     model.eval()
-    ddpm, ddpm_dir = ensure_ddpm(Path(data_dir), Path(results_dir), ddpm_cfg, log=log)
-    oracle, oracle_meta = ensure_aux("oracle", Path(data_dir), Path(results_dir))
-    feats, feats_meta = ensure_aux("features", Path(data_dir), Path(results_dir))
-    x, y = explained_images(model, Path(data_dir), int(acfg.get("n_explain", 64)))
+    ddpm, ddpm_dir = ensure_ddpm(Path(data_dir), Path(results_dir), ddpm_cfg, log=log, img_size=img_size)
+    oracle, oracle_meta = ensure_aux("oracle", Path(data_dir), Path(results_dir), img_size)
+    feats, feats_meta = ensure_aux("features", Path(data_dir), Path(results_dir), img_size)
+    x, y = explained_images(model, Path(data_dir), int(acfg.get("n_explain", 64)), img_size)
     if len(x) == 0:
         raise ValueError("the model classifies no test image correctly: nothing to explain")
     target = runner_up_target(model, x)
@@ -83,7 +86,7 @@ def run_ace(model: torch.nn.Module, data_dir: Path, results_dir: Path, out_dir: 
         cat["oracle_pgd"] = oracle(cat["pgd"]).argmax(1)
     summary = summarize(model, oracle, feats, x, y, target, cat["cf"], cat["pre"], cat["pgd"],
                         float(acfg.get("hf_cutoff", 0.25)))
-    summary |= natural_reference(Path(data_dir), x, target, float(acfg.get("hf_cutoff", 0.25)))
+    summary |= natural_reference(Path(data_dir), x, target, float(acfg.get("hf_cutoff", 0.25)), img_size)
     summary |= {
         "analysis": "ace", "ace_seconds": t_ace, "pgd_seconds": t_pgd,
         "ace_mean_iterations": float(cat["it"].float().mean()),
@@ -131,10 +134,11 @@ def summarize(model: Callable, oracle: Callable, feats: torch.nn.Module, x: torc
     return out
 
 
-def natural_reference(data_dir: Path, x: torch.Tensor, target: torch.Tensor, cutoff: float) -> dict[str, Any]:
+def natural_reference(data_dir: Path, x: torch.Tensor, target: torch.Tensor, cutoff: float,
+                      img_size: int | None = None) -> dict[str, Any]:
     """Frequency content of a natural class change: x -> its nearest training image of the target
     class (L2). Tells what HF share a real, semantic edit has on this dataset."""
-    xt, yt = load_split(data_dir, "train")
+    xt, yt = load_split(data_dir, "train", img_size=img_size)
     dist = torch.cdist(x.flatten(1), xt.flatten(1))
     dist = dist.masked_fill(yt[None, :] != target[:, None], float("inf"))
     d = xt[dist.argmin(1)] - x

@@ -40,5 +40,5 @@ def run_analyses(cfg: dict[str, Any], model: torch.nn.Module,
     out: dict[str, dict[str, Any]] = {}
     for label, acfg in (cfg.get("analysis") or {}).items():
         out[label] = run_ace(model, Path(cfg["data"]["dir"]), Path(cfg["results_dir"]),
-                             analysis_dir(cfg, label), acfg, log=log)
+                             analysis_dir(cfg, label), acfg, log=log, img_size=cfg["data"].get("img_size"))
     return out
