@@ -8,6 +8,7 @@ adding one to a trained cell re-uses its checkpoint. Each writes its artifacts u
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,13 +33,19 @@ def check_analyses(cfg: dict[str, Any]) -> None:
         check_settings(acfg)
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def run_analyses(cfg: dict[str, Any], model: torch.nn.Module,
-                 log: Callable[[str], None] = lambda s: None) -> dict[str, dict[str, Any]]:
-    """Run every configured analysis on the cell's eval model; returns {label: summary}."""
+                 log: Callable[[str], None] = _stderr) -> dict[str, dict[str, Any]]:
+    """Run every configured analysis on the cell's eval model; returns {label: summary}.
+    Progress (DDPM training can take many minutes on a CPU) goes to `log`, stderr by default."""
     from harness.analysis.run_ace import run_ace
 
     out: dict[str, dict[str, Any]] = {}
     for label, acfg in (cfg.get("analysis") or {}).items():
+        log(f"analysis {label}: {cfg.get('label', cfg['key'])}")
         out[label] = run_ace(model, Path(cfg["data"]["dir"]), Path(cfg["results_dir"]),
                              analysis_dir(cfg, label), acfg, log=log, img_size=cfg["data"].get("img_size"))
     return out
