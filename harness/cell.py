@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.analysis.runner import check_analyses, run_analyses
 from harness.backdoor.metrics import add_backdoor_metrics
 from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
@@ -53,6 +54,7 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
     started, t0 = _now(), time.perf_counter()
     work_dir = checkpoint_dir(cfg)
     try:
+        check_analyses(cfg)
         ecfg = cfg.get("eval", {})
         survivors = None
         if ecfg.get("survivors_from"):  # checked before any training or attack runs
@@ -77,8 +79,11 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
             cfg["key"], cfg.get("train_key"), {r.attack.name: r.broken_by for r in result.attacks},
             result.labels, result.clean_ok))
         sensitivity = analyse_cell(cfg, model)
+        analyses = run_analyses(cfg, model)
         rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
         rows = add_backdoor_metrics(cfg, model, rows, manifest["num_classes"])
+        if analyses:
+            rows = [r | {"analysis_json": json.dumps(analyses, sort_keys=True, default=str)} for r in rows]
         status, error = "ok", None
     except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
         if isinstance(err, worker_death_exceptions()) and (cfg.get("resources") or {}).get("retry_worker_death", True):

@@ -31,7 +31,7 @@ PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, 
 # Keys that say where/how a cell runs, not what it computes: left out of the cell key.
 NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "label", "grid", "key",
                      "train_key", "code_version")
-EVAL_ONLY_KEYS = ("attack", "eval")
+EVAL_ONLY_KEYS = ("attack", "eval", "analysis")
 NON_SEMANTIC_TRAINER_KEYS = ("progress", "num_workers", "threads_per_rank", "device")
 NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source")
 

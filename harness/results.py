@@ -79,6 +79,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("per_class_asr", pa.list_(pa.float64())),
         pa.field("n_triggered", pa.int64()),
         pa.field("backdoor_eval_seconds", pa.float64()),
+        pa.field("analysis_json", pa.string()),  # JSON {label: summary} of post-eval analyses (ACE)
     ]
 )
 
