@@ -24,15 +24,16 @@ from harness.storage import is_uri
 from harness.trainer import TrainSummary
 
 
-def train_with_ray_train(cfg: dict[str, Any]) -> None:
-    """Train the cell on `trainer.world_size` Ray Train workers; raises if it failed for good."""
+def train_with_ray_train(cfg: dict[str, Any], run_cfg: dict[str, Any] | None = None) -> None:
+    """Train the cell on `trainer.world_size` Ray Train workers; raises if it failed for good.
+    `run_cfg`: the config the trainer runs (method prerequisites injected, harness.prerequisites)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     res = cell_resources(cfg)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "run_cfg": run_cfg},
         scaling_config=ScalingConfig(num_workers=res.ranks, use_gpu=res.gpus > 0,
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(name=f"cell-{cfg['key']}", storage_path=_train_storage(cfg),
@@ -54,7 +55,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     while base is not None:
         pull(base, local_work_dir(base))
         base = base_cell(base)
-    train_in_process_group(train_config(cfg), local_work_dir(cfg))
+    train_in_process_group(config.get("run_cfg") or train_config(cfg), local_work_dir(cfg))
 
 
 def _train_storage(cfg: dict[str, Any]) -> str:
@@ -84,11 +85,14 @@ def run_cell_ray_train(cfg: dict[str, Any]) -> CellOutcome:
     """The whole cell under launcher=ray_train: train on Ray Train, then evaluate + commit in a task."""
     import ray
 
-    from harness.stages import ensure_dependencies
+    from harness.prerequisites import runtime_config
+    from harness.stages import ensure_dependencies, train_config
 
     try:
         ensure_dependencies(cfg)  # a two-stage cell's base stage, trained here if not yet done
-        train_with_ray_train(cfg)
+        # method prerequisites (CBD's f_B, FT/FP/NAD's ERM) are trained here too; their checkpoint
+        # paths are this node's, so on several nodes results_dir must be a shared folder
+        train_with_ray_train(cfg, runtime_config(train_config(cfg)))
     except Exception as err:  # training failed past its retries: a failed cell, recorded like any other
         from harness.cell import _base_row, _now
         from harness.results import write_cell_result
