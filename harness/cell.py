@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from harness.analysis.runner import check_analyses, run_analyses
+from harness.backdoor.metrics import add_backdoor_metrics
 from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
+from harness.checkpoint_sync import local_work_dir
 from harness.evaluate import EvalResult, evaluate
+from harness.neuron_sensitivity import SensitivityResult, analyse_cell
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
+from harness.resources import worker_death_exceptions
 from harness.results import SCHEMA_VERSION, write_cell_result
+from harness.prerequisites import runtime_config, training_lock
 from harness.samples import load_survivors, samples_table, write_samples
+from harness.stages import ensure_dependencies, train_config
 from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
 
 
@@ -32,22 +40,33 @@ class CellOutcome:
 
 
 def checkpoint_dir(cfg: dict[str, Any]) -> Path:
-    """Keyed by what is trained only: cells differing in eval attacks share the checkpoint."""
-    return Path(cfg["results_dir"]) / "checkpoints" / cfg["train_key"]
+    """Keyed by what is trained only: cells differing in eval attacks share the checkpoint.
+    A node-local cache synced to the store when results_dir is a URI (harness.checkpoint_sync)."""
+    return local_work_dir(cfg)
 
 
-def run_cell(cfg: dict[str, Any]) -> CellOutcome:
-    """Run a finalized cell config (see harness.config.finalize) and commit its result file."""
-    started = _now()
+def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], TrainSummary] = train) -> CellOutcome:
+    """Run a finalized cell config (see harness.config.finalize) and commit its result file.
+
+    `train_fn` trains (or, for Ray Train, fetches what its workers trained). A killed DDP rank
+    (resources.retry_worker_death) is re-raised so Ray retries the cell instead of failing it.
+    """
+    started, t0 = _now(), time.perf_counter()
     work_dir = checkpoint_dir(cfg)
     try:
+        check_analyses(cfg)
         ecfg = cfg.get("eval", {})
         survivors = None
         if ecfg.get("survivors_from"):  # checked before any training or attack runs
             n_eval = split_count(Path(cfg["data"]["dir"]), "test", 0, 1, ecfg.get("limit"))
             survivors = load_survivors(cfg["results_dir"], str(ecfg["survivors_from"]),
                                        train_key=cfg.get("train_key"), n_eval=n_eval)
-        summary = train(cfg, work_dir)
+        ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
+        # method-declared prerequisites (CBD's f_B, FT/FP/NAD's backdoored ERM) are trained here,
+        # and post-training defenses get their clean subset (harness/prerequisites.py)
+        run_cfg = runtime_config(train_config(cfg))
+        with training_lock(work_dir):
+            summary = train_fn(run_cfg, work_dir)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
         result = evaluate(
@@ -59,19 +78,26 @@ def run_cell(cfg: dict[str, Any]) -> CellOutcome:
         write_samples(cfg["results_dir"], cfg["key"], samples_table(
             cfg["key"], cfg.get("train_key"), {r.attack.name: r.broken_by for r in result.attacks},
             result.labels, result.clean_ok))
-        rows = _ok_rows(cfg, summary, result, manifest, work_dir, started)
+        sensitivity = analyse_cell(cfg, model)
+        analyses = run_analyses(cfg, model)
+        rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
+        rows = add_backdoor_metrics(cfg, model, rows, manifest["num_classes"])
+        if analyses:
+            rows = [r | {"analysis_json": json.dumps(analyses, sort_keys=True, default=str)} for r in rows]
         status, error = "ok", None
     except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
+        if isinstance(err, worker_death_exceptions()) and (cfg.get("resources") or {}).get("retry_worker_death", True):
+            raise  # a killed process, not the cell's fault: Ray retries the cell
         error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
         rows = [_base_row(cfg, started) | {"status": "failed", "error": error}]
         status = "failed"
     path = write_cell_result(cfg["results_dir"], cfg["key"], rows)
     return CellOutcome(cfg["key"], cfg.get("label", cfg["key"]), status, error, str(path),
-                       (_now() - started).total_seconds())
+                       time.perf_counter() - t0)
 
 
 def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, manifest: dict[str, Any],
-             work_dir: Path, started: dt.datetime) -> list[dict[str, Any]]:
+             work_dir: Path, started: dt.datetime, sensitivity: SensitivityResult | None = None) -> list[dict[str, Any]]:
     base = _base_row(cfg, started) | {
         "status": "ok",
         "clean_acc": result.clean_acc,
@@ -90,6 +116,8 @@ def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, man
         "data_sha256": dataset_sha256(manifest),
         "checkpoint_sha256": file_sha256(work_dir / CHECKPOINT),
         "device": summary.device,
+        "neuron_sensitivity": sensitivity.value if sensitivity else None,
+        "neuron_sensitivity_layers": sensitivity.layers_json() if sensitivity else None,
     }
     rows = []
     for attack_result in result.attacks:

@@ -2,6 +2,7 @@
 
     robustgrid run [overrides...]            one cell, in this process
     robustgrid grid grid=demo [overrides...] a grid of cells on Ray, then the leaderboard
+    robustgrid status grid=demo [overrides...] done/failed/running/pending cells, from the results store
     robustgrid list methods|attacks|architectures|datasets
     robustgrid data prepare digits|cifar10 [--source ARCHIVE] [--root DIR]
     robustgrid leaderboard --results DIR --out DIR
@@ -51,8 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--no-leaderboard", action="store_true", help="skip building the site")
     grid.set_defaults(func=_cmd_grid)
 
+    status = sub.add_parser("status", help="done/failed/running/pending cells of a grid, from its results store")
+    status.add_argument("overrides", nargs="*", help="the grid's overrides, as given to `robustgrid grid`")
+    status.add_argument("--results", help="results folder or URI (alone: every cell the store holds)")
+    status.add_argument("--list", action="store_true", help="also print each cell's state")
+    status.set_defaults(func=_cmd_status)
+
     lst = sub.add_parser("list", help="print registered plugin names, one per line")
-    lst.add_argument("kind", choices=["methods", "attacks", "architectures", "datasets"])
+    lst.add_argument("kind", choices=["methods", "attacks", "architectures", "datasets", "poisons"])
     lst.set_defaults(func=_cmd_list)
 
     data = sub.add_parser("data", help="dataset tools")
@@ -105,12 +112,23 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     results_dirs = sorted({c["results_dir"] for c in cells})
     if not args.no_leaderboard:
         from leaderboard import build_site
+        from harness.storage import local_path
 
         for results_dir in results_dirs:
-            index = build_site(results_dir, Path(first["leaderboard_dir"]))
+            if local_path(results_dir) is None:
+                console.print(f"leaderboard skipped for remote store {results_dir}: copy it locally, then "
+                              f"`robustgrid leaderboard --results DIR`")
+                continue
+            index = build_site(local_path(results_dir), Path(first["leaderboard_dir"]))
             console.print("leaderboard:")
             print(index.resolve())
     return 1 if report.failed else 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from harness.status import status_command
+
+    return status_command(args.overrides, args.results, args.list)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

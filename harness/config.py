@@ -21,15 +21,17 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import harness
-from harness.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, Registry, UnknownPluginError
+from harness.storage import normalize_location
+from harness.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, POISONS, Registry, UnknownPluginError
 
 # Groups whose option names are plugin names, and the registry that knows them.
-PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, "data": DATASETS}
+PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, "data": DATASETS,
+                                      "backdoor": POISONS}
 
 # Keys that say where/how a cell runs, not what it computes: left out of the cell key.
 NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "label", "grid", "key",
                      "train_key", "code_version")
-EVAL_ONLY_KEYS = ("attack", "eval")
+EVAL_ONLY_KEYS = ("attack", "eval", "analysis")
 NON_SEMANTIC_TRAINER_KEYS = ("progress", "num_workers", "threads_per_rank", "device")
 NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source")
 
@@ -137,6 +139,8 @@ def _semantic(cfg: dict[str, Any]) -> dict[str, Any]:
     semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
     semantic["trainer"] = {k: v for k, v in cfg["trainer"].items() if k not in NON_SEMANTIC_TRAINER_KEYS}
     semantic["data"] = {k: v for k, v in cfg["data"].items() if k not in NON_SEMANTIC_DATA_KEYS}
+    if (cfg.get("backdoor") or {}).get("name", "none") == "none":
+        semantic.pop("backdoor", None)  # clean cells keep the keys they had before the backdoor track
     semantic["code_version"] = harness.__version__
     return semantic
 
@@ -153,9 +157,11 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
     data["dir"] = str((Path(data["root"]).expanduser() / data["name"]).resolve())
     if data.get("source"):
         data["source"] = str(Path(data["source"]).expanduser().resolve())
-    cfg["results_dir"] = str(Path(cfg["results_dir"]).expanduser().resolve())
+    cfg["results_dir"] = normalize_location(cfg["results_dir"])  # a local path or a pyarrow.fs URI
     cfg["code_version"] = harness.__version__
     cfg["key"] = cell_key(cfg)
     cfg["train_key"] = train_key(cfg)
     cfg["label"] = f"{cfg['arch']['name']}/{cfg['method']['name']}/s{cfg['seed']}"
+    if (cfg.get("backdoor") or {}).get("name", "none") != "none":
+        cfg["label"] += f"/{cfg['backdoor']['name']}"
     return cfg

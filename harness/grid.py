@@ -20,10 +20,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from harness.attacks.base import build_attack
+from harness.backdoor.base import build_poison
 from harness.cell import CellOutcome, run_cell
 from harness.config import ConfigError, compose_config, finalize
 from harness.data.ensure import ensure_prepared
+from harness.resources import cell_resources, task_options
 from harness.results import committed_status, write_cell_result
+from harness.stages import dependency_keys, in_dependency_order, train_config
 from harness.trainer import check_trainer_config
 from methods.base import build_method
 
@@ -78,8 +81,10 @@ def _override_value(value: Any) -> str:
 
 def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
-    check_trainer_config(cfg["trainer"])
+    check_trainer_config(train_config(cfg)["trainer"])
+    cell_resources(cfg)
     build_method(cfg["method"])
+    build_poison(cfg.get("backdoor"))
     for attack_cfg in cfg["attack"].values():
         build_attack(attack_cfg)
 
@@ -110,19 +115,20 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus if address is None else None,
+        # "local": a fresh embedded Ray even when a `ray start` cluster is running on this machine
+        # (ray.init(None) would silently join it); ray.address=auto|host:port joins a cluster.
+        ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
                  include_dashboard=False, log_to_driver=True, configure_logging=False)
     task = ray.remote(_run_cell_task)
     refs = {}
     last_by_train_key: dict[str, Any] = {}
-    for cfg in pending:
-        res = cfg.get("resources") or {}
-        ranks = int(cfg["trainer"].get("world_size", 1))
-        options = {"num_cpus": float(res.get("cpus", 1)) * ranks, "num_gpus": float(res.get("gpus", 0)) * ranks,
-                   "max_retries": int(res.get("max_retries", 1))}
+    for cfg in in_dependency_order(pending):
+        options = task_options(cfg)  # CPUs/GPUs/memory per rank, retries on worker/node death
         # Cells that train the same model (differing only in eval attacks) share one checkpoint:
-        # chain them, so the first trains and the others only evaluate.
-        after = [last_by_train_key[cfg["train_key"]]] if cfg["train_key"] in last_by_train_key else []
+        # chain them, so the first trains and the others only evaluate. A two-stage cell (ADML)
+        # also waits for the cells that train its base checkpoint.
+        needs = [cfg["train_key"], *dependency_keys(cfg)]
+        after = [last_by_train_key[k] for k in needs if k in last_by_train_key]
         ref = task.options(**options).remote(cfg, *after)
         last_by_train_key[cfg["train_key"]] = ref
         refs[ref] = cfg
@@ -133,28 +139,61 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
         bar = progress.add_task("grid", total=len(refs), status="")
         waiting = list(refs)
         while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=5.0)
+            if not done:  # nothing finished: refresh the running count from the cells' heartbeats
+                progress.update(bar, status=_live_status(refs, waiting, outcomes))
+                continue
             cfg = refs[done[0]]
             try:
                 outcome = ray.get(done[0])
             except Exception as err:  # the worker died (OOM, node lost) after its retries
                 error = f"{type(err).__name__}: {err}"
                 path = write_cell_result(cfg["results_dir"], cfg["key"], [_lost_row(cfg, error)])
-                outcome = CellOutcome(cfg["key"], cfg["label"], "failed", error, str(path), 0.0)
+                # an attempt may have committed 'ok' before dying: that commit wins over this row
+                status = committed_status(cfg["results_dir"], cfg["key"]) or "failed"
+                outcome = CellOutcome(cfg["key"], cfg["label"], status, None if status == "ok" else error,
+                                      str(path), 0.0)
             outcomes.append(outcome)
-            n_failed = sum(o.status != "ok" for o in outcomes)
-            progress.update(bar, advance=1, status=f"running {len(waiting)}, failed {n_failed}")
+            progress.update(bar, advance=1, status=_live_status(refs, waiting, outcomes))
             mark = "[green]ok[/]" if outcome.status == "ok" else "[red]FAILED[/]"
             progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s")
     return outcomes
 
 
+def _live_status(refs: dict[Any, dict[str, Any]], waiting: list[Any], outcomes: list[CellOutcome]) -> str:
+    """'running R, queued Q, failed F': R from fresh heartbeats in the results store(s)."""
+    from harness.status import running_cells
+
+    keys = {refs[ref]["key"] for ref in waiting}
+    running = set().union(*(running_cells(d) for d in {cfg["results_dir"] for cfg in refs.values()})) & keys
+    return f"running {len(running)}, queued {len(keys) - len(running)}, failed {sum(o.status != 'ok' for o in outcomes)}"
+
+
 def _run_cell_task(cfg: dict[str, Any], *after: CellOutcome) -> CellOutcome:
-    """The Ray task: one cell, torch on the CPUs Ray gave it (`after`: cells it waited for)."""
+    """The Ray task: one cell, torch on the CPUs Ray gave it (`after`: cells it waited for).
+
+    A heartbeat marker says the cell is running (harness.status); an attempt that finds the cell
+    already committed 'ok' (a retry of a task whose first run did finish) returns at once.
+    """
     import torch
 
+    from harness.status import RunningMarker
+
+    if committed_status(cfg["results_dir"], cfg["key"]) == "ok":
+        from harness.results import result_path
+
+        return CellOutcome(cfg["key"], cfg["label"], "ok", None, str(result_path(cfg["results_dir"], cfg["key"])), 0.0)
     torch.set_num_threads(max(1, int((cfg.get("resources") or {}).get("cpus", 1))))
-    return run_cell(cfg)
+    try:
+        with RunningMarker(cfg["results_dir"], cfg["key"]):
+            if cell_resources(cfg).launcher == "ray_train":
+                from harness.ray_train import run_cell_ray_train
+
+                return run_cell_ray_train(cfg)
+            return run_cell(cfg)
+    finally:
+        if torch.cuda.is_available():  # the worker is reused: hand cached GPU memory back to cells sharing the GPU
+            torch.cuda.empty_cache()
 
 
 def _lost_row(cfg: dict[str, Any], error: str) -> dict[str, Any]:

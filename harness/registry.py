@@ -110,7 +110,11 @@ def _where(obj: object) -> str:
 
 
 METHODS: Registry = Registry(
-    "method", "robustgrid.methods", ("methods.erm", "methods.pgd_at", "methods.trades")
+    "method", "robustgrid.methods",
+    ("methods.erm", "methods.pgd_at", "methods.trades", "methods.mart", "methods.awp", "methods.trades_awp",
+     "methods.fgsm_rs", "methods.causaladv", "methods.sns", "methods.adml",
+     # backdoor defenses (docs/backdoor.md)
+     "methods.cbd", "methods.ft", "methods.fp", "methods.nad", "methods.abl"),
 )
 ATTACKS: Registry = Registry(
     "attack",
@@ -124,10 +128,16 @@ ARCHITECTURES: Registry = Registry(
     "architecture", "robustgrid.architectures", ("architectures.presets",)
 )
 DATASETS: Registry = Registry("dataset", "robustgrid.datasets", ("harness.data.datasets",))
+POISONS: Registry = Registry(
+    "poison", "robustgrid.poisons",
+    ("harness.backdoor.none", "harness.backdoor.badnets", "harness.backdoor.blended",
+     "harness.backdoor.sig", "harness.backdoor.wanet"),
+)
 
 REGISTRIES: dict[str, Registry] = {
     "methods": METHODS,
     "attacks": ATTACKS,
     "architectures": ARCHITECTURES,
     "datasets": DATASETS,
+    "poisons": POISONS,
 }

@@ -5,18 +5,19 @@ A failed cell is one row with status 'failed', null metrics and the error text.
 Metrics are floats with a fixed schema (never strings, never inferred), so an all-null column
 can't drift the schema and the leaderboard never sorts numbers as text.
 
-Writes go to a temp file in the same folder and are renamed into place (atomic on POSIX and on
-object stores that pyarrow writes whole), so a reader never sees a half-written file.
+Commits go through harness.storage (any pyarrow filesystem URI): the file is moved into place,
+then a commit marker with its sha256 is written; readers trust only verified, committed files,
+so a reader never sees a half-written file and a cell is never counted twice.
 """
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from harness.storage import open_store
 
 SCHEMA_VERSION = 1
 
@@ -63,15 +64,32 @@ RESULT_SCHEMA = pa.schema(
         pa.field("hostname", pa.string()),
         pa.field("started_at", pa.timestamp("s", tz="UTC")),
         pa.field("finished_at", pa.timestamp("s", tz="UTC")),
+        pa.field("neuron_sensitivity", pa.float64()),  # mean per-layer neuron sensitivity (harness/neuron_sensitivity.py)
+        pa.field("neuron_sensitivity_layers", pa.string()),  # JSON {layer: sensitivity}
         pa.field("flag_details", pa.string()),  # JSON {flag: evidence} (harness/integrity.py)
+        # backdoor track (harness/backdoor/metrics.py): null on cells trained on clean data
+        pa.field("backdoor", pa.string()),  # poisoning attack name
+        pa.field("poison_rate", pa.float64()),
+        pa.field("target_class", pa.int64()),
+        pa.field("n_poisoned", pa.int64()),
+        pa.field("poison_indices", pa.list_(pa.int64())),  # training-split indices that were poisoned
+        pa.field("poison_indices_sha256", pa.string()),
+        pa.field("asr", pa.float64()),  # attack success rate on triggered non-target test images
+        pa.field("backdoor_robust_acc", pa.float64()),  # triggered non-target images -> true class
+        pa.field("per_class_asr", pa.list_(pa.float64())),
+        pa.field("n_triggered", pa.int64()),
+        pa.field("backdoor_eval_seconds", pa.float64()),
+        pa.field("analysis_json", pa.string()),  # JSON {label: summary} of post-eval analyses (ACE)
     ]
 )
 
 COLUMNS = RESULT_SCHEMA.names
 
 
-def result_path(results_dir: str | os.PathLike, key: str) -> Path:
-    return Path(results_dir) / f"{key}.parquet"
+def result_path(results_dir: str | os.PathLike, key: str) -> Path | str:
+    """Where a cell's committed file lives: a local Path, or a URI string for a remote store."""
+    store = open_store(results_dir)
+    return Path(store.uri(f"{key}.parquet")) if store.is_local else store.uri(f"{key}.parquet")
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -92,52 +110,39 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     return pa.table(columns, schema=RESULT_SCHEMA)
 
 
-def write_cell_result(results_dir: str | os.PathLike, key: str, rows: list[dict[str, Any]]) -> Path:
-    """Commit a cell's rows atomically: temp file in the same folder, fsync, rename."""
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    table = rows_to_table(rows)
-    final = result_path(results_dir, key)
-    tmp = results_dir / f".tmp-{key}-{uuid.uuid4().hex}.parquet"
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
+def write_cell_result(results_dir: str | os.PathLike, key: str, rows: list[dict[str, Any]]) -> Path | str:
+    """Commit a cell's rows atomically with a checksummed commit marker (harness.storage).
+
+    Returns where the committed file is; if an 'ok' result of the key was already committed,
+    that one is kept (first ok commit wins) and its location is returned.
+    """
+    store = open_store(results_dir)
+    path = store.commit_table(key, rows_to_table(rows)).path
+    return Path(path) if store.is_local else path
 
 
 def read_cell_result(path: str | os.PathLike) -> pa.Table | None:
-    """Read one committed cell file; None if it is missing, unreadable or not ours."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException):
+    """Read one committed cell file by path; None if it is missing, uncommitted, corrupt or not ours."""
+    text = str(path)
+    folder, _, name = text.rpartition("/") if "://" in text else (str(Path(text).parent), "", Path(text).name)
+    if not name.endswith(".parquet"):
         return None
-    if "key" not in table.column_names or "status" not in table.column_names:
+    table = open_store(folder).read_table(name[: -len(".parquet")])
+    if table is None or "key" not in table.column_names or "status" not in table.column_names:
         return None
     return table
 
 
 def committed_status(results_dir: str | os.PathLike, key: str) -> str | None:
-    """'ok' / 'failed' for a committed cell, None if nothing trustworthy is committed."""
-    table = read_cell_result(result_path(results_dir, key))
-    if table is None or table.num_rows == 0:
-        return None
-    statuses = set(table.column("status").to_pylist())
-    return "ok" if statuses == {"ok"} else "failed"
+    """'ok' / 'failed' for a committed, checksum-verified cell; None if nothing trustworthy is committed."""
+    return open_store(results_dir).committed_status(key)
 
 
 def read_results(results_dir: str | os.PathLike) -> pa.Table:
-    """All committed rows under a folder, cast to RESULT_SCHEMA; foreign files are skipped."""
+    """All committed, checksum-verified rows of a store, cast to RESULT_SCHEMA; other files are skipped."""
     tables = []
-    for path in sorted(Path(results_dir).glob("*.parquet")):
-        if path.name.startswith("."):
-            continue  # an in-flight temp file
-        table = read_cell_result(path)
-        if table is None:
+    for _, table in open_store(results_dir).committed():
+        if "key" not in table.column_names or "status" not in table.column_names:
             continue
         missing = [n for n in COLUMNS if n not in table.column_names]
         for name in missing:

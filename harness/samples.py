@@ -18,7 +18,6 @@ raised before any attack runs.
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from harness.attacks.base import Attack
+from harness.storage import open_store
 
 CLEAN = "clean"
 PREVIOUS = "previous:"
@@ -88,40 +88,39 @@ def samples_table(key: str, train_key: str | None, per_attack: dict[str, list[st
     return pa.table(cols, schema=SAMPLES_SCHEMA)
 
 
-def write_samples(results_dir: str | os.PathLike, key: str, table: pa.Table) -> Path:
-    """Atomic write (temp file in the same folder, rename), as the cell's result file."""
-    final = samples_path(results_dir, key)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex}.parquet"
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
+def write_samples(results_dir: str | os.PathLike, key: str, table: pa.Table) -> str:
+    """Atomic write through the results store (temp name, then moved into place; local folder or
+    URI), beside the cell's result file. Returns the file's location."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    store = open_store(results_dir)
+    store.write_bytes(f"samples/{key}.parquet", buf.getvalue().to_pybytes())
+    return store.uri("samples", f"{key}.parquet")
 
 
-def resolve_source(results_dir: str | os.PathLike, source: str) -> Path:
-    """A path to a samples file, or a cell key in results_dir."""
+def _read_source(results_dir: str | os.PathLike, source: str) -> tuple[str, pa.Table]:
+    """A path to a samples file, or a cell key in results_dir (a local folder or a URI)."""
     path = Path(source).expanduser()
     if path.suffix == ".parquet" or os.sep in source:
-        candidate = path
+        if path.is_file():
+            return str(path), pq.read_table(path)
+        where = str(path)
     else:
-        candidate = samples_path(results_dir, source)
-    if not candidate.is_file():
-        raise FileNotFoundError(
-            f"eval.survivors_from={source!r}: no per-sample file at {candidate}. Fix: give the key "
-            f"of a cell evaluated in {results_dir} (its samples/<key>.parquet) or the path of a "
-            f"samples parquet file")
-    return candidate
+        store = open_store(results_dir)
+        data = store.read_bytes(f"samples/{source}.parquet")
+        where = store.uri("samples", f"{source}.parquet")
+        if data is not None:
+            return where, pq.read_table(pa.BufferReader(data))
+    raise FileNotFoundError(
+        f"eval.survivors_from={source!r}: no per-sample file at {where}. Fix: give the key "
+        f"of a cell evaluated in {results_dir} (its samples/<key>.parquet) or the path of a "
+        f"samples parquet file")
 
 
 def load_survivors(results_dir: str | os.PathLike, source: str, *, train_key: str | None,
                    n_eval: int) -> Survivors:
     """Read an earlier evaluation's per-sample file and check it fits the evaluation now."""
-    path = resolve_source(results_dir, source)
-    table = pq.read_table(path)
+    path, table = _read_source(results_dir, source)
     missing = [n for n in ("index", "robust", "broken_by", "attack") if n not in table.column_names]
     if missing:
         raise ValueError(f"eval.survivors_from: {path} is not a per-sample file (no {missing})")

@@ -30,14 +30,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from architectures.presets import build_classifier
+from harness.backdoor.plan import train_plan
 from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
 from harness.progress import progress_bar
 from harness.schedule import lr_factor
 from methods.base import Method, TrainContext, build_method
 
-CHECKPOINT = "checkpoint.pt"
-SUMMARY = "train_summary.json"
+from harness import checkpoint_sync
+from harness.checkpoint_sync import CHECKPOINT, SUMMARY  # noqa: F401  (names shared with the store sync)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,6 +81,7 @@ def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
     Returns the summary; the final weights are in `work_dir/checkpoint.pt`.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_sync.pull(cfg, work_dir)  # resume from the store's last epoch if it is newer (another node)
     world_size = int(cfg["trainer"].get("world_size", 1))
     store_dir = Path(tempfile.mkdtemp(prefix="rg-store-", dir=work_dir))
     store_file = str(store_dir / "store")
@@ -115,11 +117,34 @@ def _train_rank(rank: int, world_size: int, cfg: dict[str, Any], work_dir_s: str
     dist.init_process_group(backend, store=dist.FileStore(store_file, world_size),
                             rank=rank, world_size=world_size)
     try:
-        summary = _fit(rank, world_size, cfg, work_dir, device)
-        if rank == 0:
-            _atomic_write_text(work_dir / SUMMARY, json.dumps(asdict(summary)))
+        _fit_and_write_summary(rank, world_size, cfg, work_dir, device)
     finally:
         dist.destroy_process_group()
+
+
+def train_in_process_group(cfg: dict[str, Any], work_dir: Path) -> None:
+    """Train one rank inside a process group someone else set up (Ray Train's TorchTrainer workers).
+
+    Every rank pulls the store's checkpoint first, so a restarted worker group resumes from the
+    last epoch; rank 0 writes and pushes the summary.
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = _device(cfg["trainer"].get("device", "auto"), local_rank)
+    torch.set_num_threads(int(cfg["trainer"].get("threads_per_rank") or 1))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_sync.pull(cfg, work_dir)
+    dist.barrier()
+    _fit_and_write_summary(rank, world_size, cfg, work_dir, device)
+
+
+def _fit_and_write_summary(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path,
+                           device: torch.device) -> None:
+    summary = _fit(rank, world_size, cfg, work_dir, device)
+    if rank == 0:
+        _atomic_write_text(work_dir / SUMMARY, json.dumps(asdict(summary)))
+        checkpoint_sync.push_summary(cfg, work_dir)
 
 
 def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device: torch.device) -> TrainSummary:
@@ -153,6 +178,11 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                          f"lower trainer.world_size or trainer.batch_size")
 
     start_epoch, state = _load_checkpoint(work_dir / CHECKPOINT, module, optimizer, method, device)
+    if rank == 0 and 0 < start_epoch < epochs:  # a retried cell (worker/node/driver died): say so in the grid log
+        print(f"{cfg.get('label', 'cell')}: resuming from the epoch {start_epoch - 1} checkpoint", flush=True)
+    if start_epoch == 0 and tcfg.get("init_from"):  # a later stage starts from an earlier one's weights
+        init = torch.load(tcfg["init_from"], map_location=device, weights_only=False)
+        module.load_state_dict(init["model"])
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
               find_unused_parameters=method.find_unused_parameters)
     torch.manual_seed(int(cfg["seed"]) * 1000 + rank + 7919 * start_epoch)  # attack/augment randomness
@@ -160,6 +190,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     train_seconds = float(state.get("train_seconds", 0.0))
     samples_per_epoch: list[int] = state.get("samples_per_epoch", [])
 
+    poison = train_plan(cfg)  # None unless the cell trains on poisoned data
     bar = progress_bar(total=(epochs - start_epoch) * steps_per_epoch, desc=cfg.get("label", "train"),
                        enabled=rank == 0 and bool(tcfg.get("progress", True)))
     for epoch in range(start_epoch, epochs):
@@ -168,7 +199,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         loader = make_loader(dataset_dir, "train", per_rank_batch, rank=rank, world_size=world_size,
                              num_workers=int(tcfg.get("num_workers", 0)), shuffle=True,
                              seed=int(cfg["seed"]), epoch=epoch, img_size=dcfg.get("img_size"),
-                             augment=dcfg.get("augment"), limit=dcfg.get("train_limit"))
+                             augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
+                             poison=poison.for_epoch(epoch) if poison else None)
         sums: dict[str, float] = {}
         seen = 0
         for step_in_epoch, (x, y) in enumerate(even_batches(loader, counts[rank], steps_per_epoch)):
@@ -180,7 +212,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                 x = x.contiguous(memory_format=torch.channels_last)
             ctx = TrainContext(epoch=epoch, epochs=epochs, step=epoch * steps_per_epoch + step_in_epoch,
                                steps_per_epoch=steps_per_epoch, device=device, rank=rank,
-                               world_size=world_size, classifier=method.eval_model(module))
+                               world_size=world_size, classifier=method.eval_model(module), lr_scale=lr_scale)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logs = method.training_step(ddp, x, y, ctx)
             loss = logs["loss"]
@@ -190,6 +222,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            method.after_step(module, ctx)
             seen += y.shape[0]
             for name, value in logs.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) * y.shape[0]
@@ -202,6 +235,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         if rank == 0:
             _save_checkpoint(work_dir / CHECKPOINT, epoch, module, optimizer, method,
                              {"curve": curve, "train_seconds": train_seconds, "samples_per_epoch": samples_per_epoch})
+            checkpoint_sync.record_epoch(cfg, work_dir, epoch)  # pushed to the store for a URI results_dir
         dist.barrier()
     bar.close()
 

@@ -22,6 +22,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from leaderboard.backdoor import backdoor_tables, lp_view
 from leaderboard.cells import Cell, group_cells
 from leaderboard.format import cost_unit, setting_file
 
@@ -103,6 +104,7 @@ class Leaderboard:
     tables: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     cells: dict[str, Cell] = field(default_factory=dict)
+    backdoor_tables: list[dict[str, Any]] = field(default_factory=list)  # leaderboard/backdoor.py
     n_cells: int = 0
     n_ok_cells: int = 0
     n_result_rows: int = 0
@@ -170,7 +172,7 @@ def aggregate(results: pa.Table) -> Leaderboard:
     """Aggregate a RESULT_SCHEMA table (from harness.results.read_results) into a Leaderboard."""
     con = duckdb.connect()
     try:
-        con.register("results", results.select(_COLUMNS))
+        con.register("results", lp_view(results).select(_COLUMNS))
         row_records = con.execute(_ROWS_SQL).fetchall()
         attack_records = con.execute(_ATTACKS_SQL).fetchall()
         failed_records = con.execute(_FAILED_SQL).fetchall()
@@ -239,6 +241,7 @@ def aggregate(results: pa.Table) -> Leaderboard:
         tables=list(tables.values()),
         failed=failed,
         cells=group_cells(results),
+        backdoor_tables=backdoor_tables(results),
         n_cells=int(n_cells),
         n_ok_cells=int(n_cells) - len(failed),
         n_result_rows=results.num_rows,

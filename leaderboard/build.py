@@ -4,6 +4,7 @@ Layout (all links relative, so any static host or a file:// URL works):
     index.html                 every setting's ranking (compact) and every failed cell, each key linked
     settings/<track>-....html  one per setting: full sortable table, per-attack columns, plots
     cells/<key>.html           one per cell (failed ones too): rows, provenance, config, curves
+    ace.html                   ACE counterfactual gallery (only when some cell has an ACE analysis)
     data.json, data.csv        the aggregated tables, machine-readable
 Each file is written atomically (temp + rename); pages of cells/settings that no longer exist
 are removed after the new ones are in place.
@@ -16,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.results import read_results
+from leaderboard.ace_gallery import ACE_PAGE, collect
 from leaderboard.aggregate import aggregate
 from leaderboard.exports import to_csv, to_json
 from leaderboard.pages import Renderer
@@ -53,6 +55,8 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
     board = aggregate(read_results(results_dir))
     generated_at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     render = Renderer(board, generated_at)
+    explained = collect(board.cells, results_dir)
+    render.env.globals["ace_keys"] = frozenset(e.key for e in explained)
 
     written: set[Path] = set()
     for cell in board.cells.values():
@@ -65,6 +69,10 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
         written.add(path)
     _write_atomic(out_dir / "data.json", to_json(board, generated_at))
     _write_atomic(out_dir / "data.csv", to_csv(board))
+    if explained:
+        _write_atomic(out_dir / ACE_PAGE, render.ace(explained))
+    elif (out_dir / ACE_PAGE).exists():
+        (out_dir / ACE_PAGE).unlink()
     index = out_dir / "index.html"
     _write_atomic(index, render.index())
     _prune(out_dir, written)

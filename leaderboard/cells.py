@@ -19,6 +19,7 @@ PROVENANCE = [
     "data_sha256", "checkpoint_sha256", "device", "hardware", "hostname", "world_size",
     "replicas_in_sync", "n_train", "n_eval", "epochs", "final_train_loss", "train_seconds",
     "eval_seconds", "images_per_second", "started_at", "finished_at",
+    "neuron_sensitivity", "neuron_sensitivity_layers",
 ]
 
 

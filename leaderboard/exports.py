@@ -30,6 +30,7 @@ def to_json(board: Leaderboard, generated_at: str) -> str:
             "n_flagged_rows": board.n_flagged_rows,
         },
         "tables": tables,
+        "backdoor_tables": board.backdoor_tables,
         "failed": [{**f, "cell_page": cell_file(f["key"])} for f in board.failed],
     }
     return json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False) + "\n"

@@ -43,7 +43,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters.update(pct=pct, mean_std=mean_std, sig=sig, raw=raw)
     env.globals.update(eps_label=eps_label, table_heading=table_heading, cell_file=cell_file,
-                       cost_unit=cost_unit, track_titles=TRACK_TITLES)
+                       cost_unit=cost_unit, track_titles=TRACK_TITLES, ace_keys=frozenset())
     return env
 
 
@@ -69,6 +69,12 @@ class Renderer:
         failed = [f for f in self.board.failed if f["key"] in set(table["failed_keys"])]
         return self._render("setting.html.j2", "../", table=table, failed=failed,
                             figures=setting_figures(table, self.board.cells))
+
+    def ace(self, explained: list[Any]) -> str:
+        """The ACE gallery page (leaderboard.ace_gallery)."""
+        from leaderboard.ace_gallery import METRICS
+
+        return self._render("ace.html.j2", "", explained=explained, metrics=METRICS)
 
     def cell(self, cell: Cell) -> str:
         return self._render("cell.html.j2", "../", cell=cell, table=self.table_of_key.get(cell.key),

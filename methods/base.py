@@ -8,6 +8,7 @@ says how one batch becomes a loss. Hooks, in the order the trainer calls them:
     groups = method.param_groups(module)     # what the optimiser updates
     each epoch: method.on_epoch_start(ctx)
     each batch: method.training_step(ddp_module, x, y, ctx) -> {'loss': ..., other logged terms}
+                then the trainer's backward + optimiser step, then method.after_step(module, ctx)
     evaluation: method.eval_model(module)    # the classifier the attacks are run against
 
 Train-time attacks run on `ctx.classifier` (the unwrapped classifier), never on the DDP
@@ -38,6 +39,7 @@ class TrainContext:
     rank: int
     world_size: int
     classifier: Classifier  # unwrapped: what train-time attacks run on
+    lr_scale: float = 1.0  # the schedule's factor this step (for a method's own optimiser)
 
     @property
     def progress(self) -> float:
@@ -71,6 +73,9 @@ class Method:
                       ctx: TrainContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def after_step(self, module: nn.Module, ctx: TrainContext) -> None:
+        """Called after the optimiser step (AWP removes its weight perturbation here)."""
+
     def eval_model(self, module: nn.Module) -> Classifier:
         return module  # type: ignore[return-value]
 
@@ -87,6 +92,7 @@ def build_method(cfg: dict[str, Any]) -> Method:
     cfg = dict(cfg)
     cls = METHODS.get(cfg.pop("name"))
     cfg.pop("stages", None)
+    cfg.pop("finetune", None)  # ADML's stage-2 trainer settings: read by harness/stages.py
     try:
         return cls(**cfg)
     except TypeError as err:

@@ -31,7 +31,11 @@ def test_unknown_arch_and_attack(tmp_path) -> None:
 
 def test_list_prints_registered_names() -> None:
     out = _cli("list", "methods")
-    assert out.returncode == 0 and out.stdout.split() == ["erm", "pgd_at", "trades"]
+    names = out.stdout.split()
+    assert out.returncode == 0 and names == sorted(names)
+    assert {"erm", "pgd_at", "trades", "mart", "awp", "fgsm_rs", "causaladv_m", "sns", "adml_pgd_at"} <= set(names)
+    assert {"cbd", "ft", "fp", "nad", "abl"} <= set(names)
+    assert {"none", "badnets", "blended", "sig", "wanet"} == set(_cli("list", "poisons").stdout.split())
     assert {"fgsm", "pgd"} <= set(_cli("list", "attacks").stdout.split())
     assert {"test_resnet", "test_vit", "resnet18", "vit_tiny", "timm"} <= set(_cli("list", "architectures").stdout.split())
     assert {"digits", "cifar10"} <= set(_cli("list", "datasets").stdout.split())

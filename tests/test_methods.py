@@ -33,8 +33,9 @@ def process_group():
 
 def _method_cfg(name: str, data_root: Path) -> dict:
     cfg = compose_config([f"method={name}", f"data.root={data_root}"])["method"]
-    if "attack" in cfg:
-        cfg["attack"]["steps"] = 2
+    for part in (cfg, cfg.get("base") or {}):  # ADML: its own attack and its base method's
+        if "steps" in (part.get("attack") or {}):
+            part["attack"]["steps"] = 2
     return cfg
 
 

@@ -60,11 +60,14 @@ def make_loader(
     augment: dict | None = None,
     return_keys: bool = False,
     limit: int | None = None,
+    poison: Callable[[torch.Tensor, torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Iterable:
     """A DataLoader over one epoch of `split` for this rank: batches `(x, y)` or `(x, y, keys)`.
 
     x: float32 (B, C, H, W) in [0, 1]; y: int64 (B,); keys: list of "%06d" split indices.
     Shards are hash-checked first, so a missing or corrupt shard raises DataError here.
+    `poison(x, y, split indices) -> (x, y)` (harness.backdoor.plan) is applied to each decoded
+    batch at native resolution, before resize and augmentation.
     `len(loader)` is this rank's number of batches. Make a new loader for each epoch.
     """
     dataset_dir = Path(dataset_dir)
@@ -84,6 +87,7 @@ def make_loader(
         plan=_EpochPlan(n, rank, world_size, batch_size, shuffle, seed, epoch),
         transform=BatchTransform.from_args(img_size, augment),
         return_keys=return_keys,
+        poison=poison,
     )
     return DataLoader(reader, batch_size=None, num_workers=num_workers, persistent_workers=False)
 
@@ -181,8 +185,10 @@ class ShardReader(IterableDataset):
         plan: _EpochPlan,
         transform: BatchTransform,
         return_keys: bool,
+        poison: Callable | None = None,
     ) -> None:
         super().__init__()
+        self.poison = poison
         self.dataset_dir = Path(dataset_dir)
         self.shards = shards
         self.plan = plan
@@ -206,7 +212,7 @@ class ShardReader(IterableDataset):
             wds.tariterators.group_by_keys,  # which never closes the files it opens
             _in_order(wanted.tolist(), self.dataset_dir),
             wds.map(_decode_sample),
-            _batched(batches, self.plan, self.transform, self.return_keys),
+            _batched(batches, self.plan, self.transform, self.return_keys, self.poison),
         )
         return iter(pipeline)
 
@@ -273,16 +279,19 @@ def _batched(
     plan: _EpochPlan,
     transform: BatchTransform,
     return_keys: bool,
+    poison: Callable | None = None,
 ) -> Callable[[Iterable[tuple]], Iterator[tuple]]:
-    """Stage: group decoded samples into the planned batches and apply the transform."""
+    """Stage: group decoded samples into the planned batches, poison them if asked, transform."""
 
     def stage(samples: Iterable[tuple]) -> Iterator[tuple]:
         it = iter(samples)
         for batch_index, indices in batches:
             items = [next(it) for _ in range(len(indices))]
             x = torch.stack([image for image, _, _ in items]).to(torch.float32).div_(255.0)
-            x = transform(x, plan.augment_generator(batch_index))
             y = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+            if poison is not None:
+                x, y = poison(x, y, indices)
+            x = transform(x, plan.augment_generator(batch_index))
             yield (x, y, [key for _, _, key in items]) if return_keys else (x, y)
 
     return stage

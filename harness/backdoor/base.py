@@ -1,0 +1,89 @@
+"""The poison contract: a trigger is a pure function of the image, applied inside the loader.
+
+A poisoning attack (registry group `robustgrid.poisons`, config group `backdoor`) knows
+
+* `trigger(x)`: the triggered image for a batch x (B, C, H, W) in [0, 1] at the dataset's native
+  resolution (before any resize or augmentation), deterministic: its pattern comes from
+  `pattern_seed` and the image shape only;
+* `clean_label`: whether poisoned training samples keep their label (SIG) or are relabelled to
+  the target (BadNets, Blended, WaNet: all-to-one);
+* `train_variant(x, indices)`: what a poisoned training sample looks like (the trigger, unless
+  the attack trains with something else, e.g. WaNet's noise mode), and `cross_ratio`, the share
+  of extra "cross" samples (WaNet's noise samples, label kept) per poisoned sample.
+
+Which samples are poisoned is decided by `harness.backdoor.plan` from the seed, not here.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from harness.registry import POISONS
+
+
+class Poison:
+    """Base class: subclasses set `name` and implement `_trigger`."""
+
+    name: ClassVar[str]
+    clean_label: ClassVar[bool] = False
+
+    def __init__(self, target: int = 0, rate: float = 0.1, seed: int | None = None,
+                 pattern_seed: int = 0) -> None:
+        if not 0.0 <= float(rate) <= 1.0:
+            raise ValueError(f"backdoor.rate must be in [0, 1], got {rate}")
+        if int(target) < 0:
+            raise ValueError(f"backdoor.target must be a class index >= 0, got {target}")
+        self.target = int(target)
+        self.rate = float(rate)
+        self.seed = seed  # None: the cell's seed decides which samples are poisoned
+        self.pattern_seed = int(pattern_seed)
+
+    cross_ratio: float = 0.0
+
+    def trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """Triggered copy of x (B, C, H, W) in [0, 1]; the output stays in [0, 1]."""
+        if x.ndim != 4:
+            raise ValueError(f"{self.name}: expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        return self._trigger(x).clamp(0.0, 1.0)
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_variant(self, x: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+        """A poisoned training sample: by default exactly the test-time trigger."""
+        return self.trigger(x)
+
+    def cross_variant(self, x: torch.Tensor, indices: np.ndarray, epoch: int = 0) -> torch.Tensor:
+        """A cross sample (label kept); only attacks with cross_ratio > 0 have them."""
+        raise NotImplementedError(f"{self.name} has no cross samples")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+def pattern_generator(*words: int) -> torch.Generator:
+    """A torch generator seeded from integer words (pattern seed, image shape, ...)."""
+    ss = np.random.SeedSequence([int(w) & 0xFFFF_FFFF for w in words])
+    return torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0]))
+
+
+def auto_size(value: int | None, height: int, at32: float, minimum: int = 1) -> int:
+    """A size given for 32x32 images (CIFAR), scaled to `height` when the config leaves it null."""
+    if value is not None:
+        return int(value)
+    return max(minimum, int(round(at32 * height / 32)))
+
+
+def build_poison(cfg: dict[str, Any]) -> Poison | None:
+    """The poison a `backdoor` config names; None for `none` (clean training)."""
+    cfg = dict(cfg or {"name": "none"})
+    name = cfg.pop("name", "none")
+    cls = POISONS.get(name)
+    if cls is None or name == "none":
+        return None
+    try:
+        return cls(**cfg)
+    except TypeError as err:
+        raise ValueError(f"bad settings for backdoor '{name}': {err}") from None

@@ -1,0 +1,91 @@
+"""Backdoor metrics of a trained cell: attack success rate and robust accuracy under the trigger.
+
+On the test split, every image gets the trigger (at native resolution, before any resize) and
+keeps its true label. Over the images whose true class is NOT the target:
+  ASR = share classified as the target class;
+  RA  = share classified as their true class (BackdoorBench's robust accuracy).
+Target-class images are left out of both (they would count as "successes" for free).
+Clean accuracy is the ordinary one from harness.evaluate.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from harness.backdoor.plan import test_plan, train_plan
+from harness.data.loader import make_loader
+
+
+@dataclass
+class BackdoorResult:
+    asr: float
+    robust_acc: float
+    per_class_asr: list[float]  # per true class; NaN for the target class
+    n_triggered: int  # non-target test images the rates are over
+    seconds: float
+
+
+def attack_success(pred: torch.Tensor, y: torch.Tensor, target: int, num_classes: int) -> tuple[float, float, list[float]]:
+    """(ASR, RA, per-class ASR) from predictions on triggered images and their true labels."""
+    keep = y != target
+    asr = float((pred[keep] == target).float().mean()) if keep.any() else float("nan")
+    ra = float((pred[keep] == y[keep]).float().mean()) if keep.any() else float("nan")
+    per_class = []
+    for c in range(num_classes):
+        mask = (y == c) & keep
+        per_class.append(float((pred[mask] == target).float().mean()) if mask.any() else float("nan"))
+    return asr, ra, per_class
+
+
+def evaluate_backdoor(model: nn.Module, cfg: dict[str, Any], *, num_classes: int, batch_size: int = 256,
+                      limit: int | None = None, device: torch.device | str = "cpu") -> BackdoorResult:
+    """ASR and RA of `model` on the triggered test split of the cell's dataset."""
+    plan = test_plan(cfg)
+    if plan is None:
+        raise ValueError("evaluate_backdoor needs a cell with a backdoor (backdoor=<attack>)")
+    t0 = time.perf_counter()
+    model.eval()
+    preds, labels = [], []
+    loader = make_loader(Path(cfg["data"]["dir"]), "test", batch_size, img_size=cfg["data"].get("img_size"),
+                         limit=limit, poison=plan)
+    with torch.no_grad():
+        for x, y in loader:
+            preds.append(model(x.to(device)).argmax(1).cpu())
+            labels.append(y)
+    asr, ra, per_class = attack_success(torch.cat(preds), torch.cat(labels), plan.poison.target, num_classes)
+    n = int((torch.cat(labels) != plan.poison.target).sum())
+    return BackdoorResult(asr, ra, per_class, n, time.perf_counter() - t0)
+
+
+def add_backdoor_metrics(cfg: dict[str, Any], model: nn.Module, rows: list[dict[str, Any]],
+                         num_classes: int) -> list[dict[str, Any]]:
+    """The cell's result rows with the backdoor columns filled in (unchanged for clean cells)."""
+    plan = train_plan({**cfg, "backdoor": {k: v for k, v in (cfg.get("backdoor") or {}).items()
+                                           if k != "clean_train"}})
+    if plan is None:
+        return rows
+    ecfg = cfg.get("eval", {})
+    result = evaluate_backdoor(model, cfg, num_classes=num_classes, batch_size=int(ecfg.get("batch_size", 256)),
+                               limit=ecfg.get("limit"))
+    indices = [int(i) for i in plan.poisoned]
+    extra = {
+        "backdoor": plan.poison.name,
+        "poison_rate": plan.poison.rate,
+        "target_class": plan.poison.target,
+        "n_poisoned": len(indices),
+        "poison_indices": indices,
+        "poison_indices_sha256": hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest(),
+        "asr": result.asr,
+        "backdoor_robust_acc": result.robust_acc,
+        "per_class_asr": result.per_class_asr,
+        "n_triggered": result.n_triggered,
+        "backdoor_eval_seconds": result.seconds,
+    }
+    return [row | extra for row in rows]

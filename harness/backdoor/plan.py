@@ -1,0 +1,137 @@
+"""Which samples are poisoned, and applying that inside the loader (before resize/augmentation).
+
+The plan is a pure function of (labels of the split, poison config, seed): dirty-label attacks
+poison `round(rate * n)` samples drawn uniformly from the non-target-class samples (a target-class
+sample would carry no label flip); clean-label attacks (SIG) draw them from the target class and
+keep the label (capped at the class size). Cross samples (WaNet's noise mode) are drawn from the
+rest. Because the decision is by sample index, every DDP rank and loader worker agrees on it
+whatever the split of the epoch, and the index set is recorded with the cell's results.
+"""
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.backdoor.base import Poison, build_poison
+from harness.data.shards import load_manifest
+
+_PLAN_TAG = 0xBAD  # seed stream for index selection, apart from the loader's order/augment streams
+
+
+@lru_cache(maxsize=8)
+def _split_labels_cached(dataset_dir: str, split: str, sha: str) -> np.ndarray:
+    manifest = load_manifest(Path(dataset_dir))
+    labels: list[int] = []
+    for shard in manifest["splits"][split]["shards"]:
+        found: dict[int, int] = {}
+        with tarfile.open(Path(dataset_dir) / shard["file"]) as tar:
+            for member in tar:
+                if member.name.endswith(".cls"):
+                    data = tar.extractfile(member)
+                    assert data is not None
+                    found[int(member.name.split(".")[0])] = int(data.read().decode().strip())
+        labels += [found[k] for k in sorted(found)]
+    return np.asarray(labels, dtype=np.int64)
+
+
+def split_labels(dataset_dir: Path, split: str) -> np.ndarray:
+    """Labels of a split in index order, read from the shards' .cls entries only."""
+    manifest = load_manifest(Path(dataset_dir))
+    sha = ",".join(s["sha256"] for s in manifest["splits"][split]["shards"])
+    return _split_labels_cached(str(dataset_dir), split, sha)
+
+
+def select_indices(labels: np.ndarray, poison: Poison, seed: int,
+                   num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(poisoned indices, cross indices), each sorted; deterministic from `seed`."""
+    num_classes = int(labels.max(initial=0)) + 1 if num_classes is None else int(num_classes)
+    if poison.target >= num_classes:
+        raise ValueError(f"backdoor.target {poison.target} is not a class of this dataset "
+                         f"(classes 0..{num_classes - 1}); pick backdoor.target=<class index>")
+    n = len(labels)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFF_FFFF, _PLAN_TAG]))
+    eligible = np.flatnonzero(labels == poison.target if poison.clean_label else labels != poison.target)
+    n_poison = min(int(round(poison.rate * n)), len(eligible))
+    poisoned = np.sort(rng.permutation(eligible)[:n_poison])
+    rest = np.setdiff1d(np.arange(n), poisoned)
+    n_cross = min(int(round(poison.cross_ratio * n_poison)), len(rest))
+    cross = np.sort(rng.permutation(rest)[:n_cross])
+    return poisoned, cross
+
+
+@dataclass(frozen=True)
+class PoisonPlan:
+    """Called by the loader on each decoded batch: `(x, y, indices) -> (x, y)`.
+
+    mode 'train': poisoned indices get the attack's training variant (and the target label unless
+    clean-label), cross indices their cross variant. mode 'test': every image gets the trigger and
+    keeps its true label (ASR and RA are computed from those labels).
+    """
+
+    poison: Poison
+    mode: str = "train"
+    poisoned: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    cross: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    epoch: int = 0
+
+    def for_epoch(self, epoch: int) -> "PoisonPlan":
+        return replace(self, epoch=int(epoch))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "test":
+            return self.poison.trigger(x), y
+        indices = np.asarray(indices, dtype=np.int64)
+        hit = torch.from_numpy(np.isin(indices, self.poisoned))
+        if hit.any():
+            x = x.clone()
+            x[hit] = self.poison.train_variant(x[hit], indices[hit.numpy()])
+            if not self.poison.clean_label:
+                y = y.clone()
+                y[hit] = self.poison.target
+        if len(self.cross):
+            cross = torch.from_numpy(np.isin(indices, self.cross))
+            if cross.any():
+                x = x.clone()
+                x[cross] = self.poison.cross_variant(x[cross], indices[cross.numpy()], self.epoch)
+        return x, y
+
+
+def poison_seed(cfg: dict[str, Any]) -> int:
+    """The seed that picks the poisoned samples: backdoor.seed, else the cell's seed."""
+    seed = (cfg.get("backdoor") or {}).get("seed")
+    return int(cfg["seed"] if seed is None else seed)
+
+
+def train_plan(cfg: dict[str, Any]) -> PoisonPlan | None:
+    """The training split's poison plan for a cell config; None without a backdoor.
+
+    A cell whose `backdoor.clean_train` is true (set at run time for defenses that fine-tune on
+    the defender's small clean split, see harness.prerequisites) trains on clean data.
+    """
+    bcfg = dict(cfg.get("backdoor") or {})
+    if bcfg.pop("clean_train", False):
+        return None
+    poison = build_poison(bcfg)
+    if poison is None:
+        return None
+    dataset_dir = Path(cfg["data"]["dir"])
+    labels = split_labels(dataset_dir, "train")
+    limit = cfg["data"].get("train_limit")
+    if limit is not None:
+        labels = labels[: int(limit)]
+    num_classes = load_manifest(dataset_dir)["num_classes"]
+    poisoned, cross = select_indices(labels, poison, poison_seed(cfg), num_classes)
+    return PoisonPlan(poison, "train", poisoned, cross)
+
+
+def test_plan(cfg: dict[str, Any]) -> PoisonPlan | None:
+    """Every test image triggered, true labels kept; None without a backdoor."""
+    bcfg = {k: v for k, v in (cfg.get("backdoor") or {}).items() if k != "clean_train"}
+    poison = build_poison(bcfg)
+    return None if poison is None else PoisonPlan(poison, "test")

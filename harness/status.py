@@ -1,0 +1,182 @@
+"""What a grid's cells are doing, read from the results store alone (`robustgrid status`).
+
+done / failed come from verified commit markers (harness.storage). While a cell runs, its task
+keeps `_running/<key>.json` fresh (a heartbeat every few seconds) and logs each start in
+`_attempts/<key>/<attempt>.json`; a marker whose heartbeat stopped (killed worker, lost node,
+killed driver) no longer counts as running, so the cell shows as pending until a grid reruns it.
+No driver or Ray connection is needed: any machine that can read the store can ask.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from harness.storage import COMMITS, open_store
+
+RUNNING = "_running"
+ATTEMPTS = "_attempts"
+HEARTBEAT_SECONDS = 5.0
+STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
+
+
+@dataclass
+class GridStatus:
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    running: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)  # starts per key (retries show as > 1)
+    grid_known: bool = True  # False: no grid given, so pending cells cannot be listed
+
+    def counts(self) -> dict[str, int]:
+        return {"done": len(self.done), "failed": len(self.failed), "running": len(self.running),
+                "pending": len(self.pending)}
+
+
+class RunningMarker:
+    """Context manager a cell's task holds while it runs: logs the attempt, keeps a heartbeat."""
+
+    def __init__(self, location: str, key: str) -> None:
+        self.store, self.key = open_store(location), key
+        self.attempt = uuid.uuid4().hex[:12]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "RunningMarker":
+        info = self._info()
+        self.store.write_bytes(f"{ATTEMPTS}/{self.key}/{info['started_at']}-{self.attempt}.json",
+                               json.dumps(info).encode(), durable=False)
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{self.key}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=HEARTBEAT_SECONDS)
+        current = self._read_marker()
+        if current is not None and current.get("attempt") == self.attempt:
+            self.store.delete(f"{RUNNING}/{self.key}.json")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self._beat()
+            except Exception:  # a flaky store must not kill the cell; the marker just goes stale
+                pass
+
+    def _beat(self) -> None:
+        info = self._info() | {"heartbeat": time.time()}
+        self.store.write_bytes(f"{RUNNING}/{self.key}.json", json.dumps(info).encode(), durable=False)
+
+    def _info(self) -> dict[str, Any]:
+        return {"key": self.key, "attempt": self.attempt, "host": socket.gethostname(), "pid": os.getpid(),
+                "node": _node_id(), "started_at": _stamp()}
+
+    def _read_marker(self) -> dict[str, Any] | None:
+        raw = self.store.read_bytes(f"{RUNNING}/{self.key}.json")
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+
+def running_cells(location: str) -> dict[str, dict[str, Any]]:
+    """Keys whose running marker has a fresh heartbeat, with the marker (host, pid, node)."""
+    store = open_store(location)
+    now = time.time()
+    out = {}
+    for name in store.list(RUNNING):
+        raw = store.read_bytes(f"{RUNNING}/{name}")
+        try:
+            info = json.loads(raw) if raw else None
+        except ValueError:
+            continue
+        if info and now - float(info.get("heartbeat", 0)) < STALE_AFTER_SECONDS:
+            out[info["key"]] = info
+    return out
+
+
+def attempt_count(location: str, key: str) -> int:
+    return len(open_store(location).list(f"{ATTEMPTS}/{key}"))
+
+
+def grid_status(location: str, keys: Iterable[str] | None = None) -> GridStatus:
+    """Status of the given cell keys (a grid), or of every cell the store knows about."""
+    store = open_store(location)
+    running = running_cells(location)
+    committed = {name[: -len(".json")] for name in store.list(COMMITS) if name.endswith(".json")}
+    status = GridStatus(grid_known=keys is not None)
+    wanted = list(keys) if keys is not None else sorted(committed | set(running))
+    for key in wanted:
+        state = store.committed_status(key) if key in committed else None
+        if state == "ok":
+            status.done.append(key)
+        elif key in running:
+            status.running.append(key)
+        elif state == "failed":
+            status.failed.append(key)
+        else:
+            status.pending.append(key)
+        status.attempts[key] = attempt_count(location, key)
+    return status
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def status_command(overrides: list[str], results: str | None, show_keys: bool) -> int:
+    """`robustgrid status`: print counts (and with show_keys, each cell) for a grid or a store."""
+    from rich.console import Console
+    from rich.table import Table
+
+    labels: dict[str, str] = {}
+    keys: list[str] | None = None
+    if any(o.startswith("grid=") for o in overrides):
+        from harness.grid import expand_grid
+
+        cells = expand_grid(overrides)
+        labels = {c["key"]: c["label"] for c in cells}
+        keys = list(labels)
+        locations = sorted({c["results_dir"] for c in cells})
+        if results is None and len(locations) > 1:
+            raise ValueError(f"this grid writes to several results stores {locations}; pass --results")
+        location = results or locations[0]
+    elif results is not None:
+        location = results
+    else:
+        raise ValueError("say which cells: `robustgrid status grid=<name> [overrides]` or `--results DIR|URI`")
+    status = grid_status(location, keys)
+    out = Console()
+    table = Table("state", "cells", title=f"{location}" + ("" if keys is not None else " (no grid given: pending unknown)"))
+    for state, count in status.counts().items():
+        if state == "pending" and not status.grid_known:
+            continue
+        table.add_row(state, str(count))
+    out.print(table)
+    retried = {k: n for k, n in status.attempts.items() if n > 1}
+    if retried:
+        out.print(f"{len(retried)} cells needed more than one attempt (worker/node/driver died)")
+    if show_keys:
+        for state in ("done", "failed", "running", "pending"):
+            for key in getattr(status, state):
+                out.print(f"{state:8} {key} {labels.get(key, '')} attempts={status.attempts.get(key, 0)}")
+    return 0

@@ -1,0 +1,227 @@
+"""ACE: the diffusion filter, the attack through it, the refinement, the metrics and the gallery."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.analysis import cf_metrics as M
+from harness.analysis.ace import ACEConfig, ace, plain_pgd, refinement_mask, runner_up_target
+from harness.analysis.diffusion import (DDPMConfig, denoise_from, load_split, respaced_timesteps,
+                                        train_ddpm)
+
+TINY_DDPM = DDPMConfig(channels=(8, 16), layers_per_block=1, attention=False, train_steps=30,
+                       batch_size=32, lr=2e-3)
+
+
+@pytest.fixture(scope="module")
+def digits(digits_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_split(digits_dir, "train")
+
+
+@pytest.fixture(scope="module")
+def tiny_ddpm(digits):
+    return train_ddpm(digits[0], TINY_DDPM)
+
+
+@pytest.fixture(scope="module")
+def linear_model(digits) -> torch.nn.Module:
+    """A softmax regression on raw pixels, trained for a few full-batch steps (~90% train acc)."""
+    x, y = digits
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(60):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
+def test_respacing_and_tau_zero_is_identity(tiny_ddpm, digits) -> None:
+    assert respaced_timesteps(1000, 50, 0.0) == []
+    ts = respaced_timesteps(1000, 50, 0.3)
+    assert ts == sorted(ts, reverse=True) and max(ts) <= 0.3 * 999 and len(ts) == 15
+    assert len(respaced_timesteps(1000, 50, 1.0)) == 50
+    x = digits[0][:8]
+    assert torch.equal(denoise_from(tiny_ddpm, x, 0.0, 50), x)
+    out = denoise_from(tiny_ddpm, x, 0.3, 50)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not torch.equal(out, x)
+    with pytest.raises(ValueError, match="tau"):
+        respaced_timesteps(1000, 50, 1.5)
+
+
+def test_resized_cells_get_resized_images_and_their_own_ddpm(digits_dir: Path) -> None:
+    from harness.analysis.diffusion import ddpm_key
+
+    assert load_split(digits_dir, "test", limit=4, img_size=16)[0].shape == (4, 1, 16, 16)
+    assert ddpm_key("sha", TINY_DDPM) != ddpm_key("sha", TINY_DDPM, 16)
+
+
+def test_deterministic_filter_is_repeatable_up_to_forward_noise(tiny_ddpm, digits) -> None:
+    x = digits[0][:4]
+    torch.manual_seed(3)
+    a = denoise_from(tiny_ddpm, x, 0.2, 20, eta=0.0)
+    torch.manual_seed(3)
+    b = denoise_from(tiny_ddpm, x, 0.2, 20, eta=0.0)
+    assert torch.equal(a, b)
+
+
+def test_ace_flips_a_tiny_model_and_keeps_pixels_outside_the_mask(tiny_ddpm, linear_model, digits) -> None:
+    x, y = digits[0][:12], digits[1][:12]
+    target = runner_up_target(linear_model, x)
+    cfg = ACEConfig(tau=0.1, sampling_steps=20, iterations=30, step_size=0.05, mask_dilation=1,
+                    mask_threshold=0.5)
+    torch.manual_seed(0)
+    res = ace(linear_model, tiny_ddpm, x, target, cfg)
+    assert res.cf.shape == x.shape and res.cf.min() >= 0 and res.cf.max() <= 1
+    assert float(M.flipped(linear_model, res.pre, target).float().mean()) >= 0.75
+    outside = res.mask.expand_as(x) == 0
+    assert outside.any() and torch.equal(res.cf[outside], x[outside])
+    base = plain_pgd(linear_model, x, target, cfg)
+    assert bool(M.flipped(linear_model, base.cf, target).all())
+    assert (base.iterations < cfg.iterations).all()
+
+
+@pytest.mark.parametrize("refine", ["repaint", "paired"])
+def test_refinements_leave_pixels_outside_the_mask_unchanged(tiny_ddpm, digits, refine) -> None:
+    x = digits[0][:4]
+    mask = torch.zeros(4, 1, 8, 8)
+    mask[:, :, 2:5, 3:6] = 1
+    out = denoise_from(tiny_ddpm, x.flip(-1), 0.3, 20, known=(x, mask))
+    assert torch.equal(out[(mask == 0).expand_as(x)], x[(mask == 0).expand_as(x)])
+    assert not torch.equal(out, x)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    cfg = ACEConfig(tau=0.2, sampling_steps=20, iterations=2, refine=refine, mask_threshold=0.6,
+                    mask_dilation=1)
+    res = ace(model, tiny_ddpm, x, torch.zeros(4, dtype=torch.long), cfg)
+    outside = (res.mask == 0).expand_as(x)
+    assert outside.any() and torch.equal(res.cf[outside], x[outside])
+
+
+def test_refinement_mask_dilates_the_largest_change() -> None:
+    x = torch.zeros(1, 1, 8, 8)
+    pre = x.clone()
+    pre[0, 0, 4, 4] = 1.0
+    pre[0, 0, 0, 0] = 0.1      # 10% of the max: below the 0.15 threshold
+    m = refinement_mask(x, pre, 0.15, 3)
+    assert m.sum() == 9 and m[0, 0, 3:6, 3:6].all() and m[0, 0, 0, 0] == 0
+    assert refinement_mask(x, pre, 0.15, 1).sum() == 1
+
+
+def test_metrics_on_hand_made_changes() -> None:
+    i, j = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    const = torch.full((1, 1, 8, 8), 0.5)
+    checker = ((-1.0) ** (i + j)).view(1, 1, 8, 8)
+    slow = torch.cos(2 * torch.pi * i / 8).view(1, 1, 8, 8).float()     # 1/8 cycles per pixel
+    d = torch.cat([const, checker, slow, const + checker])
+    share = M.hf_share(d)
+    assert torch.allclose(share, torch.tensor([0.0, 1.0, 0.0, 64 / (64 + 16)]), atol=1e-6)
+    assert torch.isnan(M.hf_share(torch.zeros(1, 1, 8, 8)))[0]
+    # Parseval: all power above a negative cutoff is the squared L2 norm
+    assert torch.allclose(M.hf_energy(d, cutoff=-1.0), M.l2(d) ** 2, rtol=1e-5)
+    assert torch.allclose(M.hf_energy(d)[1], torch.tensor(64.0))
+    assert torch.allclose(M.l1(d)[:2], torch.tensor([32.0, 64.0]))
+    a = np.random.default_rng(0).normal(size=(500, 3))
+    assert abs(M.frechet_distance(a, a)) < 1e-6
+    assert abs(M.frechet_distance(a, a + np.array([2.0, 0, 0])) - 4.0) < 1e-6
+
+
+def test_cout_rewards_a_change_that_flips() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[0.0, 0, 0, 0], [8.0, 8, 0, 0]]))
+    x = torch.zeros(1, 1, 2, 2)
+    good = x.clone()
+    good[0, 0, 0] = 1.0                 # raises class-1 evidence
+    src, tgt = torch.tensor([0]), torch.tensor([1])
+    assert M.cout(model, x, good, src, tgt, steps=4)[0] > 0.5
+    assert torch.allclose(M.cout(model, x, x, src, tgt, steps=4), torch.tensor([0.0]))
+
+
+def test_config_keys_and_bad_settings(data_root: Path, tmp_path: Path) -> None:
+    from harness.analysis.runner import check_analyses
+    from harness.config import compose_config, finalize
+
+    base = [f"data.root={data_root}", f"results_dir={tmp_path}"]
+    plain = finalize(compose_config(base))
+    with_ace = finalize(compose_config(base + ["analysis=[ace]"]))
+    assert "analysis" not in plain                       # default: existing keys unchanged
+    assert with_ace["train_key"] == plain["train_key"]   # no retraining for an analysis
+    assert with_ace["key"] != plain["key"]
+    check_analyses(with_ace)
+    bad = finalize(compose_config(base + ["analysis=[ace]", "analysis.ace.ace.distance=l3"]))
+    with pytest.raises(ValueError, match="distance"):
+        check_analyses(bad)
+    bad = finalize(compose_config(base + ["analysis=[ace]", "+analysis.ace.bogus=1"]))
+    with pytest.raises(ValueError, match="bogus"):
+        check_analyses(bad)
+
+
+def _fake_cell(results_dir: Path, key: str, method: str, n: int = 3) -> None:
+    from harness.results import SCHEMA_VERSION, write_cell_result
+
+    summary = {"analysis": "ace", "n_explained": n, "ace_flip_rate": 1.0, "pgd_flip_rate": 1.0,
+               "ace_hf_share": 0.2, "pgd_hf_share": 0.4, "ace_l2": 1.0, "pgd_l2": 1.5}
+    row = {"schema_version": SCHEMA_VERSION, "key": key, "status": "ok", "dataset": "digits",
+           "arch": "test_resnet", "method": method, "seed": 0, "attack": "pgd", "norm": "linf",
+           "eps": 0.15, "clean_acc": 0.9, "robust_acc": 0.5, "class_names": [str(c) for c in range(10)],
+           "analysis_json": json.dumps({"ace": summary})}
+    write_cell_result(results_dir, key, [row])
+    folder = results_dir / "analysis" / key / "ace"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 1, 8, 8)).astype(np.float32)
+    np.savez_compressed(folder / "counterfactuals.npz", x=x, y=np.arange(n), target=np.arange(n) + 1,
+                        ace_cf=x[::-1], ace_pre=x, ace_mask=np.ones_like(x), pgd_cf=x * 0.5,
+                        ace_flip=np.array([True, False, True]), pgd_flip=np.ones(n, bool),
+                        oracle_ace=np.arange(n) + 1, oracle_pgd=np.arange(n))
+
+
+def test_gallery_page_renders_escaped_and_linked(tmp_path: Path) -> None:
+    from leaderboard.build import build_site
+
+    results = tmp_path / "results"
+    _fake_cell(results, "k" * 20, "<script>alert(1)</script>")
+    index = build_site(results, tmp_path / "site")
+    page = (tmp_path / "site" / "ace.html").read_text()
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+    assert page.count("data:image/png;base64,") == 3 * 5
+    assert "100.00" in page and "0.2" in page and "0.4" in page
+    assert page.count("not flipped ✗") == 1 and "oracle says 3" in page
+    assert 'href="ace.html"' in index.read_text()
+    cell_page = next((tmp_path / "site" / "cells").glob("*.html")).read_text()
+    assert 'href="../ace.html"' in cell_page
+
+
+def test_cell_with_ace_reuses_the_checkpoint_and_commits_the_summary(tiny) -> None:
+    from harness.cell import checkpoint_dir, run_cell
+    from harness.config import compose_config, finalize
+    from harness.results import read_results
+
+    tiny = [o for o in tiny if not o.startswith("attack.pgd")] + ["attack=[fgsm]"]
+    plain = finalize(compose_config(tiny))
+    assert run_cell(plain).status == "ok"
+    ckpt = checkpoint_dir(plain) / "checkpoint.pt"
+    before = ckpt.stat().st_mtime_ns
+    small = ["analysis=[ace]", "analysis.ace.n_explain=4", "analysis.ace.batch_size=4",
+             "analysis.ace.ddpm.channels=[8,16]", "analysis.ace.ddpm.attention=false",
+             "analysis.ace.ddpm.train_steps=3", "analysis.ace.ddpm.batch_size=16",
+             "analysis.ace.ace.iterations=3", "analysis.ace.ace.sampling_steps=10"]
+    cfg = finalize(compose_config(tiny + small))
+    out = run_cell(cfg)
+    assert out.status == "ok", out.error
+    assert ckpt.stat().st_mtime_ns == before, "adding an analysis must not retrain the cell"
+    rows = [r for r in read_results(cfg["results_dir"]).to_pylist() if r["key"] == cfg["key"]]
+    summary = json.loads(rows[0]["analysis_json"])["ace"]
+    assert summary["n_explained"] == 4 and 0 <= summary["ace_flip_rate"] <= 1
+    folder = Path(cfg["results_dir"]) / "analysis" / cfg["key"] / "ace"
+    assert {"summary.json", "counterfactuals.npz", "gallery.png"} <= {p.name for p in folder.iterdir()}
+    bad = finalize(compose_config(tiny + ["analysis=[ace]", "analysis.ace.ace.tau=2"]))
+    failed = run_cell(bad)
+    assert failed.status == "failed" and "tau" in failed.error

@@ -1,0 +1,106 @@
+"""MART's loss, AWP's perturb/restore cycle, FGSM-RS's attack and its catastrophic-overfitting guard."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from methods.awp import AWP, WeightPerturbation
+from methods.base import TrainContext
+from methods.fgsm_rs import FGSMRS, FGSMRandomStart
+from methods.mart import mart_loss
+from helpers import digits_batch, digits_classifier
+
+
+def _ctx(model, epoch: int = 0, step: int = 0, steps_per_epoch: int = 1) -> TrainContext:
+    return TrainContext(epoch, 2, step, steps_per_epoch, torch.device("cpu"), 0, 1, model)
+
+
+def test_mart_loss_matches_the_formula() -> None:
+    torch.manual_seed(0)
+    logits_clean, logits_adv = torch.randn(8, 5), torch.randn(8, 5)
+    y = torch.randint(0, 5, (8,))
+    total, bce, robust = mart_loss(logits_clean, logits_adv, y, beta=5.0)
+    p_adv, p_nat = F.softmax(logits_adv, 1), F.softmax(logits_clean, 1)
+    wrong = p_adv.clone()
+    wrong[torch.arange(8), y] = -1
+    ref_bce = F.cross_entropy(logits_adv, y) - torch.log(1 - wrong.max(1).values).mean()
+    kl = (p_nat * (p_nat.log() - p_adv.log())).sum(1)
+    ref_robust = (kl * (1 - p_nat[torch.arange(8), y])).mean()
+    assert torch.allclose(bce, ref_bce, atol=1e-3)
+    assert torch.allclose(robust, ref_robust, atol=1e-5)
+    assert torch.allclose(total, ref_bce + 5.0 * ref_robust, atol=2e-3)
+
+
+def test_awp_perturbs_layers_by_gamma_and_restores_after_the_step(digits_dir) -> None:
+    model = digits_classifier(digits_dir).train()
+    x, y = digits_batch(digits_dir, 32)
+    method = AWP(attack={"eps": 0.1, "steps": 2}, gamma=0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logs = method.training_step(model, x, y, _ctx(model))
+    assert method.perturbation.active
+    n_moved = 0
+    for name, p in model.named_parameters():
+        moved = (p.detach() - before[name]).norm()
+        if p.dim() > 1:  # moved by gamma * |w|, or not at all where the gradient is zero
+            # (timm zero-initialises each block's last BN scale, so conv1 has no gradient at init)
+            assert moved == 0 or torch.isclose(moved, 0.01 * before[name].norm(), rtol=1e-3), name
+            n_moved += int(moved > 0)
+        else:
+            assert moved == 0, f"{name}: 1-D weights must not be perturbed"
+    assert n_moved >= 5
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt.zero_grad()
+    logs["loss"].backward()
+    opt.step()
+    method.after_step(model, _ctx(model))
+    assert not method.perturbation.active
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.detach(), before[name], atol=1e-6), f"{name} not restored"
+
+
+def test_awp_ascent_leaves_batchnorm_statistics_alone(digits_dir) -> None:
+    model = digits_classifier(digits_dir).train()
+    x, y = digits_batch(digits_dir, 32)
+    buffers = [b.detach().clone() for b in model.buffers()]
+    WeightPerturbation(0.01).compute(model, lambda m: F.cross_entropy(m(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+def test_fgsm_rs_takes_one_step_of_1_25_eps_inside_the_ball(erm_model, digits_dir) -> None:
+    x, y = digits_batch(digits_dir, 64)
+    torch.manual_seed(0)
+    x_adv = FGSMRandomStart(eps=0.1)(erm_model, x, y)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    torch.manual_seed(0)  # the same draw, by hand: uniform start, one signed step of 0.125
+    start = (x + torch.empty_like(x).uniform_(-0.1, 0.1)).clamp(0, 1)
+    start.requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(erm_model(start), y), start)
+    expected = torch.min(torch.max(start.detach() + 0.125 * grad.sign(), x - 0.1), x + 0.1).clamp(0, 1)
+    assert torch.allclose(x_adv, expected, atol=1e-6)
+    assert erm_model.training is False
+
+
+def test_fgsm_rs_guard_stops_at_the_last_good_weights(digits_dir) -> None:
+    model = digits_classifier(digits_dir)
+    x, y = digits_batch(digits_dir, 16)
+    method = FGSMRS(attack={"eps": 0.1})
+    accs = iter([0.5, 0.6, 0.1])  # the third epoch collapses (drop 0.5 > 0.2)
+    method.guard_accuracy = lambda *_: next(accs)  # type: ignore[method-assign]
+    snapshots = []
+    for epoch in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)  # "training"
+        method.training_step(model, x, y, _ctx(model, epoch, epoch))
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        method.after_step(model, _ctx(model, epoch, epoch))
+    assert method.stopped
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # any later step is undone
+    method.after_step(model, _ctx(model, 3, 3))
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
+    restored = FGSMRS(attack={"eps": 0.1})
+    restored.load_state_dict(method.state_dict())
+    assert restored.stopped and restored.best_acc == 0.6

@@ -1,0 +1,256 @@
+"""Backdoor track: triggers do exactly what their definitions say, the poisoned index set is
+deterministic and at the configured rate, poisoning in the loader holds under DDP splits, ASR
+excludes target-class images, clean cells keep their keys, and an ERM model learns a backdoor."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness.backdoor.badnets import BadNets
+from harness.backdoor.base import build_poison
+from harness.backdoor.blended import Blended
+from harness.backdoor.metrics import attack_success
+from harness.backdoor.plan import PoisonPlan, select_indices, split_labels, train_plan
+from harness.backdoor.sig import SIG
+from harness.backdoor.wanet import WaNet
+from harness.config import cell_key, compose_config, finalize
+from harness.data.loader import make_loader
+from harness.registry import POISONS
+
+
+def _batch(c: int = 1, h: int = 8, b: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, c, h, h, generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_poison_has_a_config_and_builds() -> None:
+    from harness.config import config_options
+
+    assert set(POISONS.names()) == set(config_options("backdoor"))
+    for name in POISONS.names():
+        cfg = compose_config([f"backdoor={name}"])["backdoor"]
+        poison = build_poison(cfg)
+        assert (poison is None) == (name == "none")
+        if poison is not None:
+            x = _batch()
+            out = poison.trigger(x)
+            assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+            assert not torch.equal(out, x), f"{name} left the image unchanged"
+            assert torch.equal(out, poison.trigger(x)), f"{name} is not deterministic"
+
+
+@pytest.mark.parametrize("h,size", [(8, 2), (32, 3)])
+def test_badnets_stamps_only_the_bottom_right_patch(h: int, size: int) -> None:
+    x = _batch(3, h) * 0.5
+    out = BadNets().trigger(x)
+    changed = (out != x).any(0).any(0)  # H x W
+    expected = torch.zeros(h, h, dtype=torch.bool)
+    expected[h - size:, h - size:] = True
+    assert torch.equal(changed, expected)
+    assert (out[..., h - size:, h - size:] == 1.0).all()
+
+
+def test_badnets_checkerboard_pattern() -> None:
+    out = BadNets(pattern="checkerboard", patch_size=3).trigger(torch.full((1, 1, 32, 32), 0.5))
+    assert torch.equal(out[0, 0, -3:, -3:], torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]]))
+    assert (out[0, 0, :29] == 0.5).all() and (out[0, 0, :, :29] == 0.5).all()
+
+
+def test_blended_is_a_fixed_alpha_blend() -> None:
+    x = _batch(3, 32)
+    poison = Blended(alpha=0.2)
+    p = poison.pattern(3, 32, 32)
+    assert torch.allclose(poison.trigger(x), 0.8 * x + 0.2 * p, atol=1e-6)
+    assert torch.equal(p, Blended(alpha=0.2).pattern(3, 32, 32)), "pattern must be fixed by its seed"
+    assert not torch.equal(p, Blended(pattern_seed=1).pattern(3, 32, 32))
+
+
+def test_sig_adds_a_column_sinusoid_and_is_clean_label() -> None:
+    x = torch.full((2, 3, 32, 32), 0.5)
+    out = SIG().trigger(x)
+    delta = out - x
+    j = torch.arange(32, dtype=torch.float64)
+    expected = (20 / 255 * torch.sin(2 * math.pi * j * 6 / 32)).float()
+    assert torch.allclose(delta, expected.expand_as(delta), atol=1e-6)
+    assert SIG.clean_label and not BadNets.clean_label
+    assert SIG().trigger(torch.ones(1, 1, 8, 8)).max() <= 1.0  # clipped, never wrapped
+
+
+def test_wanet_warps_with_one_grid_and_noise_mode_differs() -> None:
+    poison = WaNet()
+    g = poison.grid(32, 32)
+    assert g.shape == (1, 32, 32, 2) and g.abs().max() <= 1
+    assert torch.equal(g, WaNet().grid(32, 32))
+    x = _batch(3, 32, 2)
+    warped = poison.trigger(x)
+    assert 0 < (warped - x).abs().mean() < 0.2  # a small warp, not a new image
+    cross = poison.cross_variant(x, np.array([0, 1]), epoch=0)
+    assert not torch.allclose(cross, warped)
+    assert not torch.equal(cross, poison.cross_variant(x, np.array([0, 1]), epoch=1))
+    # the zero warp is the identity (align_corners=True sampling)
+    ident = WaNet(s=1e-9).trigger(x)
+    assert torch.allclose(ident, x, atol=1e-5)
+
+
+def test_poisoned_indices_deterministic_at_rate_and_never_target() -> None:
+    labels = np.arange(1000) % 10
+    poison = BadNets(target=0, rate=0.1)
+    a, cross = select_indices(labels, poison, seed=3)
+    b, _ = select_indices(labels, poison, seed=3)
+    c, _ = select_indices(labels, poison, seed=4)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(a) == 100 and len(set(a.tolist())) == 100 and len(cross) == 0
+    assert (labels[a] != 0).all()
+    sig, _ = select_indices(labels, SIG(target=2, rate=0.05), seed=0)
+    assert len(sig) == 50 and (labels[sig] == 2).all()
+    capped, _ = select_indices(labels, SIG(target=2, rate=0.5), seed=0)
+    assert len(capped) == 100  # clean-label: at most the target class
+    with pytest.raises(ValueError, match="backdoor.target 10 is not a class"):
+        select_indices(labels, BadNets(target=10), seed=0, num_classes=10)
+    w, wc = select_indices(labels, WaNet(rate=0.1), seed=0)
+    assert len(wc) == 200 and not set(w.tolist()) & set(wc.tolist())
+
+
+def test_loader_poisons_exactly_the_planned_indices_on_every_rank(digits_dir, data_root) -> None:
+    cfg = finalize(compose_config(["backdoor=badnets", f"data.root={data_root}"]))
+    plan = train_plan(cfg)
+    labels = split_labels(digits_dir, "train")
+    assert len(plan.poisoned) == round(0.1 * len(labels))
+    seen: dict[int, tuple[torch.Tensor, int]] = {}
+    for rank in range(2):
+        for x, y, keys in make_loader(digits_dir, "train", 64, rank=rank, world_size=2, shuffle=True,
+                                      seed=1, poison=plan, return_keys=True):
+            for xi, yi, k in zip(x, y, keys):
+                seen[int(k)] = (xi, int(yi))
+    clean = {int(k): (xi, int(yi)) for x, y, keys in make_loader(digits_dir, "train", 512, return_keys=True)
+             for xi, yi, k in zip(x, y, keys)}
+    assert set(seen) == set(clean)
+    for i, (xi, yi) in seen.items():
+        if i in set(plan.poisoned.tolist()):
+            assert yi == 0 and (xi[:, -2:, -2:] == 1).all() and torch.equal(xi[:, :6], clean[i][0][:, :6])
+        else:
+            assert yi == clean[i][1] and torch.equal(xi, clean[i][0])
+
+
+def test_attack_success_excludes_target_class() -> None:
+    y = torch.tensor([0, 0, 1, 2, 3, 3])
+    pred = torch.tensor([0, 0, 0, 2, 0, 3])  # target-class images "succeed" for free: not counted
+    asr, ra, per_class = attack_success(pred, y, target=0, num_classes=4)
+    assert asr == pytest.approx(2 / 4) and ra == pytest.approx(2 / 4)
+    assert math.isnan(per_class[0]) and per_class[1:] == [1.0, 0.0, 0.5]
+
+
+def test_clean_cells_keep_their_keys_and_backdoor_cells_differ(data_root) -> None:
+    clean = finalize(compose_config([f"data.root={data_root}"]))
+    without = {k: v for k, v in clean.items() if k != "backdoor"}
+    assert cell_key(without) == clean["key"]
+    bad = finalize(compose_config([f"data.root={data_root}", "backdoor=badnets"]))
+    assert bad["key"] != clean["key"] and bad["label"].endswith("/badnets")
+    other = finalize(compose_config([f"data.root={data_root}", "backdoor=badnets", "backdoor.rate=0.05"]))
+    assert other["key"] != bad["key"]
+
+
+def test_bad_backdoor_settings_fail_early() -> None:
+    with pytest.raises(ValueError, match="backdoor.rate"):
+        build_poison({"name": "badnets", "rate": 1.5})
+    with pytest.raises(ValueError, match="bad settings for backdoor 'blended'"):
+        build_poison({"name": "blended", "alhpa": 0.2})
+    from harness.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown poison 'nosuch'"):
+        compose_config(["backdoor=nosuch"])
+
+
+def test_erm_learns_a_badnets_backdoor_end_to_end(tiny) -> None:
+    """A tiny ERM cell on poisoned digits: ASR far above chance, clean accuracy still high."""
+    from harness.cell import run_cell
+    from harness.results import read_results
+
+    overrides = [o for o in tiny if not o.startswith(("trainer=", "data.train_limit", "eval.limit", "attack."))]
+    cfg = finalize(compose_config(overrides + ["backdoor=badnets", "trainer=backdoor", "trainer.epochs=6",
+                                               "trainer.progress=false", "attack=[fgsm]"]))
+    outcome = run_cell(cfg)
+    assert outcome.status == "ok", outcome.error
+    row = read_results(cfg["results_dir"]).to_pylist()[0]
+    assert row["backdoor"] == "badnets" and row["n_poisoned"] == len(row["poison_indices"]) > 0
+    assert row["asr"] > 0.8, row["asr"]
+    assert row["clean_acc"] > 0.8
+    assert 0 <= row["backdoor_robust_acc"] <= 1 - row["asr"] + 1e-6
+
+
+def test_post_training_defense_reuses_the_erm_checkpoint_and_a_clean_subset(tiny) -> None:
+    """FT's prerequisite is the ERM cell of the same config (same train key, trained once), and
+    FT itself trains on the first 5% of the (limited) training split with poisoning off."""
+    from harness.cell import checkpoint_dir, run_cell
+    from harness.results import read_results
+    from harness.prerequisites import runtime_config
+
+    base = [o for o in tiny if not o.startswith("attack.")] + ["backdoor=badnets", "attack=[fgsm]"]
+    erm = finalize(compose_config(base + ["method=erm"]))
+    ft = finalize(compose_config(base + ["method=ft", "method.epochs=1"]))
+    outcome = run_cell(ft)
+    assert outcome.status == "ok", outcome.error
+    assert (checkpoint_dir(erm) / "checkpoint.pt").exists(), "the ERM prerequisite trains into the ERM cell's folder"
+    run = runtime_config(ft)
+    assert run["method"]["backdoored_checkpoint"] == str(checkpoint_dir(erm) / "checkpoint.pt")
+    assert run["backdoor"]["clean_train"] and train_plan(run) is None
+    row = read_results(ft["results_dir"]).to_pylist()[0]
+    assert row["n_train"] == math.ceil(0.05 * 256) and row["epochs"] == 1
+    assert row["backdoor"] == "badnets" and row["asr"] is not None
+    mtime = (checkpoint_dir(erm) / "checkpoint.pt").stat().st_mtime_ns
+    assert run_cell(erm).status == "ok"  # the ERM cell finds its checkpoint done: no retraining
+    assert (checkpoint_dir(erm) / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_cbd_weights_critic_and_prerequisite() -> None:
+    from methods.cbd import CBD, MICritic, cbd_weights, spectral_norm
+
+    loss_b = torch.tensor([0.001, 1.0, 2.0, 0.5])
+    loss_c = torch.tensor([2.0, 1.0, 0.5, 0.5], requires_grad=True)
+    w = cbd_weights(loss_b, loss_c)
+    raw = loss_b / (loss_b + loss_c.detach() + 1e-8)
+    assert torch.allclose(w, raw / raw.mean()) and w.mean().item() == pytest.approx(1.0)
+    assert not w.requires_grad and w.argmin() == 0  # the sample f_B fits (poison-like) counts least
+    critic = MICritic(6, 6)
+    torch.manual_seed(0)
+    for p in critic.parameters():
+        p.data.mul_(10)
+    critic.spectral_normalize(iterations=50)
+    for p in critic.parameters():
+        mat = p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(1, -1)
+        assert torch.linalg.matrix_norm(mat, ord=2).item() == pytest.approx(1.0, rel=1e-3)
+    assert spectral_norm(torch.diag(torch.tensor([3.0, 1.0])), 20).item() == pytest.approx(3.0, rel=1e-4)
+    critic.eval()
+    z_b, z_c = torch.randn(8, 6), torch.randn(8, 6)
+    manual = critic(z_b, z_c).mean() - critic(z_b, torch.roll(z_c, 1, 0)).mean()
+    assert torch.allclose(critic.bound(z_b, z_c), manual)
+    (pre,) = CBD.prerequisites({"name": "cbd", "backdoored_epochs": 3}, {"epochs": 100})
+    assert pre.method == {"name": "erm"} and pre.trainer == {"epochs": 3} and pre.arg == "backdoored_checkpoint"
+    assert CBD.prerequisites({"name": "cbd", "backdoored_epochs": None}, {"epochs": 100})[0].trainer == {"epochs": 5}
+    assert CBD.prerequisites({"name": "cbd"}, {"epochs": 40})[0].trainer == {"epochs": 2}
+
+
+def test_cbd_step_trains_only_the_clean_model_and_steps_the_critic(digits_dir) -> None:
+    from helpers import digits_batch, digits_classifier
+    from methods.base import TrainContext
+    from methods.cbd import CBD
+
+    method = CBD()
+    module = method.build(digits_classifier(digits_dir))
+    module.train()
+    assert not module.backdoored.training, "f_B stays frozen in eval mode"
+    x, y = digits_batch(digits_dir, 32)
+    before = [p.detach().clone() for p in method.critic.parameters()]
+    ctx = TrainContext(0, 1, 0, 1, torch.device("cpu"), 0, 1, method.eval_model(module))
+    logs = method.training_step(module, x, y, ctx)
+    logs["loss"].backward()
+    assert all(p.grad is None for p in module.backdoored.parameters())
+    assert all(p.grad is not None for p in module.clean.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.critic.parameters())), "critic took a step"
+    assert {"mi", "critic_bound", "loss_weighted_ce"} <= set(logs)
+    off = CBD(mi=False)
+    off_module = off.build(digits_classifier(digits_dir))
+    assert "mi" not in off.training_step(off_module, x, y, ctx)

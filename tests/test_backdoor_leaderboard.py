@@ -1,0 +1,69 @@
+"""Leaderboard backdoor tables: CA / ASR / RA mean ± std over seeds, ranked by ASR (numerically),
+one table per (dataset, attack, rate, target); Lp tables keep backdoored cells apart."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.results import read_results, write_cell_result
+from leaderboard import build_site
+from leaderboard.aggregate import aggregate
+
+CELLS = {  # (method, backdoor, seed) -> (clean, asr, ra)
+    ("erm", "badnets", 0): (0.99, 1.0, 0.0), ("erm", "badnets", 1): (0.97, 0.98, 0.02),
+    ("cbd", "badnets", 0): (0.96, 0.05, 0.9), ("cbd", "badnets", 1): (0.98, 0.09, 0.88),
+    ("ft", "badnets", 0): (0.95, 0.1, 0.85),  # 10.00 sorts before 5.00 / 9.00 as text
+    ("erm", "blended", 0): (0.99, 0.97, 0.01),
+    ("erm", None, 0): (0.995, None, None),
+}
+
+
+def _rows(method: str, backdoor: str | None, seed: int, clean: float, asr, ra) -> list[dict]:
+    key = f"{method}-{backdoor}-{seed}"
+    extra = {} if backdoor is None else {
+        "backdoor": backdoor, "poison_rate": 0.1, "target_class": 0, "n_poisoned": 144,
+        "poison_indices": [1, 2, 3], "asr": asr, "backdoor_robust_acc": ra, "n_triggered": 324,
+        "per_class_asr": [float("nan")] + [asr] * 9,
+    }
+    return [{"key": key, "grid": "t", "status": "ok", "dataset": "digits", "arch": "test_resnet",
+             "method": method, "seed": seed, "attack": "fgsm", "norm": "linf", "eps": 0.15,
+             "clean_acc": clean, "robust_acc": 0.2, "flags": [],
+             "config_json": json.dumps({"method": {"name": method}}), **extra}]
+
+
+@pytest.fixture()
+def results(tmp_path: Path) -> Path:
+    for (method, backdoor, seed), (clean, asr, ra) in CELLS.items():
+        rows = _rows(method, backdoor, seed, clean, asr, ra)
+        write_cell_result(tmp_path, rows[0]["key"], rows)
+    write_cell_result(tmp_path, "broken", [{"key": "broken", "status": "failed", "error": "x",
+                                             "dataset": "digits", "method": "nad"}])
+    return tmp_path
+
+
+def test_backdoor_tables_rank_by_asr_with_mean_and_std(results: Path) -> None:
+    board = aggregate(read_results(results))
+    tables = {t["backdoor"]: t for t in board.backdoor_tables}
+    assert set(tables) == {"badnets", "blended"}
+    rows = tables["badnets"]["rows"]
+    assert [r["method"] for r in rows] == ["cbd", "ft", "erm"]
+    cbd = rows[0]
+    assert cbd["n_seeds"] == 2 and cbd["asr_mean"] == pytest.approx(0.07)
+    assert cbd["asr_std"] == pytest.approx(0.028284, rel=1e-4) and cbd["clean_acc_mean"] == pytest.approx(0.97)
+    assert rows[1]["asr_std"] is None  # one seed
+    # Lp tables: the backdoored ERM is its own row, never averaged with the clean ERM
+    lp_methods = {r["method"] for t in board.tables for r in t["rows"]}
+    assert {"erm", "erm @badnets", "cbd @badnets", "erm @blended"} <= lp_methods
+
+
+def test_site_shows_the_backdoor_table(results: Path, tmp_path: Path) -> None:
+    index = build_site(results, tmp_path / "site")
+    html = index.read_text()
+    assert "Backdoor defenses" in html and "digits — badnets, 10.00% poisoned, target class 0" in html
+    section = html.split('id="track-backdoor"')[1]
+    assert section.index(">cbd<") < section.index(">ft<") < section.index(">erm<")
+    assert "7.00 ± 2.83" in section
+    data = json.loads((tmp_path / "site" / "data.json").read_text())
+    assert {t["backdoor"] for t in data["backdoor_tables"]} == {"badnets", "blended"}
