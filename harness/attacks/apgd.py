@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.attacks.base import Attack
+from harness.attacks.base import Attack, attack_mode
 from harness.registry import ATTACKS
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> (B,)
@@ -199,13 +199,8 @@ class _APGD(Attack):
         """(x_adv, fooled): fooled[i] is True where the model misclassifies x_adv[i] (points
         misclassified when clean included), so robust accuracy = 1 - fooled.float().mean().
         Same guarantees as `attack(model, x, y)`: eval mode, mode restored, input gradients only."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                x_adv, fooled = self._attack(model, x.detach(), y.detach())
-        finally:
-            model.train(was_training)
+        with attack_mode(model):
+            x_adv, fooled = self._attack(model, x.detach(), y.detach())
         return x_adv.detach(), fooled
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from harness.attacks.apgd import APGDCE, APGDT
-from harness.attacks.base import Attack
+from harness.attacks.base import Attack, attack_mode
 from harness.attacks.fab import FABT
 from harness.attacks.square import Square
 from harness.registry import ATTACKS
@@ -67,13 +67,8 @@ class _AutoAttackBase(Attack):
         """(x_adv, broken_by): broken_by[i] is 'clean' for a point misclassified already, the
         name of the first component that fooled it, or None if it survived every component.
         Mode restored and input gradients only, as `attack(model, x, y)`."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                x_adv, broken_by = self._run(model, x.detach(), y.detach())
-        finally:
-            model.train(was_training)
+        with attack_mode(model):
+            x_adv, broken_by = self._run(model, x.detach(), y.detach())
         return x_adv.detach(), broken_by
 
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:

@@ -10,8 +10,9 @@ An attack is a stateless call `attack(model, x, y) -> x_adv` on images in [0,1]:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from fractions import Fraction
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 from torch import nn
@@ -34,13 +35,8 @@ class Attack(ABC):
             raise ValueError(f"attack eps must be >= 0, got {self.eps}")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                x_adv = self.perturb(model, x.detach(), y.detach())
-        finally:
-            model.train(was_training)
+        with attack_mode(model):
+            x_adv = self.perturb(model, x.detach(), y.detach())
         return x_adv.detach()
 
     @abstractmethod
@@ -67,6 +63,20 @@ class IterativeAttack(Attack):
         if self.step_size < 0:
             raise ValueError(f"{self.name} step_size must be >= 0, got {self.step_size}")
         self.random_start = bool(random_start)
+
+
+@contextmanager
+def attack_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and grad enabled while the attack runs; the model's mode restored after.
+    (Marking the parameters requires_grad=False as well was measured: no speed gain, as
+    autograd.grad already skips the weight gradients, so the parameters are left alone.)"""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:

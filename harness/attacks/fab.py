@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.attacks.base import Attack
+from harness.attacks.base import Attack, attack_mode
 from harness.registry import ATTACKS
 
 _FAR = 1e10  # "no adversarial point found yet" distance
@@ -144,13 +144,8 @@ class FABT(Attack):
     def perturb_with_mask(self, model: nn.Module, x: torch.Tensor,
                           y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_adv, fooled), fooled[i] where x_adv[i] is misclassified (clean errors included)."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                return self._attack(model, x.detach().float(), y.detach())
-        finally:
-            model.train(was_training)
+        with attack_mode(model):
+            return self._attack(model, x.detach().float(), y.detach())
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

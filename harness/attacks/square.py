@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from harness.attacks.base import Attack, project_linf
+from harness.attacks.base import Attack, attack_mode, project_linf
 from harness.registry import ATTACKS
 
 # (last iteration of the phase, divisor of p_init) of the reference schedule over 10k iterations
@@ -114,12 +114,8 @@ class Square(Attack):
     def perturb_with_mask(self, model: nn.Module, x: torch.Tensor,
                           y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_adv, fooled), fooled[i] where x_adv[i] is misclassified (clean errors included)."""
-        was_training = model.training
-        model.eval()
-        try:
+        with attack_mode(model):
             return self._attack(model, x.detach().float(), y.detach())
-        finally:
-            model.train(was_training)
 
     @torch.no_grad()
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
