@@ -1,7 +1,7 @@
 """APGD-CE / APGD-T: threat model, effectiveness vs PGD, no side effects, schedule and DLR losses.
 
 Agreement with the reference implementation (fra31/auto-attack) is checked by
-benchmarks/compare_apgd_reference.py, which needs a checkout of the reference.
+benchmarks/compare_autoattack_reference.py, which needs a checkout of the reference.
 """
 from __future__ import annotations
 
