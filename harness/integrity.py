@@ -37,7 +37,6 @@ from collections import defaultdict
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from harness.attacks.base import Attack, project_linf
