@@ -58,6 +58,20 @@ class Cell:
         return sorted({f for r in self.rows for f in (r.get("flags") or [])})
 
     @property
+    def flag_details(self) -> dict[str, str]:
+        """Each flag's evidence (harness/integrity.py's flag_details JSON), as text for tooltips."""
+        out: dict[str, str] = {}
+        for row in self.rows:
+            try:
+                details = json.loads(row.get("flag_details") or "{}")
+            except (TypeError, ValueError):
+                continue
+            for flag, evidence in details.items():
+                text = evidence if isinstance(evidence, str) else json.dumps(evidence, sort_keys=True)
+                out.setdefault(flag, f"{flag}: {text}")
+        return out
+
+    @property
     def package_versions(self) -> list[tuple[str, str]]:
         value = self.first("package_versions") or []
         return sorted(value.items()) if isinstance(value, dict) else [tuple(kv) for kv in value]

@@ -75,6 +75,7 @@ def cell_rows(key: str, dataset: str, norm: str, eps: float, arch: str, method: 
             "clean_acc": clean, "robust_acc": acc, "per_class_robust_acc": [acc, acc / 2],
             "per_class_clean_acc": [clean, clean], "class_names": ["a", XSS], "n_eval": 100, "epochs": 2,
             "flags": [FLAG] if flagged and attack == "pgd" else [],
+            "flag_details": json.dumps({FLAG: "square 10.0% < white-box 40.0% <i>"}) if flagged and attack == "pgd" else None,
             "train_curve": json.dumps([{"epoch": 0, "lr": 0.1, "loss": 2.0}, {"epoch": 1, "lr": 0.05, "loss": 1.5}]),
             "config_json": json.dumps({"method": {"name": method}, "seed": seed}),
             "git_commit": "abc123", "package_versions": {"torch": "2.0"},
@@ -360,6 +361,8 @@ def test_cell_page_shows_rows_provenance_config_curves(site: Path, results_dir: 
     for row in rows:
         assert f'title="{row["robust_acc"]!r}">{100 * row["robust_acc"]:.2f}</td>' in html
     assert f"⚠ {FLAG.replace('<', '&lt;').replace('>', '&gt;')}" in html
+    # the flag's evidence (flag_details) is listed, escaped
+    assert "<li>gradient_masking&lt;b&gt;: square 10.0% &lt; white-box 40.0% &lt;i&gt;</li>" in html
     assert "abc123" in html and "torch==2.0" in html and "<td>1.2 GPU-h</td>" in html  # (1800 + 360) s × 2 ranks
     assert '"name": "pgd_at"' in html.replace("&#34;", '"')  # pretty JSON config
     assert html.count("<svg") == 3  # loss, lr, per-class heatmap
