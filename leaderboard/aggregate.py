@@ -1,8 +1,9 @@
 """Leaderboard aggregation in DuckDB: attack -> cell -> (arch, method) row, per setting.
 
-Why this order: the worst case must be taken inside one trained model (a cell = one seed),
-so a cell's worst-case robust accuracy is min(robust_acc) over its eval attacks, and only then
-are cells averaged over seeds. Taking min over per-attack means would overstate robustness.
+Why this order: the worst case must be taken inside one trained model (one checkpoint = one
+seed; cells sharing a checkpoint, which differ only in eval attacks or analyses, are pooled),
+so a model's worst-case robust accuracy is min(robust_acc) over its eval attacks, and only then
+are models averaged over seeds. Taking min over per-attack means would overstate robustness.
 
 A setting is one table: for the Lp track, one (dataset, norm, eps). A cell evaluated under
 attacks of several threat models (e.g. PGD-Linf and PGD-L2) appears in each of those settings,
@@ -34,15 +35,19 @@ TRACK_TITLES = {LP_TRACK: "Lp robustness"}  # a backdoor track adds its id and t
 _COLUMNS = [
     "key", "grid", "status", "error", "dataset", "arch", "method", "seed",
     "attack", "norm", "eps", "clean_acc", "robust_acc", "flags",
-    "train_seconds", "eval_seconds", "world_size", "device", "images_per_second",
+    "train_seconds", "eval_seconds", "world_size", "device", "images_per_second", "checkpoint_sha256",
 ]
 
 _PRELUDE = """
 WITH
 cell_status AS (SELECT key, bool_and(status = 'ok') AS ok FROM results GROUP BY key),
-ok_rows AS (SELECT r.* FROM results r JOIN cell_status s USING (key) WHERE s.ok),
+-- One trained model = one checkpoint: cells that share it (differing only in eval attacks or
+-- post-eval analyses) are one model, one seed, their attacks pooled.
+ok_rows AS (SELECT r.*, coalesce(r.checkpoint_sha256, r.key) AS model
+            FROM results r JOIN cell_status s USING (key) WHERE s.ok),
 cells AS (
-    SELECT key, norm, eps, any_value(dataset) AS dataset,
+    SELECT model, norm, eps, min(key) AS key, list_sort(list_distinct(list(key))) AS model_keys,
+           any_value(dataset) AS dataset,
            any_value(arch) AS arch, any_value(method) AS method, any_value(seed) AS seed,
            avg(clean_acc) AS clean,
            list_sort(list_distinct(flatten(coalesce(list(flags) FILTER (WHERE flags IS NOT NULL), [])))) AS flags,
@@ -50,14 +55,14 @@ cells AS (
                 ELSE (coalesce(max(train_seconds), 0) + coalesce(max(eval_seconds), 0))
                      * coalesce(max(world_size), 1) / 3600.0 END AS hours,
            any_value(device) AS device, avg(images_per_second) AS ips
-    FROM ok_rows GROUP BY key, norm, eps
+    FROM ok_rows GROUP BY model, norm, eps
 ),
 cell_attack AS (
-    SELECT key, norm, eps, attack, avg(robust_acc) AS robust
+    SELECT model, norm, eps, attack, avg(robust_acc) AS robust
     FROM ok_rows WHERE attack IS NOT NULL AND robust_acc IS NOT NULL
-    GROUP BY key, norm, eps, attack
+    GROUP BY model, norm, eps, attack
 ),
-cell_worst AS (SELECT key, norm, eps, min(robust) AS worst FROM cell_attack GROUP BY key, norm, eps)
+cell_worst AS (SELECT model, norm, eps, min(robust) AS worst FROM cell_attack GROUP BY model, norm, eps)
 """
 
 _ROWS_SQL = _PRELUDE + """
@@ -65,13 +70,14 @@ SELECT c.dataset, c.norm, c.eps, c.arch, c.method,
        count(*) AS n_seeds,
        list(c.key ORDER BY c.seed, c.key) AS keys,
        list(c.flags ORDER BY c.seed, c.key) AS flags,
+       flatten(list(c.model_keys ORDER BY c.seed, c.key)) AS all_keys,
        avg(c.clean) AS clean_mean, stddev_samp(c.clean) AS clean_std,
        avg(w.worst) AS worst_mean, stddev_samp(w.worst) AS worst_std,
        avg(c.hours) AS hours_mean, stddev_samp(c.hours) AS hours_std, sum(c.hours) AS hours_total,
        list_sort(list_distinct(list(c.device) FILTER (WHERE c.device IS NOT NULL))) AS devices,
        avg(c.ips) AS ips_mean, stddev_samp(c.ips) AS ips_std
 FROM cells c LEFT JOIN cell_worst w
-  ON w.key = c.key AND w.norm IS NOT DISTINCT FROM c.norm AND w.eps IS NOT DISTINCT FROM c.eps
+  ON w.model = c.model AND w.norm IS NOT DISTINCT FROM c.norm AND w.eps IS NOT DISTINCT FROM c.eps
 GROUP BY c.dataset, c.norm, c.eps, c.arch, c.method
 ORDER BY c.dataset NULLS LAST, c.norm NULLS LAST, c.eps NULLS LAST, c.arch, c.method
 """
@@ -80,7 +86,7 @@ _ATTACKS_SQL = _PRELUDE + """
 SELECT c.dataset, c.norm, c.eps, c.arch, c.method, a.attack,
        avg(a.robust) AS mean, stddev_samp(a.robust) AS std, count(*) AS n
 FROM cell_attack a JOIN cells c
-  ON a.key = c.key AND a.norm IS NOT DISTINCT FROM c.norm AND a.eps IS NOT DISTINCT FROM c.eps
+  ON a.model = c.model AND a.norm IS NOT DISTINCT FROM c.norm AND a.eps IS NOT DISTINCT FROM c.eps
 GROUP BY c.dataset, c.norm, c.eps, c.arch, c.method, a.attack
 ORDER BY a.attack
 """
@@ -187,7 +193,7 @@ def aggregate(results: pa.Table) -> Leaderboard:
         }
 
     tables: dict[tuple, dict[str, Any]] = {}  # insertion order = SQL order (dataset, norm, eps)
-    for (dataset, norm, eps, arch, method, n_seeds, keys, flags, clean_mean, clean_std,
+    for (dataset, norm, eps, arch, method, n_seeds, keys, flags, all_keys, clean_mean, clean_std,
          worst_mean, worst_std, hours_mean, hours_std, hours_total, devices, ips_mean, ips_std) in row_records:
         table = tables.get((dataset, norm, eps))
         if table is None:
@@ -203,7 +209,7 @@ def aggregate(results: pa.Table) -> Leaderboard:
             "arch": arch,
             "method": method,
             "n_seeds": int(n_seeds),
-            "keys": list(keys),
+            "keys": list(all_keys),  # every cell of these models (several cells may share one checkpoint)
             "clean_acc_mean": _num(clean_mean),
             "clean_acc_std": _num(clean_std),
             "robust": robust.get((dataset, norm, eps, arch, method), {}),

@@ -513,3 +513,22 @@ def test_cell_with_two_threat_models_is_ranked_in_each(tmp_path: Path) -> None:
     assert linf_row["worst_robust_mean"] == pytest.approx(0.3) and set(linf_row["robust"]) == {"fgsm", "pgd"}
     assert l2_row["worst_robust_mean"] == pytest.approx(0.6) and set(l2_row["robust"]) == {"pgd_l2"}
     assert linf_row["keys"] == l2_row["keys"] == ["k2"]
+
+
+def test_cells_sharing_a_checkpoint_are_one_model_one_seed(tmp_path: Path) -> None:
+    """Cells that differ only in eval attacks or analyses share one checkpoint: one model, one
+    seed, attacks pooled (worst case over both), both cells linked. A second seed stays a seed."""
+    def rows(key: str, seed: int, sha: str, attack: str, acc: float) -> list[dict]:
+        return [{"key": key, "status": "ok", "dataset": "digits", "arch": "cnn", "method": "erm", "seed": seed,
+                 "attack": attack, "norm": "linf", "eps": 0.1, "clean_acc": 0.9, "robust_acc": acc,
+                 "checkpoint_sha256": sha}]
+    write_cell_result(tmp_path / "r", "a", rows("a", 0, "sha0", "fgsm", 0.4))
+    write_cell_result(tmp_path / "r", "b", rows("b", 0, "sha0", "pgd", 0.3))
+    write_cell_result(tmp_path / "r", "c", rows("c", 1, "sha1", "pgd", 0.5))
+    build_site(tmp_path / "r", tmp_path / "s")
+    (table,) = json.loads((tmp_path / "s" / "data.json").read_text())["tables"]
+    (row,) = table["rows"]
+    assert row["n_seeds"] == 2
+    assert sorted(row["keys"]) == ["a", "b", "c"]
+    assert row["worst_robust_mean"] == pytest.approx((0.3 + 0.5) / 2)  # seed 0's worst case pools fgsm and pgd
+    assert row["robust"]["pgd"]["n"] == 2 and row["robust"]["fgsm"]["n"] == 1
