@@ -69,6 +69,7 @@ def ensure_aux(role: str, data_dir: Path, results_dir: Path,
     Returns the model and its meta (including its test accuracy)."""
     from harness.analysis.diffusion import load_split
     from harness.data.shards import dataset_sha256, load_manifest
+    from harness.prerequisites import training_lock
 
     if role not in ROLES:
         raise ValueError(f"unknown helper classifier role '{role}'; known: {sorted(ROLES)}")
@@ -77,18 +78,19 @@ def ensure_aux(role: str, data_dir: Path, results_dir: Path,
     ident = [sha, role, ROLES[role], "SmallCNN-v1"] + ([int(img_size)] if img_size is not None else [])
     key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
     folder = Path(results_dir) / "artifacts" / "aux" / key
-    model = SmallCNN(manifest["channels"], manifest["num_classes"])
-    if (folder / AUX_FILE).exists():
-        blob = torch.load(folder / AUX_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(blob["state_dict"])
-        return model.eval().requires_grad_(False), blob["meta"]
-    x, y = load_split(Path(data_dir), "train", img_size=img_size)
-    model = train_aux(x, y, manifest["num_classes"], ROLES[role])
-    xt, yt = load_split(Path(data_dir), "test", img_size=img_size)
-    with torch.no_grad():
-        acc = float((model(xt).argmax(1) == yt).float().mean())
-    meta = {"role": role, "seed": ROLES[role], "test_acc": acc, "data_sha256": sha}
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, folder / (AUX_FILE + ".tmp"))
-    (folder / (AUX_FILE + ".tmp")).replace(folder / AUX_FILE)
-    return model, meta
+    with training_lock(folder):  # one trainer per cache entry; concurrent cells wait for it
+        model = SmallCNN(manifest["channels"], manifest["num_classes"])
+        if (folder / AUX_FILE).exists():
+            blob = torch.load(folder / AUX_FILE, map_location="cpu", weights_only=False)
+            model.load_state_dict(blob["state_dict"])
+            return model.eval().requires_grad_(False), blob["meta"]
+        x, y = load_split(Path(data_dir), "train", img_size=img_size)
+        model = train_aux(x, y, manifest["num_classes"], ROLES[role])
+        xt, yt = load_split(Path(data_dir), "test", img_size=img_size)
+        with torch.no_grad():
+            acc = float((model(xt).argmax(1) == yt).float().mean())
+        meta = {"role": role, "seed": ROLES[role], "test_acc": acc, "data_sha256": sha}
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, folder / (AUX_FILE + ".tmp"))
+        (folder / (AUX_FILE + ".tmp")).replace(folder / AUX_FILE)
+        return model, meta

@@ -191,16 +191,18 @@ def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
                 log: Callable[[str], None] | None = None, img_size: int | None = None) -> tuple[DDPM, Path]:
     """The cached DDPM for this dataset and config, training (and caching) it if missing."""
     from harness.data.shards import dataset_sha256, load_manifest
+    from harness.prerequisites import training_lock
 
     manifest = load_manifest(Path(data_dir))
     sha = dataset_sha256(manifest)
     folder = Path(results_dir) / "artifacts" / "ddpm" / ddpm_key(sha, cfg, img_size)
-    if (folder / DDPM_FILE).exists() and (folder / META_FILE).exists():
-        return load_ddpm(folder), folder
-    images, _ = load_split(Path(data_dir), "train", img_size=img_size)
-    ddpm = train_ddpm(images, cfg, log=log)
-    save_ddpm(ddpm, folder, {"data_sha256": sha, "channels": images.shape[1],
-                             "image_size": images.shape[-1], "dataset": manifest.get("name")})
+    # one trainer per cache entry: cells of a grid that need the same DDPM wait for the first
+    with training_lock(folder):
+        if not ((folder / DDPM_FILE).exists() and (folder / META_FILE).exists()):
+            images, _ = load_split(Path(data_dir), "train", img_size=img_size)
+            ddpm = train_ddpm(images, cfg, log=log)
+            save_ddpm(ddpm, folder, {"data_sha256": sha, "channels": images.shape[1],
+                                     "image_size": images.shape[-1], "dataset": manifest.get("name")})
     return load_ddpm(folder), folder
 
 
