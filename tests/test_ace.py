@@ -225,3 +225,30 @@ def test_cell_with_ace_reuses_the_checkpoint_and_commits_the_summary(tiny) -> No
     bad = finalize(compose_config(tiny + ["analysis=[ace]", "analysis.ace.ace.tau=2"]))
     failed = run_cell(bad)
     assert failed.status == "failed" and "tau" in failed.error
+
+
+def test_concurrent_cells_train_a_helper_classifier_once(digits_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Two cells needing the same cached model (grid=ace runs them at once): one trains, one waits."""
+    import threading
+    import time
+
+    from harness.analysis import aux_models
+
+    calls = []
+    real = aux_models.train_aux
+
+    def slow_train(*args, **kw):
+        calls.append(1)
+        time.sleep(0.5)  # the second caller arrives while this one trains
+        return real(*args, **{**kw, "epochs": 1})
+
+    monkeypatch.setattr(aux_models, "train_aux", slow_train)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(aux_models.ensure_aux("oracle", digits_dir, tmp_path)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 2
+    assert out[0][1] == out[1][1]  # the waiter loaded what the first trained
