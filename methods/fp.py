@@ -9,7 +9,6 @@ is a buffer, so it is saved with the checkpoint and DDP broadcasts rank 0's.
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +16,8 @@ from torch import nn
 
 from architectures.classifier import Classifier
 from harness.registry import METHODS
-from harness.prerequisites import Prerequisite
-from methods.base import Method, TrainContext
-from methods.ft import finetune_trainer, load_weights
+from methods.base import TrainContext
+from methods.ft import FineTuning, load_weights
 
 
 class PrunedClassifier(nn.Module):
@@ -69,24 +67,18 @@ class PrunedClassifier(nn.Module):
 
 
 @METHODS.register("fp")
-class FinePruning(Method):
+class FinePruning(FineTuning):
+    """FT's setting (the grid's backdoored ERM, fine-tuned on the clean subset) after pruning."""
+
     name = "fp"
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 10, lr: float = 0.01, batch_size: int = 32,
                  max_acc_drop: float = 0.1, max_ratio: float = 0.9,
                  backdoored_checkpoint: str | None = None) -> None:
-        super().__init__()
-        self.clean_subset, self.epochs, self.lr, self.batch_size = float(clean_subset), int(epochs), float(lr), int(batch_size)
+        super().__init__(clean_subset, epochs, lr, batch_size, backdoored_checkpoint)
         if not 0 <= float(max_acc_drop) < 1 or not 0 < float(max_ratio) <= 1:
             raise ValueError(f"fp needs 0 <= max_acc_drop < 1 and 0 < max_ratio <= 1; got {max_acc_drop}, {max_ratio}")
         self.max_acc_drop, self.max_ratio = float(max_acc_drop), float(max_ratio)
-        self.backdoored_checkpoint = backdoored_checkpoint
-
-    @classmethod
-    def prerequisites(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Prerequisite]:
-        return [Prerequisite("backdoored_checkpoint", {"name": "erm"})]
-
-    runtime_trainer = staticmethod(finetune_trainer)
 
     def build(self, model: Classifier) -> nn.Module:
         return PrunedClassifier(load_weights(model, self.backdoored_checkpoint))
