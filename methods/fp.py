@@ -9,7 +9,6 @@ is a buffer, so it is saved with the checkpoint and DDP broadcasts rank 0's.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
