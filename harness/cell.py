@@ -15,15 +15,15 @@ from typing import Any, Callable
 
 from harness.analysis.runner import check_analyses, run_analyses
 from harness.backdoor.metrics import add_backdoor_metrics
+from harness.checkpoint_sync import local_work_dir
 from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
-from harness.checkpoint_sync import local_work_dir
 from harness.evaluate import EvalResult, evaluate
 from harness.neuron_sensitivity import SensitivityResult, analyse_cell
+from harness.prerequisites import train_in_place
 from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
 from harness.resources import worker_death_exceptions
 from harness.results import SCHEMA_VERSION, write_cell_result
-from harness.prerequisites import runtime_config, training_lock
 from harness.samples import load_survivors, samples_table, write_samples
 from harness.stages import ensure_dependencies, train_config
 from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
@@ -64,9 +64,7 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
         ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
         # method-declared prerequisites (CBD's f_B, FT/FP/NAD's backdoored ERM) are trained here,
         # and post-training defenses get their clean subset (harness/prerequisites.py)
-        run_cfg = runtime_config(train_config(cfg))
-        with training_lock(work_dir):
-            summary = train_fn(run_cfg, work_dir)
+        summary = train_in_place(train_config(cfg), work_dir, train_fn)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)
         result = evaluate(

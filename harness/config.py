@@ -135,11 +135,16 @@ def train_key(cfg: dict[str, Any]) -> str:
     return _hash(semantic)
 
 
+def trains_on_poison(cfg: dict[str, Any]) -> bool:
+    """Whether the cell's `backdoor` group names a poisoning attack (not `none`)."""
+    return (cfg.get("backdoor") or {}).get("name", "none") != "none"
+
+
 def _semantic(cfg: dict[str, Any]) -> dict[str, Any]:
     semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
     semantic["trainer"] = {k: v for k, v in cfg["trainer"].items() if k not in NON_SEMANTIC_TRAINER_KEYS}
     semantic["data"] = {k: v for k, v in cfg["data"].items() if k not in NON_SEMANTIC_DATA_KEYS}
-    if (cfg.get("backdoor") or {}).get("name", "none") == "none":
+    if not trains_on_poison(cfg):
         semantic.pop("backdoor", None)  # clean cells keep the keys they had before the backdoor track
     semantic["code_version"] = harness.__version__
     return semantic
@@ -162,6 +167,6 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg["key"] = cell_key(cfg)
     cfg["train_key"] = train_key(cfg)
     cfg["label"] = f"{cfg['arch']['name']}/{cfg['method']['name']}/s{cfg['seed']}"
-    if (cfg.get("backdoor") or {}).get("name", "none") != "none":
+    if trains_on_poison(cfg):
         cfg["label"] += f"/{cfg['backdoor']['name']}"
     return cfg

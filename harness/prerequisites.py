@@ -34,7 +34,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from harness.config import train_key
 from harness.registry import METHODS
@@ -104,10 +104,12 @@ def runtime_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def train_in_place(cfg: dict[str, Any], work_dir: Path):
-    """Train a (prerequisite or grid) cell into `work_dir` under its lock; returns the TrainSummary."""
-    from harness.trainer import train
+def train_in_place(cfg: dict[str, Any], work_dir: Path, train_fn: Callable[[dict[str, Any], Path], Any] | None = None):
+    """Train a (prerequisite or grid) cell into `work_dir` under its lock; returns the TrainSummary.
+    `train_fn` (default harness.trainer.train) is what trains; the Ray Train launcher passes its own."""
+    if train_fn is None:
+        from harness.trainer import train as train_fn
 
     run_cfg = runtime_config(cfg)
     with training_lock(work_dir):
-        return train(run_cfg, work_dir)
+        return train_fn(run_cfg, work_dir)

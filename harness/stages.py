@@ -80,7 +80,8 @@ def train_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def ensure_dependencies(cfg: dict[str, Any]) -> None:
     """Train the base stage(s) of `cfg` that are not finished yet (resuming a partial one)."""
-    from harness.trainer import SUMMARY, train
+    from harness.prerequisites import train_in_place
+    from harness.trainer import SUMMARY
 
     base = base_cell(cfg)
     if base is None:
@@ -88,4 +89,6 @@ def ensure_dependencies(cfg: dict[str, Any]) -> None:
     ensure_dependencies(base)
     work_dir = checkpoint_path(base).parent
     if not (work_dir / SUMMARY).exists():
-        train(train_config(base), work_dir)
+        # as the base's own grid cell trains it (harness/cell.py): under the folder's lock, so a
+        # grid cell and a dependent cell run alone never train it twice at once
+        train_in_place(train_config(base), work_dir)

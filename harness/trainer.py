@@ -107,12 +107,7 @@ def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
 
 def _train_rank(rank: int, world_size: int, cfg: dict[str, Any], work_dir_s: str, store_file: str) -> None:
     work_dir = Path(work_dir_s)
-    tcfg = cfg["trainer"]
-    # Tiny 1x1 / single-channel convs make DDP warn that grad strides differ from its buckets:
-    # a copy per step, harmless at that size; keep it out of every cell's log.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    device = _device(tcfg.get("device", "auto"), rank)
-    torch.set_num_threads(int(tcfg.get("threads_per_rank") or 1))
+    device = _rank_setup(cfg, rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.FileStore(store_file, world_size),
                             rank=rank, world_size=world_size)
@@ -129,14 +124,20 @@ def train_in_process_group(cfg: dict[str, Any], work_dir: Path) -> None:
     last epoch; rank 0 writes and pushes the summary.
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = _device(cfg["trainer"].get("device", "auto"), local_rank)
-    torch.set_num_threads(int(cfg["trainer"].get("threads_per_rank") or 1))
+    device = _rank_setup(cfg, int(os.environ.get("LOCAL_RANK", rank)))
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_sync.pull(cfg, work_dir)
     dist.barrier()
     _fit_and_write_summary(rank, world_size, cfg, work_dir, device)
+
+
+def _rank_setup(cfg: dict[str, Any], local_rank: int) -> torch.device:
+    """Per-process setup of one DDP rank: its device, its CPU threads, a quiet log."""
+    # Tiny 1x1 / single-channel convs make DDP warn that grad strides differ from its buckets:
+    # a copy per step, harmless at that size; keep it out of every cell's log.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    torch.set_num_threads(int(cfg["trainer"].get("threads_per_rank") or 1))
+    return _device(cfg["trainer"].get("device", "auto"), local_rank)
 
 
 def _fit_and_write_summary(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path,
