@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.attacks.base import Attack, attack_mode
+from harness.attacks.base import MaskedAttack
 from harness.registry import ATTACKS
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> (B,)
@@ -177,7 +177,7 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSam
     return fooled, x_found
 
 
-class _APGD(Attack):
+class _APGD(MaskedAttack):
     """Shared driver: attack the still-robust points, restart by restart (and target by target)."""
 
     def __init__(self, eps: float | str, norm: str = "linf", n_iter: int = 100, n_restarts: int = 1,
@@ -190,18 +190,6 @@ class _APGD(Attack):
         self.norm = norm
         self.n_iter, self.n_restarts = int(n_iter), int(n_restarts)
         self.rho, self.seed = float(rho), int(seed)
-
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._attack(model, x, y)[0]
-
-    def perturb_with_mask(self, model: nn.Module, x: torch.Tensor,
-                          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_adv, fooled): fooled[i] is True where the model misclassifies x_adv[i] (points
-        misclassified when clean included), so robust accuracy = 1 - fooled.float().mean().
-        Same guarantees as `attack(model, x, y)`: eval mode, mode restored, input gradients only."""
-        with attack_mode(model):
-            x_adv, fooled = self._attack(model, x.detach(), y.detach())
-        return x_adv.detach(), fooled
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()

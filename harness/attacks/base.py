@@ -49,6 +49,27 @@ class Attack(ABC):
             k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
 
+class MaskedAttack(Attack):
+    """An attack whose core also says which points it fooled (APGD, FAB-T, Square: the
+    AutoAttack components, chained on the points still robust)."""
+
+    @abstractmethod
+    def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_adv, fooled) on float inputs, the model already in attack mode."""
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._attack(model, x.float(), y)[0]
+
+    def perturb_with_mask(self, model: nn.Module, x: torch.Tensor,
+                          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_adv, fooled): fooled[i] is True where the model misclassifies x_adv[i] (points
+        misclassified when clean included), so robust accuracy = 1 - fooled.float().mean().
+        Same guarantees as `attack(model, x, y)`: eval mode, mode restored, input gradients only."""
+        with attack_mode(model):
+            x_adv, fooled = self._attack(model, x.detach().float(), y.detach())
+        return x_adv.detach(), fooled
+
+
 class IterativeAttack(Attack):
     """Shared settings of the PGD family: `steps` signed/normalised steps of `step_size`
     (default eps/4: 2/255 at eps 8/255) from an optional random start."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.attacks.base import Attack, attack_mode
+from harness.attacks.base import MaskedAttack
 from harness.registry import ATTACKS
 
 _FAR = 1e10  # "no adversarial point found yet" distance
@@ -116,7 +116,7 @@ def fab_targeted_run(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, target
 
 
 @ATTACKS.register("fab_t")
-class FABT(Attack):
+class FABT(MaskedAttack):
     """Targeted FAB, L-inf, AutoAttack's standard settings by default (see the module docstring)."""
 
     name = "fab_t"
@@ -137,15 +137,6 @@ class FABT(Attack):
         self.n_target_classes = int(n_target_classes)
         self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
         self.seed = int(seed)
-
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.perturb_with_mask(model, x, y)[0]
-
-    def perturb_with_mask(self, model: nn.Module, x: torch.Tensor,
-                          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_adv, fooled), fooled[i] where x_adv[i] is misclassified (clean errors included)."""
-        with attack_mode(model):
-            return self._attack(model, x.detach().float(), y.detach())
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

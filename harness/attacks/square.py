@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from harness.attacks.base import Attack, attack_mode, project_linf
+from harness.attacks.base import MaskedAttack, project_linf
 from harness.registry import ATTACKS
 
 # (last iteration of the phase, divisor of p_init) of the reference schedule over 10k iterations
@@ -90,7 +90,7 @@ def square_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
 
 
 @ATTACKS.register("square")
-class Square(Attack):
+class Square(MaskedAttack):
     """Square Attack L-inf with the margin loss (see the module docstring)."""
 
     name = "square"
@@ -107,15 +107,6 @@ class Square(Attack):
             raise ValueError(f"square p_init must be in (0, 1], got {p_init}")
         self.n_queries, self.p_init, self.n_restarts = int(n_queries), float(p_init), int(n_restarts)
         self.rescale_schedule, self.seed = bool(rescale_schedule), int(seed)
-
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._attack(model, x, y)[0]
-
-    def perturb_with_mask(self, model: nn.Module, x: torch.Tensor,
-                          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_adv, fooled), fooled[i] where x_adv[i] is misclassified (clean errors included)."""
-        with attack_mode(model):
-            return self._attack(model, x.detach().float(), y.detach())
 
     @torch.no_grad()
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
