@@ -112,6 +112,26 @@ def test_prepare_repairs_a_corrupt_dataset(digits_dir: Path, tmp_path: Path) -> 
     verify_shards(copy, load_manifest(copy))
 
 
+def test_prepare_losing_a_concurrent_race_uses_the_winners_copy(
+    digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two cells on one node preparing digits at once: the one whose rename comes second
+    (target already there, not empty) keeps the winner's dataset instead of crashing."""
+    import harness.data.shards as shards
+
+    real_rename = shards.os.rename
+
+    def winner_renames_first(src: str, dst: str) -> None:
+        shutil.copytree(digits_dir, dst)  # the concurrent prepare finishes in between
+        real_rename(src, dst)  # raises: the target exists and is not empty
+
+    monkeypatch.setattr(shards.os, "rename", winner_renames_first)
+    out = prepare_digits(tmp_path)
+    assert out == tmp_path / "digits"
+    verify_shards(out, load_manifest(out))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # loser's temp copy removed
+
+
 def test_dataset_plugins_registered(tmp_path: Path) -> None:
     assert DATASETS.get("digits").needs_source is False
     cifar = DATASETS.get("cifar10")()

@@ -184,7 +184,13 @@ def write_dataset(
                 shutil.rmtree(tmp, ignore_errors=True)
                 return final
             shutil.rmtree(final)  # an invalid leftover: replace it
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # a concurrent prepare (another cell on this node) renamed its copy in between
+            if not existing_dataset(final):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
