@@ -135,6 +135,15 @@ def train_key(cfg: dict[str, Any]) -> str:
     return _hash(semantic)
 
 
+def training_setup(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(id, config) of how a cell's model was trained, seed and code version left out: the
+    leaderboard averages seeds of one setup and never across setups (leaderboard/setups.py)."""
+    semantic = _semantic(cfg)
+    for name in (*EVAL_ONLY_KEYS, "seed", "code_version"):
+        semantic.pop(name, None)
+    return _hash(semantic), semantic
+
+
 def trains_on_poison(cfg: dict[str, Any]) -> bool:
     """Whether the cell's `backdoor` group names a poisoning attack (not `none`)."""
     return (cfg.get("backdoor") or {}).get("name", "none") != "none"
@@ -142,8 +151,8 @@ def trains_on_poison(cfg: dict[str, Any]) -> bool:
 
 def _semantic(cfg: dict[str, Any]) -> dict[str, Any]:
     semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
-    semantic["trainer"] = {k: v for k, v in cfg["trainer"].items() if k not in NON_SEMANTIC_TRAINER_KEYS}
-    semantic["data"] = {k: v for k, v in cfg["data"].items() if k not in NON_SEMANTIC_DATA_KEYS}
+    semantic["trainer"] = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in NON_SEMANTIC_TRAINER_KEYS}
+    semantic["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in NON_SEMANTIC_DATA_KEYS}
     if not trains_on_poison(cfg):
         semantic.pop("backdoor", None)  # clean cells keep the keys they had before the backdoor track
     semantic["code_version"] = harness.__version__

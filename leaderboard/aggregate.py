@@ -26,6 +26,7 @@ import pyarrow as pa
 from leaderboard.backdoor import backdoor_tables, lp_view
 from leaderboard.cells import Cell, group_cells
 from leaderboard.format import cost_unit, setting_file
+from leaderboard.setups import label_setups
 
 HEADLINE_ATTACK = "autoattack"
 LP_TRACK = "lp"
@@ -178,7 +179,7 @@ def aggregate(results: pa.Table) -> Leaderboard:
     """Aggregate a RESULT_SCHEMA table (from harness.results.read_results) into a Leaderboard."""
     con = duckdb.connect()
     try:
-        con.register("results", lp_view(results).select(_COLUMNS))
+        con.register("results", lp_view(label_setups(results)).select(_COLUMNS))
         row_records = con.execute(_ROWS_SQL).fetchall()
         attack_records = con.execute(_ATTACKS_SQL).fetchall()
         failed_records = con.execute(_FAILED_SQL).fetchall()

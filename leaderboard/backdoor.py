@@ -16,6 +16,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from leaderboard.setups import label_setups
+
 _COLUMNS = ["key", "status", "dataset", "arch", "method", "seed", "clean_acc", "backdoor",
             "poison_rate", "target_class", "asr", "backdoor_robust_acc", "n_poisoned", "n_triggered"]
 
@@ -55,7 +57,7 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
         return []
     con = duckdb.connect()
     try:
-        con.register("results", results.select(_COLUMNS))
+        con.register("results", label_setups(results).select(_COLUMNS))
         records = con.execute(_SQL).fetchall()
     finally:
         con.close()
