@@ -37,6 +37,7 @@ _COLUMNS = [
     "key", "grid", "status", "error", "dataset", "arch", "method", "seed",
     "attack", "norm", "eps", "clean_acc", "robust_acc", "flags",
     "train_seconds", "eval_seconds", "world_size", "device", "images_per_second", "checkpoint_sha256",
+    "neuron_sensitivity",
 ]
 
 _PRELUDE = """
@@ -55,7 +56,8 @@ cells AS (
            CASE WHEN max(train_seconds) IS NULL AND max(eval_seconds) IS NULL THEN NULL
                 ELSE (coalesce(max(train_seconds), 0) + coalesce(max(eval_seconds), 0))
                      * coalesce(max(world_size), 1) / 3600.0 END AS hours,
-           any_value(device) AS device, avg(images_per_second) AS ips
+           any_value(device) AS device, avg(images_per_second) AS ips,
+           avg(neuron_sensitivity) AS ns
     FROM ok_rows GROUP BY model, norm, eps
 ),
 cell_attack AS (
@@ -76,7 +78,8 @@ SELECT c.dataset, c.norm, c.eps, c.arch, c.method,
        avg(w.worst) AS worst_mean, stddev_samp(w.worst) AS worst_std,
        avg(c.hours) AS hours_mean, stddev_samp(c.hours) AS hours_std, sum(c.hours) AS hours_total,
        list_sort(list_distinct(list(c.device) FILTER (WHERE c.device IS NOT NULL))) AS devices,
-       avg(c.ips) AS ips_mean, stddev_samp(c.ips) AS ips_std
+       avg(c.ips) AS ips_mean, stddev_samp(c.ips) AS ips_std,
+       avg(c.ns) AS ns_mean, stddev_samp(c.ns) AS ns_std
 FROM cells c LEFT JOIN cell_worst w
   ON w.model = c.model AND w.norm IS NOT DISTINCT FROM c.norm AND w.eps IS NOT DISTINCT FROM c.eps
 GROUP BY c.dataset, c.norm, c.eps, c.arch, c.method
@@ -195,7 +198,8 @@ def aggregate(results: pa.Table) -> Leaderboard:
 
     tables: dict[tuple, dict[str, Any]] = {}  # insertion order = SQL order (dataset, norm, eps)
     for (dataset, norm, eps, arch, method, n_seeds, keys, flags, all_keys, clean_mean, clean_std,
-         worst_mean, worst_std, hours_mean, hours_std, hours_total, devices, ips_mean, ips_std) in row_records:
+         worst_mean, worst_std, hours_mean, hours_std, hours_total, devices, ips_mean, ips_std,
+         ns_mean, ns_std) in row_records:
         table = tables.get((dataset, norm, eps))
         if table is None:
             table = tables[(dataset, norm, eps)] = {
@@ -226,10 +230,14 @@ def aggregate(results: pa.Table) -> Leaderboard:
             "devices": list(devices),
             "images_per_second_mean": _num(ips_mean),
             "images_per_second_std": _num(ips_std),
+            # mean per-layer neuron sensitivity (harness/neuron_sensitivity.py): lower = more stable
+            "neuron_sensitivity_mean": _num(ns_mean),
+            "neuron_sensitivity_std": _num(ns_std),
         })
     for table in tables.values():
         table["attacks"] = sorted({a for row in table["rows"] for a in row["robust"]})
         table["headline"] = _headline(table)
+        table["has_neuron_sensitivity"] = any(r["neuron_sensitivity_mean"] is not None for r in table["rows"])
         _rank(table)
 
     failed = [

@@ -42,6 +42,7 @@ CSV_COLUMNS = [
     "worst_robust_mean", "worst_robust_std", "headline_kind", "headline_mean", "headline_std",
     "flags", "cost_hours_mean", "cost_hours_std", "cost_unit",
     "images_per_second_mean", "images_per_second_std",
+    "neuron_sensitivity_mean", "neuron_sensitivity_std",
 ]
 
 

@@ -53,3 +53,22 @@ def test_labels_name_only_the_differing_values_and_stay_short() -> None:
                       "y": "data.img_size=16, extra.a=1, trainer.epochs=40"}
     many = {str(i): {f"k{j}": i for j in range(6)} for i in range(2)}
     assert setup_labels(many)["1"] == "k0=1, k1=1, k2=1, k3=1, +2 more"
+
+
+def test_neuron_sensitivity_column_is_averaged_over_seeds(tmp_path: Path) -> None:
+    for seed, ns in ((0, 0.2), (1, 0.3)):
+        rows = _rows(f"a{seed}", _config(seed, None), 0.1)
+        rows[0]["neuron_sensitivity"] = ns
+        write_cell_result(tmp_path, f"a{seed}", rows)
+    (table,) = aggregate(read_results(tmp_path)).tables
+    (row,) = table["rows"]
+    assert table["has_neuron_sensitivity"]
+    assert abs(row["neuron_sensitivity_mean"] - 0.25) < 1e-9
+    assert abs(row["neuron_sensitivity_std"] - 0.0707107) < 1e-6
+    from leaderboard import build_site
+
+    site = tmp_path / "site"
+    build_site(tmp_path, site)
+    (page,) = (site / "settings").glob("*.html")
+    html = page.read_text()
+    assert ">neuron sensitivity</th>" in html and "0.25 ± 0.071" in html
