@@ -92,17 +92,26 @@ class CBDModule(nn.Module):
         return logits_c, z_c, logits_b, z_b
 
 
-def cbd_weights(loss_b: torch.Tensor, loss_c: torch.Tensor) -> torch.Tensor:
-    """w = l_B / (l_B + sg(l_C) + 1e-8), rescaled to mean 1 over the batch (no gradient)."""
+def cbd_weights(loss_b: torch.Tensor, loss_c: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """w = l_B / (l_B + sg(l_C) + 1e-8), rescaled to mean 1 over the batch (no gradient).
+
+    With `labels` (the `weight_norm: class` variant, not the paper's) the rescaling is to mean 1
+    within each label of the batch instead, so a class whose clean samples f_B happens to fit
+    keeps its share of the loss; only the ordering of samples inside a class is CBD's."""
     w = loss_b.detach() / (loss_b.detach() + loss_c.detach() + 1e-8)
-    return w * w.numel() / w.sum().clamp_min(1e-12)
+    if labels is None:
+        return w * w.numel() / w.sum().clamp_min(1e-12)
+    sums = torch.zeros(int(labels.max()) + 1, dtype=w.dtype, device=w.device).index_add_(0, labels, w)
+    counts = torch.bincount(labels, minlength=sums.numel()).to(w.dtype)
+    return w * counts[labels] / sums[labels].clamp_min(1e-12)
 
 
 @METHODS.register("cbd")
 class CBD(Method):
     name = "cbd"
 
-    def __init__(self, backdoored_epochs: int | None = None, backdoored_fraction: float = 0.05, mi: bool = True, mi_weight: float = 0.01,
+    def __init__(self, backdoored_epochs: int | None = None, backdoored_fraction: float = 0.05,
+                 backdoored_lr: float | None = None, weight_norm: str = "batch", mi: bool = True, mi_weight: float = 0.01,
                  critic_lr: float = 0.2, critic_step_epochs: int = 20, critic_dropout: float = 0.2,
                  power_iterations: int = 5, backdoored_checkpoint: str | None = None) -> None:
         super().__init__()
@@ -110,8 +119,14 @@ class CBD(Method):
             raise ValueError(f"method.backdoored_epochs must be >= 1 (or null), got {backdoored_epochs}")
         if not 0 < float(backdoored_fraction) <= 1:
             raise ValueError(f"method.backdoored_fraction must be in (0, 1], got {backdoored_fraction}")
+        if backdoored_lr is not None and not float(backdoored_lr) > 0:
+            raise ValueError(f"method.backdoored_lr must be > 0 (or null: the trainer's lr), got {backdoored_lr}")
         self.backdoored_epochs = backdoored_epochs
         self.backdoored_fraction = float(backdoored_fraction)
+        self.backdoored_lr = backdoored_lr
+        if weight_norm not in ("batch", "class"):
+            raise ValueError(f"method.weight_norm must be 'batch' (the paper's) or 'class', got {weight_norm!r}")
+        self.weight_norm = weight_norm
         self.mi = bool(mi)
         self.mi_weight = float(mi_weight)
         self.critic_lr = float(critic_lr)
@@ -130,8 +145,10 @@ class CBD(Method):
         if epochs is None:
             fraction = float(method_cfg.get("backdoored_fraction", 0.05))
             epochs = max(1, round(fraction * int(trainer_cfg["epochs"])))
-        epochs = int(epochs)
-        return [Prerequisite("backdoored_checkpoint", {"name": "erm"}, {"epochs": epochs})]
+        overrides: dict[str, Any] = {"epochs": int(epochs)}
+        if method_cfg.get("backdoored_lr") is not None:
+            overrides["optimizer"] = {**trainer_cfg["optimizer"], "lr": float(method_cfg["backdoored_lr"])}
+        return [Prerequisite("backdoored_checkpoint", {"name": "erm"}, overrides)]
 
     def build(self, model: Classifier) -> nn.Module:
         backdoored = copy.deepcopy(model)
@@ -174,7 +191,7 @@ class CBD(Method):
         logits_c, z_c, logits_b, z_b = module(x)
         loss_c = F.cross_entropy(logits_c, y, reduction="none")
         loss_b = F.cross_entropy(logits_b, y, reduction="none")
-        w = cbd_weights(loss_b, loss_c)
+        w = cbd_weights(loss_b, loss_c, y if self.weight_norm == "class" else None)
         loss = (w * loss_c).mean()
         logs = {"loss_weighted_ce": loss.detach(), "weight_min": w.min()}
         if self.mi:

@@ -214,8 +214,15 @@ def test_cbd_weights_critic_and_prerequisite() -> None:
     raw = loss_b / (loss_b + loss_c.detach() + 1e-8)
     assert torch.allclose(w, raw / raw.mean()) and w.mean().item() == pytest.approx(1.0)
     assert not w.requires_grad and w.argmin() == 0  # the sample f_B fits (poison-like) counts least
-    critic = MICritic(6, 6)
-    torch.manual_seed(0)
+    # weight_norm 'class' (a variant): mean 1 within each label, order inside a label kept
+    labels = torch.tensor([0, 0, 1, 1])
+    wc = cbd_weights(loss_b, loss_c, labels)
+    assert torch.allclose(wc[:2], raw[:2] / raw[:2].mean()) and torch.allclose(wc[2:], raw[2:] / raw[2:].mean())
+    assert wc[0] < wc[1]
+    with pytest.raises(ValueError, match="weight_norm"):
+        CBD(weight_norm="sample")
+    torch.manual_seed(0)  # before the critic is built: power iteration converges slowly for
+    critic = MICritic(6, 6)  # ~1% of random inits (close top singular values), so fix the init
     for p in critic.parameters():
         p.data.mul_(10)
     critic.spectral_normalize(iterations=50)
@@ -231,6 +238,13 @@ def test_cbd_weights_critic_and_prerequisite() -> None:
     assert pre.method == {"name": "erm"} and pre.trainer == {"epochs": 3} and pre.arg == "backdoored_checkpoint"
     assert CBD.prerequisites({"name": "cbd", "backdoored_epochs": None}, {"epochs": 100})[0].trainer == {"epochs": 5}
     assert CBD.prerequisites({"name": "cbd"}, {"epochs": 40})[0].trainer == {"epochs": 2}
+    sgd = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+    (pre,) = CBD.prerequisites({"name": "cbd", "backdoored_epochs": 3, "backdoored_lr": 0.05},
+                               {"epochs": 40, "optimizer": sgd})
+    assert pre.trainer == {"epochs": 3, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}
+    assert sgd["lr"] == 0.1  # the cell's own trainer config is untouched
+    with pytest.raises(ValueError, match="backdoored_lr"):
+        CBD(backdoored_lr=0)
 
 
 def test_cbd_step_trains_only_the_clean_model_and_steps_the_critic(digits_dir) -> None:
