@@ -110,7 +110,7 @@ def _read_source(results_dir: str | os.PathLike, source: str) -> tuple[str, pa.T
         data = store.read_bytes(f"samples/{source}.parquet")
         where = store.uri("samples", f"{source}.parquet")
         if data is not None:
-            return where, pq.read_table(pa.BufferReader(data))
+            return where, parquet_from_bytes(data)
     raise FileNotFoundError(
         f"eval.survivors_from={source!r}: no per-sample file at {where}. Fix: give the key "
         f"of a cell evaluated in {results_dir} (its samples/<key>.parquet) or the path of a "

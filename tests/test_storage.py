@@ -144,3 +144,19 @@ def test_grid_reruns_only_the_cell_whose_committed_file_was_corrupted(tiny, ray_
     assert committed_status(folder, bad) == "ok"
     assert (folder / COMMITS / f"{good}.json").read_text() == good_marker
     assert read_results(folder).num_rows == 2
+
+
+def test_reading_a_result_then_exiting_does_not_abort(tmp_path: Path) -> None:
+    """Reading a committed table from bytes and exiting at once used to abort the interpreter
+    (`terminate called without an active exception`, exit 134) in most runs: an Arrow pool thread
+    released the Python-owned input buffer during shutdown (harness.storage.parquet_from_bytes)."""
+    import subprocess
+    import sys
+
+    write_cell_result(tmp_path, "k", _rows("k"))
+    script = ("import sys; from harness.results import read_cell_result; "
+              "assert read_cell_result(sys.argv[1]).num_rows == 1")
+    for _ in range(4):
+        done = subprocess.run([sys.executable, "-c", script, str(result_path(tmp_path, "k"))],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
