@@ -39,6 +39,11 @@ class PrunedClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def layer_names(self) -> list[str]:
+        """The wrapped classifier's hook points, so evaluation analyses (neuron sensitivity) see
+        the pruned model's stages."""
+        return [f"model.{name}" for name in self.model.layer_names()]
+
     @torch.no_grad()
     def prune(self, x: torch.Tensor, y: torch.Tensor, max_acc_drop: float, max_ratio: float) -> int:
         """Prune dormant channels on (x, y); returns the number pruned."""

@@ -60,6 +60,20 @@ def test_method_step_is_finite_and_reaches_every_parameter(name, process_group, 
         assert torch.isfinite(torch.as_tensor(value)).all()
 
 
+@pytest.mark.parametrize("name", sorted(config_options("method")))
+def test_every_methods_eval_model_supports_neuron_sensitivity(name, digits_dir, data_root) -> None:
+    """Every evaluated cell measures neuron sensitivity on `method.eval_model(module)`; a wrapper
+    that hides the classifier's layers failed all FP cells of the backdoor grid."""
+    from harness.attacks.pgd import PGD
+    from harness.neuron_sensitivity import neuron_sensitivity
+
+    method = build_method(_method_cfg(name, data_root))
+    model = method.eval_model(method.build(digits_classifier(digits_dir))).eval()
+    x, y = digits_batch(digits_dir, 8)
+    result = neuron_sensitivity(model, [(x, y)], PGD(eps=0.1, step_size=0.05, steps=1))
+    assert result.layers and all(v >= 0 for v in result.layers.values())
+
+
 def test_trades_loss_matches_reference_formula() -> None:
     torch.manual_seed(0)
     logits_clean, logits_adv = torch.randn(16, 10), torch.randn(16, 10)
