@@ -40,7 +40,6 @@ STAGING = "_staging"
 LOCK_STALE_SECONDS = 30.0  # a commit lock older than this was left by a killed process
 
 
-
 def parquet_from_bytes(data: bytes) -> pa.Table:
     """A Parquet table from bytes in memory, read through an Arrow-owned copy of them.
 
@@ -53,6 +52,7 @@ def parquet_from_bytes(data: bytes) -> pa.Table:
     sink = pa.BufferOutputStream()
     sink.write(data)
     return pq.read_table(pa.BufferReader(sink.getvalue()))
+
 
 class StorageError(ValueError):
     """A storage URI that cannot be used; the message says how to fix it."""

@@ -180,9 +180,10 @@ def _rank(table: dict[str, Any]) -> None:
 
 def aggregate(results: pa.Table) -> Leaderboard:
     """Aggregate a RESULT_SCHEMA table (from harness.results.read_results) into a Leaderboard."""
+    results = label_setups(results)  # once, for the Lp and the backdoor tables
     con = duckdb.connect()
     try:
-        con.register("results", lp_view(label_setups(results)).select(_COLUMNS))
+        con.register("results", lp_view(results).select(_COLUMNS))
         row_records = con.execute(_ROWS_SQL).fetchall()
         attack_records = con.execute(_ATTACKS_SQL).fetchall()
         failed_records = con.execute(_FAILED_SQL).fetchall()

@@ -16,8 +16,6 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from leaderboard.setups import label_setups
-
 _COLUMNS = ["key", "status", "dataset", "arch", "method", "seed", "clean_acc", "backdoor",
             "poison_rate", "target_class", "asr", "backdoor_robust_acc", "n_poisoned", "n_triggered"]
 
@@ -52,12 +50,13 @@ def _num(value: Any) -> float | None:
 
 
 def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
-    """The backdoor tables (data.json shape) from a RESULT_SCHEMA table."""
+    """The backdoor tables (data.json shape) from a RESULT_SCHEMA table whose methods already
+    carry their setup labels (leaderboard.setups.label_setups, applied by aggregate)."""
     if "backdoor" not in results.column_names:
         return []
     con = duckdb.connect()
     try:
-        con.register("results", label_setups(results).select(_COLUMNS))
+        con.register("results", results.select(_COLUMNS))
         records = con.execute(_SQL).fetchall()
     finally:
         con.close()

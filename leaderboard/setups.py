@@ -6,8 +6,9 @@ ERM test_resnet into the digits L-inf table, and the site would average them as 
 training setup of a result row is its resolved config (`config_json`) reduced to what shapes the
 trained model, the same reduction as the train key (harness.config), minus the seed and the code
 version. When one (dataset, arch, method) has several setups, each gets a label naming only the
-config values that differ between them (rows trained on different poisons are apart already), e.g. `erm [data.img_size=16, trainer.epochs=10]`, and
-that label is part of the row's method name on every table. One setup: the name is unchanged.
+config values that differ between them (rows trained on different poisons are apart already),
+e.g. `erm [data.img_size=16, trainer.epochs=10]`, and that label is part of the row's method name
+on every table. One setup: the name is unchanged.
 """
 from __future__ import annotations
 
