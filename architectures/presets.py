@@ -16,7 +16,7 @@ import timm
 from torch import nn
 
 from architectures.classifier import Classifier
-from harness.registry import ARCHITECTURES
+from harness.core.registry import ARCHITECTURES
 
 
 @dataclass(frozen=True)

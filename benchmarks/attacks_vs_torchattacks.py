@@ -15,7 +15,7 @@ unscaled schedule). Rows without a torchattacks counterpart print our time only:
 (torchattacks' CW is the L2 Adam attack, another threat model), TRADES' KL attack, and
 autoattack_fast. torchattacks' AutoAttack runs its APGD/APGD-T/FAB for 10 iterations, not 100:
 its row compares a weaker attack, and says so.
-Robust accuracy follows harness.evaluate: a sample counts when both its clean and its attacked
+Robust accuracy follows harness.eval.evaluate: a sample counts when both its clean and its attacked
 image are classified correctly. The digits test split has 360 images; a larger --n tiles it.
 """
 from __future__ import annotations

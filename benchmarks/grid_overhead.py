@@ -3,8 +3,8 @@
     python -m benchmarks.grid_overhead [--cells 1 4 16] [--data-root DIR]
 
 For each N, N tiny digits cells (distinct seeds) run twice, each time into a fresh results store:
-  serial: harness.cell.run_cell in this process, one after another;
-  grid:   harness.grid.run_grid on an embedded Ray with ONE CPU, so cells also run one after
+  serial: harness.run.cell.run_cell in this process, one after another;
+  grid:   harness.run.grid.run_grid on an embedded Ray with ONE CPU, so cells also run one after
           another and the difference is pure overhead (validation, commit checks, task
           submission, result transfer, heartbeats, progress), not parallel speed-up.
 Ray's own start (ray.init) and its worker start (a fresh worker process importing torch and the
@@ -29,7 +29,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def _cells(data_root: Path, results: Path, seeds: list[int]) -> list[dict]:
-    from harness.grid import expand_grid
+    from harness.run.grid import expand_grid
 
     return expand_grid([
         "grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm]",
@@ -45,7 +45,7 @@ def _warm_worker() -> float:
 
     @ray.remote(num_cpus=1)
     def warm() -> None:
-        import harness.cell  # noqa: F401  (torch, timm, the trainer)
+        import harness.run.cell  # noqa: F401  (torch, timm, the trainer)
 
     t0 = time.perf_counter()
     ray.get(warm.remote())
@@ -62,9 +62,9 @@ def main() -> None:
     import ray
     import torch
 
-    from harness.cell import run_cell
+    from harness.run.cell import run_cell
     from harness.data.prepare import prepare_digits
-    from harness.grid import run_grid
+    from harness.run.grid import run_grid
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="rg-overhead-"))

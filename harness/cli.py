@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from harness.config import ConfigError
-    from harness.errors import DataError
-    from harness.registry import UnknownPluginError
+    from harness.core.config import ConfigError
+    from harness.core.errors import DataError
+    from harness.core.registry import UnknownPluginError
 
     try:
         return int(args.func(args) or 0)
@@ -78,14 +78,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from harness.config import compose_config, finalize
+    from harness.core.config import compose_config, finalize
 
     cfg = finalize(compose_config(args.overrides))  # bad names fail here, before heavy imports
 
-    from harness.cell import run_cell
+    from harness.run.cell import run_cell
     from harness.data.ensure import ensure_prepared
-    from harness.grid import validate_cell
-    from harness.results import read_cell_result, result_path
+    from harness.run.grid import validate_cell
+    from harness.store.results import read_cell_result, result_path
 
     validate_cell(cfg)
     ensure_prepared(cfg["data"])
@@ -101,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    from harness.grid import expand_grid, run_grid
+    from harness.run.grid import expand_grid, run_grid
 
     cells = expand_grid(args.overrides)
     first = cells[0]
@@ -112,7 +112,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     results_dirs = sorted({c["results_dir"] for c in cells})
     if not args.no_leaderboard:
         from leaderboard import build_site
-        from harness.storage import local_path
+        from harness.store.storage import local_path
 
         for results_dir in results_dirs:
             if local_path(results_dir) is None:
@@ -126,13 +126,13 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from harness.status import status_command
+    from harness.run.status import status_command
 
     return status_command(args.overrides, args.results, args.list)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from harness.registry import REGISTRIES
+    from harness.core.registry import REGISTRIES
 
     for name in REGISTRIES[args.kind].names():
         print(name)
@@ -140,7 +140,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from harness.registry import DATASETS
+    from harness.core.registry import DATASETS
 
     plugin = DATASETS.get(args.name)()
     out = plugin.prepare(args.root, args.source)

@@ -179,7 +179,7 @@ def _rank(table: dict[str, Any]) -> None:
 
 
 def aggregate(results: pa.Table) -> Leaderboard:
-    """Aggregate a RESULT_SCHEMA table (from harness.results.read_results) into a Leaderboard."""
+    """Aggregate a RESULT_SCHEMA table (from harness.store.results.read_results) into a Leaderboard."""
     results = label_setups(results)  # once, for the Lp and the backdoor tables
     con = duckdb.connect()
     try:
@@ -231,7 +231,7 @@ def aggregate(results: pa.Table) -> Leaderboard:
             "devices": list(devices),
             "images_per_second_mean": _num(ips_mean),
             "images_per_second_std": _num(ips_std),
-            # mean per-layer neuron sensitivity (harness/neuron_sensitivity.py): lower = more stable
+            # mean per-layer neuron sensitivity (harness/eval/neuron_sensitivity.py): lower = more stable
             "neuron_sensitivity_mean": _num(ns_mean),
             "neuron_sensitivity_std": _num(ns_std),
         })

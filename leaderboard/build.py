@@ -16,7 +16,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.results import read_results
+from harness.store.results import read_results
 from leaderboard.ace_gallery import ACE_PAGE, collect
 from leaderboard.aggregate import aggregate
 from leaderboard.exports import to_csv, to_json

@@ -59,7 +59,7 @@ class Cell:
 
     @property
     def flag_details(self) -> dict[str, str]:
-        """Each flag's evidence (harness/integrity.py's flag_details JSON), as text for tooltips."""
+        """Each flag's evidence (harness/eval/integrity.py's flag_details JSON), as text for tooltips."""
         out: dict[str, str] = {}
         for row in self.rows:
             try:

@@ -4,7 +4,7 @@ setup*, never an average over runs that differ in more than the seed.
 Without this, `grid=demo` (8x8, trainer=demo) and `grid=ace` (16x16 upsampling) would both put an
 ERM test_resnet into the digits L-inf table, and the site would average them as two "seeds". The
 training setup of a result row is its resolved config (`config_json`) reduced to what shapes the
-trained model, the same reduction as the train key (harness.config), minus the seed and the code
+trained model, the same reduction as the train key (harness.core.config), minus the seed and the code
 version. When one (dataset, arch, method) has several setups, each gets a label naming only the
 config values that differ between them (rows trained on different poisons are apart already),
 e.g. `erm [data.img_size=16, trainer.epochs=10]`, and that label is part of the row's method name
@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from harness.config import training_setup
+from harness.core.config import training_setup
 
 MAX_LABEL_PARTS = 4  # more differing values than this are summarised as "+N more"
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.classifier import Classifier
-from harness.registry import METHODS
-from harness.prerequisites import Prerequisite
+from harness.core.registry import METHODS
+from harness.run.prerequisites import Prerequisite
 from methods.base import Method, TrainContext
 from methods.ft import load_weights
 

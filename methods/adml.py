@@ -2,7 +2,7 @@
 adversarial-training method: `adml_pgd_at`, `adml_trades`, `adml_mart`, `adml_awp`.
 
 Two stages. Stage 1 is the base method's own cell (its `method.base` config); a grid holding both
-trains it once (harness/stages.py). Stage 2, this plugin, fine-tunes from stage 1's checkpoint
+trains it once (harness/run/stages.py). Stage 2, this plugin, fine-tunes from stage 1's checkpoint
 with the trainer settings of `method.finetune` (the paper: 10 epochs, lr 1e-3, cyclic).
 Per batch, cross-fitted: one half of the batch takes the base method's loss, the other the DML
 loss, and the halves swap every step. On the DML half: x' = PGD(x); S = the samples x' fools;
@@ -22,7 +22,7 @@ from torch import nn
 
 from architectures.classifier import Classifier
 from harness.attacks.pgd import PGD
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 from methods.base import Method, TrainContext, build_method
 
 

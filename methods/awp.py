@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 from methods.base import TrainContext
 from methods.pgd_at import PGDAT
 

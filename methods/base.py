@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from architectures.classifier import Classifier
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 
 
 @dataclass
@@ -92,7 +92,7 @@ def build_method(cfg: dict[str, Any]) -> Method:
     cfg = dict(cfg)
     cls = METHODS.get(cfg.pop("name"))
     cfg.pop("stages", None)
-    cfg.pop("finetune", None)  # ADML's stage-2 trainer settings: read by harness/stages.py
+    cfg.pop("finetune", None)  # ADML's stage-2 trainer settings: read by harness/run/stages.py
     try:
         return cls(**cfg)
     except TypeError as err:

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from architectures.classifier import Classifier
 from harness.attacks.base import Attack, parse_number, project_linf
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 from methods.base import Method, TrainContext
 
 

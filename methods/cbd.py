@@ -1,7 +1,7 @@
 """CBD — Causality-inspired Backdoor Defense (Zhang et al., CVPR 2023).
 
 The backdoor is a confounder tying the trigger to the target label. Stage 1 (a prerequisite cell,
-harness/prerequisites.py): f_B = ERM on the poisoned data for only T epochs, then frozen; T = 5 of the
+harness/run/prerequisites.py): f_B = ERM on the poisoned data for only T epochs, then frozen; T = 5 of the
 paper's 100 epochs, so by default `backdoored_fraction` 0.05 of the trainer's epochs (2 of the
 digits preset's 40), or `backdoored_epochs` when set; it fits the poisoned samples (easy, low loss) long before the clean ones. Stage 2 (this
 cell) trains the clean model f_C on the same poisoned data with
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.classifier import Classifier
-from harness.registry import METHODS
-from harness.prerequisites import Prerequisite
+from harness.core.registry import METHODS
+from harness.run.prerequisites import Prerequisite
 from methods.base import Method, TrainContext
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 from methods.base import Method, TrainContext
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from harness.attacks.base import Attack, input_gradient, parse_number, project_linf
 from harness.attacks.pgd import PGD
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 from methods.base import Method, TrainContext
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.classifier import Classifier
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 from methods.base import TrainContext
 from methods.ft import FineTuning, load_weights
 

@@ -1,7 +1,7 @@
 """FT: fine-tune a backdoored model on the defender's small clean split (5% of the training set).
 
 The backdoored model is the grid's ERM cell on the same poisoned data (a prerequisite, see
-harness/prerequisites.py: trained once, shared with the ERM row). This cell then trains on the first
+harness/run/prerequisites.py: trained once, shared with the ERM row). This cell then trains on the first
 `clean_subset` of the training split with poisoning off, for `epochs` epochs at a constant `lr`
 (SGD as the grid's trainer, batch `batch_size`). The baseline every post-training defense must
 beat: it often keeps the backdoor (BackdoorBench).
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.classifier import Classifier
-from harness.registry import METHODS
-from harness.prerequisites import Prerequisite
+from harness.core.registry import METHODS
+from harness.run.prerequisites import Prerequisite
 from methods.base import Method, TrainContext
 
 

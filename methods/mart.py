@@ -17,7 +17,7 @@ from torch import nn
 
 from harness.attacks.base import IterativeAttack, parse_number
 from harness.attacks.pgd import pgd_linf
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 from methods.base import Method, TrainContext
 
 

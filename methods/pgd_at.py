@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.attacks.pgd import PGD
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 from methods.base import Method, TrainContext
 
 

@@ -2,7 +2,7 @@
 
 On top of PGD-AT: L = CE(f(x'), y) + lam * sum_l mean_{m in S_l} d_m(x, x'), where
 d_m = (1/N) sum_i (1/dim) |F_m(x_i) - F_m(x'_i)|_1 (the neuron sensitivity of
-harness/neuron_sensitivity.py, here with gradients) and S_l the `topk` fraction of layer l's
+harness/eval/neuron_sensitivity.py, here with gradients) and S_l the `topk` fraction of layer l's
 neurons that are most sensitive on this batch (selected without gradient).
 The features come from forward hooks on the raw (unwrapped) classifier that record only inside
 this method's own forward passes: they are off while the attack runs.
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.classifier import Classifier
-from harness.neuron_sensitivity import default_layers, per_neuron_distance
-from harness.registry import METHODS
+from harness.eval.neuron_sensitivity import default_layers, per_neuron_distance
+from harness.core.registry import METHODS
 from methods.base import TrainContext
 from methods.pgd_at import PGDAT
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from harness.attacks.base import Attack, parse_number
 from harness.attacks.pgd import pgd_linf
-from harness.registry import ATTACKS, METHODS
+from harness.core.registry import ATTACKS, METHODS
 from methods.base import Method, TrainContext
 
 

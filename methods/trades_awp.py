@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.registry import METHODS
+from harness.core.registry import METHODS
 from methods.awp import AWPMixin, WeightPerturbation
 from methods.trades import TRADES, trades_loss
 

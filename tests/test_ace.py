@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.analysis import cf_metrics as M
-from harness.analysis.ace import ACEConfig, ace, plain_pgd, refinement_mask, runner_up_target
-from harness.analysis.diffusion import (DDPMConfig, denoise_from, load_split, respaced_timesteps,
+from harness.eval.analysis import cf_metrics as M
+from harness.eval.analysis.ace import ACEConfig, ace, plain_pgd, refinement_mask, runner_up_target
+from harness.eval.analysis.diffusion import (DDPMConfig, denoise_from, load_split, respaced_timesteps,
                                         train_ddpm)
 
 TINY_DDPM = DDPMConfig(channels=(8, 16), layers_per_block=1, attention=False, train_steps=30,
@@ -57,7 +57,7 @@ def test_respacing_and_tau_zero_is_identity(tiny_ddpm, digits) -> None:
 
 
 def test_resized_cells_get_resized_images_and_their_own_ddpm(digits_dir: Path) -> None:
-    from harness.analysis.diffusion import ddpm_key
+    from harness.eval.analysis.diffusion import ddpm_key
 
     assert load_split(digits_dir, "test", limit=4, img_size=16)[0].shape == (4, 1, 16, 16)
     assert ddpm_key("sha", TINY_DDPM) != ddpm_key("sha", TINY_DDPM, 16)
@@ -145,8 +145,8 @@ def test_cout_rewards_a_change_that_flips() -> None:
 
 
 def test_config_keys_and_bad_settings(data_root: Path, tmp_path: Path) -> None:
-    from harness.analysis.runner import check_analyses
-    from harness.config import compose_config, finalize
+    from harness.eval.analysis.runner import check_analyses
+    from harness.core.config import compose_config, finalize
 
     base = [f"data.root={data_root}", f"results_dir={tmp_path}"]
     plain = finalize(compose_config(base))
@@ -164,7 +164,7 @@ def test_config_keys_and_bad_settings(data_root: Path, tmp_path: Path) -> None:
 
 
 def _fake_cell(results_dir: Path, key: str, method: str, n: int = 3) -> None:
-    from harness.results import SCHEMA_VERSION, write_cell_result
+    from harness.store.results import SCHEMA_VERSION, write_cell_result
 
     summary = {"analysis": "ace", "n_explained": n, "ace_flip_rate": 1.0, "pgd_flip_rate": 1.0,
                "ace_hf_share": 0.2, "pgd_hf_share": 0.4, "ace_l2": 1.0, "pgd_l2": 1.5}
@@ -200,9 +200,9 @@ def test_gallery_page_renders_escaped_and_linked(tmp_path: Path) -> None:
 
 
 def test_cell_with_ace_reuses_the_checkpoint_and_commits_the_summary(tiny) -> None:
-    from harness.cell import checkpoint_dir, run_cell
-    from harness.config import compose_config, finalize
-    from harness.results import read_results
+    from harness.run.cell import checkpoint_dir, run_cell
+    from harness.core.config import compose_config, finalize
+    from harness.store.results import read_results
 
     tiny = [o for o in tiny if not o.startswith("attack.pgd")] + ["attack=[fgsm]"]
     plain = finalize(compose_config(tiny))
@@ -232,7 +232,7 @@ def test_concurrent_cells_train_a_helper_classifier_once(digits_dir: Path, tmp_p
     import threading
     import time
 
-    from harness.analysis import aux_models
+    from harness.eval.analysis import aux_models
 
     calls = []
     real = aux_models.train_aux

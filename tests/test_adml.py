@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import compose_config, finalize
-from harness.grid import expand_grid, run_grid
-from harness.results import read_results
-from harness.stages import base_cell, dependency_keys, in_dependency_order, train_config
+from harness.core.config import compose_config, finalize
+from harness.run.grid import expand_grid, run_grid
+from harness.store.results import read_results
+from harness.run.stages import base_cell, dependency_keys, in_dependency_order, train_config
 from methods.adml import ADMLPGDAT, dml_loss
 from methods.base import TrainContext
 from helpers import digits_batch, digits_classifier
@@ -91,7 +91,7 @@ def test_grid_trains_the_base_once_and_adml_fine_tunes_it(tiny, ray_session) -> 
     trained = [p for p in base_dir.iterdir() if p.is_dir()]  # (training locks sit beside them)
     assert len(trained) == 2, "one checkpoint for the base, one for the fine-tune"
     pgd_at = next(c for c in cells if c["method"]["name"] == "pgd_at")
-    from harness.provenance import file_sha256
+    from harness.store.provenance import file_sha256
 
     assert file_sha256(base_dir / pgd_at["train_key"] / "checkpoint.pt") == rows["pgd_at"]["checkpoint_sha256"], \
         "the ADML cell must not retrain (rewrite) the base checkpoint"
@@ -100,7 +100,7 @@ def test_grid_trains_the_base_once_and_adml_fine_tunes_it(tiny, ray_session) -> 
 
 
 def test_adml_cell_alone_trains_its_base_first(tiny) -> None:
-    from harness.cell import run_cell
+    from harness.run.cell import run_cell
 
     cfg = finalize(compose_config(tiny + ["method=adml_pgd_at", "eval.neuron_sensitivity.enabled=false"]))
     outcome = run_cell(cfg)
@@ -116,9 +116,9 @@ def test_adml_cell_alone_trains_its_base_first(tiny) -> None:
 def test_two_process_ddp_keeps_replicas_equal(tiny, method) -> None:
     """Extra modules (CausalAdv's g), AWP's weight perturbation, the CO guard's decision and
     ADML's two stages all stay identical across DDP ranks."""
-    from harness.cell import checkpoint_dir
-    from harness.stages import ensure_dependencies
-    from harness.trainer import train
+    from harness.run.cell import checkpoint_dir
+    from harness.run.stages import ensure_dependencies
+    from harness.train.trainer import train
 
     cfg = finalize(compose_config(tiny + [f"method={method}", "trainer.epochs=2", "trainer.world_size=2",
                                           "data.train_limit=128"]))

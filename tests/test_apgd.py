@@ -14,8 +14,8 @@ import harness.attacks.apgd  # noqa: F401  (registers apgd_ce / apgd_t until the
 from harness.attacks.apgd import APGDCE, APGDT, dlr_loss, dlr_loss_targeted, step_checkpoints
 from harness.attacks.base import build_attack
 from harness.attacks.pgd import PGD
-from harness.evaluate import check_perturbation
-from harness.registry import ATTACKS
+from harness.eval.evaluate import check_perturbation
+from harness.core.registry import ATTACKS
 from helpers import accuracy, digits_batch
 
 EPS = {"linf": 0.15, "l2": 1.0}

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from architectures.presets import build_classifier
-from harness.config import config_options
-from harness.registry import ARCHITECTURES
+from harness.core.config import config_options
+from harness.core.registry import ARCHITECTURES
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 

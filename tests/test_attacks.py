@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from harness.attacks.base import build_attack, parse_number
-from harness.evaluate import check_perturbation
-from harness.registry import ATTACKS
+from harness.eval.evaluate import check_perturbation
+from harness.core.registry import ATTACKS
 from helpers import accuracy, digits_batch
 
 EPS = 0.1

@@ -13,13 +13,13 @@ import torch
 from harness.backdoor.badnets import BadNets
 from harness.backdoor.base import build_poison
 from harness.backdoor.blended import Blended
-from harness.backdoor.metrics import attack_success
+from harness.eval.backdoor_metrics import attack_success
 from harness.backdoor.plan import PoisonPlan, select_indices, split_labels, train_plan
 from harness.backdoor.sig import SIG
 from harness.backdoor.wanet import WaNet
-from harness.config import cell_key, compose_config, finalize
+from harness.core.config import cell_key, compose_config, finalize
 from harness.data.loader import make_loader
-from harness.registry import POISONS
+from harness.core.registry import POISONS
 
 
 def _batch(c: int = 1, h: int = 8, b: int = 4, seed: int = 0) -> torch.Tensor:
@@ -27,7 +27,7 @@ def _batch(c: int = 1, h: int = 8, b: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 def test_every_poison_has_a_config_and_builds() -> None:
-    from harness.config import config_options
+    from harness.core.config import config_options
 
     assert set(POISONS.names()) == set(config_options("backdoor"))
     for name in POISONS.names():
@@ -158,7 +158,7 @@ def test_bad_backdoor_settings_fail_early() -> None:
         build_poison({"name": "badnets", "rate": 1.5})
     with pytest.raises(ValueError, match="bad settings for backdoor 'blended'"):
         build_poison({"name": "blended", "alhpa": 0.2})
-    from harness.config import ConfigError
+    from harness.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown poison 'nosuch'"):
         compose_config(["backdoor=nosuch"])
@@ -166,8 +166,8 @@ def test_bad_backdoor_settings_fail_early() -> None:
 
 def test_erm_learns_a_badnets_backdoor_end_to_end(tiny) -> None:
     """A tiny ERM cell on poisoned digits: ASR far above chance, clean accuracy still high."""
-    from harness.cell import run_cell
-    from harness.results import read_results
+    from harness.run.cell import run_cell
+    from harness.store.results import read_results
 
     overrides = [o for o in tiny if not o.startswith(("trainer=", "data.train_limit", "eval.limit", "attack."))]
     cfg = finalize(compose_config(overrides + ["backdoor=badnets", "trainer=backdoor", "trainer.epochs=6",
@@ -184,9 +184,9 @@ def test_erm_learns_a_badnets_backdoor_end_to_end(tiny) -> None:
 def test_post_training_defense_reuses_the_erm_checkpoint_and_a_clean_subset(tiny) -> None:
     """FT's prerequisite is the ERM cell of the same config (same train key, trained once), and
     FT itself trains on the first 5% of the (limited) training split with poisoning off."""
-    from harness.cell import checkpoint_dir, run_cell
-    from harness.results import read_results
-    from harness.prerequisites import runtime_config
+    from harness.run.cell import checkpoint_dir, run_cell
+    from harness.store.results import read_results
+    from harness.run.prerequisites import runtime_config
 
     base = [o for o in tiny if not o.startswith("attack.")] + ["backdoor=badnets", "attack=[fgsm]"]
     erm = finalize(compose_config(base + ["method=erm"]))

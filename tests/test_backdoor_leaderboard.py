@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import read_results, write_cell_result
+from harness.store.results import read_results, write_cell_result
 from leaderboard import build_site
 from leaderboard.aggregate import aggregate
 

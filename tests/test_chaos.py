@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import read_results
-from harness.status import ATTEMPTS, running_cells
-from harness.storage import COMMITS, open_store
+from harness.store.results import read_results
+from harness.run.status import ATTEMPTS, running_cells
+from harness.store.storage import COMMITS, open_store
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
@@ -131,8 +131,8 @@ def test_a_killed_ddp_rank_makes_ray_retry_the_cell_which_resumes(tiny, tmp_path
 
     import psutil
 
-    from harness.grid import expand_grid, run_grid
-    from harness.status import attempt_count
+    from harness.run.grid import expand_grid, run_grid
+    from harness.run.status import attempt_count
 
     cells = expand_grid(["grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm]",
                          "trainer.world_size=2", "trainer.epochs=4", "attack=[fgsm]"]

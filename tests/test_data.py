@@ -15,7 +15,7 @@ import webdataset as wds
 from harness.data.loader import make_loader, split_count
 from harness.data.prepare import prepare_cifar10, prepare_digits
 from harness.data.shards import DataError, dataset_sha256, decode_png, load_manifest, verify_shards
-from harness.registry import DATASETS
+from harness.core.registry import DATASETS
 
 
 @pytest.fixture(scope="module")

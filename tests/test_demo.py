@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from harness.results import read_results
+from harness.store.results import read_results
 
 
 @pytest.mark.slow

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from harness.config import ConfigError
-from harness.grid import expand_grid, run_grid
-from harness.results import read_results
+from harness.core.config import ConfigError
+from harness.run.grid import expand_grid, run_grid
+from harness.store.results import read_results
 
 
 def test_grid_expands_demo_axes(tiny) -> None:
@@ -65,8 +65,8 @@ def test_cells_differing_only_in_eval_attacks_train_once(tiny, ray_session) -> N
     ("method=pgd_at", None),
 ])
 def test_bad_trainer_settings_fail_before_any_work(tiny, override, message) -> None:
-    from harness.config import compose_config, finalize
-    from harness.grid import validate_cell
+    from harness.core.config import compose_config, finalize
+    from harness.run.grid import validate_cell
 
     cfg = finalize(compose_config(tiny + [override]))
     if message is None:

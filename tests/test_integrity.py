@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from harness.attacks.base import Attack
-from harness.cell import run_cell
-from harness.config import compose_config, finalize
-from harness.evaluate import evaluate
-from harness.integrity import FLAGS, enforce_threat_model, flag_list, probe_model, row_flags
-from harness.results import read_cell_result, result_path
-from harness.samples import load_survivors, samples_path, samples_table, write_samples
+from harness.run.cell import run_cell
+from harness.core.config import compose_config, finalize
+from harness.eval.evaluate import evaluate
+from harness.eval.integrity import FLAGS, enforce_threat_model, flag_list, probe_model, row_flags
+from harness.store.results import read_cell_result, result_path
+from harness.eval.samples import load_survivors, samples_path, samples_table, write_samples
 from helpers import digits_batch
 
 EPS = 0.1
@@ -95,7 +95,7 @@ def test_zero_gradient_model_does_not_lose_accuracy_with_eps(honest) -> None:
 
 def test_flags_reach_the_result_rows(tiny, monkeypatch) -> None:
     """A cell whose model is masked carries the flags and their evidence in its rows."""
-    import harness.cell as cell
+    import harness.run.cell as cell
 
     # the wrapper hides the Classifier's layer names, which neuron sensitivity hooks: not probed here
     cfg = finalize(compose_config(tiny + ["trainer.epochs=1", "eval.neuron_sensitivity.enabled=false"]))

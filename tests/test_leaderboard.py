@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness.results import write_cell_result
+from harness.store.results import write_cell_result
 from leaderboard import build_site
 from leaderboard.format import cell_file, eps_label, setting_file
 

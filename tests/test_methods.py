@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from harness.config import compose_config, config_options
-from harness.registry import METHODS
+from harness.core.config import compose_config, config_options
+from harness.core.registry import METHODS
 from methods.base import TrainContext, build_method
 from methods.trades import TradesKL, trades_loss
 from helpers import digits_batch, digits_classifier
@@ -65,7 +65,7 @@ def test_every_methods_eval_model_supports_neuron_sensitivity(name, digits_dir, 
     """Every evaluated cell measures neuron sensitivity on `method.eval_model(module)`; a wrapper
     that hides the classifier's layers failed all FP cells of the backdoor grid."""
     from harness.attacks.pgd import PGD
-    from harness.neuron_sensitivity import neuron_sensitivity
+    from harness.eval.neuron_sensitivity import neuron_sensitivity
 
     method = build_method(_method_cfg(name, data_root))
     model = method.eval_model(method.build(digits_classifier(digits_dir))).eval()

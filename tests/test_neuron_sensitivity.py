@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from harness.attacks.pgd import PGD
 from harness.data.loader import make_loader
-from harness.neuron_sensitivity import neuron_sensitivity, per_neuron_distance, recorded_outputs
+from harness.eval.neuron_sensitivity import neuron_sensitivity, per_neuron_distance, recorded_outputs
 from methods.base import TrainContext
 from methods.sns import SNS
 from helpers import digits_batch, digits_classifier

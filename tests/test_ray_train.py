@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from harness.grid import expand_grid, run_grid
-from harness.results import read_results
-from harness.status import attempt_count
+from harness.run.grid import expand_grid, run_grid
+from harness.store.results import read_results
+from harness.run.status import attempt_count
 
 pytestmark = pytest.mark.slow
 

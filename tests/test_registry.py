@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.registry import DuplicatePluginError, Registry, UnknownPluginError
+from harness.core.registry import DuplicatePluginError, Registry, UnknownPluginError
 
 
 def test_duplicate_names_are_an_error() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from harness.config import ConfigError, compose_config, finalize
-from harness.resources import GIB, cell_resources, rank_options, task_options, worker_resources
+from harness.core.config import ConfigError, compose_config, finalize
+from harness.run.resources import GIB, cell_resources, rank_options, task_options, worker_resources
 
 
 def _cfg(*overrides: str) -> dict:
@@ -52,7 +52,7 @@ def test_ray_train_launcher_orchestrates_with_zero_cpus() -> None:
     (["resources.max_retries=-2"], "max_retries must be >= 0"),
 ])
 def test_bad_resources_fail_before_any_work(overrides, message) -> None:
-    from harness.grid import validate_cell
+    from harness.run.grid import validate_cell
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_cell(_cfg(*overrides))
@@ -60,8 +60,8 @@ def test_bad_resources_fail_before_any_work(overrides, message) -> None:
 
 def test_a_killed_ddp_rank_is_retried_not_recorded_as_failed(tiny, monkeypatch) -> None:
     """A rank killed by a signal must reach Ray as an exception it retries, with nothing committed."""
-    import harness.cell as cell
-    from harness.results import committed_status
+    import harness.run.cell as cell
+    from harness.store.results import committed_status
 
     cfg = finalize(compose_config(tiny))
 
@@ -78,10 +78,10 @@ def test_a_killed_ddp_rank_is_retried_not_recorded_as_failed(tiny, monkeypatch) 
 
 def test_checkpoints_sync_through_a_uri_store_and_resume_on_another_node(tiny, tmp_path, monkeypatch) -> None:
     """Train 1 epoch on 'node A', lose it; 'node B' (empty cache) resumes at epoch 1 from the store."""
-    from harness import checkpoint_sync
-    from harness.cell import run_cell
+    from harness.store import checkpoint_sync
+    from harness.run.cell import run_cell
     from harness.data.ensure import ensure_prepared
-    from harness.trainer import train
+    from harness.train.trainer import train
 
     store = f"file://{tmp_path / 'store'}"
     cfg = finalize(compose_config([o for o in tiny if not o.startswith("results_dir")] + [f"results_dir={store}"]))
@@ -106,8 +106,8 @@ def test_checkpoints_sync_through_a_uri_store_and_resume_on_another_node(tiny, t
 
 
 def test_status_counts_from_the_store(tmp_path: Path) -> None:
-    from harness.results import write_cell_result
-    from harness.status import RUNNING, RunningMarker, grid_status
+    from harness.store.results import write_cell_result
+    from harness.run.status import RUNNING, RunningMarker, grid_status
 
     store = str(tmp_path / "r")
     write_cell_result(store, "a", [{"key": "a", "status": "ok"}])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.schedule import lr_factor
+from harness.train.schedule import lr_factor
 
 
 def test_multistep_matches_the_pgd_at_recipe() -> None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness.results import read_results, write_cell_result
+from harness.store.results import read_results, write_cell_result
 from leaderboard import build_site
 from leaderboard.format import cell_file, setting_file
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from harness.results import committed_status, rows_to_table, read_results, result_path, write_cell_result
-from harness.storage import COMMITS, Store, StorageError, local_path, normalize_location, open_store
+from harness.store.results import committed_status, rows_to_table, read_results, result_path, write_cell_result
+from harness.store.storage import COMMITS, Store, StorageError, local_path, normalize_location, open_store
 
 
 def _rows(key: str, status: str = "ok", acc: float = 0.5) -> list[dict]:
@@ -84,7 +84,7 @@ def test_corrupt_partial_or_unmarked_files_are_never_trusted(tmp_path: Path) -> 
 
 
 def test_stale_commit_lock_of_a_killed_process_expires(tmp_path: Path, monkeypatch) -> None:
-    import harness.storage as storage
+    import harness.store.storage as storage
 
     folder = tmp_path / "r"
     lock = folder / COMMITS / ".locks" / "k.lock"
@@ -126,7 +126,7 @@ def test_locations_normalise_and_bad_uris_fail_clearly(tmp_path: Path, monkeypat
 
 
 def test_grid_reruns_only_the_cell_whose_committed_file_was_corrupted(tiny, ray_session) -> None:
-    from harness.grid import expand_grid, run_grid
+    from harness.run.grid import expand_grid, run_grid
 
     cells = expand_grid(["grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm]",
                          "grid.axes.seed=[0,1]", "attack=[fgsm]"] + [o for o in tiny if not o.startswith("attack.")])
@@ -149,12 +149,12 @@ def test_grid_reruns_only_the_cell_whose_committed_file_was_corrupted(tiny, ray_
 def test_reading_a_result_then_exiting_does_not_abort(tmp_path: Path) -> None:
     """Reading a committed table from bytes and exiting at once used to abort the interpreter
     (`terminate called without an active exception`, exit 134) in most runs: an Arrow pool thread
-    released the Python-owned input buffer during shutdown (harness.storage.parquet_from_bytes)."""
+    released the Python-owned input buffer during shutdown (harness.store.storage.parquet_from_bytes)."""
     import subprocess
     import sys
 
     write_cell_result(tmp_path, "k", _rows("k"))
-    script = ("import sys; from harness.results import read_cell_result; "
+    script = ("import sys; from harness.store.results import read_cell_result; "
               "assert read_cell_result(sys.argv[1]).num_rows == 1")
     for _ in range(4):
         done = subprocess.run([sys.executable, "-c", script, str(result_path(tmp_path, "k"))],

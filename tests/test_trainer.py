@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from harness.cell import checkpoint_dir, run_cell
-from harness.config import compose_config, finalize
-from harness.registry import METHODS
-from harness.results import read_cell_result, result_path
-from harness.trainer import CHECKPOINT, NonFiniteLossError, even_batches, train
+from harness.run.cell import checkpoint_dir, run_cell
+from harness.core.config import compose_config, finalize
+from harness.core.registry import METHODS
+from harness.store.results import read_cell_result, result_path
+from harness.train.trainer import CHECKPOINT, NonFiniteLossError, even_batches, train
 from methods.base import Method
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.attacks.base import MaskedAttack
-from harness.registry import ATTACKS
+from harness.core.registry import ATTACKS
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> (B,)
 

@@ -10,7 +10,7 @@
   Not an official AutoAttack version; report it as "APGD-CE + APGD-T".
 
 `perturb_with_log` also says which component first broke each point: the per-sample record
-that lets a later, stronger evaluation resume from the survivors (harness/samples.py), and the
+that lets a later, stronger evaluation resume from the survivors (harness/eval/samples.py), and the
 per-component robust accuracies that the Square-vs-white-box integrity check reads.
 (torchattacks' AutoAttack runs APGD for 10 iterations: it is not this, nor the reference.)
 """
@@ -25,7 +25,7 @@ from harness.attacks.apgd import APGDCE, APGDT
 from harness.attacks.base import Attack, attack_mode
 from harness.attacks.fab import FABT
 from harness.attacks.square import Square
-from harness.registry import ATTACKS
+from harness.core.registry import ATTACKS
 
 CLEAN = "clean"  # broken_by value of a point misclassified before any attack
 

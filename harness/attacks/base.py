@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Iterator, Literal
 import torch
 from torch import nn
 
-from harness.registry import ATTACKS
+from harness.core.registry import ATTACKS
 
 Norm = Literal["linf", "l2"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> scalar to MAXIMISE

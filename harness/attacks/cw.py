@@ -22,7 +22,7 @@ from torch import nn
 
 from harness.attacks.base import IterativeAttack, parse_number
 from harness.attacks.pgd import pgd_linf, uniform_start
-from harness.registry import ATTACKS
+from harness.core.registry import ATTACKS
 
 
 def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0,

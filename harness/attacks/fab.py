@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from harness.attacks.base import MaskedAttack
-from harness.registry import ATTACKS
+from harness.core.registry import ATTACKS
 
 _FAR = 1e10  # "no adversarial point found yet" distance
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.attacks.base import Attack, input_gradient, project_linf
-from harness.registry import ATTACKS
+from harness.core.registry import ATTACKS
 
 
 @ATTACKS.register("fgsm")

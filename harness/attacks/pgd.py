@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.attacks.base import IterativeAttack, LossFn, input_gradient
-from harness.registry import ATTACKS
+from harness.core.registry import ATTACKS
 
 
 def pgd_linf(

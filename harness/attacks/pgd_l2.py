@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.attacks.base import IterativeAttack, LossFn, input_gradient
-from harness.registry import ATTACKS
+from harness.core.registry import ATTACKS
 
 _GRAD_EPS = 1e-10  # added to the gradient norm (torchattacks' eps_for_division)
 _NORM_FLOOR = 1e-12  # a zero perturbation has nothing to project

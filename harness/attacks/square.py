@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from harness.attacks.base import MaskedAttack, project_linf
-from harness.registry import ATTACKS
+from harness.core.registry import ATTACKS
 
 # (last iteration of the phase, divisor of p_init) of the reference schedule over 10k iterations
 _P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from harness.backdoor.base import Poison, auto_size
-from harness.registry import POISONS
+from harness.core.registry import POISONS
 
 
 @POISONS.register("badnets")

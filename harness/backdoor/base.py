@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from harness.registry import POISONS
+from harness.core.registry import POISONS
 
 
 class Poison:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from harness.backdoor.base import Poison, pattern_generator
-from harness.registry import POISONS
+from harness.core.registry import POISONS
 
 
 @POISONS.register("blended")

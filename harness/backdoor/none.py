@@ -1,7 +1,7 @@
 """`backdoor=none`: clean training data (the default); cells without a backdoor keep their keys."""
 from __future__ import annotations
 
-from harness.registry import POISONS
+from harness.core.registry import POISONS
 
 
 @POISONS.register("none")

@@ -12,7 +12,7 @@ import math
 import torch
 
 from harness.backdoor.base import Poison, auto_size
-from harness.registry import POISONS
+from harness.core.registry import POISONS
 
 
 @POISONS.register("sig")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.backdoor.base import Poison, pattern_generator
-from harness.registry import POISONS
+from harness.core.registry import POISONS
 
 
 @POISONS.register("wanet")

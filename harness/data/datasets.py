@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.registry import DATASETS
+from harness.core.registry import DATASETS
 
 
 @DATASETS.register("digits")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.data.shards import DataError, load_manifest, verify_shards
-from harness.registry import DATASETS
+from harness.core.registry import DATASETS
 
 
 def ensure_prepared(data_cfg: dict[str, Any]) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from harness.errors import DataError  # defined there so the CLI can catch it without importing torch
+from harness.core.errors import DataError  # defined there so the CLI can catch it without importing torch
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -2,11 +2,11 @@
 
 Ray places the `trainer.world_size` workers across the cluster's nodes, each with
 `resources.cpus/gpus/memory_gb`, and sets up the torch process group (gloo on CPU, NCCL on GPU);
-each worker runs the ordinary trainer loop through `harness.trainer.train_in_process_group`. A
+each worker runs the ordinary trainer loop through `harness.train.trainer.train_in_process_group`. A
 worker that dies makes Ray Train restart the worker group (FailureConfig(max_failures=
 resources.train_max_failures)); every worker first pulls the store's last epoch checkpoint, so
 a restart resumes instead of starting over. Once trained, the cell is evaluated and committed
-in a task sized like one rank (harness.cell.run_cell, with training already done).
+in a task sized like one rank (harness.run.cell.run_cell, with training already done).
 
 The cell's own Ray task only orchestrates (0 CPUs), so it never holds resources the workers need.
 For a multi-node cluster `results_dir` must be a shared folder or a URI (s3://, gs://...).
@@ -17,16 +17,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.cell import CellOutcome, run_cell
-from harness.checkpoint_sync import SUMMARY, local_work_dir, pull
-from harness.resources import cell_resources, rank_options, worker_resources
-from harness.storage import is_uri
-from harness.trainer import TrainSummary
+from harness.run.cell import CellOutcome, run_cell
+from harness.store.checkpoint_sync import SUMMARY, local_work_dir, pull
+from harness.run.resources import cell_resources, rank_options, worker_resources
+from harness.store.storage import is_uri
+from harness.train.trainer import TrainSummary
 
 
 def train_with_ray_train(cfg: dict[str, Any], run_cfg: dict[str, Any] | None = None) -> None:
     """Train the cell on `trainer.world_size` Ray Train workers; raises if it failed for good.
-    `run_cfg`: the config the trainer runs (method prerequisites injected, harness.prerequisites)."""
+    `run_cfg`: the config the trainer runs (method prerequisites injected, harness.run.prerequisites)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -46,9 +46,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the process group is up; train this rank.
 
     A two-stage cell (ADML) starts from its base's checkpoint: each worker pulls it to its node
-    first, so `trainer.init_from` (harness.stages.train_config) names a local file."""
-    from harness.stages import base_cell, train_config
-    from harness.trainer import train_in_process_group
+    first, so `trainer.init_from` (harness.run.stages.train_config) names a local file."""
+    from harness.run.stages import base_cell, train_config
+    from harness.train.trainer import train_in_process_group
 
     cfg = config["cfg"]
     base = base_cell(cfg)
@@ -85,8 +85,8 @@ def run_cell_ray_train(cfg: dict[str, Any]) -> CellOutcome:
     """The whole cell under launcher=ray_train: train on Ray Train, then evaluate + commit in a task."""
     import ray
 
-    from harness.prerequisites import runtime_config
-    from harness.stages import ensure_dependencies, train_config
+    from harness.run.prerequisites import runtime_config
+    from harness.run.stages import ensure_dependencies, train_config
 
     try:
         ensure_dependencies(cfg)  # a two-stage cell's base stage, trained here if not yet done
@@ -94,8 +94,8 @@ def run_cell_ray_train(cfg: dict[str, Any]) -> CellOutcome:
         # paths are this node's, so on several nodes results_dir must be a shared folder
         train_with_ray_train(cfg, runtime_config(train_config(cfg)))
     except Exception as err:  # training failed past its retries: a failed cell, recorded like any other
-        from harness.cell import _base_row, _now
-        from harness.results import write_cell_result
+        from harness.run.cell import _base_row, _now
+        from harness.store.results import write_cell_result
 
         error = f"{type(err).__name__}: {err}"
         path = write_cell_result(cfg["results_dir"], cfg["key"], [_base_row(cfg, _now()) | {"status": "failed",

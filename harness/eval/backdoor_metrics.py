@@ -5,7 +5,7 @@ keeps its true label. Over the images whose true class is NOT the target:
   ASR = share classified as the target class;
   RA  = share classified as their true class (BackdoorBench's robust accuracy).
 Target-class images are left out of both (they would count as "successes" for free).
-Clean accuracy is the ordinary one from harness.evaluate.
+Clean accuracy is the ordinary one from harness.eval.evaluate.
 """
 from __future__ import annotations
 

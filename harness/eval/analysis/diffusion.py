@@ -191,7 +191,7 @@ def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
                 log: Callable[[str], None] | None = None, img_size: int | None = None) -> tuple[DDPM, Path]:
     """The cached DDPM for this dataset and config, training (and caching) it if missing."""
     from harness.data.shards import dataset_sha256, load_manifest
-    from harness.prerequisites import training_lock
+    from harness.run.prerequisites import training_lock
 
     manifest = load_manifest(Path(data_dir))
     sha = dataset_sha256(manifest)

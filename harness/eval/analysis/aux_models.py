@@ -67,9 +67,9 @@ def ensure_aux(role: str, data_dir: Path, results_dir: Path,
     """The cached helper classifier `role` ('oracle' or 'features') for this dataset; trains if missing.
 
     Returns the model and its meta (including its test accuracy)."""
-    from harness.analysis.diffusion import load_split
+    from harness.eval.analysis.diffusion import load_split
     from harness.data.shards import dataset_sha256, load_manifest
-    from harness.prerequisites import training_lock
+    from harness.run.prerequisites import training_lock
 
     if role not in ROLES:
         raise ValueError(f"unknown helper classifier role '{role}'; known: {sorted(ROLES)}")

@@ -33,12 +33,12 @@ from architectures.presets import build_classifier
 from harness.backdoor.plan import train_plan
 from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
-from harness.progress import progress_bar
-from harness.schedule import lr_factor
+from harness.core.progress import progress_bar
+from harness.train.schedule import lr_factor
 from methods.base import Method, TrainContext, build_method
 
-from harness import checkpoint_sync
-from harness.checkpoint_sync import CHECKPOINT, SUMMARY  # noqa: F401  (names shared with the store sync)
+from harness.store import checkpoint_sync
+from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY  # noqa: F401  (names shared with the store sync)
 
 
 class NonFiniteLossError(RuntimeError):

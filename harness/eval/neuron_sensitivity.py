@@ -7,7 +7,7 @@ with x' from PGD and dim the size of one neuron's output (H*W for a conv channel
 count for a transformer feature). A layer's value is the mean over its neurons; the model's
 summary is the mean over the layers the classifier reports (`Classifier.layer_names()`: timm's
 feature stages). Robust models have lower sensitivity (the paper's finding); every evaluated
-cell stores both the summary and the per-layer profile (harness/cell.py).
+cell stores both the summary and the per-layer profile (harness/run/cell.py).
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import harness
-from harness.storage import normalize_location
-from harness.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, POISONS, Registry, UnknownPluginError
+from harness.store.storage import normalize_location
+from harness.core.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, POISONS, Registry, UnknownPluginError
 
 # Groups whose option names are plugin names, and the registry that knows them.
 PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, "data": DATASETS,

@@ -13,20 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.analysis.runner import check_analyses, run_analyses
-from harness.backdoor.metrics import add_backdoor_metrics
-from harness.checkpoint_sync import local_work_dir
+from harness.eval.analysis.runner import check_analyses, run_analyses
+from harness.eval.backdoor_metrics import add_backdoor_metrics
+from harness.store.checkpoint_sync import local_work_dir
 from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
-from harness.evaluate import EvalResult, evaluate
-from harness.neuron_sensitivity import SensitivityResult, analyse_cell
-from harness.prerequisites import train_in_place
-from harness.provenance import file_sha256, git_commit, hardware, hostname, package_versions
-from harness.resources import worker_death_exceptions
-from harness.results import SCHEMA_VERSION, write_cell_result
-from harness.samples import load_survivors, samples_table, write_samples
-from harness.stages import ensure_dependencies, train_config
-from harness.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
+from harness.eval.evaluate import EvalResult, evaluate
+from harness.eval.neuron_sensitivity import SensitivityResult, analyse_cell
+from harness.run.prerequisites import train_in_place
+from harness.store.provenance import file_sha256, git_commit, hardware, hostname, package_versions
+from harness.run.resources import worker_death_exceptions
+from harness.store.results import SCHEMA_VERSION, write_cell_result
+from harness.eval.samples import load_survivors, samples_table, write_samples
+from harness.run.stages import ensure_dependencies, train_config
+from harness.train.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
 
 
 @dataclass
@@ -41,12 +41,12 @@ class CellOutcome:
 
 def checkpoint_dir(cfg: dict[str, Any]) -> Path:
     """Keyed by what is trained only: cells differing in eval attacks share the checkpoint.
-    A node-local cache synced to the store when results_dir is a URI (harness.checkpoint_sync)."""
+    A node-local cache synced to the store when results_dir is a URI (harness.store.checkpoint_sync)."""
     return local_work_dir(cfg)
 
 
 def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], TrainSummary] = train) -> CellOutcome:
-    """Run a finalized cell config (see harness.config.finalize) and commit its result file.
+    """Run a finalized cell config (see harness.core.config.finalize) and commit its result file.
 
     `train_fn` trains (or, for Ray Train, fetches what its workers trained). A killed DDP rank
     (resources.retry_worker_death) is re-raised so Ray retries the cell instead of failing it.
@@ -63,7 +63,7 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
                                        train_key=cfg.get("train_key"), n_eval=n_eval)
         ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
         # method-declared prerequisites (CBD's f_B, FT/FP/NAD's backdoored ERM) are trained here,
-        # and post-training defenses get their clean subset (harness/prerequisites.py)
+        # and post-training defenses get their clean subset (harness/run/prerequisites.py)
         summary = train_in_place(train_config(cfg), work_dir, train_fn)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         model = load_trained_classifier(cfg, work_dir)

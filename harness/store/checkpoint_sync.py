@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness.storage import is_uri, open_store
+from harness.store.storage import is_uri, open_store
 
-CHECKPOINT = "checkpoint.pt"  # the trainer's names (harness.trainer imports this module)
+CHECKPOINT = "checkpoint.pt"  # the trainer's names (harness.train.trainer imports this module)
 SUMMARY = "train_summary.json"
 META = "checkpoint.json"
 

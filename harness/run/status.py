@@ -1,6 +1,6 @@
 """What a grid's cells are doing, read from the results store alone (`robustgrid status`).
 
-done / failed come from verified commit markers (harness.storage). While a cell runs, its task
+done / failed come from verified commit markers (harness.store.storage). While a cell runs, its task
 keeps `_running/<key>.json` fresh (a heartbeat every few seconds) and logs each start in
 `_attempts/<key>/<attempt>.json`; a marker whose heartbeat stopped (killed worker, lost node,
 killed driver) no longer counts as running, so the cell shows as pending until a grid reruns it.
@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from harness.storage import COMMITS, open_store
+from harness.store.storage import COMMITS, open_store
 
 RUNNING = "_running"
 ATTEMPTS = "_attempts"
@@ -151,7 +151,7 @@ def status_command(overrides: list[str], results: str | None, show_keys: bool) -
     labels: dict[str, str] = {}
     keys: list[str] | None = None
     if any(o.startswith("grid=") for o in overrides):
-        from harness.grid import expand_grid
+        from harness.run.grid import expand_grid
 
         cells = expand_grid(overrides)
         labels = {c["key"]: c["label"] for c in cells}

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from harness.config import ConfigError
+from harness.core.config import ConfigError
 
 LAUNCHERS = ("task", "ray_train")
 GIB = 1024**3

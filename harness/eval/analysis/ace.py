@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.analysis.diffusion import DDPM, denoise_from, filter_noise_draws
+from harness.eval.analysis.diffusion import DDPM, denoise_from, filter_noise_draws
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 REFINE = ("repaint", "paired", "none")

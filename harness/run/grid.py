@@ -2,7 +2,7 @@
 
 A grid config (configs/grid/*.yaml) names its axes, e.g. {arch: [...], method: [...], seed: [...]},
 and overrides applied to every cell. Each combination is composed into a full cell config
-and keyed by the hash of what it computes (harness.config.cell_key). Everything is validated
+and keyed by the hash of what it computes (harness.core.config.cell_key). Everything is validated
 before Ray starts; cells whose result is already committed with status 'ok' are skipped, so
 re-running a finished grid trains nothing and does not even start Ray.
 
@@ -21,13 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.attacks.base import build_attack
 from harness.backdoor.base import build_poison
-from harness.cell import CellOutcome, run_cell
-from harness.config import ConfigError, compose_config, finalize
+from harness.run.cell import CellOutcome, run_cell
+from harness.core.config import ConfigError, compose_config, finalize
 from harness.data.ensure import ensure_prepared
-from harness.resources import cell_resources, task_options
-from harness.results import committed_status, write_cell_result
-from harness.stages import dependency_keys, in_dependency_order, train_config
-from harness.trainer import check_trainer_config
+from harness.run.resources import cell_resources, task_options
+from harness.store.results import committed_status, write_cell_result
+from harness.run.stages import dependency_keys, in_dependency_order, train_config
+from harness.train.trainer import check_trainer_config
 from methods.base import build_method
 
 console = Console(stderr=True)
@@ -162,7 +162,7 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
 
 def _live_status(refs: dict[Any, dict[str, Any]], waiting: list[Any], outcomes: list[CellOutcome]) -> str:
     """'running R, queued Q, failed F': R from fresh heartbeats in the results store(s)."""
-    from harness.status import running_cells
+    from harness.run.status import running_cells
 
     keys = {refs[ref]["key"] for ref in waiting}
     running = set().union(*(running_cells(d) for d in {cfg["results_dir"] for cfg in refs.values()})) & keys
@@ -172,22 +172,22 @@ def _live_status(refs: dict[Any, dict[str, Any]], waiting: list[Any], outcomes: 
 def _run_cell_task(cfg: dict[str, Any], *after: CellOutcome) -> CellOutcome:
     """The Ray task: one cell, torch on the CPUs Ray gave it (`after`: cells it waited for).
 
-    A heartbeat marker says the cell is running (harness.status); an attempt that finds the cell
+    A heartbeat marker says the cell is running (harness.run.status); an attempt that finds the cell
     already committed 'ok' (a retry of a task whose first run did finish) returns at once.
     """
     import torch
 
-    from harness.status import RunningMarker
+    from harness.run.status import RunningMarker
 
     if committed_status(cfg["results_dir"], cfg["key"]) == "ok":
-        from harness.results import result_path
+        from harness.store.results import result_path
 
         return CellOutcome(cfg["key"], cfg["label"], "ok", None, str(result_path(cfg["results_dir"], cfg["key"])), 0.0)
     torch.set_num_threads(max(1, int((cfg.get("resources") or {}).get("cpus", 1))))
     try:
         with RunningMarker(cfg["results_dir"], cfg["key"]):
             if cell_resources(cfg).launcher == "ray_train":
-                from harness.ray_train import run_cell_ray_train
+                from harness.run.ray_train import run_cell_ray_train
 
                 return run_cell_ray_train(cfg)
             return run_cell(cfg)
@@ -197,6 +197,6 @@ def _run_cell_task(cfg: dict[str, Any], *after: CellOutcome) -> CellOutcome:
 
 
 def _lost_row(cfg: dict[str, Any], error: str) -> dict[str, Any]:
-    from harness.cell import _base_row, _now
+    from harness.run.cell import _base_row, _now
 
     return _base_row(cfg, _now()) | {"status": "failed", "error": error}

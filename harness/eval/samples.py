@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from harness.attacks.base import Attack
-from harness.storage import open_store, parquet_from_bytes
+from harness.store.storage import open_store, parquet_from_bytes
 
 CLEAN = "clean"
 PREVIOUS = "previous:"

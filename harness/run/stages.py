@@ -4,7 +4,7 @@ A method config with a `base` (stage 1: another method's config) and a `finetune
 (stage 2's trainer settings over the cell's trainer) depends on the base cell: the same cell
 with `method = method.base`. That cell has the same train key as the plain base-method cell of
 a grid, so a grid holding PGD-AT and ADML-on-PGD-AT trains PGD-AT once: the grid runs cells in
-dependency order (harness/grid.py), the dependent cell starts from the base checkpoint
+dependency order (harness/run/grid.py), the dependent cell starts from the base checkpoint
 (`trainer.init_from`), and a dependent cell run alone trains its base first.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from harness.config import cell_key, train_key
+from harness.core.config import cell_key, train_key
 
 FINETUNE_EPOCHS_DIVISOR = 12  # `finetune.epochs: null` -> ceil(trainer.epochs / 12): ADML's 10 after 120
 
@@ -58,8 +58,8 @@ def _deep_merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
 
 
 def checkpoint_path(cfg: dict[str, Any]) -> Path:
-    from harness.cell import checkpoint_dir
-    from harness.trainer import CHECKPOINT
+    from harness.run.cell import checkpoint_dir
+    from harness.train.trainer import CHECKPOINT
 
     return checkpoint_dir(cfg) / CHECKPOINT
 
@@ -80,8 +80,8 @@ def train_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def ensure_dependencies(cfg: dict[str, Any]) -> None:
     """Train the base stage(s) of `cfg` that are not finished yet (resuming a partial one)."""
-    from harness.prerequisites import train_in_place
-    from harness.trainer import SUMMARY
+    from harness.run.prerequisites import train_in_place
+    from harness.train.trainer import SUMMARY
 
     base = base_cell(cfg)
     if base is None:
@@ -89,6 +89,6 @@ def ensure_dependencies(cfg: dict[str, Any]) -> None:
     ensure_dependencies(base)
     work_dir = checkpoint_path(base).parent
     if not (work_dir / SUMMARY).exists():
-        # as the base's own grid cell trains it (harness/cell.py): under the folder's lock, so a
+        # as the base's own grid cell trains it (harness/run/cell.py): under the folder's lock, so a
         # grid cell and a dependent cell run alone never train it twice at once
         train_in_place(train_config(base), work_dir)

@@ -5,7 +5,7 @@ A failed cell is one row with status 'failed', null metrics and the error text.
 Metrics are floats with a fixed schema (never strings, never inferred), so an all-null column
 can't drift the schema and the leaderboard never sorts numbers as text.
 
-Commits go through harness.storage (any pyarrow filesystem URI): the file is moved into place,
+Commits go through harness.store.storage (any pyarrow filesystem URI): the file is moved into place,
 then a commit marker with its sha256 is written; readers trust only verified, committed files,
 so a reader never sees a half-written file and a cell is never counted twice.
 """
@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from harness.storage import open_store
+from harness.store.storage import open_store
 
 SCHEMA_VERSION = 1
 
@@ -64,10 +64,10 @@ RESULT_SCHEMA = pa.schema(
         pa.field("hostname", pa.string()),
         pa.field("started_at", pa.timestamp("s", tz="UTC")),
         pa.field("finished_at", pa.timestamp("s", tz="UTC")),
-        pa.field("neuron_sensitivity", pa.float64()),  # mean per-layer neuron sensitivity (harness/neuron_sensitivity.py)
+        pa.field("neuron_sensitivity", pa.float64()),  # mean per-layer neuron sensitivity (harness/eval/neuron_sensitivity.py)
         pa.field("neuron_sensitivity_layers", pa.string()),  # JSON {layer: sensitivity}
-        pa.field("flag_details", pa.string()),  # JSON {flag: evidence} (harness/integrity.py)
-        # backdoor track (harness/backdoor/metrics.py): null on cells trained on clean data
+        pa.field("flag_details", pa.string()),  # JSON {flag: evidence} (harness/eval/integrity.py)
+        # backdoor track (harness/eval/backdoor_metrics.py): null on cells trained on clean data
         pa.field("backdoor", pa.string()),  # poisoning attack name
         pa.field("poison_rate", pa.float64()),
         pa.field("target_class", pa.int64()),
@@ -111,7 +111,7 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
 
 
 def write_cell_result(results_dir: str | os.PathLike, key: str, rows: list[dict[str, Any]]) -> Path | str:
-    """Commit a cell's rows atomically with a checksummed commit marker (harness.storage).
+    """Commit a cell's rows atomically with a checksummed commit marker (harness.store.storage).
 
     Returns where the committed file is; if an 'ok' result of the key was already committed,
     that one is kept (first ok commit wins) and its location is returned.

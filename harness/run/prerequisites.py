@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from harness.config import train_key
-from harness.registry import METHODS
+from harness.core.config import train_key
+from harness.core.registry import METHODS
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def derive(cfg: dict[str, Any], pre: Prerequisite) -> dict[str, Any]:
 def checkpoint_dir(cfg: dict[str, Any]) -> Path:
     """The prerequisite's training folder: the same place a grid cell with its train key uses
     (a node-local cache synced to the store when results_dir is a URI)."""
-    from harness.checkpoint_sync import local_work_dir
+    from harness.store.checkpoint_sync import local_work_dir
 
     return local_work_dir(cfg)
 
@@ -106,9 +106,9 @@ def runtime_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def train_in_place(cfg: dict[str, Any], work_dir: Path, train_fn: Callable[[dict[str, Any], Path], Any] | None = None):
     """Train a (prerequisite or grid) cell into `work_dir` under its lock; returns the TrainSummary.
-    `train_fn` (default harness.trainer.train) is what trains; the Ray Train launcher passes its own."""
+    `train_fn` (default harness.train.trainer.train) is what trains; the Ray Train launcher passes its own."""
     if train_fn is None:
-        from harness.trainer import train as train_fn
+        from harness.train.trainer import train as train_fn
 
     run_cfg = runtime_config(cfg)
     with training_lock(work_dir):

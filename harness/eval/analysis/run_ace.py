@@ -18,10 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from harness.analysis import cf_metrics as M
-from harness.analysis.ace import ACEConfig, ace, plain_pgd, runner_up_target
-from harness.analysis.aux_models import ensure_aux
-from harness.analysis.diffusion import DDPMConfig, ensure_ddpm, load_split
+from harness.eval.analysis import cf_metrics as M
+from harness.eval.analysis.ace import ACEConfig, ace, plain_pgd, runner_up_target
+from harness.eval.analysis.aux_models import ensure_aux
+from harness.eval.analysis.diffusion import DDPMConfig, ensure_ddpm, load_split
 
 EXTRA_CUTOFFS = (0.125, 0.375)
 SETTINGS = ("name", "n_explain", "batch_size", "hf_cutoff", "ddpm", "ace", "seed")

@@ -1,7 +1,7 @@
 """Analyses that run on a trained, evaluated cell (ACE so far): checked before training, run after eval.
 
 A cell's `analysis` config block maps labels to settings with a `name` (configs/analysis/*.yaml).
-Analyses are eval-only: they are left out of the train key (harness.config.EVAL_ONLY_KEYS), so
+Analyses are eval-only: they are left out of the train key (harness.core.config.EVAL_ONLY_KEYS), so
 adding one to a trained cell re-uses its checkpoint. Each writes its artifacts under
 `<results_dir>/analysis/<cell key>/<label>/` and returns a summary dict stored in the cell's
 `analysis_json` result column.
@@ -23,7 +23,7 @@ def analysis_dir(cfg: dict[str, Any], label: str) -> Path:
 
 def check_analyses(cfg: dict[str, Any]) -> None:
     """Raise ValueError naming the problem for any bad analysis block, before any work starts."""
-    from harness.analysis.run_ace import check_settings
+    from harness.eval.analysis.run_ace import check_settings
 
     for label, acfg in (cfg.get("analysis") or {}).items():
         name = (acfg or {}).get("name")
@@ -41,7 +41,7 @@ def run_analyses(cfg: dict[str, Any], model: torch.nn.Module,
                  log: Callable[[str], None] = _stderr) -> dict[str, dict[str, Any]]:
     """Run every configured analysis on the cell's eval model; returns {label: summary}.
     Progress (DDPM training can take many minutes on a CPU) goes to `log`, stderr by default."""
-    from harness.analysis.run_ace import run_ace
+    from harness.eval.analysis.run_ace import run_ace
 
     out: dict[str, dict[str, Any]] = {}
     for label, acfg in (cfg.get("analysis") or {}).items():

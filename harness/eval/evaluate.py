@@ -4,8 +4,8 @@ A sample counts as robust under an attack when the model classifies both the cle
 the attacked image correctly (the AutoAttack/RobustBench convention: robust <= clean).
 Only clean-correct points are attacked (and, with `survivors`, only those an earlier
 evaluation left robust). Every attack output is checked to lie in the eps-ball and in [0,1]; a
-violating output is projected back and its row flagged (harness/integrity.py), as are the other
-integrity checks; per-sample outcomes are kept for harness/samples.py.
+violating output is projected back and its row flagged (harness/eval/integrity.py), as are the other
+integrity checks; per-sample outcomes are kept for harness/eval/samples.py.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from torch import nn
 
 from harness.attacks.base import Attack, build_attack
 from harness.data.loader import make_loader
-from harness.integrity import Details, enforce_threat_model, flag_list, probe_model, row_flags
-from harness.samples import CLEAN, Survivors, run_attack
+from harness.eval.integrity import Details, enforce_threat_model, flag_list, probe_model, row_flags
+from harness.eval.samples import CLEAN, Survivors, run_attack
 
 _TOL = 1e-6
 

@@ -1,0 +1,1 @@
+"""The floor every layer stands on: config composition and keys, the plugin registry, error types, progress."""

@@ -1,0 +1,1 @@
+"""What runs where: grid cells -> plan of nodes -> Ray tasks (or this process); status and resources."""

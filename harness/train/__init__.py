@@ -1,0 +1,1 @@
+"""The DDP trainer and its learning-rate schedule: knows the method contract, no one method."""
