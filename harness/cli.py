@@ -126,7 +126,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from harness.run.status import status_command
+    from harness.run.status_report import status_command
 
     return status_command(args.overrides, args.results, args.list)
 
