@@ -57,15 +57,14 @@ def _epoch_keys(dataset_dir: Path, world_size: int, num_workers: int, **kw) -> l
 
 def test_digits_manifest_and_counts(digits_dir: Path) -> None:
     m = load_manifest(digits_dir)
-    assert m["name"] == "digits" and m["format_version"] == 1
+    assert m["name"] == "digits" and m["format_version"] == 2
     assert m["num_classes"] == 10 and m["class_names"] == [str(c) for c in range(10)]
     assert m["channels"] == 1 and m["image_size"] == [8, 8]
     assert m["splits"]["test"]["count"] == 360
     assert m["splits"]["train"]["count"] + m["splits"]["test"]["count"] == 1797
-    assert len(m["splits"]["train"]["shards"]) == 3  # 512 + 512 + 413
-    assert [s["file"] for s in m["splits"]["train"]["shards"]] == [
-        "train-000000.tar", "train-000001.tar", "train-000002.tar"
-    ]
+    assert [s["count"] for s in m["splits"]["train"]["shards"]] == [64] * 22 + [29]
+    assert [s["file"] for s in m["splits"]["train"]["shards"]][:2] == ["train-000000.tar", "train-000001.tar"]
+    assert sum(m["splits"]["train"]["label_counts"]) == 1437 and min(m["splits"]["train"]["label_counts"]) > 0
     assert "random_state=0" in m["split_rule"] and "stratify" in m["split_rule"]
     assert 0.0 < m["mean"][0] < 1.0 and 0.0 < m["std"][0] < 1.0
     verify_shards(digits_dir, m)
@@ -256,7 +255,7 @@ def test_epoch_covers_split_exactly_once(
     all_keys = [k for keys in per_rank for k in keys]
     assert sorted(all_keys) == [f"{i:06d}" for i in range(1437)]
     sizes = [len(keys) for keys in per_rank]
-    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) - min(sizes) <= 64  # whole shards per rank: at most one shard apart
     assert sizes == [split_count(digits_dir, "train", r, world_size) for r in range(world_size)]
 
 
@@ -264,10 +263,10 @@ def test_epoch_covers_split_exactly_once(
 def test_limit_takes_first_indices_exactly_once(
     digits_dir: Path, world_size: int, num_workers: int
 ) -> None:
-    per_rank = _epoch_keys(digits_dir, world_size, num_workers, shuffle=True, limit=101)
-    assert sorted(k for keys in per_rank for k in keys) == [f"{i:06d}" for i in range(101)]
-    counts = [split_count(digits_dir, "train", r, world_size, limit=101) for r in range(world_size)]
-    assert sum(counts) == 101
+    per_rank = _epoch_keys(digits_dir, world_size, num_workers, shuffle=True, limit=301)
+    assert sorted(k for keys in per_rank for k in keys) == [f"{i:06d}" for i in range(301)]
+    counts = [split_count(digits_dir, "train", r, world_size, limit=301) for r in range(world_size)]
+    assert sum(counts) == 301 and counts == [len(keys) for keys in per_rank]
 
 
 def test_worker_count_does_not_change_batches(digits_dir: Path) -> None:
