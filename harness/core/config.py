@@ -169,7 +169,11 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = json.loads(json.dumps(cfg))  # a deep, plain copy
     data = cfg["data"]
     root = str(data["root"])  # a folder or a URI (s3://bucket/prefix): harness.data.location
-    data["dir"] = f"{root.rstrip('/')}/{data['name']}" if "://" in root else str((Path(root).expanduser() / data["name"]).resolve())
+    if "://" in root:  # the dataset folder goes before a query string (?endpoint_override=...)
+        head, _, query = root.partition("?")
+        data["dir"] = f"{head.rstrip('/')}/{data['name']}" + (f"?{query}" if query else "")
+    else:
+        data["dir"] = str((Path(root).expanduser() / data["name"]).resolve())
     if data.get("source"):
         data["source"] = str(Path(data["source"]).expanduser().resolve())
     cfg["results_dir"] = normalize_location(cfg["results_dir"])  # a local path or a pyarrow.fs URI

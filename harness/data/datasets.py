@@ -16,11 +16,11 @@ class Digits:
     name = "digits"
     needs_source: bool = False
 
-    def prepare(self, root: Path | str, source: Path | None = None) -> Path | str:
+    def prepare(self, root: Path | str, source: Path | None = None, **options: int) -> Path | str:
         """Write `<root>/digits` (or return it if already complete); `source` is ignored."""
         from harness.data.prepare import prepare_digits
 
-        return prepare_digits(root)
+        return prepare_digits(root, **options)
 
 
 @DATASETS.register("cifar10")
@@ -30,7 +30,7 @@ class Cifar10:
     name = "cifar10"
     needs_source: bool = True
 
-    def prepare(self, root: Path | str, source: Path | None = None) -> Path | str:
+    def prepare(self, root: Path | str, source: Path | None = None, **options: int) -> Path | str:
         """Write `<root>/cifar10` from `source` = cifar-10-python.tar.gz (no-op if complete)."""
         from harness.data.prepare import prepare_cifar10
         from harness.data.shards import DataError
@@ -40,4 +40,4 @@ class Cifar10:
                 "cifar10 needs its source archive: pass --source /path/to/cifar-10-python.tar.gz "
                 "(from https://www.cs.toronto.edu/~kriz/cifar.html)"
             )
-        return prepare_cifar10(Path(source), root)
+        return prepare_cifar10(Path(source), root, **options)
