@@ -295,10 +295,11 @@ class _SamplePool:
     def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         if self.buffer > 0:
             picked = []
-            for _ in range(n):
-                j = int(self.rng.integers(len(self.items)))
-                self.items[j], self.items[-1] = self.items[-1], self.items[j]
-                picked.append(self.items.pop())
+            items = self.items
+            for u in self.rng.random(n).tolist():  # one generator call per batch, not per sample
+                j = int(u * len(items))
+                items[j], items[-1] = items[-1], items[j]
+                picked.append(items.pop())
         else:
             picked = self.items[self.head : self.head + n]
             self.head += n
