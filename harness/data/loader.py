@@ -63,8 +63,8 @@ def split_count(
     Raises DataError when `world_size x num_workers` readers exceed the split's shards.
     """
     _check_rank(rank, world_size)
-    plan = _plan(load_manifest(dataset_dir), str(dataset_dir), split, limit, rank, world_size,
-                 num_workers, False, 0, 0)
+    loc = DataLocation(dataset_dir)
+    plan = _plan(load_manifest(loc), loc.uri, split, limit, rank, world_size, num_workers, False, 0, 0)
     return plan.rank_count()
 
 

@@ -11,6 +11,7 @@ cells on that node read the copy. The cache is keyed by the manifest's sha256 (d
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -69,6 +70,9 @@ def _open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         fs = pafs.S3FileSystem(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
                                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2), **kwargs)
         return fs, (parsed.netloc + parsed.path).rstrip("/")
+    if parsed.scheme in ("gs", "gcs") and not parsed.query:  # bounded retries: fail in seconds
+        return (pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=CONNECT_TIMEOUT_S)),
+                (parsed.netloc + parsed.path).rstrip("/"))
     if parsed.scheme == "file":
         return pafs.LocalFileSystem(), parsed.path.rstrip("/") or "/"
     return pafs.FileSystem.from_uri(uri)
@@ -178,6 +182,6 @@ class DataLocation:
         hint = ""
         if not self.is_local:
             hint = (" Check that the endpoint is reachable from this node and that credentials are set "
-                    "(s3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance role; endpoint via "
-                    "AWS_ENDPOINT_URL or ?endpoint_override=; gs: GOOGLE_APPLICATION_CREDENTIALS).")
+                    "(s3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance role; an S3-compatible "
+                    "endpoint via ?endpoint_override=HOST:PORT&scheme=http; gs: GOOGLE_APPLICATION_CREDENTIALS).")
         return DataError(f"cannot read {self.display(name)}: {text}.{hint}")
