@@ -33,7 +33,7 @@ NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "labe
                      "train_key", "code_version", "cell_id")
 EVAL_ONLY_KEYS = ("attack", "eval", "analysis")
 NON_SEMANTIC_TRAINER_KEYS = ("progress", "num_workers", "threads_per_rank", "device")
-NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source")
+NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source", "cache")
 
 
 class ConfigError(ValueError):
@@ -175,7 +175,12 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
     """Resolve paths to absolute ones (Ray workers may run elsewhere) and stamp key + label."""
     cfg = json.loads(json.dumps(cfg))  # a deep, plain copy
     data = cfg["data"]
-    data["dir"] = str((Path(data["root"]).expanduser() / data["name"]).resolve())
+    root = str(data["root"])  # a folder or a URI (s3://bucket/prefix): harness.data.location
+    if "://" in root:  # the dataset folder goes before a query string (?endpoint_override=...)
+        head, _, query = root.partition("?")
+        data["dir"] = f"{head.rstrip('/')}/{data['name']}" + (f"?{query}" if query else "")
+    else:
+        data["dir"] = str((Path(root).expanduser() / data["name"]).resolve())
     if data.get("source"):
         data["source"] = str(Path(data["source"]).expanduser().resolve())
     cfg["results_dir"] = normalize_location(cfg["results_dir"])  # a local path or a pyarrow.fs URI
