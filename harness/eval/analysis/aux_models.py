@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.store.checkpoints import load_checkpoint, save_checkpoint
+
 AUX_FILE = "aux.pt"
 ROLES = {"oracle": 101, "features": 202}   # role -> seed
 
@@ -62,6 +64,18 @@ def train_aux(images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed
     return model.eval().requires_grad_(False)
 
 
+def aux_folder(role: str, data_dir: Path, results_dir: Path, img_size: int | None = None) -> Path:
+    """Where the helper classifier `role` for this dataset is cached (keyed by data hash, role, seed)."""
+    from harness.data.shards import dataset_sha256, load_manifest
+
+    if role not in ROLES:
+        raise ValueError(f"unknown helper classifier role '{role}'; known: {sorted(ROLES)}")
+    sha = dataset_sha256(load_manifest(Path(data_dir)))
+    ident = [sha, role, ROLES[role], "SmallCNN-v1"] + ([int(img_size)] if img_size is not None else [])
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
+    return Path(results_dir) / "artifacts" / "aux" / key
+
+
 def ensure_aux(role: str, data_dir: Path, results_dir: Path,
                img_size: int | None = None) -> tuple[SmallCNN, dict]:
     """The cached helper classifier `role` ('oracle' or 'features') for this dataset; trains if missing.
@@ -71,17 +85,13 @@ def ensure_aux(role: str, data_dir: Path, results_dir: Path,
     from harness.data.shards import dataset_sha256, load_manifest
     from harness.run.prerequisites import training_lock
 
-    if role not in ROLES:
-        raise ValueError(f"unknown helper classifier role '{role}'; known: {sorted(ROLES)}")
+    folder = aux_folder(role, data_dir, results_dir, img_size)
     manifest = load_manifest(Path(data_dir))
     sha = dataset_sha256(manifest)
-    ident = [sha, role, ROLES[role], "SmallCNN-v1"] + ([int(img_size)] if img_size is not None else [])
-    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
-    folder = Path(results_dir) / "artifacts" / "aux" / key
     with training_lock(folder):  # one trainer per cache entry; concurrent cells wait for it
         model = SmallCNN(manifest["channels"], manifest["num_classes"])
         if (folder / AUX_FILE).exists():
-            blob = torch.load(folder / AUX_FILE, map_location="cpu", weights_only=False)
+            blob = load_checkpoint(folder / AUX_FILE)
             model.load_state_dict(blob["state_dict"])
             return model.eval().requires_grad_(False), blob["meta"]
         x, y = load_split(Path(data_dir), "train", img_size=img_size)
@@ -91,6 +101,5 @@ def ensure_aux(role: str, data_dir: Path, results_dir: Path,
             acc = float((model(xt).argmax(1) == yt).float().mean())
         meta = {"role": role, "seed": ROLES[role], "test_acc": acc, "data_sha256": sha}
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, folder / (AUX_FILE + ".tmp"))
-        (folder / (AUX_FILE + ".tmp")).replace(folder / AUX_FILE)
+        save_checkpoint(folder / AUX_FILE, {"state_dict": model.state_dict(), "meta": meta})
         return model, meta
