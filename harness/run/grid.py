@@ -23,6 +23,9 @@ from harness.attacks.base import build_attack
 from harness.backdoor.base import build_poison
 from harness.run.cell import CellOutcome, run_cell
 from harness.core.config import ConfigError, compose_config, finalize
+from harness.core.validate import validate_numbers
+from harness.run.ray_connect import check_ray_address
+from harness.run.preflight import check_results_writable, train_split_size
 from harness.data.ensure import ensure_prepared
 from harness.run.resources import cell_resources, task_options
 from harness.store.results import committed_status, write_cell_result
@@ -81,6 +84,8 @@ def _override_value(value: Any) -> str:
 
 def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
+    validate_numbers(cfg, train_split_size(cfg))
+    check_results_writable(cfg["results_dir"])
     check_trainer_config(train_config(cfg)["trainer"])
     cell_resources(cfg)
     build_method(cfg["method"])
@@ -115,6 +120,7 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
     import ray
 
     if not ray.is_initialized():
+        check_ray_address(address)  # a wrong address fails in seconds, naming it (not minutes of retries)
         # "local": a fresh embedded Ray even when a `ray start` cluster is running on this machine
         # (ray.init(None) would silently join it); ray.address=auto|host:port joins a cluster.
         ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
