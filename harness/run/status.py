@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from harness.store.audit import warn_about_store
 from harness.store.storage import COMMITS, open_store
 
 RUNNING = "_running"
@@ -114,6 +115,7 @@ def grid_status(location: str, keys: Iterable[str] | None = None) -> GridStatus:
     store = open_store(location)
     running = running_cells(location)
     committed = {name[: -len(".json")] for name in store.list(COMMITS) if name.endswith(".json")}
+    committed = {key for key in committed if store.read_marker(key) is not None}  # stray markers: no cell
     status = GridStatus(grid_known=keys is not None)
     wanted = list(keys) if keys is not None else sorted(committed | set(running))
     for key in wanted:
@@ -164,6 +166,7 @@ def status_command(overrides: list[str], results: str | None, show_keys: bool) -
         location = results
     else:
         raise ValueError("say which cells: `robustgrid status grid=<name> [overrides]` or `--results DIR|URI`")
+    warn_about_store(location)  # foreign / unverifiable files, each named (harness.store.audit)
     status = grid_status(location, keys)
     out = Console()
     table = Table("state", "cells", title=f"{location}" + ("" if keys is not None else " (no grid given: pending unknown)"))
