@@ -24,6 +24,7 @@ from harness.backdoor.base import build_poison
 from harness.run.cell import CellOutcome, run_cell
 from harness.core.config import ConfigError, compose_config, finalize
 from harness.core.validate import validate_numbers
+from harness.run.labels import distinguish_labels, first_line
 from harness.run.ray_connect import check_ray_address
 from harness.run.preflight import check_results_writable, train_split_size
 from harness.data.ensure import ensure_prepared
@@ -67,7 +68,7 @@ def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
         cfg = compose_config(_last_wins(fixed + axis_overrides + user + [f"grid={grid['name']}"]))
         cfg = finalize(cfg)
         cells.setdefault(cfg["key"], cfg)
-    return list(cells.values())
+    return distinguish_labels(list(cells.values()))  # cells differing only in e.g. lr get distinct labels
 
 
 def _last_wins(overrides: list[str]) -> list[str]:
@@ -162,7 +163,8 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
             outcomes.append(outcome)
             progress.update(bar, advance=1, status=_live_status(refs, waiting, outcomes))
             mark = "[green]ok[/]" if outcome.status == "ok" else "[red]FAILED[/]"
-            progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s")
+            progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s"
+                                   f"{first_line(outcome.error)}", highlight=False)
     return outcomes
 
 
