@@ -26,6 +26,7 @@ from harness.core.config import ConfigError, compose_config, finalize
 from harness.core.validate import validate_numbers
 from harness.run.labels import distinguish_labels, first_line
 from harness.run.ray_connect import check_ray_address
+from harness.run.single_driver import single_driver
 from harness.run.preflight import check_results_writable, train_split_size
 from harness.data.ensure import ensure_prepared
 from harness.run.resources import cell_resources, task_options
@@ -111,7 +112,8 @@ def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num
             pending.append(cfg)
     console.print(f"grid: {len(cells)} cells, {len(report.skipped)} already committed, {len(pending)} to run")
     if pending:
-        report.outcomes = _run_on_ray(pending, ray_address, num_cpus)
+        with single_driver(cells):  # a second driver on this grid and store says so and exits
+            report.outcomes = _run_on_ray(pending, ray_address, num_cpus)
     report.seconds = time.perf_counter() - t0
     return report
 

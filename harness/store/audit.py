@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 from harness.store.storage import COMMITS, STAGING, Commit, open_store
 
 # folders the harness itself writes into a results store
-OWN_FOLDERS = {COMMITS, STAGING, "_running", "_attempts", "checkpoints", "artifacts", "samples"}
+OWN_FOLDERS = {COMMITS, STAGING, "_running", "_attempts", "_drivers", "checkpoints", "artifacts", "samples"}
 
 
 def audit_store(location: str | os.PathLike) -> list[str]:
