@@ -154,3 +154,14 @@ def test_a_damaged_checkpoint_is_a_clear_data_error(tmp_path: Path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match=str(path)):
         load_checkpoint(path)
+
+
+def test_ddpm_cache_round_trips_under_weights_only(tmp_path: Path) -> None:
+    from harness.eval.analysis.diffusion import DDPM, DDPMConfig, build_unet, load_ddpm, save_ddpm
+
+    cfg = DDPMConfig(channels=(8, 16), layers_per_block=1, attention=False, train_steps=1)
+    unet = build_unet(cfg, 1, 8)
+    save_ddpm(DDPM(unet, torch.linspace(0.99, 0.01, cfg.train_timesteps), cfg, {"channels": 1, "image_size": 8}),
+              tmp_path, {})
+    loaded = load_ddpm(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), loaded.unet.state_dict().values()))
