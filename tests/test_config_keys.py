@@ -45,6 +45,17 @@ def test_a_plugin_group_may_hold_only_what_its_class_takes() -> None:
     assert accepted_keys("method", METHODS.get("trades")) == {"name", "finetune", "stages", "attack", "beta"}
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["method=trades", "method.beta=abc"], "method.beta must be float, got 'abc'"),
+    (["attack=[pgd]", "attack.pgd.steps=2.5"], "attack.pgd.steps must be int, got 2.5"),
+    (["method=cbd", "method.mi=3"], "method.mi must be bool, got 3"),
+])
+def test_a_setting_must_have_the_type_its_class_annotates(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
+    compose_config(["attack=[pgd]", "attack.pgd.eps=8/255"])  # `float | str`: a fraction stays allowed
+
+
 def test_a_registered_plugin_without_a_yaml_is_selected_with_its_class_defaults() -> None:
     # TRADES' inner attack is registered but has no configs/attack/*.yaml preset
     assert plugin_settings("attack", ATTACKS.get("trades_kl")) == {

@@ -18,6 +18,7 @@ Everything is checked before any work:
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -30,7 +31,7 @@ from omegaconf import OmegaConf
 
 import harness
 from harness.core.plugin_config import (PLUGIN_GROUPS, accepted_keys, config_options, plugin_options,
-                                        register_plugin_configs)
+                                        register_plugin_configs, setting_types, type_problem)
 from harness.store.storage import normalize_location
 
 __all__ = ["ConfigError", "compose_config", "config_options", "finalize", "cell_key", "train_key",
@@ -114,6 +115,7 @@ def _check_plugin_names(parsed: list[Override]) -> None:
                 )
 
 
+@functools.lru_cache(maxsize=1)
 def _open_prefixes() -> list[str]:
     """Keys under which `+key=` may add: OPEN_KEYS and plugins' `open_config_keys` (arch.kwargs)."""
     return sorted(set(OPEN_KEYS) | {f"{group}.{key}" for group, registry in PLUGIN_GROUPS.items()
@@ -173,7 +175,8 @@ def _unknown_key_message(key: str, known: set[str]) -> str:
 
 
 def _check_plugin_settings(cfg: dict[str, Any]) -> None:
-    """Each plugin group holds only the settings its plugin's class takes (a YAML preset too)."""
+    """Each plugin group holds only the settings its plugin's class takes (a YAML preset too),
+    each of a type its annotation allows."""
     for group, registry in PLUGIN_GROUPS.items():
         blocks = (cfg.get(group) or {}).items() if group == "attack" else [(group, cfg.get(group))]
         for label, block in blocks:
@@ -188,6 +191,11 @@ def _check_plugin_settings(cfg: dict[str, Any]) -> None:
                     hint = f" Did you mean {' or '.join(f'{where}.{c}' for c in close)}?" if close else ""
                     raise ConfigError(f"unknown config key '{where}.{key}': {registry.kind} '{block['name']}' "
                                       f"takes {', '.join(sorted(allowed - {'name'}))}.{hint}")
+            for key, types_ in setting_types(group, plugin).items():
+                if key in block and type_problem(block[key], types_):
+                    expected = " or ".join("null" if t is type(None) else t.__name__ for t in types_)
+                    raise ConfigError(f"{where}.{key} must be {expected}, got {block[key]!r}. "
+                                      f"Fix: {where}.{key}=<{expected}>")
 
 
 def cell_key(cfg: dict[str, Any]) -> str:

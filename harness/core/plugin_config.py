@@ -12,8 +12,11 @@ the plugin's name (`method=my_method`, `attack=[my_attack]`, then `attack.my_att
 from __future__ import annotations
 
 import inspect
+import types
+import typing
+from functools import lru_cache, wraps
 from importlib import resources
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from hydra.core.config_store import ConfigStore
 
@@ -45,12 +48,34 @@ DATA_COMMON: dict[str, Any] = {
 # Arguments the harness passes to an architecture's build(): not config keys.
 BUILD_ARGS = ("num_classes", "in_chans", "img_size", "mean", "std")
 MISSING = "???"
+R = TypeVar("R")
+
+
+def _per_plugin(func: Callable[[str, object], R]) -> Callable[[str, object], R]:
+    """Memoise a (group, plugin) function by the plugin's identity (plugins live as long as their
+    registry; some, like the timm presets, hold dicts and are not hashable)."""
+    memo: dict[tuple[str, int], tuple[object, R]] = {}
+
+    @wraps(func)
+    def wrapper(group: str, plugin: object) -> R:
+        hit = memo.get((group, id(plugin)))
+        if hit is None or hit[0] is not plugin:
+            hit = memo[(group, id(plugin))] = (plugin, func(group, plugin))
+        return hit[1]
+
+    return wrapper
 
 
 def config_options(group: str) -> list[str]:
     """The YAML presets (file names without .yaml) of one config group."""
+    return list(_presets(group))
+
+
+@lru_cache(maxsize=None)
+def _presets(group: str) -> tuple[str, ...]:
+    """Listed once per process: a grid composes a config per cell."""
     folder = resources.files("configs") / group
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return tuple(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")))
 
 
 def plugin_options(group: str) -> list[str]:
@@ -76,6 +101,7 @@ def plugin_settings(group: str, plugin: object) -> dict[str, Any]:
     return settings
 
 
+@_per_plugin
 def accepted_keys(group: str, plugin: object) -> set[str]:
     """Top-level keys a plugin's config group may hold."""
     keys = set(HARNESS_KEYS.get(group, ("name",)))
@@ -84,24 +110,66 @@ def accepted_keys(group: str, plugin: object) -> set[str]:
     return keys
 
 
+@_per_plugin
+def setting_types(group: str, plugin: object) -> dict[str, tuple[type, ...]]:
+    """Setting -> the plain types its annotation allows (float also takes int), for settings
+    annotated with plain types only (int, float, bool, str, None and their unions)."""
+    out: dict[str, tuple[type, ...]] = {}
+    for param in _parameters(group, plugin):
+        allowed = _plain_types(param.annotation)
+        if allowed:
+            out[param.name] = allowed
+    return out
+
+
+def type_problem(value: Any, allowed: tuple[type, ...]) -> bool:
+    """Whether `value` fits none of `allowed` (bool is not a number here; an int is a float)."""
+    if isinstance(value, bool):
+        return bool not in allowed
+    if isinstance(value, int) and float in allowed:
+        return False
+    return not isinstance(value, allowed)
+
+
+_registered: set[tuple[str, str]] = set()
+
+
 def register_plugin_configs() -> None:
     """Put every registered plugin that has no YAML preset into Hydra's ConfigStore, with its
-    class defaults, so that it is selected and overridden exactly like a built-in."""
+    class defaults, so that it is selected and overridden exactly like a built-in (once per process)."""
     store = ConfigStore.instance()
     for group, registry in PLUGIN_GROUPS.items():
         presets = set(config_options(group))
         for name, plugin in registry.items():
-            if name in presets:
+            if name in presets or (group, name) in _registered:
                 continue
             node = {"name": name, **plugin_settings(group, plugin)}
             store.store(group=group, name=name, node={name: node} if group == "attack" else node)
+            _registered.add((group, name))
 
 
+_PLAIN = {int, float, bool, str, type(None)}
+
+
+def _plain_types(annotation: Any) -> tuple[type, ...]:
+    """(int, float, ...) for a plain-typed annotation; () where anything else (or nothing) is allowed."""
+    if annotation is inspect.Parameter.empty:
+        return ()
+    if isinstance(annotation, type):
+        return (annotation,) if annotation in _PLAIN else ()
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return tuple(args) if all(a in _PLAIN for a in args) else ()
+    return ()
+
+
+@_per_plugin
 def _parameters(group: str, plugin: object) -> list[inspect.Parameter]:
-    """Named parameters of the plugin's constructor (or an architecture's build)."""
+    """Named parameters of the plugin's constructor (or an architecture's build), their string
+    annotations (`from __future__ import annotations`) evaluated where they can be."""
     if group == "arch":
         build = getattr(plugin, "build")
-        params = list(inspect.signature(build).parameters.values())
+        params = list(_signature(build).parameters.values())
         if isinstance(plugin, type):  # unbound: drop self
             params = params[1:]
         return [p for p in params if p.name not in BUILD_ARGS and _named(p)]
@@ -114,13 +182,20 @@ def _parameters(group: str, plugin: object) -> list[inspect.Parameter]:
             continue
         if klass is object:
             break
-        params = list(inspect.signature(init).parameters.values())[1:]
+        params = list(_signature(init).parameters.values())[1:]
         for p in params:
             if _named(p):
                 found.setdefault(p.name, p)
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
             break  # **kwargs is taken to be forwarded to the base class's __init__
     return list(found.values())
+
+
+def _signature(func: Any) -> inspect.Signature:
+    try:
+        return inspect.signature(func, eval_str=True)
+    except Exception:  # noqa: BLE001 -- an annotation that names what its module does not import
+        return inspect.signature(func)
 
 
 def _named(param: inspect.Parameter) -> bool:
