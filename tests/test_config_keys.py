@@ -2,6 +2,8 @@
 a group is open by design, and a plugin's settings come from its class (compose only: no training)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from harness.core.config import ConfigError, compose_config, finalize
@@ -54,6 +56,17 @@ def test_a_setting_must_have_the_type_its_class_annotates(overrides, message) ->
     with pytest.raises(ConfigError, match=message):
         compose_config(overrides)
     compose_config(["attack=[pgd]", "attack.pgd.eps=8/255"])  # `float | str`: a fraction stays allowed
+
+
+@pytest.mark.parametrize("override,message", [
+    ("seed=abc", "seed must be a number (its default is 0), got 'abc'"),
+    ("trainer.optimizer.lr=fast", "trainer.optimizer.lr must be a number"),
+    ("trainer.progress=3", "trainer.progress must be true or false"),
+])
+def test_elsewhere_a_value_keeps_its_defaults_kind(override, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config(["trainer=tiny", override])
+    compose_config(["resources.gpus=0.25", "eval.neuron_sensitivity.limit=null", "seed=3"])
 
 
 def test_a_registered_plugin_without_a_yaml_is_selected_with_its_class_defaults() -> None:

@@ -13,7 +13,8 @@ Everything is checked before any work:
   "did you mean" from the known keys. `+key=value` adds a key only under a group that is open by
   design (an architecture's `kwargs`, declared by the plugin's `open_config_keys`; OPEN_KEYS); what it adds
   is part of the cell's config, hence of its key and of every result row.
-- A plugin group may hold only the settings its class takes; a setting with no default must be set.
+- A plugin group may hold only the settings its class takes, of the types its annotations allow;
+  a setting with no default must be set. Elsewhere an overridden value keeps its default's type.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     _check_plugin_settings(container)
+    _check_value_types(container, parsed)
     return container
 
 
@@ -146,12 +148,49 @@ def _refuse_unknown_keys(parsed: list[Override]) -> None:
 
 def _known_keys(parsed: list[Override]) -> set[str]:
     """Dotted keys of the config the overrides' group choices compose (values not applied)."""
-    groups = [o.input_line for o in parsed if _is_group(o.key_or_group)]
+    return set(_dotted(_group_defaults(tuple(o.input_line for o in parsed if _is_group(o.key_or_group)))))
+
+
+@functools.lru_cache(maxsize=64)
+def _group_defaults(groups: tuple[str, ...]) -> dict[str, Any]:
+    """The unresolved config of these group choices alone: the defaults a value override replaces.
+    Cached: a grid's cells share a few group choices, and compose costs tens of milliseconds."""
     try:
-        cfg = OmegaConf.to_container(_compose(groups), resolve=False)
-    except Exception:  # noqa: BLE001 -- a bad group choice: no key list, the caller's error stands
-        return set()
-    return set(_dotted(cfg))
+        cfg = OmegaConf.to_container(_compose(list(groups)), resolve=False)
+    except Exception:  # noqa: BLE001 -- a bad group choice: no defaults, the caller's error stands
+        return {}
+    assert isinstance(cfg, dict)
+    return cfg
+
+
+def _check_value_types(cfg: dict[str, Any], parsed: list[Override]) -> None:
+    """Outside plugin groups (typed by their classes) an overridden value keeps its default's kind:
+    a number where the default is a number, true/false where it is a bool, or null (many keys take
+    null for "off" or "all"). So `seed=abc` is named here, not deep inside torch. (YAML writes
+    1.0 as 1, so an integer default does not refuse a fraction: range checks do that.)"""
+    values = [o for o in parsed if not _is_group(o.key_or_group) and not o.is_delete()
+              and o.key_or_group.split(".")[0] not in (*PLUGIN_GROUPS, "analysis", "grid")]
+    if not values:
+        return
+    defaults = _group_defaults(tuple(o.input_line for o in parsed if _is_group(o.key_or_group)))
+    for override in values:
+        key = override.key_or_group
+        default, value = _lookup(defaults, key), _lookup(cfg, key)
+        if value is None or not isinstance(default, (bool, int, float)):
+            continue
+        if isinstance(default, bool):
+            wrong, expected = not isinstance(value, bool), "true or false"
+        else:
+            wrong, expected = isinstance(value, bool) or not isinstance(value, (int, float)), "a number"
+        if wrong:
+            raise ConfigError(f"{key} must be {expected} (its default is {default!r}), got {value!r}. "
+                              f"Fix: {key}=<{expected}>")
+
+
+def _lookup(node: Any, key: str) -> Any:
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _dotted(node: Any, prefix: str = "") -> list[str]:
@@ -165,13 +204,26 @@ def _dotted(node: Any, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(key: str, known: set[str]) -> str:
-    """'unknown config key X', with the closest known keys (difflib) and the fix."""
-    top, depth = key.split(".")[0], key.count(".")
-    pool = [k for k in known if k.split(".")[0] == top and k.count(".") == depth] or list(known)
-    close = difflib.get_close_matches(key, pool, n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(close)}? Fix: {close[0]}=<value>" if close else (
-        f" Known keys under '{top}': {', '.join(sorted(k for k in pool if k.count('.') == key.count('.'))[:20])}")
-    return f"unknown config key '{key}': no config group defines it.{hint}"
+    """'unknown config key X', with the closest known keys (difflib on the last part of the key:
+    beside it first, then anywhere) or the keys beside it."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = sorted(k for k in known if k.rpartition(".")[0] == parent)
+    message = f"unknown config key '{key}': no config group defines it."
+    if parent and parent not in known:
+        top = key.split(".")[0]
+        return message + f" This config has nothing under '{parent}' (is its group selected, e.g. {top}=<name>?)"
+    close = _closest(leaf, siblings, 0.6) or _closest(leaf, sorted(known), 0.8)
+    if close:
+        return message + f" Did you mean {' or '.join(close)}? Fix: {close[0]}=<value>"
+    return message + f" Keys under '{parent or '(top level)'}': {', '.join(siblings[:30])}"
+
+
+def _closest(leaf: str, keys: list[str], cutoff: float) -> list[str]:
+    by_leaf: dict[str, list[str]] = {}
+    for k in keys:
+        by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
+    matches = difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=cutoff)
+    return [k for m in matches for k in by_leaf[m]][:3]
 
 
 def _check_plugin_settings(cfg: dict[str, Any]) -> None:
