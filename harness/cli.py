@@ -138,7 +138,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in registry.names():
         print(name)
     for broken in registry.broken():  # the good ones are listed; a broken package is named, not fatal
-        console.print(f"[yellow]warning:[/] {args.kind[:-1]} '{broken.name}' not listed: {broken.describe()}",
+        console.print(f"[yellow]warning:[/] {registry.kind} '{broken.name}' not listed: {broken.describe()}",
                       markup=True, highlight=False, soft_wrap=True)
     return 0
 

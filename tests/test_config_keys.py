@@ -69,6 +69,24 @@ def test_elsewhere_a_value_keeps_its_defaults_kind(override, message) -> None:
     compose_config(["resources.gpus=0.25", "eval.neuron_sensitivity.limit=null", "seed=3"])
 
 
+def test_class_settings_follow_kwargs_to_the_base_and_mark_required_ones() -> None:
+    from harness.backdoor.base import Poison
+
+    class Stripe(Poison):  # not registered: plugin_settings only reads the class
+        name = "stripe"
+
+        def __init__(self, width: int, rows: tuple[int, ...] = (0, 1), **common) -> None:
+            super().__init__(**common)
+
+    settings = plugin_settings("backdoor", Stripe)
+    assert settings == {"width": "???", "rows": [0, 1], "target": 0, "rate": 0.1, "seed": None, "pattern_seed": 0}
+
+    class Tuned(Stripe):
+        default_config = {"width": 2}
+
+    assert plugin_settings("backdoor", Tuned)["width"] == 2
+
+
 def test_a_registered_plugin_without_a_yaml_is_selected_with_its_class_defaults() -> None:
     # TRADES' inner attack is registered but has no configs/attack/*.yaml preset
     assert plugin_settings("attack", ATTACKS.get("trades_kl")) == {

@@ -68,7 +68,10 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"config key(s) {', '.join(missing)} have no value (the plugin's class gives no "
                           f"default). Fix: pass " + " ".join(f"{k}=<value>" for k in missing))
-    container = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # an interpolation that cannot resolve, e.g. ${oc.env:...} unset
+        raise ConfigError(f"cannot resolve the config of overrides {overrides}: {err}") from None
     assert isinstance(container, dict)
     _check_plugin_settings(container)
     _check_value_types(container, parsed)
@@ -235,6 +238,8 @@ def _check_plugin_settings(cfg: dict[str, Any]) -> None:
             where = f"attack.{label}" if group == "attack" else group
             if not isinstance(block, dict) or block.get("name") is None:
                 raise ConfigError(f"config group '{where}' has no 'name'; pick one with {group}=<name>")
+            if group == "data" and block["name"] in config_options("data"):
+                continue  # a dataset's preset is its schema: its keys are read by the data layer, not a class
             plugin = registry.get(block["name"])
             allowed = accepted_keys(group, plugin)
             for key in block:
