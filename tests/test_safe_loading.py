@@ -17,7 +17,7 @@ import torch
 from helpers import digits_classifier
 
 from harness.core.config import compose_config, finalize
-from harness.run.cell import checkpoint_dir
+from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
 from harness.store.checkpoints import UnsafeCheckpointError, load_checkpoint, save_checkpoint
 from harness.train.trainer import CHECKPOINT, load_trained_classifier, train
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.run.status import grid_status, status_command
+from harness.run.status import grid_status
+from harness.run.status_report import status_command
 from harness.store.audit import audit_store
 from harness.store.results import read_results, write_cell_result
 from harness.store.storage import COMMITS

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from harness.core.code_version import code_version
 from harness.core.plugin_config import (PLUGIN_GROUPS, accepted_keys, config_options, plugin_options,
                                         register_plugin_configs, setting_types, type_problem)
-from harness.store.storage import normalize_location
+from harness.core.locations import normalize_location
 
 __all__ = ["ConfigError", "compose_config", "config_options", "finalize", "cell_key", "train_key",
            "training_setup", "trains_on_poison", "PLUGIN_GROUPS"]

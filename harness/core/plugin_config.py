@@ -28,7 +28,7 @@ PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, 
 
 # Keys the harness itself reads from a group, beside the plugin's own settings.
 HARNESS_KEYS: dict[str, tuple[str, ...]] = {
-    "method": ("name", "finetune", "stages"),  # finetune, stages: read by the run layer (ADML's stage 2)
+    "method": ("name",),
     "arch": ("name",),
     "attack": ("name",),
     "backdoor": ("name",),

@@ -15,7 +15,7 @@ from collections import defaultdict
 from typing import Any, Iterator
 
 # where/how a cell runs, or stamps derived from the config: never what sets cells apart
-IGNORED = ("key", "train_key", "label", "code_version", "grid", "results_dir", "leaderboard_dir", "ray", "resources",
+IGNORED = ("key", "train_key", "cell_id", "label", "code_version", "grid", "results_dir", "leaderboard_dir", "ray", "resources",
            "data.dir", "data.root")
 
 

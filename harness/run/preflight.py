@@ -27,8 +27,8 @@ def train_split_size(cfg: dict[str, Any]) -> int | None:
         limit = None if limit is None else int(limit)
     except (TypeError, ValueError):
         return None  # validate_numbers names the bad data.train_limit
-    if limit is not None and limit < 0:
-        return None
+    if limit is not None and limit < 1:
+        return None  # validate_numbers names the bad data.train_limit
     return split_count(data_dir, "train", 0, 1, limit=limit)
 
 
