@@ -65,15 +65,16 @@ def evaluate_backdoor(model: nn.Module, cfg: dict[str, Any], *, num_classes: int
 
 
 def add_backdoor_metrics(cfg: dict[str, Any], model: nn.Module, rows: list[dict[str, Any]],
-                         num_classes: int) -> list[dict[str, Any]]:
-    """The cell's result rows with the backdoor columns filled in (unchanged for clean cells)."""
+                         num_classes: int, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """The cell's result rows with the backdoor columns filled in (unchanged for clean cells);
+    the triggered test set runs through `model` on the cell's `device`."""
     plan = train_plan({**cfg, "backdoor": {k: v for k, v in (cfg.get("backdoor") or {}).items()
                                            if k != "clean_train"}})
     if plan is None:
         return rows
     ecfg = cfg.get("eval", {})
     result = evaluate_backdoor(model, cfg, num_classes=num_classes, batch_size=int(ecfg.get("batch_size", 256)),
-                               limit=ecfg.get("limit"))
+                               limit=ecfg.get("limit"), device=device)
     indices = [int(i) for i in plan.poisoned]
     extra = {
         "backdoor": plan.poison.name,

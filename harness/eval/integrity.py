@@ -50,6 +50,7 @@ FLAGS = (
     "accuracy_not_falling_with_eps",
     "accuracy_not_falling_with_steps",
     "perturbation_out_of_bounds",
+    "eval_precision_bf16",  # evaluated under bf16 autocast (eval.precision=bf16, opt-in; harness/eval/evaluate.py)
 )
 WHITEBOX_COMPONENTS = ("apgd_ce", "apgd_t", "fab_t")
 SQUARE_MARGIN = 0.002  # the reference's alpha in its Square check

@@ -26,6 +26,7 @@ from harness.run.resources import worker_death_exceptions
 from harness.store.results import SCHEMA_VERSION, write_cell_result
 from harness.eval.samples import load_survivors, samples_table, write_samples
 from harness.run.stages import ensure_dependencies, train_config
+from harness.train.device import cell_device
 from harness.train.trainer import CHECKPOINT, TrainSummary, load_trained_classifier, train
 
 
@@ -66,20 +67,22 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
         # and post-training defenses get their clean subset (harness/run/prerequisites.py)
         summary = train_in_place(train_config(cfg), work_dir, train_fn)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
-        model = load_trained_classifier(cfg, work_dir)
+        device = cell_device(cfg)  # the training device: every stage below runs there
+        model = load_trained_classifier(cfg, work_dir, device)
         result = evaluate(
             model, list(cfg["attack"].values()), Path(cfg["data"]["dir"]),
             num_classes=manifest["num_classes"], batch_size=int(ecfg.get("batch_size", 256)),
             img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"), seed=int(cfg["seed"]),
-            survivors=survivors, integrity_points=int(ecfg.get("integrity_points", 64)),
+            survivors=survivors, integrity_points=int(ecfg.get("integrity_points", 64)), device=device,
+            precision=str(ecfg.get("precision", "fp32")),
         )
         write_samples(cfg["results_dir"], cfg["key"], samples_table(
             cfg["key"], cfg.get("train_key"), {r.attack.name: r.broken_by for r in result.attacks},
             result.labels, result.clean_ok))
-        sensitivity = analyse_cell(cfg, model)
-        analyses = run_analyses(cfg, model)
+        sensitivity = analyse_cell(cfg, model, device)
+        analyses = run_analyses(cfg, model, device=device)
         rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
-        rows = add_backdoor_metrics(cfg, model, rows, manifest["num_classes"])
+        rows = add_backdoor_metrics(cfg, model, rows, manifest["num_classes"], device)
         if analyses:
             rows = [r | {"analysis_json": json.dumps(analyses, sort_keys=True, default=str)} for r in rows]
         status, error = "ok", None

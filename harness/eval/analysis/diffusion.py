@@ -188,8 +188,9 @@ def load_ddpm(folder: Path) -> DDPM:
 
 
 def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
-                log: Callable[[str], None] | None = None, img_size: int | None = None) -> tuple[DDPM, Path]:
-    """The cached DDPM for this dataset and config, training (and caching) it if missing."""
+                log: Callable[[str], None] | None = None, img_size: int | None = None,
+                device: torch.device | str = "cpu") -> tuple[DDPM, Path]:
+    """The cached DDPM for this dataset and config, training (and caching) it if missing, on `device`."""
     from harness.data.shards import dataset_sha256, load_manifest
     from harness.run.prerequisites import training_lock
 
@@ -200,10 +201,10 @@ def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
     with training_lock(folder):
         if not ((folder / DDPM_FILE).exists() and (folder / META_FILE).exists()):
             images, _ = load_split(Path(data_dir), "train", img_size=img_size)
-            ddpm = train_ddpm(images, cfg, log=log)
+            ddpm = train_ddpm(images, cfg, log=log, device=device)
             save_ddpm(ddpm, folder, {"data_sha256": sha, "channels": images.shape[1],
                                      "image_size": images.shape[-1], "dataset": manifest.get("name")})
-    return load_ddpm(folder), folder
+    return load_ddpm(folder).to(device), folder
 
 
 def respaced_timesteps(T: int, steps: int, tau: float) -> list[int]:

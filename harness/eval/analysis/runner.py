@@ -37,9 +37,9 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_analyses(cfg: dict[str, Any], model: torch.nn.Module,
-                 log: Callable[[str], None] = _stderr) -> dict[str, dict[str, Any]]:
-    """Run every configured analysis on the cell's eval model; returns {label: summary}.
+def run_analyses(cfg: dict[str, Any], model: torch.nn.Module, log: Callable[[str], None] = _stderr,
+                 device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
+    """Run every configured analysis on the cell's eval model, on the cell's `device`; returns {label: summary}.
     Progress (DDPM training can take many minutes on a CPU) goes to `log`, stderr by default."""
     from harness.eval.analysis.run_ace import run_ace
 
@@ -47,5 +47,6 @@ def run_analyses(cfg: dict[str, Any], model: torch.nn.Module,
     for label, acfg in (cfg.get("analysis") or {}).items():
         log(f"analysis {label}: {cfg.get('label', cfg['key'])}")
         out[label] = run_ace(model, Path(cfg["data"]["dir"]), Path(cfg["results_dir"]),
-                             analysis_dir(cfg, label), acfg, log=log, img_size=cfg["data"].get("img_size"))
+                             analysis_dir(cfg, label), acfg, log=log, img_size=cfg["data"].get("img_size"),
+                             device=device)
     return out
