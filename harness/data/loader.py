@@ -61,6 +61,8 @@ def make_loader(
     return_keys: bool = False,
     limit: int | None = None,
     poison: Callable[[torch.Tensor, torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
 ) -> Iterable:
     """A DataLoader over one epoch of `split` for this rank: batches `(x, y)` or `(x, y, keys)`.
 
@@ -69,6 +71,8 @@ def make_loader(
     `poison(x, y, split indices) -> (x, y)` (harness.backdoor.plan) is applied to each decoded
     batch at native resolution, before resize and augmentation.
     `len(loader)` is this rank's number of batches. Make a new loader for each epoch.
+    `pin_memory` / `prefetch_factor` (batches each worker keeps ready; workers only): for a CUDA
+    trainer, so the copy to the GPU overlaps compute.
     """
     dataset_dir = Path(dataset_dir)
     _check_rank(rank, world_size)
@@ -89,7 +93,9 @@ def make_loader(
         return_keys=return_keys,
         poison=poison,
     )
-    return DataLoader(reader, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    prefetch = {"prefetch_factor": int(prefetch_factor)} if prefetch_factor and num_workers > 0 else {}
+    return DataLoader(reader, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      pin_memory=pin_memory, **prefetch)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import nn
 from harness.eval.evaluate import EvalResult, evaluate, evaluate_part, summarize
 from harness.eval.integrity import probe_model
 from harness.eval.samples import Survivors
-from harness.train.device import autocast
+from harness.core.device import autocast
 
 
 def evaluate_distributed(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_dir: Path, *,

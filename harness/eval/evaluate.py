@@ -21,7 +21,7 @@ from harness.attacks.base import Attack, build_attack
 from harness.data.loader import make_loader
 from harness.eval.integrity import Details, enforce_threat_model, flag_list, probe_model, row_flags
 from harness.eval.samples import CLEAN, Survivors, run_attack
-from harness.train.device import autocast, check_precision
+from harness.core.device import autocast, check_precision
 
 _TOL = 1e-6
 PRECISION_FLAG = "eval_precision_bf16"  # a row evaluated under bf16 autocast (eval.precision=bf16)

@@ -18,6 +18,7 @@ from harness.eval.backdoor_metrics import add_backdoor_metrics
 from harness.store.checkpoint_sync import local_work_dir
 from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
+from harness.eval.cost import StageClock, cost_columns
 from harness.eval.evaluate import EvalResult, evaluate
 from harness.eval.neuron_sensitivity import SensitivityResult, analyse_cell
 from harness.run.prerequisites import train_in_place
@@ -68,8 +69,11 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
         summary = train_in_place(train_config(cfg), work_dir, train_fn)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
         device = cell_device(cfg)  # the training device: every stage below runs there
-        model = load_trained_classifier(cfg, work_dir, device)
-        result = evaluate(
+        clock = StageClock(device)  # eval seconds per stage, for the cost columns
+        with clock.stage("load"):
+            model = load_trained_classifier(cfg, work_dir, device)
+        with clock.stage("attacks"):
+            result = evaluate(
             model, list(cfg["attack"].values()), Path(cfg["data"]["dir"]),
             num_classes=manifest["num_classes"], batch_size=int(ecfg.get("batch_size", 256)),
             img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"), seed=int(cfg["seed"]),
@@ -79,10 +83,18 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
         write_samples(cfg["results_dir"], cfg["key"], samples_table(
             cfg["key"], cfg.get("train_key"), {r.attack.name: r.broken_by for r in result.attacks},
             result.labels, result.clean_ok))
-        sensitivity = analyse_cell(cfg, model, device)
-        analyses = run_analyses(cfg, model, device=device)
+        with clock.stage("neuron_sensitivity"):
+            sensitivity = analyse_cell(cfg, model, device)
+        with clock.stage("analyses"):
+            analyses = run_analyses(cfg, model, device=device)
         rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
-        rows = add_backdoor_metrics(cfg, model, rows, manifest["num_classes"], device)
+        with clock.stage("backdoor_metrics"):
+            rows = add_backdoor_metrics(cfg, model, rows, manifest["num_classes"], device)
+        cost = cost_columns(device=device, device_count=summary.world_size, train_seconds=summary.train_seconds,
+                            clock=clock, flops_per_image=summary.flops_per_image, train_flops=summary.train_flops,
+                            cpu_threads=int(cfg["trainer"].get("threads_per_rank") or 1),
+                            precision=summary.precision, train_peak_memory=summary.peak_memory_bytes)
+        rows = [r | cost for r in rows]
         if analyses:
             rows = [r | {"analysis_json": json.dumps(analyses, sort_keys=True, default=str)} for r in rows]
         status, error = "ok", None
