@@ -36,7 +36,7 @@ from harness.train.trainer import train  # noqa: E402
 from synthetic import synthetic_cifar  # noqa: E402
 
 EPS = 8 / 255
-SETUPS = {"test_resnet": {"batch": 128, "steps": 6}, "resnet18": {"batch": 32, "steps": 3}}
+SETUPS = {"test_resnet": {"batch": 64, "steps": 3}, "resnet18": {"batch": 16, "steps": 2}}
 
 
 def cell_config(root: Path, work: Path, arch: str, batch: int, steps: int, threads: int) -> dict:

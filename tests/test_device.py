@@ -131,3 +131,14 @@ def test_bf16_evaluation_is_flagged(erm_model, digits_dir) -> None:
                     precision="bf16")
     assert fp32.attacks[0].flags == [] and bf16.attacks[0].flags == ["eval_precision_bf16"]
     assert abs(bf16.clean_acc - fp32.clean_acc) < 0.05
+
+
+def test_peak_table_reads_the_longest_matching_device_name() -> None:
+    from harness.eval.cost import mfu, peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756.5e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 156e12
+    assert peak_flops("NVIDIA L4") == 121e12 and peak_flops("NVIDIA L40S") == 362e12
+    assert peak_flops("Tesla V100-SXM2-16GB", "bf16") is None and peak_flops("some new GPU") is None
+    assert mfu(1e15, 1.0, "cpu") is None
