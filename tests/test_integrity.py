@@ -105,7 +105,7 @@ def test_flags_reach_the_result_rows(tiny, monkeypatch) -> None:
     cfg = finalize(compose_config(tiny + ["trainer.epochs=1", "eval.neuron_sensitivity.enabled=false"]))
     original = cell.load_trained_classifier
     monkeypatch.setattr(cell, "load_trained_classifier",
-                        lambda c, d: SaturatingSoftmax(original(c, d)).eval())
+                        lambda c, d, device="cpu": SaturatingSoftmax(original(c, d, device)).eval())
     outcome = run_cell(cfg)
     assert outcome.status == "ok", outcome.error
     rows = read_cell_result(result_path(cfg["results_dir"], cfg["key"])).to_pylist()
