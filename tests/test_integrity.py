@@ -3,6 +3,7 @@ results are written and a later evaluation resumes from the survivors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -76,8 +77,11 @@ def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[str]:
     return flag_list(probe_model(model, x, y, {("linf", EPS)}))
 
 
-def test_flag_names_are_the_documented_nine() -> None:
-    assert len(FLAGS) == 9 and len(set(FLAGS)) == 9
+def test_flag_names_are_the_documented_ten() -> None:
+    """The nine integrity checks plus the opt-in bf16 evaluation's flag, each in docs/attacks.md."""
+    docs = (Path(__file__).parent.parent / "docs" / "attacks.md").read_text()
+    assert len(FLAGS) == 10 and len(set(FLAGS)) == 10
+    assert all(f"`{flag}`" in docs for flag in FLAGS)
 
 
 def test_honest_model_raises_no_flag(honest, digits_dir) -> None:

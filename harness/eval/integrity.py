@@ -59,6 +59,7 @@ FLAGS = (
     "accuracy_not_falling_with_eps",
     "accuracy_not_falling_with_steps",
     "perturbation_out_of_bounds",
+    "eval_precision_bf16",  # evaluated under bf16 autocast (eval.precision=bf16, opt-in; harness/eval/evaluate.py)
 )
 WHITEBOX_COMPONENTS = ("apgd_ce", "apgd_t", "fab_t")
 SQUARE_MARGIN = 0.002  # the reference's alpha in its Square check
@@ -309,6 +310,7 @@ def flag_result(model: nn.Module, result: Any, x: torch.Tensor, y: torch.Tensor,
              "robust_acc": r.robust_acc, "broken_by": r.broken_by, "out_of_bounds": r.out_of_bounds}
             for r in result.attacks]
     for r, details in zip(result.attacks, row_flags(result.clean_acc, rows, model_details)):
+        details = {**r.flag_details, **details}  # keeps what evaluation itself flagged (eval precision)
         r.flags, r.flag_details = flag_list(details), details
 
 

@@ -182,12 +182,10 @@ def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num
 
 def node_options(node: Node) -> dict[str, Any]:
     """Ray options of one node: a train node holds its cell's training resources; an eval or
-    artifact node one rank's (a GPU cell evaluates on its GPU)."""
+    artifact node one rank's (a GPU cell evaluates, and builds its DDPM, on its GPU)."""
     if node.kind == "train":
         return task_options(node.cfg)
-    if node.kind == "eval":
-        return rank_options(node.cfg) | {"max_retries": cell_resources(node.cfg).max_retries}
-    return {"num_cpus": 1, "max_retries": 2}
+    return rank_options(node.cfg) | {"max_retries": cell_resources(node.cfg).max_retries}
 
 
 def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[CellOutcome]:

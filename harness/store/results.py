@@ -83,6 +83,15 @@ RESULT_SCHEMA = pa.schema(
         pa.field("backdoor_eval_seconds", pa.float64()),
         pa.field("analysis_json", pa.string()),  # JSON {label: summary} of post-eval analyses (ACE)
         pa.field("cell_id", pa.string()),  # the key without the code version (harness.core.config.cell_identity)
+        # cost of the result (harness/eval/cost.py): what the robust accuracy was bought with
+        pa.field("device_name", pa.string()),  # GPU product name, or the CPU model
+        pa.field("device_count", pa.int32()),  # devices the cell trained on (DDP ranks)
+        pa.field("eval_stage_seconds", pa.string()),  # JSON {stage: seconds}; eval_seconds is their sum
+        pa.field("flops_per_image", pa.float64()),  # forward pass (FlopCounterMode)
+        pa.field("train_flops", pa.float64()),  # FLOPs of training, train-time attacks included (estimated)
+        pa.field("device_hours", pa.float64()),  # GPU-hours (CPU core-hours on a CPU), training + evaluation
+        pa.field("peak_memory_bytes", pa.int64()),  # peak GPU memory allocated (peak RSS on a CPU)
+        pa.field("mfu", pa.float64()),  # training's model FLOPs utilisation; null on a CPU
     ]
 )
 

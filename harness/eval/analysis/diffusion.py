@@ -198,8 +198,9 @@ def ddpm_folder(data_dir: Path, results_dir: Path, cfg: DDPMConfig, img_size: in
 
 
 def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
-                log: Callable[[str], None] | None = None, img_size: int | None = None) -> tuple[DDPM, Path]:
-    """The cached DDPM for this dataset and config, training (and caching) it if missing.
+                log: Callable[[str], None] | None = None, img_size: int | None = None,
+                device: torch.device | str = "cpu") -> tuple[DDPM, Path]:
+    """The cached DDPM for this dataset and config, training (and caching) it if missing, on `device`.
 
     In a grid it is an artifact node of the plan (harness/run/plan.py): built by one task before
     the cells that need it, so no two processes train it at once; the files are written to temp
@@ -210,11 +211,11 @@ def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
     if not ((folder / DDPM_FILE).exists() and (folder / META_FILE).exists()):
         manifest = load_manifest(Path(data_dir))
         images, _ = load_split(Path(data_dir), "train", img_size=img_size)
-        ddpm = train_ddpm(images, cfg, log=log)
+        ddpm = train_ddpm(images, cfg, log=log, device=device)
         save_ddpm(ddpm, folder, {"data_sha256": dataset_sha256(manifest),
                                  "channels": images.shape[1], "image_size": images.shape[-1],
                                  "dataset": manifest.get("name")})
-    return load_ddpm(folder), folder
+    return load_ddpm(folder).to(device), folder
 
 
 def respaced_timesteps(T: int, steps: int, tau: float) -> list[int]:
