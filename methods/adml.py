@@ -26,7 +26,7 @@ from torch import nn
 from architectures.classifier import Classifier
 from harness.attacks.pgd import PGD
 from harness.core.registry import METHODS
-from methods.base import Method, TrainContext, Upstream, build_method
+from methods.base import ExtraOptimizer, Method, TrainContext, Upstream, build_method
 
 FINETUNE_EPOCHS_DIVISOR = 12  # `finetune.epochs: null` -> ceil(trainer.epochs / 12): ADML's 10 after 120
 
@@ -95,8 +95,14 @@ class ADML(Method):
     def eval_model(self, module: nn.Module) -> Classifier:
         return self.base.eval_model(module)
 
+    def extra_optimizers(self, module: nn.Module) -> dict[str, ExtraOptimizer]:
+        return self.base.extra_optimizers(module)
+
     def on_epoch_start(self, ctx: TrainContext) -> None:
         self.base.on_epoch_start(ctx)
+
+    def on_epoch_end(self, ctx: TrainContext) -> None:
+        self.base.on_epoch_end(ctx)
 
     def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:

@@ -1,15 +1,26 @@
 """The method contract: what a training method may do, and what the trainer does for it.
 
 The trainer owns the loop, DDP, the optimiser, schedule, checkpoints and timing; a method only
-says how one batch becomes a loss. Hooks, in the order the trainer calls them:
+says how one batch becomes a loss. Every hook below is called by harness/train/trainer.py, in
+this order (tests/test_hook_order.py records it for every registered method):
 
-    method = MyMethod(**cfg)                 # cfg: the method's config, minus 'name'
-    module = method.build(classifier)        # add heads / extra models; before optimiser & DDP
-    groups = method.param_groups(module)     # what the optimiser updates
-    each epoch: method.on_epoch_start(ctx)
-    each batch: method.training_step(ddp_module, x, y, ctx) -> {'loss': ..., other logged terms}
-                then the trainer's backward + optimiser step, then method.after_step(module, ctx)
-    evaluation: method.eval_model(module)    # the classifier the attacks are run against
+    method = MyMethod(**cfg)                     # cfg: the method's config, minus 'name'
+    module = method.build(classifier)            # add heads / extra models; before optimiser & DDP
+    groups = method.param_groups(module)         # what the trainer's optimiser updates
+    extras = method.extra_optimizers(module)     # the method's own optimisers, for the trainer to
+                                                 # schedule, step and checkpoint (ExtraOptimizer)
+    ctx.classifier = method.eval_model(module)   # once: what train-time attacks run on
+    (resume: method.load_state_dict(saved) after the module's and optimisers' states are restored)
+    each epoch:
+        method.on_epoch_start(ctx)
+        each batch:
+            logs = method.training_step(ddp_module, x, y, ctx)  # {'loss': ..., other logged terms}
+            the trainer's zero_grad, backward, optimiser step, then the step of every extra
+            optimiser with `stepped_by_trainer`
+            method.after_step(module, ctx)
+        method.on_epoch_end(ctx)
+        checkpoint: method.state_dict() beside the module's and the optimisers' states
+    evaluation: method.eval_model(module)        # the classifier the attacks are run against
 
 What a method needs before it can train is declared on the class, read by the plan
 (harness/run/plan.py) before anything runs, never discovered by getattr:
@@ -23,7 +34,8 @@ overrides), trained once however many cells need it, before the cells that need 
 
 Train-time attacks run on `ctx.classifier` (the unwrapped classifier), never on the DDP
 wrapper. A method whose extra modules need gradients only on some steps sets
-`find_unused_parameters = True`.
+`find_unused_parameters = True`. Everything a method may offer the trainer is declared here with
+a default, so the trainer never has to guess with getattr.
 """
 from __future__ import annotations
 
@@ -49,7 +61,7 @@ class TrainContext:
     rank: int
     world_size: int
     classifier: Classifier  # unwrapped: what train-time attacks run on
-    lr_scale: float = 1.0  # the schedule's factor this step (for a method's own optimiser)
+    lr_scale: float = 1.0  # the schedule's factor this step (the trainer applies it to scheduled extras)
 
     @property
     def progress(self) -> float:
@@ -67,6 +79,39 @@ class Upstream:
     arg: str | None
     method: dict[str, Any]
     trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExtraOptimizer:
+    """An optimiser a method owns beside the trainer's, e.g. CausalAdv's g or CBD's critic.
+
+    The trainer always checkpoints and restores its state. `scheduled`: the trainer sets each
+    group's lr to its initial lr times the schedule's factor before every step (otherwise the
+    method manages the lr itself, as CBD's StepLR in `on_epoch_start`). `stepped_by_trainer`:
+    the trainer calls `.step()` right after its own optimiser's step and then clears the
+    gradients (the parameters get them from the same backward); False when the method steps it
+    inside `training_step`, e.g. a critic that maximises its own objective before the main loss.
+    """
+
+    optimizer: torch.optim.Optimizer
+    scheduled: bool = False
+    stepped_by_trainer: bool = True
+
+    def __post_init__(self) -> None:
+        for group in self.optimizer.param_groups:  # torch's LR schedulers keep the base lr here too
+            group.setdefault("initial_lr", group["lr"])
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Set every group's lr to its initial lr times `scale` (a no-op unless `scheduled`)."""
+        if self.scheduled:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * scale
+
+    def trainer_step(self) -> None:
+        """The trainer's step after its own (a no-op unless `stepped_by_trainer`)."""
+        if self.stepped_by_trainer:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
 
 class Method:
@@ -100,21 +145,28 @@ class Method:
     def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
         return [{"params": [p for p in module.parameters() if p.requires_grad]}]
 
+    def extra_optimizers(self, module: nn.Module) -> dict[str, ExtraOptimizer]:
+        """Optimisers of the method's own, by a name unique within the method (checkpoint key)."""
+        return {}
+
     def on_epoch_start(self, ctx: TrainContext) -> None:
-        pass
+        """Before the epoch's first batch (CBD decays its critic's lr here)."""
 
     def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def after_step(self, module: nn.Module, ctx: TrainContext) -> None:
-        """Called after the optimiser step (AWP removes its weight perturbation here)."""
+        """Called after the optimiser steps (AWP removes its weight perturbation here)."""
+
+    def on_epoch_end(self, ctx: TrainContext) -> None:
+        """After the epoch's last batch, before its checkpoint is written."""
 
     def eval_model(self, module: nn.Module) -> Classifier:
         return module  # type: ignore[return-value]
 
     def state_dict(self) -> dict[str, Any]:
-        """Method state beyond the module's parameters (e.g. an extra optimiser), for checkpoints."""
+        """Method state beyond the module's and the optimisers' (e.g. a critic's weights)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ Per step (variant M: `causaladv_m`, variant T: `causaladv_t`):
    with A = soft-CE(g(s(x')), softmax(g(s(x)))).
 4. The classifier is trained on beta * CE(h(x_adv), y) + alpha_t A (M) or
    CE(h(x), y) + beta KL + alpha_t A (T), the target of A NOT detached; alpha_t and r_t ramp
-   linearly from 0 over the epochs. g is trained on CE(g(s(x).detach()), y) by its own SGD.
+   linearly from 0 over the epochs. g is trained on CE(g(s(x).detach()), y) by its own SGD, which
+   the method hands the trainer (`extra_optimizers`): scheduled like the classifier's lr, stepped
+   after the classifier's step, checkpointed with it.
 
 g and the statistics live inside the module the trainer wraps in DDP, so g's gradients are
 all-reduced with the classifier's, and the buffers are broadcast from rank 0. The alignment term
@@ -41,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from architectures.classifier import Classifier
 from harness.attacks.base import Attack, parse_number, project_linf
 from harness.core.registry import METHODS
-from methods.base import Method, TrainContext
+from methods.base import ExtraOptimizer, Method, TrainContext
 
 
 class CovarianceEstimator(nn.Module):
@@ -224,37 +226,31 @@ class CausalAdv(Method):
         self.alpha, self.beta, self.ratio = float(alpha), float(beta), float(ratio)
         self.attack_cfg = {k: v for k, v in attack.items() if k != "name"}
         self.g_optimizer_cfg = {"lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4, **(g_optimizer or {})}
-        self.module: CausalAdvModule | None = None
         self.g_optimizer: torch.optim.Optimizer | None = None
-        self._g_state: dict[str, Any] | None = None
         CausalAdvAttack(None, self.variant, **self.attack_cfg)  # type: ignore[arg-type]  # bad settings fail now
 
     def build(self, model: Classifier) -> nn.Module:
         if model.num_classes < 2:
             raise ValueError("CausalAdv needs a classifier with >= 2 classes")
-        self.module = CausalAdvModule(model)
-        return self.module
+        module = CausalAdvModule(model)
+        self.g_optimizer = torch.optim.SGD(module.g.parameters(), **self.g_optimizer_cfg)
+        return module
 
     def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
         return [{"params": [p for p in module.classifier.parameters() if p.requires_grad]}]
 
+    def extra_optimizers(self, module: nn.Module) -> dict[str, ExtraOptimizer]:
+        """g's SGD: on the trainer's schedule, stepped by the trainer after the classifier's step
+        (g's gradients come from the same backward, all-reduced by DDP with the classifier's)."""
+        assert self.g_optimizer is not None, "build() creates g's optimiser"
+        return {"g": ExtraOptimizer(self.g_optimizer, scheduled=True, stepped_by_trainer=True)}
+
     def eval_model(self, module: nn.Module) -> Classifier:
         return module.classifier
-
-    def _g_opt(self) -> torch.optim.Optimizer:
-        if self.g_optimizer is None:
-            assert self.module is not None
-            self.g_optimizer = torch.optim.SGD(self.module.g.parameters(), **self.g_optimizer_cfg)
-            self._base_g_lr = self.g_optimizer_cfg["lr"]
-            if self._g_state is not None:
-                self.g_optimizer.load_state_dict(self._g_state)
-        return self.g_optimizer
 
     def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:
         inner: CausalAdvModule = module.module if isinstance(module, DDP) else module
-        self.module = inner
-        self._g_opt()
         ramp = ctx.progress  # alpha_t, r_t: linear from 0 (epoch 0) towards alpha, r
         alpha_t, ratio_t = self.alpha * ramp, self.ratio * ramp
         was_training = inner.classifier.training
@@ -267,21 +263,6 @@ class CausalAdv(Method):
                                  **self.attack_cfg)
         x_adv = attack(inner.classifier, x, y)
         return module(x, x_adv, y, self.variant, alpha_t, self.beta, ratio_t)
-
-    def after_step(self, module: nn.Module, ctx: TrainContext) -> None:
-        opt = self._g_opt()
-        for group in opt.param_groups:
-            group["lr"] = self._base_g_lr * ctx.lr_scale
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"g_optimizer": self.g_optimizer.state_dict() if self.g_optimizer is not None else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._g_state = state.get("g_optimizer")
-        if self._g_state is not None and self.g_optimizer is not None:
-            self.g_optimizer.load_state_dict(self._g_state)
 
 
 @METHODS.register("causaladv_m")

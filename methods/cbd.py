@@ -10,8 +10,10 @@ cell) trains the clean model f_C on the same poisoned data with
 z_B, z_C the penultimate features (z_B detached): poisoned samples, which f_B fits, get small
 weights, and f_C is pushed to share no information with f_B's (trigger-laden) features.
 T (2-layer MLP on concat(z_B, z_C), hidden = feature dim, leaky ReLU, dropout 0.2) maximises the
-same bound with its own Adam (lr 0.2, x0.1 every 20 epochs) and is divided by its spectral norm
-(5 power iterations) after every step: a WGAN-style Lipschitz critic. lambda 0.01.
+same bound with its own Adam (lr 0.2, x0.1 every 20 epochs, set in `on_epoch_start`; the trainer
+only checkpoints that Adam) and is divided by its spectral norm (5 power iterations) after every
+step: a WGAN-style Lipschitz critic. lambda 0.01. (Until the trainer called `on_epoch_start`, the
+x0.1 decay never ran: the critic kept lr 0.2 for all epochs in every CBD number before that fix.)
 
 Differences from the official code, on purpose: the MI term is ON by default (`mi: true`; the
 official --disentangle defaults to 0); f_B is trained with the trainer's schedule (the official
@@ -33,7 +35,7 @@ from torch import nn
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
 from harness.store.checkpoints import load_checkpoint
-from methods.base import Method, TrainContext, Upstream
+from methods.base import ExtraOptimizer, Method, TrainContext, Upstream
 
 
 class MICritic(nn.Module):
@@ -163,6 +165,12 @@ class CBD(Method):
     def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
         return [{"params": [p for p in module.clean.parameters() if p.requires_grad]}]
 
+    def extra_optimizers(self, module: nn.Module) -> dict[str, ExtraOptimizer]:
+        """The critic's Adam: checkpointed by the trainer, but stepped here (it ascends its own
+        bound inside `training_step`, before f_C's loss is formed) on its own StepLR."""
+        assert self.critic_opt is not None, "build() creates the critic's optimiser"
+        return {"critic": ExtraOptimizer(self.critic_opt, scheduled=False, stepped_by_trainer=False)}
+
     def eval_model(self, module: nn.Module) -> Classifier:
         return module.clean
 
@@ -204,9 +212,9 @@ class CBD(Method):
         return logs
 
     def state_dict(self) -> dict[str, Any]:
-        return {"critic": self.critic.state_dict(), "critic_opt": self.critic_opt.state_dict()}
+        """The critic's weights (it lives outside the module; its optimiser is the trainer's to save)."""
+        return {"critic": self.critic.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.critic.load_state_dict(state["critic"])
-            self.critic_opt.load_state_dict(state["critic_opt"])

@@ -7,6 +7,7 @@ so a GPU cell never evaluates on the CPU behind the trainer's back. What a devic
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -31,3 +32,15 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
 def cell_device(cfg: dict[str, Any], local_rank: int = 0) -> torch.device:
     """The device every stage of the cell `cfg` runs on (rank `local_rank` of its node)."""
     return resolve_device((cfg.get("trainer") or {}).get("device", "auto"), local_rank)
+
+
+def rank_setup(cfg: dict[str, Any], local_rank: int) -> torch.device:
+    """Per-process setup of one DDP rank: its CPU threads, a quiet log; returns its device."""
+    # Tiny 1x1 / single-channel convs make DDP warn that grad strides differ from its buckets:
+    # a copy per step, harmless at that size; keep it out of every cell's log.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    torch.set_num_threads(int(cfg["trainer"].get("threads_per_rank") or 1))
+    device = cell_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device

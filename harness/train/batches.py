@@ -1,0 +1,58 @@
+"""What keeps DDP ranks in step: equal batch counts per rank, epoch means over all ranks, and
+the end-of-training check that every rank holds the same weights."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def even_batches(loader: Iterable, n_samples: int, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Re-cut a rank's stream of batches into exactly `n_batches` batches of near-equal size.
+
+    Every rank then runs the same number of DDP steps (no rank waits on another that ran out),
+    while every sample of the epoch is still used exactly once.
+    """
+    sizes = [n_samples // n_batches + (1 if i < n_samples % n_batches else 0) for i in range(n_batches)]
+    buf_x: list[torch.Tensor] = []
+    buf_y: list[torch.Tensor] = []
+    buffered = 0
+    it = iter(loader)
+    for size in sizes:
+        while buffered < size:
+            x, y = next(it)[:2]
+            buf_x.append(x)
+            buf_y.append(y)
+            buffered += y.shape[0]
+        xs, ys = torch.cat(buf_x), torch.cat(buf_y)
+        yield xs[:size], ys[:size]
+        buf_x, buf_y = [xs[size:]], [ys[size:]]
+        buffered -= size
+    leftover = sum(1 for _ in it)
+    if buffered or leftover:
+        raise RuntimeError(f"data loader gave more samples than the {n_samples} planned for this rank")
+
+
+def reduce_epoch(sums: dict[str, float], seen: int, device: torch.device) -> dict[str, float]:
+    """Sample-weighted means of the logged terms over all ranks, plus the epoch's sample count."""
+    names = sorted(sums)
+    tensor = torch.tensor([sums[n] for n in names] + [float(seen)], dtype=torch.float64,
+                          device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor)
+    total = tensor[-1].item()
+    stats = {n: tensor[i].item() / max(total, 1.0) for i, n in enumerate(names)}
+    stats["samples"] = total
+    return stats
+
+
+def replicas_in_sync(module: nn.Module) -> bool:
+    """All ranks hold bitwise-equal parameters (what DDP promises); checked once at the end."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in module.parameters()])
+        probe = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), dtype=flat.dtype,
+                                                               device=flat.device)).sum()])
+        gathered = [torch.zeros_like(probe) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, probe)
+    return all(torch.equal(g, gathered[0]) for g in gathered)

@@ -1,0 +1,39 @@
+"""The trainer's optimiser, built from `trainer.optimizer`, and the up-front check of trainer settings."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from harness.train.compile import compile_backend
+from harness.train.schedule import lr_factor
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+def build_optimizer(ocfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimiser `ocfg` names, over the method's parameter groups; bad settings fail clearly."""
+    ocfg = dict(ocfg)
+    name = ocfg.pop("name")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}'. Known optimizers: {', '.join(sorted(OPTIMIZERS))}")
+    try:
+        return OPTIMIZERS[name](groups, **ocfg)
+    except TypeError as err:
+        raise ValueError(f"bad settings for optimizer '{name}': {err}") from None
+
+
+def check_trainer_config(tcfg: dict[str, Any]) -> None:
+    """Fail before any work on trainer settings that could only fail later, inside a cell."""
+    world_size, epochs, batch = (int(tcfg.get(k, 1)) for k in ("world_size", "epochs", "batch_size"))
+    if world_size < 1 or epochs < 1 or batch < 1:
+        raise ValueError(f"trainer.world_size, trainer.epochs and trainer.batch_size must be >= 1; "
+                         f"got {world_size}, {epochs}, {batch}")
+    if batch < world_size:
+        raise ValueError(f"trainer.batch_size ({batch}) is the global batch: it must be >= "
+                         f"trainer.world_size ({world_size})")
+    if tcfg.get("precision", "fp32") not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision must be fp32 or bf16, got {tcfg.get('precision')!r}")
+    compile_backend(tcfg.get("compile", False))
+    build_optimizer(tcfg["optimizer"], [{"params": [torch.zeros(1, requires_grad=True)]}])
+    lr_factor(tcfg["schedule"], 0.0, epochs)
