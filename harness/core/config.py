@@ -82,6 +82,12 @@ def _plugin_overrides(overrides: list[str]) -> list[str]:
             defaults = {"name": value, **dict(getattr(registry.get(value), "default_config", {}))}
             out += [f"~{group}", f"+{group}={_hydra_literal(defaults)}"]
             continue
+        if sep and group == "model" and value not in config_options("model"):
+            out += model_overrides(value)  # model=<id>: the `external` group entry plus its id
+            continue
+        if sep and override.startswith("attack.torchattacks."):
+            out.append(torchattacks_override(override))
+            continue
         if sep and group == "attack":
             for name in value.strip("[]").split(","):
                 name = name.strip()
@@ -92,6 +98,24 @@ def _plugin_overrides(overrides: list[str]) -> list[str]:
                     )
         out.append(override)
     return out
+
+
+def model_overrides(value: str) -> list[str]:
+    """`model=timm:resnet18` -> the model group's `external` entry with `model.id` set; a grid's
+    model axis may give a JSON object with the other settings too ({"id": ..., "checkpoint": ...})."""
+    settings = json.loads(value) if value.startswith("{") else {"id": value}
+    if not isinstance(settings, dict) or not settings.get("id"):
+        raise ConfigError(f"model={value}: give a model id, e.g. model=timm:resnet18 model.checkpoint=<path>")
+    return ["model=external"] + [f"model.{k}={_hydra_literal(v)}" for k, v in settings.items()]
+
+
+def torchattacks_override(override: str) -> str:
+    """`attack.torchattacks.name=<Class>` picks the torchattacks class (the plugin keeps the name
+    `torchattacks`); any other key is that class's keyword argument, added if the config lacks it."""
+    key, _, value = override.partition("=")
+    if key == "attack.torchattacks.name" and value != "torchattacks":
+        return f"attack.torchattacks.class_name={value}"
+    return f"++{key}={value}"
 
 
 def _hydra_literal(value: Any) -> str:
@@ -173,9 +197,16 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
         data["source"] = str(Path(data["source"]).expanduser().resolve())
     cfg["results_dir"] = normalize_location(cfg["results_dir"])  # a local path or a pyarrow.fs URI
     cfg["code_version"] = harness.__version__
+    checkpoint = (cfg.get("model") or {}).get("checkpoint")
+    if checkpoint and Path(checkpoint).expanduser().is_file():  # eval-only: keyed by the weights' content too
+        cfg["model"]["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
+        with open(cfg["model"]["checkpoint"], "rb") as fh:
+            cfg["model"]["checkpoint_sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
     cfg["key"] = cell_key(cfg)
     cfg["train_key"] = train_key(cfg)
     cfg["label"] = f"{cfg['arch']['name']}/{cfg['method']['name']}/s{cfg['seed']}"
     if trains_on_poison(cfg):
         cfg["label"] += f"/{cfg['backdoor']['name']}"
+    if cfg.get("model"):
+        cfg["label"] = f"{cfg['model']['id']}/eval/s{cfg['seed']}"
     return cfg

@@ -122,7 +122,7 @@ ATTACKS: Registry = Registry(
     # methods.trades holds TRADES' own inner attack (trades_kl): a plugin's story stays in one file
     ("harness.attacks.fgsm", "harness.attacks.pgd", "harness.attacks.pgd_l2", "harness.attacks.cw",
      "harness.attacks.apgd", "harness.attacks.fab", "harness.attacks.square",
-     "harness.attacks.autoattack", "methods.trades"),
+     "harness.attacks.autoattack", "harness.attacks.torchattacks_adapter", "methods.trades"),
 )
 ARCHITECTURES: Registry = Registry(
     "architecture", "robustgrid.architectures", ("architectures.presets",)
