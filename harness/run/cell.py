@@ -19,6 +19,7 @@ from harness.store.checkpoint_sync import local_work_dir
 from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
 from harness.eval.evaluate import EvalResult, evaluate
+from harness.eval.external_model import load_external_model
 from harness.eval.neuron_sensitivity import SensitivityResult, analyse_cell
 from harness.run.prerequisites import train_in_place
 from harness.store.provenance import file_sha256, git_commit, hardware, hostname, package_versions
@@ -61,12 +62,19 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
             n_eval = split_count(Path(cfg["data"]["dir"]), "test", 0, 1, ecfg.get("limit"))
             survivors = load_survivors(cfg["results_dir"], str(ecfg["survivors_from"]),
                                        train_key=cfg.get("train_key"), n_eval=n_eval)
-        ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
-        # method-declared prerequisites (CBD's f_B, FT/FP/NAD's backdoored ERM) are trained here,
-        # and post-training defenses get their clean subset (harness/run/prerequisites.py)
-        summary = train_in_place(train_config(cfg), work_dir, train_fn)
         manifest = load_manifest(Path(cfg["data"]["dir"]))
-        model = load_trained_classifier(cfg, work_dir)
+        model_info: dict[str, Any] = {}
+        if cfg.get("model"):  # a model trained elsewhere: evaluated only (harness/eval/external_model.py)
+            model, model_info = load_external_model(
+                cfg["model"], manifest["num_classes"], in_chans=manifest["channels"], results_dir=cfg["results_dir"],
+                img_size=int(cfg["data"].get("img_size") or manifest["image_size"][0]))
+            summary = None
+        else:
+            ensure_dependencies(cfg)  # a two-stage cell (ADML) needs its base checkpoint first
+            # method-declared prerequisites (CBD's f_B, FT/FP/NAD's backdoored ERM) are trained here,
+            # and post-training defenses get their clean subset (harness/run/prerequisites.py)
+            summary = train_in_place(train_config(cfg), work_dir, train_fn)
+            model = load_trained_classifier(cfg, work_dir)
         result = evaluate(
             model, list(cfg["attack"].values()), Path(cfg["data"]["dir"]),
             num_classes=manifest["num_classes"], batch_size=int(ecfg.get("batch_size", 256)),
@@ -78,7 +86,7 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
             result.labels, result.clean_ok))
         sensitivity = analyse_cell(cfg, model)
         analyses = run_analyses(cfg, model)
-        rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity)
+        rows = _ok_rows(cfg, summary, result, manifest, work_dir, started, sensitivity, model_info)
         rows = add_backdoor_metrics(cfg, model, rows, manifest["num_classes"])
         if analyses:
             rows = [r | {"analysis_json": json.dumps(analyses, sort_keys=True, default=str)} for r in rows]
@@ -94,26 +102,20 @@ def run_cell(cfg: dict[str, Any], train_fn: Callable[[dict[str, Any], Path], Tra
                        time.perf_counter() - t0)
 
 
-def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, manifest: dict[str, Any],
-             work_dir: Path, started: dt.datetime, sensitivity: SensitivityResult | None = None) -> list[dict[str, Any]]:
-    base = _base_row(cfg, started) | {
+def _ok_rows(cfg: dict[str, Any], summary: TrainSummary | None, result: EvalResult, manifest: dict[str, Any],
+             work_dir: Path, started: dt.datetime, sensitivity: SensitivityResult | None = None,
+             model_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Result rows; summary None (and model_info) for a model trained elsewhere: no train columns."""
+    train = _train_columns(summary, work_dir) if summary is not None else {
+        "checkpoint_sha256": model_info["checkpoint_sha256"], "model_id": model_info["model_id"]}
+    base = _base_row(cfg, started) | train | {
         "status": "ok",
         "clean_acc": result.clean_acc,
         "per_class_clean_acc": result.per_class_clean_acc,
         "class_names": manifest["class_names"],
         "n_eval": result.n_eval,
-        "n_train": summary.n_train,
-        "epochs": summary.epochs,
-        "world_size": summary.world_size,
-        "replicas_in_sync": summary.replicas_in_sync,
-        "train_seconds": summary.train_seconds,
         "eval_seconds": result.seconds,
-        "images_per_second": summary.images_per_second,
-        "final_train_loss": summary.final_train_loss,
-        "train_curve": json.dumps(summary.curve),
         "data_sha256": dataset_sha256(manifest),
-        "checkpoint_sha256": file_sha256(work_dir / CHECKPOINT),
-        "device": summary.device,
         "neuron_sensitivity": sensitivity.value if sensitivity else None,
         "neuron_sensitivity_layers": sensitivity.layers_json() if sensitivity else None,
     }
@@ -134,6 +136,14 @@ def _ok_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, man
     return rows
 
 
+def _train_columns(summary: TrainSummary, work_dir: Path) -> dict[str, Any]:
+    return {"n_train": summary.n_train, "epochs": summary.epochs, "world_size": summary.world_size,
+            "replicas_in_sync": summary.replicas_in_sync, "train_seconds": summary.train_seconds,
+            "images_per_second": summary.images_per_second, "final_train_loss": summary.final_train_loss,
+            "train_curve": json.dumps(summary.curve), "checkpoint_sha256": file_sha256(work_dir / CHECKPOINT),
+            "device": summary.device}
+
+
 def _resumed(cfg: dict[str, Any]) -> dict[str, Any]:
     """Robust accuracy resumed from survivors is that of both evaluations' attacks together."""
     source = (cfg.get("eval") or {}).get("survivors_from")
@@ -146,8 +156,9 @@ def _base_row(cfg: dict[str, Any], started: dt.datetime) -> dict[str, Any]:
         "key": cfg["key"],
         "grid": (cfg.get("grid") or {}).get("name"),
         "dataset": cfg["data"]["name"],
-        "arch": cfg["arch"].get("model") or cfg["arch"]["name"],
-        "method": cfg["method"]["name"],
+        "arch": cfg["model"]["id"] if cfg.get("model") else cfg["arch"].get("model") or cfg["arch"]["name"],
+        "method": "eval-only" if cfg.get("model") else cfg["method"]["name"],
+        "source": "eval-only" if cfg.get("model") else "trained",  # eval-only: a model not trained here
         "seed": int(cfg["seed"]),
         "git_commit": git_commit(),
         "code_version": cfg.get("code_version"),

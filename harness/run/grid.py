@@ -11,6 +11,7 @@ Locally Ray runs embedded (no setup); `ray.address=auto` (or an address) joins a
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from harness.backdoor.base import build_poison
 from harness.run.cell import CellOutcome, run_cell
 from harness.core.config import ConfigError, compose_config, finalize
 from harness.data.ensure import ensure_prepared
+from harness.eval.external_model import check_model_spec
 from harness.run.resources import cell_resources, task_options
 from harness.store.results import committed_status, write_cell_result
 from harness.run.stages import dependency_keys, in_dependency_order, train_config
@@ -52,8 +54,9 @@ def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
     if not grid:
         raise ConfigError("no grid selected: pass grid=<name> (see configs/grid/)")
     axes: dict[str, list[Any]] = grid.get("axes") or {}
-    if not axes:
-        raise ConfigError(f"grid '{grid.get('name')}' has no axes")
+    if not axes or not all(axes.values()):
+        raise ConfigError(f"grid '{grid.get('name')}' has no axes or an empty one: give each axis values, "
+                          f"e.g. grid.axes.model=[timm:resnet18] for grid=eval")
     fixed = list(grid.get("overrides") or [])
     user = [o for o in overrides if not o.startswith("grid=")]
     names = list(axes)
@@ -74,6 +77,8 @@ def _last_wins(overrides: list[str]) -> list[str]:
 
 
 def _override_value(value: Any) -> str:
+    if isinstance(value, dict):  # a model axis entry {id, checkpoint, ...} (harness.core.config.model_overrides)
+        return json.dumps(value, sort_keys=True)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(str(v) for v in value) + "]"
     return str(value)
@@ -85,6 +90,8 @@ def validate_cell(cfg: dict[str, Any]) -> None:
     cell_resources(cfg)
     build_method(cfg["method"])
     build_poison(cfg.get("backdoor"))
+    if cfg.get("model"):
+        check_model_spec(cfg["model"])  # a model trained elsewhere: id, import, checkpoint path and format
     for attack_cfg in cfg["attack"].values():
         build_attack(attack_cfg)
 

@@ -80,6 +80,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("n_triggered", pa.int64()),
         pa.field("backdoor_eval_seconds", pa.float64()),
         pa.field("analysis_json", pa.string()),  # JSON {label: summary} of post-eval analyses (ACE)
+        pa.field("source", pa.string()),  # 'trained' here, or 'eval-only': a model trained elsewhere (robustgrid eval)
+        pa.field("model_id", pa.string()),  # eval-only rows: timm:<name> | py:<module>:<fn> | robustgrid:<key>
     ]
 )
 
