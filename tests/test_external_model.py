@@ -200,6 +200,13 @@ def test_state_dict_reading_strips_ddp_prefixes_and_unwraps(tmp_path: Path) -> N
     bad.write_bytes(b"")
     with pytest.raises(ExternalModelError, match="use a .pt/.pth/.safetensors"):
         load_external_model({"id": "py:ext_models:build", "checkpoint": str(bad)}, 10, in_chans=1, img_size=8)
+    from ext_models import build
+
+    good = tmp_path / "good.pt"
+    torch.save(build().state_dict(), good)
+    with pytest.raises(ExternalModelError, match="changed after the cell was planned"):
+        load_external_model({"id": "py:ext_models:build", "checkpoint": str(good), "checkpoint_sha256": "0" * 64},
+                            10, in_chans=1, img_size=8)
 
 
 def test_eval_grid_has_one_cell_per_model_and_keys_follow_the_weights(data_root: Path, tmp_path: Path) -> None:

@@ -102,6 +102,10 @@ def load_external_model(model_cfg: dict[str, Any], num_classes: int, device: tor
         path = _checkpoint_path(checkpoint)
         load_weights(body, read_state_dict(path), str(path))
         sha = file_sha256(path)
+        planned = model_cfg.get("checkpoint_sha256")  # set by finalize: the cell key holds it
+        if planned and planned != sha:
+            raise ExternalModelError(f"model.checkpoint={path} changed after the cell was planned (sha256 "
+                                     f"{sha[:12]}, planned {planned[:12]}); plan the grid again")
     elif kind == "timm":
         raise ExternalModelError(f"model={model_cfg['id']} needs its weights: model.checkpoint=<path to a "
                                  f".pt/.pth/.safetensors state_dict> (timm models are never downloaded)")
