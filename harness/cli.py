@@ -5,7 +5,7 @@
     robustgrid grid grid=demo [overrides...] a grid of cells on Ray, then the leaderboard
     robustgrid status grid=demo [overrides...] done/failed/running/pending cells, from the results store
     robustgrid list methods|attacks|architectures|datasets
-    robustgrid data prepare digits|cifar10 [--source ARCHIVE] [--root DIR]
+    robustgrid data prepare NAME [--source ARCHIVE] [--out DIR|URI] [--size N] [--samples-per-shard N]
     robustgrid leaderboard --results DIR --out DIR
 
 Overrides are Hydra's (`method=trades trainer.epochs=5 attack=[pgd]`); see configs/.
@@ -72,8 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers()
     prep = data_sub.add_parser("prepare", help="convert a dataset into WebDataset shards")
     prep.add_argument("name")
-    prep.add_argument("--source", type=Path, help="local archive to convert (cifar10: cifar-10-python.tar.gz)")
-    prep.add_argument("--root", type=Path, default=Path(os.environ.get("ROBUSTGRID_DATA", "data")))
+    prep.add_argument("--source", type=Path, help="local archive/folder to convert (see `robustgrid list datasets`)")
+    prep.add_argument("--root", "--out", dest="root", default=os.environ.get("ROBUSTGRID_DATA", "data"),
+                      help="folder or URI (s3://bucket/prefix, gs://...) the dataset folder is written under")
+    prep.add_argument("--size", type=int, help="imagefolder/hf: resize (shorter side) + center-crop to SIZE")
+    prep.add_argument("--samples-per-shard", type=int, help="samples per shard (default: per dataset)")
     prep.set_defaults(func=_cmd_prepare)
 
     board = sub.add_parser("leaderboard", help="build the static leaderboard site from results")
@@ -153,7 +156,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from harness.run.status import status_command
+    from harness.run.status_report import status_command
 
     return status_command(args.overrides, args.results, args.list)
 
@@ -170,7 +173,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from harness.core.registry import DATASETS
 
     plugin = DATASETS.get(args.name)()
-    out = plugin.prepare(args.root, args.source)
+    options = {k: v for k, v in (("size", args.size), ("samples_per_shard", args.samples_per_shard)) if v}
+    out = plugin.prepare(args.root, args.source, **options)
     print(out)
     return 0
 
