@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--list", action="store_true", help="also print each cell's state")
     status.set_defaults(func=_cmd_status)
 
-    lst = sub.add_parser("list", help="print registered plugin names, one per line")
+    lst = sub.add_parser("list", help="print registered plugin names, one per line; broken ones on stderr")
     lst.add_argument("kind", choices=["methods", "attacks", "architectures", "datasets", "poisons"])
     lst.set_defaults(func=_cmd_list)
 
@@ -164,8 +164,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from harness.core.registry import REGISTRIES
 
-    for name in REGISTRIES[args.kind].names():
+    registry = REGISTRIES[args.kind]
+    for name in registry.names():
         print(name)
+    for broken in registry.broken():  # the good ones are listed; a broken package is named, not fatal
+        console.print(f"[yellow]warning:[/] {registry.kind} '{broken.name}' not listed: {broken.describe()}",
+                      markup=True, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -26,7 +26,7 @@ ATTACK_SETTINGS = {
     "autoattack_fast": {"eps": EPS, "n_iter": 10},
     "apgd_dlr": {"eps": EPS, "n_iter": 10, "eot_iter": 2},
     "autoattack_rand": {"eps": EPS, "n_iter": 10, "eot_iter": 2},
-    "torchattacks": {"eps": EPS, "class_name": "PGD", "steps": 10},  # every class: tests/test_torchattacks_adapter.py
+    "torchattacks": {"eps": EPS, "class_name": "PGD", "kwargs": {"steps": 10}},  # every class: tests/test_torchattacks_adapter.py
 }
 
 

@@ -33,6 +33,17 @@ class SaturatingSoftmax(nn.Module):
         return torch.softmax(10.0 * self.inner(x), dim=1)
 
 
+class ScaledLogits(nn.Module):
+    """Logits x 1e4: the softmax saturates to one-hot, so cross-entropy gradients underflow to 0."""
+
+    def __init__(self, inner: nn.Module, scale: float = 1e4) -> None:
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.inner(x)
+
+
 class Randomized(nn.Module):
     """Adds fresh Gaussian noise to the input at every forward, in eval mode too."""
 
@@ -65,8 +76,8 @@ def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[str]:
     return flag_list(probe_model(model, x, y, {("linf", EPS)}))
 
 
-def test_flag_names_are_the_documented_eight() -> None:
-    assert len(FLAGS) == 8 and len(set(FLAGS)) == 8
+def test_flag_names_are_the_documented_nine() -> None:
+    assert len(FLAGS) == 9 and len(set(FLAGS)) == 9
 
 
 def test_honest_model_raises_no_flag(honest, digits_dir) -> None:
@@ -86,6 +97,17 @@ def test_masked_models_are_flagged(honest, wrapper, expected: str) -> None:
     model, x, y = honest
     flags = _probe(wrapper(model).eval(), x, y)
     assert expected in flags, flags
+
+
+def test_saturated_logits_fire_saturated_softmax_and_honest_does_not(honest) -> None:
+    from harness.eval.integrity import check_saturated_softmax
+
+    model, x, y = honest
+    found = check_saturated_softmax(ScaledLogits(model).eval(), x, y)
+    assert found is not None and found["points_with_vanished_ce_gradient"] >= 0.1 * len(y), found
+    assert "saturated_softmax" in _probe(ScaledLogits(model).eval(), x, y)
+    assert check_saturated_softmax(model, x, y) is None
+    assert check_saturated_softmax(ScaledLogits(model, 3.0).eval(), x, y) is None  # confident, not saturated
 
 
 def test_zero_gradient_model_does_not_lose_accuracy_with_eps(honest) -> None:

@@ -68,7 +68,9 @@ def test_every_exported_attack_is_adapted_or_listed_with_a_reason() -> None:
                                         for n in adapted_classes()])  # AutoAttack: ~60 s (Square 5000 queries)
 def test_attack_contract(trained, class_name: str) -> None:
     model, x, y = trained
-    attack = build_attack({"name": "torchattacks", "class_name": class_name, "eps": EPS, **SMALL.get(class_name, {})})
+    kwargs = dict(SMALL.get(class_name, {}))
+    attack = build_attack({"name": "torchattacks", "class_name": class_name, "eps": kwargs.pop("eps", EPS),
+                           "kwargs": kwargs})
     before = [p.detach().clone() for p in model.parameters()]
     for mode in ("eval", "train"):
         getattr(model, mode)()
@@ -100,7 +102,7 @@ def test_config_and_bad_input() -> None:
     with pytest.raises(ValueError, match="torchattacks has no attack 'Nope'"):
         build_attack({"name": "torchattacks", "class_name": "Nope", "eps": 0.1})
     with pytest.raises(ValueError, match="takes no \\['stepz'\\]"):
-        build_attack({"name": "torchattacks", "class_name": "PGD", "eps": 0.1, "stepz": 3})
+        build_attack({"name": "torchattacks", "class_name": "PGD", "eps": 0.1, "kwargs": {"stepz": 3}})
     with pytest.raises(ValueError, match="does not fit the attack contract"):
         build_attack({"name": "torchattacks", "class_name": "LGV", "eps": 0.1})
 

@@ -1,6 +1,8 @@
 """Every torchattacks attack that fits our contract, through one plugin (torchattacks is optional).
 
     attack=[torchattacks] attack.torchattacks.name=<torchattacks class> attack.torchattacks.<kwarg>=...
+(the class's keyword arguments are stored under `kwargs`: `attack.torchattacks.steps=20` is
+`attack.torchattacks.kwargs.steps=20`, harness.core.config.torchattacks_override)
 
 e.g. `attack.torchattacks.name=MIFGSM attack.torchattacks.steps=20 attack.torchattacks.decay=1.0`.
 `eps` (default: the data's eps) is passed to classes that take one; their threat model is then
@@ -59,7 +61,9 @@ class TorchAttacks(Attack):
 
     name = "torchattacks"
 
-    def __init__(self, class_name: str, eps: float | str | None = None, **kwargs: Any) -> None:
+    def __init__(self, class_name: str = "PGD", eps: float | str | None = None,
+                 kwargs: dict[str, Any] | None = None) -> None:
+        kwargs = dict(kwargs or {})
         module = torchattacks_module()
         if class_name in NOT_ADAPTED:
             raise ValueError(f"torchattacks.{class_name} does not fit the attack contract: {NOT_ADAPTED[class_name]}")
@@ -73,7 +77,9 @@ class TorchAttacks(Attack):
             raise ValueError(f"torchattacks.{class_name} takes no {unknown}; its arguments: "
                              f"{[p for p in params if p not in ('self', 'model')]}")
         bounded = "eps" in params
-        super().__init__(eps if bounded and eps is not None else (params["eps"].default if bounded else math.inf))
+        super().__init__(eps if bounded and eps is not None else (params["eps"].default if bounded else 0.0))
+        if not bounded:
+            self.eps = math.inf  # no threat model (the base class takes finite radii only)
         self.class_name = str(class_name)
         self.kwargs = dict(kwargs)
         norm = str(kwargs.get("norm", params["norm"].default if "norm" in params else "Linf"))

@@ -12,11 +12,13 @@ so a reader never sees a half-written file and a cell is never counted twice.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 
+from harness.store.audit import warn_about_store
 from harness.store.storage import open_store
 
 SCHEMA_VERSION = 1
@@ -142,10 +144,15 @@ def committed_status(results_dir: str | os.PathLike, key: str) -> str | None:
 
 
 def read_results(results_dir: str | os.PathLike) -> pa.Table:
-    """All committed, checksum-verified rows of a store, cast to RESULT_SCHEMA; other files are skipped."""
+    """All committed, checksum-verified rows of a store, cast to RESULT_SCHEMA; every other file is
+    skipped with a warning naming it (harness.store.audit), so nothing is left out silently."""
     tables = []
-    for _, table in open_store(results_dir).committed():
+    store = open_store(results_dir)
+    warn_about_store(results_dir)
+    for commit, table in store.committed():
         if "key" not in table.column_names or "status" not in table.column_names:
+            print(f"warning: {store.uri(commit.file)} has no key/status columns: not a result file, ignored",
+                  file=sys.stderr)
             continue
         missing = [n for n in COLUMNS if n not in table.column_names]
         for name in missing:
@@ -154,7 +161,9 @@ def read_results(results_dir: str | os.PathLike) -> pa.Table:
             )
         try:
             tables.append(table.select(COLUMNS).cast(RESULT_SCHEMA))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
+            print(f"warning: {store.uri(commit.file)} does not fit the result schema ({err}): ignored",
+                  file=sys.stderr)
             continue
     if not tables:
         return RESULT_SCHEMA.empty_table()

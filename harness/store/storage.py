@@ -190,9 +190,10 @@ class Store:
         if raw is None:
             return None
         try:
-            return Commit(**json.loads(raw))
+            commit = Commit(**json.loads(raw))
         except (ValueError, TypeError):
-            return None  # a marker we cannot parse commits nothing
+            return None  # a marker we cannot parse commits nothing (harness.store.audit names it)
+        return commit if commit.key == key else None  # a marker copied under another key is foreign
 
     def verified(self, key: str) -> tuple[Commit, bytes] | None:
         """The key's commit and file bytes, only when the file exists and matches the marker."""

@@ -38,6 +38,7 @@ from harness.train.schedule import lr_factor
 from methods.base import Method, TrainContext, build_method
 
 from harness.store import checkpoint_sync
+from harness.store.checkpoints import load_checkpoint, save_checkpoint
 from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY  # noqa: F401  (names shared with the store sync)
 
 
@@ -183,7 +184,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     if rank == 0 and 0 < start_epoch < epochs:  # a retried cell (worker/node/driver died): say so in the grid log
         print(f"{cfg.get('label', 'cell')}: resuming from the epoch {start_epoch - 1} checkpoint", flush=True)
     if start_epoch == 0 and tcfg.get("init_from"):  # a later stage starts from an earlier one's weights
-        init = torch.load(tcfg["init_from"], map_location=device, weights_only=False)
+        init = load_checkpoint(tcfg["init_from"], map_location=device)
         module.load_state_dict(init["model"])
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
               find_unused_parameters=method.find_unused_parameters)
@@ -333,9 +334,7 @@ def _save_checkpoint(path: Path, epoch: int, module: nn.Module, optimizer: torch
                      method: Method, extra: dict[str, Any]) -> None:
     state = {"epoch": epoch, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
              "method": method.state_dict(), "rng_cpu": torch.get_rng_state(), **extra}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_checkpoint(path, state)
 
 
 def _load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, method: Method,
@@ -343,7 +342,7 @@ def _load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optim
     """(first epoch to run, saved extras); (0, {}) when there is no checkpoint."""
     if not path.exists():
         return 0, {}
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_checkpoint(path, map_location=device)
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     method.load_state_dict(state.get("method", {}))
@@ -367,7 +366,7 @@ def load_trained_classifier(cfg: dict[str, Any], work_dir: Path, device: torch.d
     )
     method = build_method(cfg["method"])
     module = method.build(classifier)
-    state = torch.load(work_dir / CHECKPOINT, map_location=device, weights_only=False)
+    state = load_checkpoint(work_dir / CHECKPOINT, map_location=device)
     module.load_state_dict(state["model"])
     module.to(device).eval()
     return method.eval_model(module)

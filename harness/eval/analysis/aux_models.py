@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.store.checkpoints import load_checkpoint, save_checkpoint
+
 AUX_FILE = "aux.pt"
 ROLES = {"oracle": 101, "features": 202}   # role -> seed
 
@@ -70,7 +72,8 @@ def aux_folder(role: str, data_dir: Path, results_dir: Path, img_size: int | Non
         raise ValueError(f"unknown helper classifier role '{role}'; known: {sorted(ROLES)}")
     sha = dataset_sha256(load_manifest(Path(data_dir)))
     ident = [sha, role, ROLES[role], "SmallCNN-v1"] + ([int(img_size)] if img_size is not None else [])
-    return Path(results_dir) / "artifacts" / "aux" / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
+    return Path(results_dir) / "artifacts" / "aux" / key
 
 
 def ensure_aux(role: str, data_dir: Path, results_dir: Path,
@@ -86,7 +89,7 @@ def ensure_aux(role: str, data_dir: Path, results_dir: Path,
     manifest = load_manifest(Path(data_dir))
     model = SmallCNN(manifest["channels"], manifest["num_classes"])
     if (folder / AUX_FILE).exists():
-        blob = torch.load(folder / AUX_FILE, map_location="cpu", weights_only=False)
+        blob = load_checkpoint(folder / AUX_FILE)
         model.load_state_dict(blob["state_dict"])
         return model.eval().requires_grad_(False), blob["meta"]
     x, y = load_split(Path(data_dir), "train", img_size=img_size)
@@ -96,6 +99,5 @@ def ensure_aux(role: str, data_dir: Path, results_dir: Path,
         acc = float((model(xt).argmax(1) == yt).float().mean())
     meta = {"role": role, "seed": ROLES[role], "test_acc": acc, "data_sha256": dataset_sha256(manifest)}
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, folder / (AUX_FILE + ".tmp"))
-    (folder / (AUX_FILE + ".tmp")).replace(folder / AUX_FILE)
+    save_checkpoint(folder / AUX_FILE, {"state_dict": model.state_dict(), "meta": meta})
     return model, meta

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from harness.store.checkpoints import load_checkpoint
+
 DDPM_FILE = "ddpm.pt"
 META_FILE = "meta.json"
 
@@ -181,7 +183,7 @@ def save_ddpm(ddpm: DDPM, folder: Path, extra: dict[str, Any]) -> None:
 def load_ddpm(folder: Path) -> DDPM:
     meta = json.loads((folder / META_FILE).read_text())
     cfg = DDPMConfig.from_dict(meta["config"])
-    blob = torch.load(folder / DDPM_FILE, map_location="cpu", weights_only=True)
+    blob = load_checkpoint(folder / DDPM_FILE)
     unet = build_unet(cfg, int(meta["channels"]), int(meta["image_size"]))
     unet.load_state_dict(blob["state_dict"])
     return DDPM(unet.eval().requires_grad_(False), blob["alphas_cumprod"], cfg, meta)
