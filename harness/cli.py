@@ -1,6 +1,7 @@
 """The `robustgrid` command.
 
     robustgrid run [overrides...]            one cell, in this process
+    robustgrid eval model=<id> [overrides...] evaluate a model trained elsewhere (no training)
     robustgrid grid grid=demo [overrides...] a grid of cells on Ray, then the leaderboard
     robustgrid status grid=demo [overrides...] done/failed/running/pending cells, from the results store
     robustgrid list methods|attacks|architectures|datasets
@@ -46,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one cell in this process")
     run.add_argument("overrides", nargs="*")
     run.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate a model trained elsewhere: model=timm:<name> model.checkpoint=PATH "
+                                     "| model=py:<module>:<function> | model=robustgrid:<cell key>")
+    ev.add_argument("overrides", nargs="*")
+    ev.set_defaults(func=_cmd_eval)
 
     grid = sub.add_parser("grid", help="run a grid of cells on Ray, then build the leaderboard")
     grid.add_argument("overrides", nargs="*")
@@ -101,6 +107,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     print(outcome.result_path)
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """`run` for a model given by `model=...`; the model is loaded and checked before any attack,
+    so bad input exits with an error and writes nothing to the results store."""
+    from harness.core.config import ConfigError, compose_config, finalize
+
+    cfg = finalize(compose_config(args.overrides))
+    if not cfg.get("model"):
+        raise ConfigError("robustgrid eval needs a model: model=timm:<name> model.checkpoint=<path>, "
+                          "model=py:<module>:<function> or model=robustgrid:<cell key>")
+    from harness.data.ensure import ensure_prepared
+    from harness.data.shards import load_manifest
+    from harness.eval.external_model import load_external_model
+
+    ensure_prepared(cfg["data"])
+    manifest = load_manifest(Path(cfg["data"]["dir"]))
+    load_external_model(cfg["model"], manifest["num_classes"], in_chans=manifest["channels"],
+                        img_size=int(cfg["data"].get("img_size") or manifest["image_size"][0]),
+                        results_dir=cfg["results_dir"])
+    return _cmd_run(args)
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:

@@ -38,15 +38,16 @@ _COLUMNS = [
     "key", "grid", "status", "error", "dataset", "arch", "method", "seed",
     "attack", "norm", "eps", "clean_acc", "robust_acc", "flags",
     "train_seconds", "eval_seconds", "world_size", "device", "images_per_second", "checkpoint_sha256",
-    "neuron_sensitivity",
+    "neuron_sensitivity", "model_id",
 ]
 
 _PRELUDE = """
 WITH
 cell_status AS (SELECT key, bool_and(status = 'ok') AS ok FROM results GROUP BY key),
 -- One trained model = one checkpoint: cells that share it (differing only in eval attacks or
--- post-eval analyses) are one model, one seed, their attacks pooled.
-ok_rows AS (SELECT r.*, coalesce(r.checkpoint_sha256, r.key) AS model
+-- post-eval analyses) are one model, one seed, their attacks pooled. An eval-only row (robustgrid
+-- eval) is apart by its model_id: the same weights under another id/normalisation are another model.
+ok_rows AS (SELECT r.*, coalesce(r.checkpoint_sha256, r.key) || coalesce(' ' || r.model_id, '') AS model
             FROM results r JOIN cell_status s USING (key) WHERE s.ok),
 cells AS (
     SELECT model, norm, eps, min(key) AS key, list_sort(list_distinct(list(key))) AS model_keys,

@@ -24,6 +24,9 @@ ATTACK_SETTINGS = {
     "square": {"eps": 2 * EPS, "n_queries": 100},  # black-box: needs a larger ball to bite in 100 queries
     "autoattack": {"eps": EPS, "n_iter": 10, "n_queries": 100},
     "autoattack_fast": {"eps": EPS, "n_iter": 10},
+    "apgd_dlr": {"eps": EPS, "n_iter": 10, "eot_iter": 2},
+    "autoattack_rand": {"eps": EPS, "n_iter": 10, "eot_iter": 2},
+    "torchattacks": {"eps": EPS, "class_name": "PGD", "kwargs": {"steps": 10}},  # every class: tests/test_torchattacks_adapter.py
 }
 
 

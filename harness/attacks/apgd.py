@@ -1,9 +1,12 @@
 """Auto-PGD (Croce & Hein, ICML 2020): PGD with momentum and a budget-aware step-size schedule.
 
-Two attacks of AutoAttack's "standard" version, for the L-inf and L2 threat models:
-- `apgd_ce`: APGD on the cross-entropy loss;
+Three attacks of AutoAttack, for the L-inf and L2 threat models:
+- `apgd_ce`: APGD on the cross-entropy loss ("standard" and "rand" versions);
 - `apgd_t`:  APGD on the targeted DLR loss, once per target class (the 2nd..10th most likely
-  classes of the clean prediction).
+  classes of the clean prediction) ("standard" version);
+- `apgd_dlr`: APGD on the untargeted DLR loss ("rand" version).
+`eot_iter` > 1 averages every gradient over that many forwards (EOT, for randomized defenses;
+the reference's "rand" version uses 20); the loss and logits of a step are the last forward's.
 
 Behaviour follows the authors' reference implementation (fra31/auto-attack, autopgd_base.py), so
 that with the same seed our robust accuracy equals theirs; the details that matter are noted where
@@ -117,23 +120,29 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) 
     return (x + eps * _normalize(noise.to(x.device), norm)).clamp(0.0, 1.0)
 
 
-def _loss_and_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
-                   loss_fn: PerSampleLoss) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-sample loss, d sum(loss) / d x_adv, logits); input gradient only (autograd.grad)."""
+def _loss_and_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss,
+                   eot_iter: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-sample loss, d sum(loss) / d x_adv averaged over `eot_iter` forwards, logits);
+    input gradient only (autograd.grad). Loss and logits are those of the last forward."""
     x_adv = x_adv.detach().requires_grad_(True)
-    logits = model(x_adv)
-    loss = loss_fn(logits, y)
-    (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-    return loss.detach(), grad.detach(), logits.detach()
+    total = torch.zeros_like(x_adv)
+    for _ in range(eot_iter):
+        logits = model(x_adv)
+        loss = loss_fn(logits, y)
+        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        total += grad
+    if eot_iter > 1:
+        total /= eot_iter
+    return loss.detach(), total.detach(), logits.detach()
 
 
 def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss, *,
              eps: float, norm: str, n_iter: int, rho: float,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+             gen: torch.Generator, eot_iter: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One APGD run from a random start. Returns (fooled, x_found): fooled[i] if some iterate
     (the start included) was misclassified; x_found[i] is the last such iterate (else the start)."""
     x_adv = _random_start(x, eps, norm, gen)
-    loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn)
+    loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn, eot_iter)
     fooled = logits.max(1)[1] != y
     x_found, x_best, grad_best, loss_best = x_adv.clone(), x_adv.clone(), grad.clone(), loss.clone()
     step = torch.full((len(x),) + (1,) * (x.dim() - 1), 2.0 * eps, device=x.device)
@@ -153,7 +162,7 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSam
             x_new = _project(x_adv + (z - x_adv) * a + (x_adv - x_prev) * (1 - a), x, eps, norm)
             x_prev, x_adv = x_adv, x_new
 
-        loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn)
+        loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn, eot_iter)
         wrong = logits.max(1)[1] != y
         fooled |= wrong
         x_found[wrong] = x_adv[wrong]  # overwritten at every misclassified iterate: the last one
@@ -181,15 +190,15 @@ class _APGD(MaskedAttack):
     """Shared driver: attack the still-robust points, restart by restart (and target by target)."""
 
     def __init__(self, eps: float | str, norm: str = "linf", n_iter: int = 100, n_restarts: int = 1,
-                 rho: float = 0.75, seed: int = 0) -> None:
+                 rho: float = 0.75, seed: int = 0, eot_iter: int = 1) -> None:
         super().__init__(eps)
         if norm not in ("linf", "l2"):
             raise ValueError(f"{self.name} norm must be 'linf' or 'l2', got {norm!r}")
-        if n_iter < 1 or n_restarts < 1:
-            raise ValueError(f"{self.name} needs n_iter >= 1 and n_restarts >= 1")
+        if n_iter < 1 or n_restarts < 1 or eot_iter < 1:
+            raise ValueError(f"{self.name} needs n_iter >= 1, n_restarts >= 1 and eot_iter >= 1")
         self.norm = norm
         self.n_iter, self.n_restarts = int(n_iter), int(n_restarts)
-        self.rho, self.seed = float(rho), int(seed)
+        self.rho, self.seed, self.eot_iter = float(rho), int(seed), int(eot_iter)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
@@ -202,7 +211,8 @@ class _APGD(MaskedAttack):
             if idx.numel() == 0:
                 break
             fooled, found = apgd_run(model, x[idx], y[idx], loss_fn(idx), eps=self.eps,
-                                     norm=self.norm, n_iter=self.n_iter, rho=self.rho, gen=gen)
+                                     norm=self.norm, n_iter=self.n_iter, rho=self.rho, gen=gen,
+                                     eot_iter=self.eot_iter)
             x_adv[idx[fooled]] = found[fooled]
             robust[idx[fooled]] = False
         return x_adv, ~robust
@@ -223,6 +233,17 @@ class APGDCE(_APGD):
             yield lambda idx: (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
 
 
+@ATTACKS.register("apgd_dlr")
+class APGDDLR(_APGD):
+    """APGD on the untargeted DLR loss (AutoAttack's "rand" version pairs it with APGD-CE)."""
+
+    name = "apgd_dlr"
+
+    def _losses(self, model: nn.Module, x: torch.Tensor):
+        for _ in range(self.n_restarts):
+            yield lambda idx: dlr_loss
+
+
 @ATTACKS.register("apgd_t")
 class APGDT(_APGD):
     """APGD on the targeted DLR loss: for the k-th most likely class of the clean prediction,
@@ -231,8 +252,9 @@ class APGDT(_APGD):
     name = "apgd_t"
 
     def __init__(self, eps: float | str, norm: str = "linf", n_iter: int = 100, n_restarts: int = 1,
-                 n_target_classes: int = 9, rho: float = 0.75, seed: int = 0) -> None:
-        super().__init__(eps, norm=norm, n_iter=n_iter, n_restarts=n_restarts, rho=rho, seed=seed)
+                 n_target_classes: int = 9, rho: float = 0.75, seed: int = 0, eot_iter: int = 1) -> None:
+        super().__init__(eps, norm=norm, n_iter=n_iter, n_restarts=n_restarts, rho=rho, seed=seed,
+                         eot_iter=eot_iter)
         if n_target_classes < 1:
             raise ValueError(f"apgd_t n_target_classes must be >= 1, got {n_target_classes}")
         self.n_target_classes = int(n_target_classes)

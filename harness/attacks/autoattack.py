@@ -5,6 +5,9 @@
   strength: APGD-CE 100 iterations 1 restart; APGD-T 100 iterations, 9 target classes; FAB-T 100
   iterations, 9 target classes; Square 5000 queries, p_init 0.8. All seeded with `seed` (the
   reference's `seed` argument; it seeds every component the same way).
+- `autoattack_rand` (version "rand", for randomized defenses): APGD-CE -> APGD-DLR (untargeted),
+  1 restart, 100 iterations, each gradient averaged over `eot_iter`=20 forwards (EOT), the
+  reference's settings. Run it instead of `autoattack` when the `randomized_outputs` flag fires.
 - `autoattack_fast`: APGD-CE -> APGD-T only (no FAB-T, no Square): most of the standard
   version's strength at a fraction of its cost, but without the black-box Square check.
   Not an official AutoAttack version; report it as "APGD-CE + APGD-T".
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.attacks.apgd import APGDCE, APGDT
+from harness.attacks.apgd import APGDCE, APGDDLR, APGDT
 from harness.attacks.base import Attack, attack_mode
 from harness.attacks.fab import FABT
 from harness.attacks.square import Square
@@ -32,9 +35,10 @@ CLEAN = "clean"  # broken_by value of a point misclassified before any attack
 
 class _AutoAttackBase(Attack):
     components_of_version: tuple[str, ...] = ()
+    default_eot_iter: int = 1
 
     def __init__(self, eps: float | str, norm: str = "linf", seed: int = 0, n_iter: int = 100,
-                 n_queries: int = 5000) -> None:
+                 n_queries: int = 5000, eot_iter: int | None = None) -> None:
         """n_iter (APGD, FAB) and n_queries (Square) default to the reference's standard
         strength; lower them only for smoke tests (the row's attack_config records them)."""
         super().__init__(eps)
@@ -48,12 +52,18 @@ class _AutoAttackBase(Attack):
         self.norm = norm
         self.seed, self.n_iter, self.n_queries = int(seed), int(n_iter), int(n_queries)
         self.components = list(self.components_of_version)
+        self.eot_iter = int(self.default_eot_iter if eot_iter is None else eot_iter)
+        if self.eot_iter < 1:
+            raise ValueError(f"{self.name} eot_iter must be >= 1, got {self.eot_iter}")
 
     def build_components(self) -> list[Attack]:
         built: dict[str, Any] = {
-            "apgd_ce": lambda: APGDCE(self.eps, norm=self.norm, n_iter=self.n_iter, n_restarts=1, seed=self.seed),
+            "apgd_ce": lambda: APGDCE(self.eps, norm=self.norm, n_iter=self.n_iter, n_restarts=1, seed=self.seed,
+                                      eot_iter=self.eot_iter),
+            "apgd_dlr": lambda: APGDDLR(self.eps, norm=self.norm, n_iter=self.n_iter, n_restarts=1, seed=self.seed,
+                                        eot_iter=self.eot_iter),
             "apgd_t": lambda: APGDT(self.eps, norm=self.norm, n_iter=self.n_iter, n_restarts=1,
-                                    n_target_classes=9, seed=self.seed),
+                                    n_target_classes=9, seed=self.seed, eot_iter=self.eot_iter),
             "fab_t": lambda: FABT(self.eps, n_iter=self.n_iter, n_restarts=1, n_target_classes=9, seed=self.seed),
             "square": lambda: Square(self.eps, n_queries=self.n_queries, p_init=0.8, seed=self.seed),
         }
@@ -95,6 +105,15 @@ class AutoAttack(_AutoAttackBase):
 
     name = "autoattack"
     components_of_version = ("apgd_ce", "apgd_t", "fab_t", "square")
+
+
+@ATTACKS.register("autoattack_rand")
+class AutoAttackRand(_AutoAttackBase):
+    """AutoAttack "rand": APGD-CE -> APGD-DLR with EOT over 20 forwards, for randomized defenses."""
+
+    name = "autoattack_rand"
+    components_of_version = ("apgd_ce", "apgd_dlr")
+    default_eot_iter = 20
 
 
 @ATTACKS.register("autoattack_fast")

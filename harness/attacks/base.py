@@ -45,9 +45,10 @@ class Attack(ABC):
         """Return x_adv (model is in eval mode here)."""
 
     def describe(self) -> dict[str, Any]:
-        """The settings that define this attack (stored with every result row)."""
+        """The settings that define this attack (stored with every result row). `eot_iter` is
+        left out at its default 1, so rows of deterministic evaluations read as before EOT existed."""
         return {"name": self.name, "norm": self.norm, **{
-            k: v for k, v in vars(self).items() if not k.startswith("_")}}
+            k: v for k, v in vars(self).items() if not k.startswith("_") and not (k == "eot_iter" and v == 1)}}
 
 
 class MaskedAttack(Attack):

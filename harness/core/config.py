@@ -46,7 +46,8 @@ NON_SEMANTIC_TRAINER_KEYS = ("progress", "num_workers", "threads_per_rank", "dev
 NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source", "cache")
 # Groups open by design besides plugins' `open_config_keys`: a grid's axes may sweep any key, and an
 # optimizer's or schedule's settings depend on its `name` (the trainer checks them before any work).
-OPEN_KEYS = ("grid.axes", "trainer.optimizer", "trainer.schedule")
+OPEN_KEYS = ("grid.axes", "trainer.optimizer", "trainer.schedule",
+             "model.kwargs", "attack.torchattacks.kwargs")  # an external model's / a torchattacks class's own
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,7 @@ class ConfigError(ValueError):
 
 def compose_config(overrides: list[str]) -> dict[str, Any]:
     """Compose `configs/config.yaml` with Hydra overrides into a plain, resolved, checked dict."""
+    overrides = _eval_overrides(overrides)
     parsed = _parse(overrides)
     _check_plugin_names(parsed)
     register_plugin_configs()
@@ -76,6 +78,56 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     _check_plugin_settings(container)
     _check_value_types(container, parsed)
     return container
+
+
+def _eval_overrides(overrides: list[str]) -> list[str]:
+    """`model=<id>` (robustgrid eval) and a torchattacks class's settings, in Hydra's terms."""
+    out: list[str] = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key == "model" and value not in config_options("model"):
+            out += model_overrides(value)  # model=<id>: the `external` group entry plus its id
+        elif sep and key.startswith("attack.torchattacks."):
+            out.append(torchattacks_override(override))
+        else:
+            out.append(override)
+    return out
+
+
+def model_overrides(value: str) -> list[str]:
+    """`model=timm:resnet18` -> the model group's `external` entry with `model.id` set; a grid's
+    model axis may give a JSON object with the other settings too ({"id": ..., "checkpoint": ...})."""
+    settings = json.loads(value) if value.startswith("{") else {"id": value}
+    if not isinstance(settings, dict) or not settings.get("id"):
+        raise ConfigError(f"model={value}: give a model id, e.g. model=timm:resnet18 model.checkpoint=<path>")
+    return ["model=external"] + [f"model.{k}={_literal(v)}" for k, v in settings.items()]
+
+
+def torchattacks_override(override: str) -> str:
+    """`attack.torchattacks.name=<Class>` picks the torchattacks class (the plugin keeps the name
+    `torchattacks`); any other key but eps is that class's keyword argument (under `kwargs`)."""
+    key, _, value = override.partition("=")
+    setting = key[len("attack.torchattacks."):]
+    if setting == "name" and value != "torchattacks":
+        return f"attack.torchattacks.class_name={value}"
+    if setting.split(".")[0] in ("name", "class_name", "eps", "kwargs"):
+        return override
+    return f"++attack.torchattacks.kwargs.{setting}={value}"
+
+
+def _literal(value: Any) -> str:
+    """A Python value in Hydra's override grammar (JSON's quoted keys are not allowed there)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _compose(overrides: list[str]) -> Any:
@@ -319,10 +371,17 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
         data["source"] = str(Path(data["source"]).expanduser().resolve())
     cfg["results_dir"] = normalize_location(cfg["results_dir"])  # a local path or a pyarrow.fs URI
     cfg["code_version"] = code_version(cfg["method"])
+    checkpoint = (cfg.get("model") or {}).get("checkpoint")
+    if checkpoint and Path(checkpoint).expanduser().is_file():  # eval-only: keyed by the weights' content too
+        cfg["model"]["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
+        with open(cfg["model"]["checkpoint"], "rb") as fh:
+            cfg["model"]["checkpoint_sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
     cfg["key"] = cell_key(cfg)
     cfg["cell_id"] = cell_identity(cfg)
     cfg["train_key"] = train_key(cfg)
     cfg["label"] = f"{cfg['arch']['name']}/{cfg['method']['name']}/s{cfg['seed']}"
     if trains_on_poison(cfg):
         cfg["label"] += f"/{cfg['backdoor']['name']}"
+    if cfg.get("model"):
+        cfg["label"] = f"{cfg['model']['id']}/eval/s{cfg['seed']}"
     return cfg

@@ -175,7 +175,7 @@ ATTACKS: Registry = Registry(
     # methods.trades holds TRADES' own inner attack (trades_kl): a plugin's story stays in one file
     ("harness.attacks.fgsm", "harness.attacks.pgd", "harness.attacks.pgd_l2", "harness.attacks.cw",
      "harness.attacks.apgd", "harness.attacks.fab", "harness.attacks.square",
-     "harness.attacks.autoattack", "methods.trades"),
+     "harness.attacks.autoattack", "harness.attacks.torchattacks_adapter", "methods.trades"),
 )
 def _builds_models(obj: object) -> str | None:
     """Architectures are classes or objects (the timm presets) with a `build` method."""

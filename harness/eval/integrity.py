@@ -8,7 +8,8 @@ adversarial robustness"), Athalye et al. 2018 and the warnings of the AutoAttack
 model-level probes (on the first evaluated batch, every row of the cell gets them):
 - `randomized_outputs`: repeated forwards of the same inputs in eval mode disagree (max L2
   distance of the L2-normalised outputs > 1e-4, or a different prediction): a randomised
-  defense, for which a deterministic attack overstates robustness (use EOT).
+  defense, for which a deterministic attack overstates robustness: the details name the
+  evaluation to run instead (`run_instead`: autoattack_rand, APGD-CE + APGD-DLR with EOT 20).
 - `outputs_are_probabilities`: every output is in [0,1] and rows sum to 1 (within 1e-5): the
   model returns softmax probabilities, not logits, which saturates the attacks' losses.
 - `zero_input_gradients`: some probed point has an all-zero input gradient of the logit margin
@@ -61,7 +62,8 @@ FLAGS = (
     "perturbation_out_of_bounds",
     "eval_precision_bf16",  # evaluated under bf16 autocast (eval.precision=bf16, opt-in; harness/eval/evaluate.py)
 )
-WHITEBOX_COMPONENTS = ("apgd_ce", "apgd_t", "fab_t")
+WHITEBOX_COMPONENTS = ("apgd_ce", "apgd_t", "fab_t", "apgd_dlr")
+RANDOMIZED_EVALUATION = "autoattack_rand"  # what to run when randomized_outputs fires
 SQUARE_MARGIN = 0.002  # the reference's alpha in its Square check
 PROBE_RISE_TOL = 0.02
 SATURATION_SLACK = 0.1
@@ -113,7 +115,10 @@ def check_randomized(model: nn.Module, x: torch.Tensor, repeats: int = 5, tol: f
     max_diff = max(float((normed[0] - o).flatten(1).norm(dim=1).max()) for o in normed[1:])
     preds_differ = any(not torch.equal(outs[0].argmax(1), o.argmax(1)) for o in outs[1:])
     if max_diff > tol or preds_differ:
-        return {"max_normalised_output_diff": max_diff, "predictions_differ": preds_differ, "repeats": repeats}
+        return {"max_normalised_output_diff": max_diff, "predictions_differ": preds_differ, "repeats": repeats,
+                "run_instead": RANDOMIZED_EVALUATION,
+                "advice": f"a deterministic attack overstates a randomized model's robustness: evaluate with "
+                          f"attack=[{RANDOMIZED_EVALUATION}] (APGD-CE + APGD-DLR, EOT over 20 forwards)"}
     return None
 
 

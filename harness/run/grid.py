@@ -37,6 +37,7 @@ from harness.run.ray_connect import check_ray_address
 from harness.run.single_driver import single_driver
 from harness.run.preflight import check_results_writable, train_split_size
 from harness.data.ensure import ensure_prepared
+from harness.eval.external_model import check_model_spec
 from harness.eval.stage import check_analyses
 from harness.run.cell import RUNNERS
 from harness.run.nodes import CellOutcome, NodeOutcome
@@ -70,8 +71,9 @@ def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
     if not grid:
         raise ConfigError("no grid selected: pass grid=<name> (see configs/grid/)")
     axes: dict[str, list[Any]] = grid.get("axes") or {}
-    if not axes:
-        raise ConfigError(f"grid '{grid.get('name')}' has no axes")
+    if not axes or not all(axes.values()):
+        raise ConfigError(f"grid '{grid.get('name')}' has no axes or an empty one: give each axis values, "
+                          f"e.g. grid.axes.model=[timm:resnet18] for grid=eval")
     fixed = list(grid.get("overrides") or [])
     user = [o for o in overrides if not o.startswith("grid=")]
     user_keys = {o.split("=", 1)[0].lstrip("+~") for o in user}
@@ -140,6 +142,8 @@ def _last_wins(overrides: list[str]) -> list[str]:
 
 
 def _override_value(value: Any) -> str:
+    if isinstance(value, dict):  # a model axis entry {id, checkpoint, ...} (harness.core.config.model_overrides)
+        return json.dumps(value, sort_keys=True)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(str(v) for v in value) + "]"
     return str(value)
@@ -153,6 +157,8 @@ def validate_cell(cfg: dict[str, Any]) -> None:
     cell_resources(cfg)
     build_method(cfg["method"])
     build_poison(cfg.get("backdoor"))
+    if cfg.get("model"):
+        check_model_spec(cfg["model"])  # a model trained elsewhere: id, import, checkpoint path and format
     for attack_cfg in cfg["attack"].values():
         build_attack(attack_cfg)
     check_analyses(cfg)

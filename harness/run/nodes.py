@@ -24,6 +24,7 @@ import torch
 from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
 from harness.eval.evaluate import EvalResult, evaluate
+from harness.eval.external_model import load_external_model
 from harness.eval.samples import load_survivors
 from harness.eval.stage import EvalContext, cell_analyses
 from harness.run.plan import Node, run_config
@@ -139,6 +140,14 @@ def trained_summary(cfg: dict[str, Any]) -> TrainSummary:
     return TrainSummary(**json.loads(path.read_text()))
 
 
+def _train_columns(cfg: dict[str, Any], summary: TrainSummary) -> dict[str, Any]:
+    return {"n_train": summary.n_train, "epochs": summary.epochs, "world_size": summary.world_size,
+            "replicas_in_sync": summary.replicas_in_sync, "train_seconds": summary.train_seconds,
+            "images_per_second": summary.images_per_second, "final_train_loss": summary.final_train_loss,
+            "train_curve": json.dumps(summary.curve),
+            "checkpoint_sha256": file_sha256(local_work_dir(cfg) / CHECKPOINT), "device": summary.device}
+
+
 # ---------------------------------------------------------------------------------------- artifact
 
 
@@ -184,12 +193,18 @@ def evaluate_cell(cfg: dict[str, Any], started: Any) -> list[dict[str, Any]]:
         n_eval = split_count(data_dir, "test", 0, 1, ecfg.get("limit"))
         survivors = load_survivors(cfg["results_dir"], str(ecfg["survivors_from"]), train_key=cfg.get("train_key"),
                                    n_eval=n_eval)
-    summary = trained_summary(cfg)
     device = cell_device(cfg)  # the training device: every stage below runs there
     clock = StageClock(device)  # eval seconds per stage, for the cost columns
     manifest = load_manifest(data_dir)
     with clock.stage("load"):
-        model = load_trained_classifier(cfg, local_work_dir(cfg), device)
+        if cfg.get("model"):  # a model trained elsewhere: evaluated only (harness/eval/external_model.py)
+            model, model_info = load_external_model(
+                cfg["model"], manifest["num_classes"], device, in_chans=manifest["channels"],
+                img_size=int(cfg["data"].get("img_size") or manifest["image_size"][0]), results_dir=cfg["results_dir"])
+            summary = None
+        else:
+            summary, model_info = trained_summary(cfg), None
+            model = load_trained_classifier(cfg, local_work_dir(cfg), device)
     with clock.stage("attacks"):
         result = evaluate(model, list(cfg["attack"].values()), data_dir, num_classes=manifest["num_classes"],
                           batch_size=int(ecfg.get("batch_size", 256)), img_size=cfg["data"].get("img_size"),
@@ -201,33 +216,29 @@ def evaluate_cell(cfg: dict[str, Any], started: Any) -> list[dict[str, Any]]:
             analysis.run(ctx)
     if ctx.summaries:
         ctx.columns["analysis_json"] = json.dumps(ctx.summaries, sort_keys=True, default=str)
-    cost = cost_columns(device=device, device_count=summary.world_size, train_seconds=summary.train_seconds,
-                        clock=clock, flops_per_image=summary.flops_per_image, train_flops=summary.train_flops,
+    cost = cost_columns(device=device, device_count=summary.world_size if summary else 1,
+                        train_seconds=summary.train_seconds if summary else 0.0, clock=clock,
+                        flops_per_image=summary.flops_per_image if summary else None,
+                        train_flops=summary.train_flops if summary else None,
                         cpu_threads=int(cfg["trainer"].get("threads_per_rank") or 1),
-                        precision=summary.precision, train_peak_memory=summary.peak_memory_bytes)
-    return [row | ctx.columns | cost for row in cell_rows(cfg, summary, result, manifest, started)]
+                        precision=summary.precision if summary else "fp32",
+                        train_peak_memory=summary.peak_memory_bytes if summary else None)
+    return [row | ctx.columns | cost for row in cell_rows(cfg, summary, result, manifest, started, model_info)]
 
 
-def cell_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, manifest: dict[str, Any],
-              started: Any) -> list[dict[str, Any]]:
-    """One row per eval attack: the cell's provenance, training summary and that attack's numbers."""
-    base = base_row(cfg, started) | {
+def cell_rows(cfg: dict[str, Any], summary: TrainSummary | None, result: EvalResult, manifest: dict[str, Any],
+              started: Any, model_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per eval attack: the cell's provenance, training summary and that attack's numbers
+    (summary None and model_info for a model trained elsewhere: no train columns)."""
+    train = _train_columns(cfg, summary) if summary is not None else {
+        "checkpoint_sha256": model_info["checkpoint_sha256"], "model_id": model_info["model_id"]}
+    base = base_row(cfg, started) | train | {
         "status": "ok",
         "clean_acc": result.clean_acc,
         "per_class_clean_acc": result.per_class_clean_acc,
         "class_names": manifest["class_names"],
         "n_eval": result.n_eval,
-        "n_train": summary.n_train,
-        "epochs": summary.epochs,
-        "world_size": summary.world_size,
-        "replicas_in_sync": summary.replicas_in_sync,
-        "train_seconds": summary.train_seconds,
-        "images_per_second": summary.images_per_second,
-        "final_train_loss": summary.final_train_loss,
-        "train_curve": json.dumps(summary.curve),
         "data_sha256": dataset_sha256(manifest),
-        "checkpoint_sha256": file_sha256(local_work_dir(cfg) / CHECKPOINT),
-        "device": summary.device,
     }
     resumed = {"survivors_from": str(cfg["eval"]["survivors_from"])} if (cfg.get("eval") or {}).get("survivors_from") else {}
     return [base | {

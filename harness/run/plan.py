@@ -86,7 +86,7 @@ def build_plan(cells: list[dict[str, Any]]) -> Plan:
     """The DAG for finalized cell configs (harness.core.config.finalize)."""
     plan = Plan()
     for cfg in cells:
-        inputs = [_add_train(plan, cfg)]
+        inputs = [] if cfg.get("model") else [_add_train(plan, cfg)]  # model=...: trained elsewhere, no train node
         for artifact in analysis_artifacts(cfg):
             # built on the device of the first cell that needs it (a DDPM trains on a GPU cell's GPU)
             inputs.append(plan.add(Node(f"artifact/{artifact.key}", "artifact", artifact.label, cfg=cfg,

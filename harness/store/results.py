@@ -92,6 +92,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("device_hours", pa.float64()),  # GPU-hours (CPU core-hours on a CPU), training + evaluation
         pa.field("peak_memory_bytes", pa.int64()),  # peak GPU memory allocated (peak RSS on a CPU)
         pa.field("mfu", pa.float64()),  # training's model FLOPs utilisation; null on a CPU
+        pa.field("source", pa.string()),  # 'trained' here, or 'eval-only': a model trained elsewhere (robustgrid eval)
+        pa.field("model_id", pa.string()),  # eval-only rows: timm:<name> | py:<module>:<fn> | robustgrid:<key>
     ]
 )
 

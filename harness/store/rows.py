@@ -21,8 +21,9 @@ def base_row(cfg: dict[str, Any], started: dt.datetime) -> dict[str, Any]:
         "cell_id": cfg.get("cell_id"),
         "grid": (cfg.get("grid") or {}).get("name"),
         "dataset": cfg["data"]["name"],
-        "arch": cfg["arch"].get("model") or cfg["arch"]["name"],
-        "method": cfg["method"]["name"],
+        "arch": cfg["model"]["id"] if cfg.get("model") else cfg["arch"].get("model") or cfg["arch"]["name"],
+        "method": "eval-only" if cfg.get("model") else cfg["method"]["name"],
+        "source": "eval-only" if cfg.get("model") else "trained",  # eval-only: a model not trained here
         "seed": int(cfg["seed"]),
         "git_commit": git_commit(),
         "code_version": cfg.get("code_version"),
