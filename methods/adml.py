@@ -43,6 +43,7 @@ def dml_loss(logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: torch.Tens
 
 class ADML(Method):
     base_method: ClassVar[str]
+    paper: ClassVar[dict[str, str]] = {"title": "Mitigating Adversarial Vulnerability through Causal Parameter Estimation by Adversarial Double Machine Learning", "venue": "ICCV", "year": "2023"}
 
     def __init__(self, base: dict[str, Any], attack: dict[str, Any]) -> None:
         super().__init__()
