@@ -7,7 +7,8 @@ Layout (all links relative, so any static host or a file:// URL works):
     methods/<id>.html          one per method: its paper and its rows in every setting
     flagged.html               every flagged row with the evidence per cell
     ace.html                   ACE counterfactual gallery (only when some cell has an ACE analysis)
-    data.json, data.csv        the aggregated tables, machine-readable
+    data.json                  one record per leaderboard row: pd.read_json("data.json")
+    site.json, data.csv        everything nested (summary, tables, failed, problems); long-form CSV
 Each file is written atomically (temp + rename); pages of cells/settings that no longer exist
 are removed after the new ones are in place. Nothing in one row stops the build: a page or figure
 that cannot be drawn is replaced or left out and listed on the index with its reason.
@@ -22,7 +23,7 @@ from pathlib import Path
 from harness.store.results import read_results
 from leaderboard.ace_gallery import ACE_PAGE, collect
 from leaderboard.aggregate import aggregate
-from leaderboard.exports import to_csv, to_json
+from leaderboard.exports import to_csv, to_json, to_records
 from leaderboard.format import method_file
 from leaderboard.pages import Renderer
 
@@ -82,7 +83,7 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
         _write_atomic(path, render.method(name))
         written.add(path)
     _write_atomic(out_dir / "flagged.html", render.flagged())
-    _write_atomic(out_dir / "data.json", to_json(board, generated_at))
+    _write_atomic(out_dir / "data.json", to_records(board))
     _write_atomic(out_dir / "data.csv", to_csv(board))
     if explained:
         _write_atomic(out_dir / ACE_PAGE, render.ace(explained))
@@ -90,5 +91,6 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
         (out_dir / ACE_PAGE).unlink()
     index = out_dir / "index.html"
     _write_atomic(index, render.index())
+    _write_atomic(out_dir / "site.json", to_json(board, generated_at, render.problems))
     _prune(out_dir, written)
     return index

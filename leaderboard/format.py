@@ -40,7 +40,7 @@ def wilson(p: float | None, n: int | float | None, z: float = Z95) -> list[float
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    return [0.0 if p == 0.0 else max(0.0, centre - half), 1.0 if p == 1.0 else min(1.0, centre + half)]
 
 
 def pct(value: float | None) -> str:

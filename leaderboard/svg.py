@@ -197,7 +197,8 @@ def scatter(points: list[Point], x_label: str, y_label: str, color_title: str, s
     styles = unique_styles([(p.color_key, p.shape_key) for p in points])
     legend = {f"{c} / {s}" if s else c: (c, s) for c, s in sorted(styles)}
     legend_w = 40 + CHAR_W * max([len(short(k, 34)) for k in legend] + [len(color_title), 12])
-    ax = Axes(64, 16, 440, 340, x0, x1, *y_range)
+    side = (380, 380) if (x0, x1) == tuple(y_range) else (440, 340)  # same units: a square, y = x at 45°
+    ax = Axes(64, 16, *side, x0, x1, *y_range)
     xticks = [float(t) for t in range(int(x0), int(x1) + 1)] if log_x else nice_ticks(x0, x1)
     body = ax.frame(x_label, y_label, xticks, nice_ticks(*y_range),
                     x_text=(lambda t: f"1e{t:.0f}") if log_x else tick_text)

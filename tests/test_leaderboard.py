@@ -258,7 +258,7 @@ def fmt(mean_std: tuple[float, float | None]) -> str:
 def test_files_written(site: Path) -> None:
     out = site.parent
     assert site.name == "index.html" and site.is_file()
-    assert (out / "data.json").is_file() and (out / "data.csv").is_file()
+    assert (out / "site.json").is_file() and (out / "data.csv").is_file()
     assert len(list((out / "settings").glob("*.html"))) == 3
     assert len(list((out / "cells").glob("*.html"))) == 28  # 27 ok + 1 failed; no foreign/in-flight
     assert not list(out.rglob(".tmp-*"))
@@ -404,7 +404,7 @@ def test_strings_are_escaped(site: Path) -> None:
 
 
 def test_data_json_matches_parquet(site: Path, results_dir: Path) -> None:
-    data = json.loads((site.parent / "data.json").read_text(encoding="utf-8"))
+    data = json.loads((site.parent / "site.json").read_text(encoding="utf-8"))
     assert set(data) >= {"generated_at", "summary", "tables", "failed"}
     assert [(t["dataset"], t["norm"], t["eps"]) for t in data["tables"]] == [AA_SETTING, *WORST]
     assert [t["headline"]["kind"] for t in data["tables"]] == ["autoattack", "worst_case", "worst_case"]
@@ -467,7 +467,7 @@ def test_empty_results(tmp_path: Path) -> None:
     index = build_site(tmp_path / "results", tmp_path / "site")
     html = index.read_text(encoding="utf-8")
     assert "No results found" in html and "<table" not in html
-    data = json.loads((tmp_path / "site" / "data.json").read_text())
+    data = json.loads((tmp_path / "site" / "site.json").read_text())
     assert data["tables"] == [] and data["failed"] == []
 
 
@@ -520,7 +520,7 @@ def test_cell_with_two_threat_models_is_ranked_in_each(tmp_path: Path) -> None:
     ]
     write_cell_result(tmp_path / "r", "k2", rows)
     build_site(tmp_path / "r", tmp_path / "s")
-    tables = {(t["norm"], t["eps"]): t for t in json.loads((tmp_path / "s" / "data.json").read_text())["tables"]}
+    tables = {(t["norm"], t["eps"]): t for t in json.loads((tmp_path / "s" / "site.json").read_text())["tables"]}
     assert set(tables) == {("linf", 0.1), ("l2", 1.0)}
     linf_row, = tables[("linf", 0.1)]["rows"]
     l2_row, = tables[("l2", 1.0)]["rows"]
@@ -540,7 +540,7 @@ def test_cells_sharing_a_checkpoint_are_one_model_one_seed(tmp_path: Path) -> No
     write_cell_result(tmp_path / "r", "b", rows("b", 0, "sha0", "pgd", 0.3))
     write_cell_result(tmp_path / "r", "c", rows("c", 1, "sha1", "pgd", 0.5))
     build_site(tmp_path / "r", tmp_path / "s")
-    (table,) = json.loads((tmp_path / "s" / "data.json").read_text())["tables"]
+    (table,) = json.loads((tmp_path / "s" / "site.json").read_text())["tables"]
     (row,) = table["rows"]
     assert row["n_seeds"] == 2
     assert sorted(row["keys"]) == ["a", "b", "c"]
