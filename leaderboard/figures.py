@@ -63,7 +63,8 @@ def robust_vs_clean(table: dict[str, Any], cells: Mapping[str, Cell]) -> Figure 
         "One point per architecture × method, mean over seeds; whiskers are ± std over seeds. "
         "Both axes run from 0 to 100%. Up and to the right is better; the dashed diagonal is robust = clean "
         "(no model can sit above it) and the solid line joins the Pareto front (no other model is better "
-        "on both axes). Hollow red-ringed points carry integrity flags.", [svg])
+        "on both axes). With more than 8 points only the Pareto front and flagged points are labelled; "
+        "hover a point or read the legend for the others. Hollow red-ringed points carry integrity flags.", [svg])
 
 
 def robust_vs_compute(table: dict[str, Any], cells: Mapping[str, Cell]) -> Figure | None:

@@ -15,10 +15,11 @@ import shlex
 from functools import lru_cache
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from harness.core.config import NON_SEMANTIC_DATA_KEYS, NON_SEMANTIC_KEYS, NON_SEMANTIC_TRAINER_KEYS, compose_config
 
-_BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
-_WORDS = {"true", "false", "null", "none", "nan", "inf"}
+_BARE_CHARS = re.compile(r"[A-Za-z0-9_./-]+")
 SKIP = ({*NON_SEMANTIC_KEYS} | {f"data.{k}" for k in NON_SEMANTIC_DATA_KEYS}
         | {f"trainer.{k}" for k in NON_SEMANTIC_TRAINER_KEYS})
 
@@ -32,10 +33,19 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+@lru_cache(maxsize=4096)
+def _bare_ok(text: str) -> bool:
+    """Whether Hydra reads `text`, unquoted, back as this very string."""
+    try:
+        return OverridesParser.create().parse_override(f"k={text}").value() == text
+    except Exception:
+        return False
+
+
 def literal(value: Any) -> str:
-    """A value in Hydra's override grammar, bare where that is unambiguous."""
+    """A value in Hydra's override grammar, bare where Hydra reads it back as the same string."""
     if isinstance(value, str):
-        if _BARE.fullmatch(value) and value.lower() not in _WORDS:
+        if _BARE_CHARS.fullmatch(value) and _bare_ok(value):
             return value
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     if isinstance(value, bool):

@@ -20,6 +20,7 @@ PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2",
            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 SHAPES = ["circle", "square", "triangle", "diamond", "triangle-down", "cross"]
 FLAG_COLOR = "#c0392b"
+MAX_LABELS = 8  # a scatter with more points labels only its Pareto front and flagged points
 CHAR_W = 6.6  # rough width of a 12px sans-serif character, for layout only
 
 
@@ -197,7 +198,7 @@ def scatter(points: list[Point], x_label: str, y_label: str, color_title: str, s
     styles = unique_styles([(p.color_key, p.shape_key) for p in points])
     legend = {f"{c} / {s}" if s else c: (c, s) for c, s in sorted(styles)}
     legend_w = 40 + CHAR_W * max([len(short(k, 34)) for k in legend] + [len(color_title), 12])
-    side = (380, 380) if (x0, x1) == tuple(y_range) else (440, 340)  # same units: a square, y = x at 45°
+    side = (440, 440) if (x0, x1) == tuple(y_range) else (440, 340)  # same units: a square, y = x at 45°
     ax = Axes(64, 16, *side, x0, x1, *y_range)
     xticks = [float(t) for t in range(int(x0), int(x1) + 1)] if log_x else nice_ticks(x0, x1)
     body = ax.frame(x_label, y_label, xticks, nice_ticks(*y_range),
@@ -207,11 +208,16 @@ def scatter(points: list[Point], x_label: str, y_label: str, color_title: str, s
         body.append(f'<line class="diagonal" x1="{ax.x(lo):.1f}" y1="{ax.y(lo):.1f}" x2="{ax.x(hi):.1f}" y2="{ax.y(hi):.1f}" '
                     f'stroke="#888" stroke-dasharray="5 4"><title>robust = clean</title></line>')
         body.append(f'<text x="{ax.x(hi) - 4:.1f}" y="{ax.y(hi) + 14:.1f}" text-anchor="end" fill="#888" font-size="11">robust = clean</text>')
+    front = pareto_front(points) if len(points) > 1 else list(points)
+    # Labels: every point when few; else the Pareto front and flagged points (the legend and each
+    # point's tooltip name the rest), so a crowded cluster never turns into unreadable text.
+    labelled = {id(p) for p in points} if len(points) <= MAX_LABELS else {id(p) for p in front} | {
+        id(p) for p in points if p.flagged}
     if pareto and len(points) > 1:
-        front = pareto_front(points)
         path = " ".join(f"{ax.x(tx(p.x)):.1f},{ax.y(p.y):.1f}" for p in front)
         body.append(f'<polyline class="pareto" points="{path}" fill="none" stroke="#555" stroke-width="1.5">'
                     f'<title>Pareto front: no other model is better on both axes</title></polyline>')
+    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far
     for p in points:
         px, py = ax.x(tx(p.x)), ax.y(p.y)
         color, shape = styles[(p.color_key, p.shape_key)]
@@ -225,10 +231,13 @@ def scatter(points: list[Point], x_label: str, y_label: str, color_title: str, s
             g.append(marker(shape, px, py, 3.5, color, color))
         else:
             g.append(marker(shape, px, py, 6, color, "#222", 0.8))
-        if p.label:
-            anchor, dx = ("end", -9) if px > ax.left + ax.width * 0.75 else ("start", 9)
-            g.append(f'<text class="label" x="{px + dx:.1f}" y="{py - 6:.1f}" text-anchor="{anchor}" font-size="10.5" '
-                     f'fill="#333">{esc(short(p.label, 24))}</text>')
+        if p.label and id(p) in labelled:
+            spot = _free_spot(px, py, short(p.label, 24), placed,
+                              (ax.left + 2, ax.top + 2, ax.left + ax.width - 2, ax.top + ax.height - 2))
+            if spot is not None:  # no free spot: the tooltip and legend still name the point
+                lx_, ly_, anchor = spot
+                g.append(f'<text class="label" x="{lx_:.1f}" y="{ly_:.1f}" text-anchor="{anchor}" font-size="10.5" '
+                         f'fill="#333">{esc(short(p.label, 24))}</text>')
         g.append("</g>")
         body.append("".join(g))
     # Legend: one entry per group, with its own colour + shape.
@@ -245,6 +254,22 @@ def scatter(points: list[Point], x_label: str, y_label: str, color_title: str, s
         body.append(f'<text x="{lx + 18}" y="{ly + 4}" fill="{FLAG_COLOR}">flagged (untrustworthy)</text>')
     height = max(ax.top + ax.height + 48, ly + 16)
     return _svg(lx + legend_w, height, body, f"{y_label} against {x_label}")
+
+
+def _free_spot(px: float, py: float, text: str, placed: list[tuple[float, float, float, float]],
+               bounds: tuple[float, float, float, float] | None = None) -> tuple[float, float, str] | None:
+    """A label position beside (px, py) whose box stays inside `bounds` (the plot area) and
+    overlaps no placed label (then it is taken)."""
+    w, h = len(text) * 5.9, 11.0
+    for dx, dy, anchor in ((9, -6, "start"), (-9, -6, "end"), (9, 14, "start"), (-9, 14, "end"),
+                           (0, -12, "middle"), (0, 22, "middle")):
+        x0 = px + dx - (w if anchor == "end" else w / 2 if anchor == "middle" else 0)
+        box = (x0, py + dy - h + 2, x0 + w, py + dy + 2)
+        inside = bounds is None or (box[0] >= bounds[0] and box[2] <= bounds[2] and box[1] >= bounds[1] and box[3] <= bounds[3])
+        if inside and all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed):
+            placed.append(box)
+            return px + dx, py + dy, anchor
+    return None
 
 
 def _finite(value: float | None) -> bool:
