@@ -140,3 +140,12 @@ def test_reproduce_command_recomposes_the_cell(tmp_path: Path) -> None:
     assert command.replace("'", "&#39;") in page
     assert f'href="../../r/samples/{cfg["key"]}.parquet"' in page
     assert f"checkpoints/{cfg['train_key']}" in page
+
+
+def test_accuracies_are_float64_counts_at_the_source() -> None:
+    import torch
+
+    from harness.eval.evaluate import per_class
+
+    correct = torch.tensor([True] * 44 + [False])
+    assert per_class(correct, torch.zeros(45, dtype=torch.long), 1) == [44 / 45]
