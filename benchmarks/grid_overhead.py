@@ -10,8 +10,7 @@ For each N, N tiny digits cells (distinct seeds) run twice, each time into a fre
 Ray's own start (ray.init) and its worker start (a fresh worker process importing torch and the
 harness, paid once per worker; GPU tasks pay it per cell unless workers are reused) are timed
 separately and are not in the per-cell overhead. A warm-up cell runs first in both modes.
-A second column needs no serial run: the grid's wall time minus the time its cells spent inside
-run_cell (timed in the worker), per cell: everything the grid adds around a cell.
+A cell is two nodes of the plan (train, then eval: harness/run/plan.py), so on Ray it is two tasks.
 Each N is measured --repeats times (serial and grid back to back, fresh seeds each time) and the
 median is printed, since a shared machine's load moves single runs by tenths of a second.
 Prints per-cell overhead in seconds and as a share of the mean serial cell time.
@@ -82,10 +81,10 @@ def main() -> None:
     print(f"ray.init: {ray_init:.2f} s; Ray worker start (process + imports): {worker_start:.2f} s "
           f"(both paid once, not counted below)")
     print(f"{'cells':>5} {'serial s':>9} {'grid s':>8} {'cell s (mean)':>13} {'overhead s/cell':>15} "
-          f"{'share':>7} {'(min..max over repeats)':>24} {'outside run_cell s/cell':>23}")
+          f"{'share':>7} {'(min..max over repeats)':>24}")
     seed0 = 0
     for n in args.cells:
-        runs = []  # (serial s, grid s, mean cell s, overhead s/cell, outside run_cell s/cell)
+        runs = []  # (serial s, grid s, mean cell s, overhead s/cell)
         for _ in range(args.repeats):
             seeds = list(range(seed0, seed0 + n))
             seed0 += n
@@ -102,12 +101,11 @@ def main() -> None:
             report = run_grid(grid_cells)
             grid = time.perf_counter() - t0
             assert len(report.outcomes) == n and not report.failed, [o.error for o in report.failed]
-            outside = (grid - sum(o.seconds for o in report.outcomes)) / n
-            runs.append((serial, grid, statistics.mean(times), (grid - serial) / n, outside))
-        serial, grid, mean_cell, overhead, outside = (statistics.median(r[i] for r in runs) for i in range(5))
+            runs.append((serial, grid, statistics.mean(times), (grid - serial) / n))
+        serial, grid, mean_cell, overhead = (statistics.median(r[i] for r in runs) for i in range(4))
         spread = f"{min(r[3] for r in runs):.3f}..{max(r[3] for r in runs):.3f}"
         print(f"{n:>5} {serial:>9.2f} {grid:>8.2f} {mean_cell:>13.2f} {overhead:>15.3f} {overhead / mean_cell:>7.1%} "
-              f"{spread:>24} {outside:>23.3f}", flush=True)
+              f"{spread:>24}", flush=True)
     ray.shutdown()
 
 

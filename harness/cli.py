@@ -5,7 +5,7 @@
                                                          a grid of cells on Ray, then the leaderboard
     robustgrid status grid=demo [overrides...] [--list]  done/failed/running/pending cells, from the results store
     robustgrid list methods|attacks|architectures|datasets|poisons
-    robustgrid data prepare digits|cifar10 [--source ARCHIVE] [--root DIR]
+    robustgrid data prepare NAME [--source ARCHIVE] [--out DIR|URI] [--size N] [--samples-per-shard N]
     robustgrid leaderboard --results DIR --out DIR
     robustgrid report --results DIR --format markdown|latex [--out FILE]
     robustgrid compare RESULTS_A RESULTS_B               cells whose numbers differ beyond their intervals
@@ -110,8 +110,11 @@ def _data_parser() -> argparse.ArgumentParser:
     parser = _sub("data", "Dataset tools: convert a dataset into WebDataset shards.", epilog=False)
     parser.add_argument("action", choices=["prepare"])
     parser.add_argument("name")
-    parser.add_argument("--source", type=Path, help="local archive to convert (cifar10: cifar-10-python.tar.gz)")
-    parser.add_argument("--root", type=Path, default=Path(os.environ.get("ROBUSTGRID_DATA", "data")))
+    parser.add_argument("--source", type=Path, help="local archive/folder to convert (see `robustgrid list datasets`)")
+    parser.add_argument("--root", "--out", dest="root", default=os.environ.get("ROBUSTGRID_DATA", "data"),
+                        help="folder or URI (s3://bucket/prefix, gs://...) the dataset folder is written under")
+    parser.add_argument("--size", type=int, help="imagefolder/hf: resize (shorter side) + center-crop to SIZE")
+    parser.add_argument("--samples-per-shard", type=int, help="samples per shard (default: per dataset)")
     return parser
 
 
@@ -267,7 +270,7 @@ def _duration(seconds: float) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from harness.run.status import status_command
+    from harness.run.status_report import status_command
 
     return status_command(args.overrides, args.results, args.list)
 
@@ -284,7 +287,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from harness.core.registry import DATASETS
 
     plugin = DATASETS.get(args.name)()
-    out = plugin.prepare(args.root, args.source)
+    options = {k: v for k, v in (("size", args.size), ("samples_per_shard", args.samples_per_shard)) if v}
+    out = plugin.prepare(args.root, args.source, **options)
     print(out)
     return 0
 

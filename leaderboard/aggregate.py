@@ -27,6 +27,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from leaderboard.backdoor import backdoor_tables, lp_view
 from leaderboard.cells import Cell, group_cells
@@ -234,9 +235,25 @@ def _with_cost_columns(results: pa.Table) -> pa.Table:
     return results
 
 
+def newest_code_only(results: pa.Table) -> pa.Table:
+    """Rows of the newest result of each cell: a cell recomputed after a code change keeps its
+    older result in the store (status shows it stale), which must not count as another seed."""
+    if "cell_id" not in results.column_names or results.num_rows == 0:
+        return results
+    con = duckdb.connect()
+    try:
+        con.register("r", results.select(["key", "cell_id", "finished_at"]))
+        newest = [k for (k,) in con.execute(
+            "SELECT arg_max(key, finished_at) FROM r WHERE cell_id IS NOT NULL GROUP BY cell_id").fetchall()]
+    finally:
+        con.close()
+    keep = pc.or_(pc.is_null(results["cell_id"]), pc.is_in(results["key"], pa.array(newest, pa.string())))
+    return results.filter(keep)
+
+
 def aggregate(results: pa.Table) -> Leaderboard:
     """Aggregate a RESULT_SCHEMA table (from harness.store.results.read_results) into a Leaderboard."""
-    results = label_setups(results)  # once, for the Lp and the backdoor tables
+    results = label_setups(newest_code_only(results))  # once, for the Lp and the backdoor tables
     con = duckdb.connect()
     try:
         con.register("results", _with_cost_columns(lp_view(results)).select(_COLUMNS + list(COST_COLUMNS)))

@@ -28,8 +28,7 @@ from torch import nn
 
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
-from harness.run.prerequisites import Prerequisite
-from methods.base import Method, TrainContext
+from methods.base import Method, TrainContext, Upstream
 from methods.ft import load_weights
 
 
@@ -78,11 +77,11 @@ class ABL(Method):
         self.precision = float("nan")
 
     @classmethod
-    def prerequisites(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Prerequisite]:
-        return [Prerequisite("isolation_checkpoint", {"name": "abl_lga", "gamma": float(method_cfg.get("gamma", 0.5))})]
+    def upstream(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Upstream]:
+        return [Upstream("isolation_checkpoint", {"name": "abl_lga", "gamma": float(method_cfg.get("gamma", 0.5))})]
 
-    @staticmethod
-    def runtime_trainer(method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
         return {"epochs": int(method_cfg.get("epochs", 5)), "batch_size": int(method_cfg.get("batch_size", 256)),
                 "optimizer": {**trainer_cfg["optimizer"], "lr": float(method_cfg.get("lr", 5e-4))},
                 "schedule": {"name": "constant", "warmup_epochs": 0}}

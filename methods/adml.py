@@ -1,9 +1,10 @@
 """ADML (Lee, Kim & Ro, ICCV 2023): adversarial double machine learning on top of a base
 adversarial-training method: `adml_pgd_at`, `adml_trades`, `adml_mart`, `adml_awp`.
 
-Two stages. Stage 1 is the base method's own cell (its `method.base` config); a grid holding both
-trains it once (harness/run/stages.py). Stage 2, this plugin, fine-tunes from stage 1's checkpoint
-with the trainer settings of `method.finetune` (the paper: 10 epochs, lr 1e-3, cyclic).
+Two stages. Stage 1 is the base method's own cell (its `method.base` config), declared as this
+method's upstream: a train node of the plan, so a grid holding both trains it once. Stage 2, this
+plugin, fine-tunes from stage 1's checkpoint with the trainer settings of `method.finetune` (the
+paper: 10 epochs, lr 1e-3, cyclic).
 Per batch, cross-fitted: one half of the batch takes the base method's loss, the other the DML
 loss, and the halves swap every step. On the DML half: x' = PGD(x); S = the samples x' fools;
 y_hat = argmax f(x'); p = softmax f(x'); w = 1 / sg(p_{y_hat}) - 1 (sg: stop-gradient);
@@ -14,6 +15,8 @@ The train attack is PGD-10 with step 2.3 eps / 10 (the paper's), uniform random 
 """
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -23,7 +26,17 @@ from torch import nn
 from architectures.classifier import Classifier
 from harness.attacks.pgd import PGD
 from harness.core.registry import METHODS
-from methods.base import Method, TrainContext, build_method
+from methods.base import Method, TrainContext, Upstream, build_method
+
+FINETUNE_EPOCHS_DIVISOR = 12  # `finetune.epochs: null` -> ceil(trainer.epochs / 12): ADML's 10 after 120
+
+
+def _deep_merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(into)
+    for key, value in overrides.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
 
 
 def dml_loss(logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +58,8 @@ class ADML(Method):
     base_method: ClassVar[str]
     paper: ClassVar[dict[str, str]] = {"title": "Mitigating Adversarial Vulnerability through Causal Parameter Estimation by Adversarial Double Machine Learning", "venue": "ICCV", "year": "2023"}
 
-    def __init__(self, base: dict[str, Any], attack: dict[str, Any]) -> None:
-        super().__init__()
+    def __init__(self, base: dict[str, Any], attack: dict[str, Any], finetune: dict[str, Any] | None = None) -> None:
+        super().__init__()  # `finetune` is read by runtime_trainer, before the method is built
         if base.get("name") != self.base_method:
             raise ValueError(f"{self.name}: method.base must be the '{self.base_method}' method config, "
                              f"got '{base.get('name')}'")
@@ -55,6 +68,20 @@ class ADML(Method):
         self.attack = PGD(**settings)
         if settings.get("step_size") is None:
             self.attack.step_size = 0.23 * self.attack.eps  # 2.3 eps / 10
+
+    @classmethod
+    def upstream(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Upstream]:
+        """Stage 1: the base method's own cell; stage 2 starts from its weights."""
+        return [Upstream(None, copy.deepcopy(method_cfg["base"]))]
+
+    @classmethod
+    def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+        """Stage 2's trainer: `method.finetune` merged over the cell's trainer settings."""
+        finetune = dict(method_cfg.get("finetune") or {})
+        epochs = finetune.pop("epochs", None)
+        trainer = _deep_merge(trainer_cfg, finetune)
+        trainer["epochs"] = int(epochs) if epochs else max(1, math.ceil(int(trainer_cfg["epochs"]) / FINETUNE_EPOCHS_DIVISOR))
+        return trainer
 
     @property
     def find_unused_parameters(self) -> bool:  # type: ignore[override]

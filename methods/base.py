@@ -11,13 +11,23 @@ says how one batch becomes a loss. Hooks, in the order the trainer calls them:
                 then the trainer's backward + optimiser step, then method.after_step(module, ctx)
     evaluation: method.eval_model(module)    # the classifier the attacks are run against
 
+What a method needs before it can train is declared on the class, read by the plan
+(harness/run/plan.py) before anything runs, never discovered by getattr:
+
+    Method.upstream(method_cfg, trainer_cfg) -> [Upstream(...)]   # checkpoints it starts from
+    Method.runtime_trainer(method_cfg, trainer_cfg) -> {...}       # its own trainer settings
+    Method.needs_train_data                                        # gets the (poisoned) train split config
+
+Each Upstream is a train node of the plan: the same cell with another method (and trainer
+overrides), trained once however many cells need it, before the cells that need it.
+
 Train-time attacks run on `ctx.classifier` (the unwrapped classifier), never on the DDP
 wrapper. A method whose extra modules need gradients only on some steps sets
 `find_unused_parameters = True`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -47,11 +57,35 @@ class TrainContext:
         return (self.epoch + 0.0) / max(1, self.epochs)
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """A checkpoint a method starts from: the cell with `method` (and `trainer` overrides) trained.
+
+    `arg` is the method keyword that receives the checkpoint's path (CBD's `backdoored_checkpoint`);
+    None: the trainer starts from its weights (`trainer.init_from`, ADML's stage 2)."""
+
+    arg: str | None
+    method: dict[str, Any]
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
 class Method:
     """Base class with ERM-like defaults; subclasses override `training_step` at least."""
 
     name: ClassVar[str]
     find_unused_parameters: ClassVar[bool] = False
+    needs_train_data: ClassVar[bool] = False  # True: gets `train_data` (data/backdoor/seed config)
+
+    @classmethod
+    def upstream(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Upstream]:
+        """The checkpoints this method starts from, as train nodes of the plan (default: none)."""
+        return []
+
+    @classmethod
+    def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+        """Overrides of the cell's trainer settings for this method's own training (default: none).
+        Upstream cells keep the grid's trainer, so a shared prerequisite stays the grid's cell."""
+        return {}
 
     def __init__(self, **settings: Any) -> None:
         if settings:
@@ -91,8 +125,6 @@ def build_method(cfg: dict[str, Any]) -> Method:
     """Instantiate the method a `method` config names."""
     cfg = dict(cfg)
     cls = METHODS.get(cfg.pop("name"))
-    cfg.pop("stages", None)
-    cfg.pop("finetune", None)  # ADML's stage-2 trainer settings: read by harness/run/stages.py
     try:
         return cls(**cfg)
     except TypeError as err:

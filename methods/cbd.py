@@ -1,7 +1,7 @@
 """CBD — Causality-inspired Backdoor Defense (Zhang et al., CVPR 2023).
 
-The backdoor is a confounder tying the trigger to the target label. Stage 1 (a prerequisite cell,
-harness/run/prerequisites.py): f_B = ERM on the poisoned data for only T epochs, then frozen; T = 5 of the
+The backdoor is a confounder tying the trigger to the target label. Stage 1 (this method's upstream,
+a train node of the plan, harness/run/plan.py): f_B = ERM on the poisoned data for only T epochs, then frozen; T = 5 of the
 paper's 100 epochs, so by default `backdoored_fraction` 0.05 of the trainer's epochs (2 of the
 digits preset's 40), or `backdoored_epochs` when set; it fits the poisoned samples (easy, low loss) long before the clean ones. Stage 2 (this
 cell) trains the clean model f_C on the same poisoned data with
@@ -32,8 +32,7 @@ from torch import nn
 
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
-from harness.run.prerequisites import Prerequisite
-from methods.base import Method, TrainContext
+from methods.base import Method, TrainContext, Upstream
 
 
 class MICritic(nn.Module):
@@ -139,7 +138,7 @@ class CBD(Method):
         self.critic_opt: torch.optim.Optimizer | None = None
 
     @classmethod
-    def prerequisites(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Prerequisite]:
+    def upstream(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Upstream]:
         """Stage 1: ERM on the poisoned data for T epochs (same trainer otherwise; with the
         multistep recipe the lr stays at its initial value, as the paper intends)."""
         epochs = method_cfg.get("backdoored_epochs")
@@ -149,7 +148,7 @@ class CBD(Method):
         overrides: dict[str, Any] = {"epochs": int(epochs)}
         if method_cfg.get("backdoored_lr") is not None:
             overrides["optimizer"] = {**trainer_cfg["optimizer"], "lr": float(method_cfg["backdoored_lr"])}
-        return [Prerequisite("backdoored_checkpoint", {"name": "erm"}, overrides)]
+        return [Upstream("backdoored_checkpoint", {"name": "erm"}, overrides)]
 
     def build(self, model: Classifier) -> nn.Module:
         backdoored = copy.deepcopy(model)

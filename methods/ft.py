@@ -1,7 +1,7 @@
 """FT: fine-tune a backdoored model on the defender's small clean split (5% of the training set).
 
-The backdoored model is the grid's ERM cell on the same poisoned data (a prerequisite, see
-harness/run/prerequisites.py: trained once, shared with the ERM row). This cell then trains on the first
+The backdoored model is the grid's ERM cell on the same poisoned data (this method's upstream, a
+train node of the plan: trained once, shared with the ERM row). This cell then trains on the first
 `clean_subset` of the training split with poisoning off, for `epochs` epochs at a constant `lr`
 (SGD as the grid's trainer, batch `batch_size`). The baseline every post-training defense must
 beat: it often keeps the backdoor (BackdoorBench).
@@ -16,8 +16,7 @@ from torch import nn
 
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
-from harness.run.prerequisites import Prerequisite
-from methods.base import Method, TrainContext
+from methods.base import Method, TrainContext, Upstream
 
 
 def finetune_trainer(method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -50,10 +49,12 @@ class FineTuning(Method):
         self.backdoored_checkpoint = backdoored_checkpoint
 
     @classmethod
-    def prerequisites(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Prerequisite]:
-        return [Prerequisite("backdoored_checkpoint", {"name": "erm"})]
+    def upstream(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Upstream]:
+        return [Upstream("backdoored_checkpoint", {"name": "erm"})]
 
-    runtime_trainer = staticmethod(finetune_trainer)
+    @classmethod
+    def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+        return finetune_trainer(method_cfg, trainer_cfg)
 
     def build(self, model: Classifier) -> nn.Module:
         return load_weights(model, self.backdoored_checkpoint)

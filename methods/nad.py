@@ -18,8 +18,7 @@ from torch import nn
 
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
-from harness.run.prerequisites import Prerequisite
-from methods.base import Method, TrainContext
+from methods.base import Method, TrainContext, Upstream
 from methods.ft import finetune_trainer, load_weights
 
 
@@ -88,12 +87,13 @@ class NAD(Method):
         self.backdoored_checkpoint, self.teacher_checkpoint = backdoored_checkpoint, teacher_checkpoint
 
     @classmethod
-    def prerequisites(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Prerequisite]:
+    def upstream(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Upstream]:
         teacher = {"name": "ft", **(method_cfg.get("teacher") or {})}
-        return [Prerequisite("backdoored_checkpoint", {"name": "erm"}),
-                Prerequisite("teacher_checkpoint", teacher)]
+        return [Upstream("backdoored_checkpoint", {"name": "erm"}), Upstream("teacher_checkpoint", teacher)]
 
-    runtime_trainer = staticmethod(finetune_trainer)
+    @classmethod
+    def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+        return finetune_trainer(method_cfg, trainer_cfg)
 
     def build(self, model: Classifier) -> nn.Module:
         load_weights(model, self.backdoored_checkpoint)

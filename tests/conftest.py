@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# the node-local "shards verified" markers of harness.data.integrity: fresh for each test session
+os.environ.setdefault("ROBUSTGRID_VERIFIED_DIR", tempfile.mkdtemp(prefix="robustgrid-verified-"))
 torch.set_num_threads(1)
 
 

@@ -145,7 +145,7 @@ def test_cout_rewards_a_change_that_flips() -> None:
 
 
 def test_config_keys_and_bad_settings(data_root: Path, tmp_path: Path) -> None:
-    from harness.eval.analysis.runner import check_analyses
+    from harness.eval.stage import check_analyses
     from harness.core.config import compose_config, finalize
 
     base = [f"data.root={data_root}", f"results_dir={tmp_path}"]
@@ -200,8 +200,9 @@ def test_gallery_page_renders_escaped_and_linked(tmp_path: Path) -> None:
 
 
 def test_cell_with_ace_reuses_the_checkpoint_and_commits_the_summary(tiny) -> None:
-    from harness.run.cell import checkpoint_dir, run_cell
+    from harness.run.cell import run_cell
     from harness.core.config import compose_config, finalize
+    from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
     from harness.store.results import read_results
 
     tiny = [o for o in tiny if not o.startswith("attack.pgd")] + ["attack=[fgsm]"]
@@ -223,32 +224,20 @@ def test_cell_with_ace_reuses_the_checkpoint_and_commits_the_summary(tiny) -> No
     folder = Path(cfg["results_dir"]) / "analysis" / cfg["key"] / "ace"
     assert {"summary.json", "counterfactuals.npz", "gallery.png"} <= {p.name for p in folder.iterdir()}
     bad = finalize(compose_config(tiny + ["analysis=[ace]", "analysis.ace.ace.tau=2"]))
-    failed = run_cell(bad)
-    assert failed.status == "failed" and "tau" in failed.error
+    with pytest.raises(ValueError, match="tau"):  # refused while planning, before any work
+        run_cell(bad)
 
 
-def test_concurrent_cells_train_a_helper_classifier_once(digits_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    """Two cells needing the same cached model (grid=ace runs them at once): one trains, one waits."""
-    import threading
-    import time
+def test_cells_needing_one_ddpm_share_one_artifact_node(tiny) -> None:
+    """Two cells of different models needing the same DDPM and helper classifiers (grid=ace runs
+    them at once): the plan holds one artifact node per cached model, an input of both eval nodes,
+    so it is built once by its own task and no cell waits on a lock."""
+    from harness.core.config import compose_config, finalize
+    from harness.run.plan import build_plan, eval_node_id
 
-    from harness.eval.analysis import aux_models
-
-    calls = []
-    real = aux_models.train_aux
-
-    def slow_train(*args, **kw):
-        calls.append(1)
-        time.sleep(0.5)  # the second caller arrives while this one trains
-        return real(*args, **{**kw, "epochs": 1})
-
-    monkeypatch.setattr(aux_models, "train_aux", slow_train)
-    out = []
-    threads = [threading.Thread(target=lambda: out.append(aux_models.ensure_aux("oracle", digits_dir, tmp_path)))
-               for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(calls) == 1 and len(out) == 2
-    assert out[0][1] == out[1][1]  # the waiter loaded what the first trained
+    cells = [finalize(compose_config(tiny + ["analysis=[ace]", f"method={m}"])) for m in ("erm", "pgd_at")]
+    plan = build_plan(cells)
+    artifacts = [n.id for n in plan.of_kind("artifact")]
+    assert len(artifacts) == 3 and {a.split("/")[1] for a in artifacts} == {"ddpm", "aux"}
+    for cfg in cells:
+        assert set(artifacts) <= set(plan.nodes[eval_node_id(cfg)].inputs)

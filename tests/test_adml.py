@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from harness.core.config import compose_config, finalize
 from harness.run.grid import expand_grid, run_grid
 from harness.store.results import read_results
-from harness.run.stages import base_cell, dependency_keys, in_dependency_order, train_config
+from harness.run.plan import build_plan, planned_trainer, run_config, train_node_id
 from methods.adml import ADMLPGDAT, dml_loss
 from methods.base import TrainContext
 from helpers import digits_batch, digits_classifier
@@ -72,13 +72,17 @@ def test_adml_cross_fits_the_batch_halves(digits_dir) -> None:
 def test_adml_cell_depends_on_the_base_cell(data_root) -> None:
     adml = finalize(compose_config(["method=adml_mart", f"data.root={data_root}"]))
     mart = finalize(compose_config(["method=mart", f"data.root={data_root}"]))
-    assert base_cell(adml)["train_key"] == mart["train_key"]
-    assert dependency_keys(adml) == [mart["train_key"]] and dependency_keys(mart) == []
-    assert [c["method"]["name"] for c in in_dependency_order([adml, mart])] == ["mart", "adml_mart"]
-    stage2 = train_config(adml)["trainer"]
-    assert stage2["init_from"].endswith(f"{mart['train_key']}/checkpoint.pt")
-    assert stage2["optimizer"]["lr"] == 1e-3 and stage2["schedule"]["name"] == "cyclic"
-    assert stage2["epochs"] == 1  # ceil(12 / 12) with the demo trainer
+    plan = build_plan([adml, mart])
+    stage2 = plan.nodes[train_node_id(adml)]
+    assert stage2.inputs == (train_node_id(mart),), "ADML's train node starts from the MART cell's"
+    assert [u.arg for u in stage2.upstream] == [None] and stage2.upstream[0].cfg["train_key"] == mart["train_key"]
+    assert plan.counts() == {"train": 2, "eval": 2, "artifact": 0}, "the base is one train node, not two"
+    order = list(plan.nodes)
+    assert order.index(train_node_id(mart)) < order.index(train_node_id(adml))
+    trainer = run_config(adml, {None: "/ckpt/mart.pt"})["trainer"]
+    assert trainer["init_from"] == "/ckpt/mart.pt"
+    assert trainer["optimizer"]["lr"] == 1e-3 and trainer["schedule"]["name"] == "cyclic"
+    assert trainer["epochs"] == 1 == planned_trainer(adml)["epochs"]  # ceil(12 / 12) with the demo trainer
 
 
 def test_grid_trains_the_base_once_and_adml_fine_tunes_it(tiny, ray_session) -> None:
@@ -105,8 +109,8 @@ def test_adml_cell_alone_trains_its_base_first(tiny) -> None:
     cfg = finalize(compose_config(tiny + ["method=adml_pgd_at", "eval.neuron_sensitivity.enabled=false"]))
     outcome = run_cell(cfg)
     assert outcome.status == "ok", outcome.error
-    base = base_cell(cfg)
-    assert (Path(cfg["results_dir"]) / "checkpoints" / base["train_key"] / "checkpoint.pt").exists()
+    (base,) = build_plan([cfg]).nodes[train_node_id(cfg)].upstream
+    assert (Path(cfg["results_dir"]) / "checkpoints" / base.cfg["train_key"] / "checkpoint.pt").exists()
     row = read_results(cfg["results_dir"]).to_pylist()[0]
     assert row["neuron_sensitivity"] is None
 
@@ -116,12 +120,13 @@ def test_adml_cell_alone_trains_its_base_first(tiny) -> None:
 def test_two_process_ddp_keeps_replicas_equal(tiny, method) -> None:
     """Extra modules (CausalAdv's g), AWP's weight perturbation, the CO guard's decision and
     ADML's two stages all stay identical across DDP ranks."""
-    from harness.run.cell import checkpoint_dir
-    from harness.run.stages import ensure_dependencies
-    from harness.train.trainer import train
+    from harness.run.cell import run_plan_here
+    from harness.run.plan import pending_plan
 
     cfg = finalize(compose_config(tiny + [f"method={method}", "trainer.epochs=2", "trainer.world_size=2",
                                           "data.train_limit=128"]))
-    ensure_dependencies(cfg)
-    summary = train(train_config(cfg), checkpoint_dir(cfg))
+    outcomes = run_plan_here(pending_plan([cfg]))
+    summary = outcomes[train_node_id(cfg)]
+    assert summary.status == "ok", summary.error
+    summary = type("S", (), summary.summary)
     assert summary.world_size == 2 and summary.replicas_in_sync

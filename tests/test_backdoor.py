@@ -184,9 +184,10 @@ def test_erm_learns_a_badnets_backdoor_end_to_end(tiny) -> None:
 def test_post_training_defense_reuses_the_erm_checkpoint_and_a_clean_subset(tiny) -> None:
     """FT's prerequisite is the ERM cell of the same config (same train key, trained once), and
     FT itself trains on the first 5% of the (limited) training split with poisoning off."""
-    from harness.run.cell import checkpoint_dir, run_cell
+    from harness.run.cell import run_cell
+    from harness.run.plan import build_plan, run_config, train_node_id
+    from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
     from harness.store.results import read_results
-    from harness.run.prerequisites import runtime_config
 
     base = [o for o in tiny if not o.startswith("attack.")] + ["backdoor=badnets", "attack=[fgsm]"]
     erm = finalize(compose_config(base + ["method=erm"]))
@@ -194,8 +195,9 @@ def test_post_training_defense_reuses_the_erm_checkpoint_and_a_clean_subset(tiny
     outcome = run_cell(ft)
     assert outcome.status == "ok", outcome.error
     assert (checkpoint_dir(erm) / "checkpoint.pt").exists(), "the ERM prerequisite trains into the ERM cell's folder"
-    run = runtime_config(ft)
-    assert run["method"]["backdoored_checkpoint"] == str(checkpoint_dir(erm) / "checkpoint.pt")
+    (up,) = build_plan([ft]).nodes[train_node_id(ft)].upstream
+    assert up.arg == "backdoored_checkpoint" and up.cfg["train_key"] == erm["train_key"]
+    run = run_config(ft, {up.arg: str(checkpoint_dir(erm) / "checkpoint.pt")})
     assert run["backdoor"]["clean_train"] and train_plan(run) is None
     row = read_results(ft["results_dir"]).to_pylist()[0]
     assert row["n_train"] == math.ceil(0.05 * 256) and row["epochs"] == 1
@@ -234,12 +236,12 @@ def test_cbd_weights_critic_and_prerequisite() -> None:
     z_b, z_c = torch.randn(8, 6), torch.randn(8, 6)
     manual = critic(z_b, z_c).mean() - critic(z_b, torch.roll(z_c, 1, 0)).mean()
     assert torch.allclose(critic.bound(z_b, z_c), manual)
-    (pre,) = CBD.prerequisites({"name": "cbd", "backdoored_epochs": 3}, {"epochs": 100})
+    (pre,) = CBD.upstream({"name": "cbd", "backdoored_epochs": 3}, {"epochs": 100})
     assert pre.method == {"name": "erm"} and pre.trainer == {"epochs": 3} and pre.arg == "backdoored_checkpoint"
-    assert CBD.prerequisites({"name": "cbd", "backdoored_epochs": None}, {"epochs": 100})[0].trainer == {"epochs": 5}
-    assert CBD.prerequisites({"name": "cbd"}, {"epochs": 40})[0].trainer == {"epochs": 2}
+    assert CBD.upstream({"name": "cbd", "backdoored_epochs": None}, {"epochs": 100})[0].trainer == {"epochs": 5}
+    assert CBD.upstream({"name": "cbd"}, {"epochs": 40})[0].trainer == {"epochs": 2}
     sgd = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
-    (pre,) = CBD.prerequisites({"name": "cbd", "backdoored_epochs": 3, "backdoored_lr": 0.05},
+    (pre,) = CBD.upstream({"name": "cbd", "backdoored_epochs": 3, "backdoored_lr": 0.05},
                                {"epochs": 40, "optimizer": sgd})
     assert pre.trainer == {"epochs": 3, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}
     assert sgd["lr"] == 0.1  # the cell's own trainer config is untouched

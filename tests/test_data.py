@@ -57,15 +57,14 @@ def _epoch_keys(dataset_dir: Path, world_size: int, num_workers: int, **kw) -> l
 
 def test_digits_manifest_and_counts(digits_dir: Path) -> None:
     m = load_manifest(digits_dir)
-    assert m["name"] == "digits" and m["format_version"] == 1
+    assert m["name"] == "digits" and m["format_version"] == 2
     assert m["num_classes"] == 10 and m["class_names"] == [str(c) for c in range(10)]
     assert m["channels"] == 1 and m["image_size"] == [8, 8]
     assert m["splits"]["test"]["count"] == 360
     assert m["splits"]["train"]["count"] + m["splits"]["test"]["count"] == 1797
-    assert len(m["splits"]["train"]["shards"]) == 3  # 512 + 512 + 413
-    assert [s["file"] for s in m["splits"]["train"]["shards"]] == [
-        "train-000000.tar", "train-000001.tar", "train-000002.tar"
-    ]
+    assert [s["count"] for s in m["splits"]["train"]["shards"]] == [64] * 22 + [29]
+    assert [s["file"] for s in m["splits"]["train"]["shards"]][:2] == ["train-000000.tar", "train-000001.tar"]
+    assert sum(m["splits"]["train"]["label_counts"]) == 1437 and min(m["splits"]["train"]["label_counts"]) > 0
     assert "random_state=0" in m["split_rule"] and "stratify" in m["split_rule"]
     assert 0.0 < m["mean"][0] < 1.0 and 0.0 < m["std"][0] < 1.0
     verify_shards(digits_dir, m)
@@ -256,7 +255,7 @@ def test_epoch_covers_split_exactly_once(
     all_keys = [k for keys in per_rank for k in keys]
     assert sorted(all_keys) == [f"{i:06d}" for i in range(1437)]
     sizes = [len(keys) for keys in per_rank]
-    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) - min(sizes) <= 64  # whole shards per rank: at most one shard apart
     assert sizes == [split_count(digits_dir, "train", r, world_size) for r in range(world_size)]
 
 
@@ -264,10 +263,10 @@ def test_epoch_covers_split_exactly_once(
 def test_limit_takes_first_indices_exactly_once(
     digits_dir: Path, world_size: int, num_workers: int
 ) -> None:
-    per_rank = _epoch_keys(digits_dir, world_size, num_workers, shuffle=True, limit=101)
-    assert sorted(k for keys in per_rank for k in keys) == [f"{i:06d}" for i in range(101)]
-    counts = [split_count(digits_dir, "train", r, world_size, limit=101) for r in range(world_size)]
-    assert sum(counts) == 101
+    per_rank = _epoch_keys(digits_dir, world_size, num_workers, shuffle=True, limit=301)
+    assert sorted(k for keys in per_rank for k in keys) == [f"{i:06d}" for i in range(301)]
+    counts = [split_count(digits_dir, "train", r, world_size, limit=301) for r in range(world_size)]
+    assert sum(counts) == 301 and counts == [len(keys) for keys in per_rank]
 
 
 def test_worker_count_does_not_change_batches(digits_dir: Path) -> None:
@@ -317,3 +316,92 @@ def test_resize_and_augment(digits_dir: Path) -> None:
     assert not torch.equal(x1, plain)  # and actually applied
     with pytest.raises(ValueError, match="unknown augment"):
         make_loader(digits_dir, "train", 16, augment={"rotate": 10})
+
+
+# --- cluster scale: shard partitioning, integrity once per node, bad input ---------------
+
+
+def test_ranks_read_disjoint_shards_within_their_share(digits_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank opens only its own shards: disjoint, covering the split, <= 1/W + one shard of bytes."""
+    from harness.data.location import DataLocation
+
+    opened: list[str] = []
+    real_open = DataLocation.open_stream
+
+    def recording_open(self, name: str, version: str | None = None):
+        opened.append(name)
+        return real_open(self, name, version)
+
+    monkeypatch.setattr(DataLocation, "open_stream", recording_open)
+    shards = {s["file"]: s["size"] for s in load_manifest(digits_dir)["splits"]["train"]["shards"]}
+    per_rank = []
+    for rank in range(4):
+        loader = make_loader(digits_dir, "train", 32, rank=rank, world_size=4, shuffle=True, seed=1, epoch=2,
+                             return_keys=True)  # (the node's one-time full check happens here)
+        opened.clear()
+        keys = [k for _, _, b in loader for k in b]
+        per_rank.append(set(opened))
+        assert len(opened) == len(set(opened))  # no shard read twice
+        assert sum(shards[f] for f in opened) <= sum(shards.values()) / 4 + max(shards.values())
+        assert len(keys) == split_count(digits_dir, "train", rank, 4)
+    assert set().union(*per_rank) == set(shards)
+    assert sum(len(s) for s in per_rank) == len(shards)  # pairwise disjoint
+
+
+def test_shard_order_changes_with_epoch_but_counts_do_not(digits_dir: Path) -> None:
+    first = _epoch_keys(digits_dir, 2, 0, shuffle=True, seed=0, epoch=0)
+    second = _epoch_keys(digits_dir, 2, 0, shuffle=True, seed=0, epoch=1)
+    assert [len(k) for k in first] == [len(k) for k in second]
+    assert set(first[0]) != set(second[0])  # the shards move between ranks from epoch to epoch
+
+
+def test_more_readers_than_shards_fails_naming_both(digits_dir: Path) -> None:
+    with pytest.raises(DataError, match=r"4 rank\(s\) x 2 loader worker\(s\) = 8 shard readers.*only 6 shard"):
+        split_count(digits_dir, "test", 0, 4, num_workers=2)
+
+
+def test_shards_are_hashed_once_per_node(digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import harness.data.integrity as integrity
+
+    copy = _copy(digits_dir, tmp_path)
+    make_loader(copy, "test", 32)  # first use on this node: full check, marker written
+
+    def no_second_hash(*args, **kwargs):
+        raise AssertionError("shards hashed again")
+
+    monkeypatch.setattr(integrity, "_full_check", no_second_hash)
+    for epoch in range(3):
+        assert sum(len(y) for _, y in make_loader(copy, "test", 32, epoch=epoch)) == 360
+    (copy / "test-000001.tar").write_bytes((copy / "test-000001.tar").read_bytes()[:-1000])
+    with pytest.raises(DataError, match="test-000001.tar is truncated"):  # sizes are checked every time
+        make_loader(copy, "test", 32)
+
+
+def test_old_or_edited_manifest_is_refused(digits_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    copy = _copy(digits_dir, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "num_classes": 12}))
+    with pytest.raises(DataError, match="edited"):
+        load_manifest(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(DataError, match=r"format_version 1.*robustgrid data prepare digits --out"):
+        load_manifest(copy)
+
+
+def test_class_count_is_checked_against_the_labels(digits_dir: Path, tmp_path: Path) -> None:
+    """A manifest whose class count disagrees with its shards' labels (re-hashed so it loads) is refused."""
+    import json
+
+    from harness.data.shards import content_sha256
+
+    copy = _copy(digits_dir, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.update(num_classes=12, class_names=[str(c) for c in range(12)])
+    for entry in manifest["splits"].values():
+        entry["label_counts"] = entry["label_counts"] + [0, 0]
+    manifest["content_sha256"] = content_sha256(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="says 12 classes, but its train shards hold labels of 10"):
+        make_loader(copy, "train", 32)

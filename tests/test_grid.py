@@ -74,3 +74,27 @@ def test_bad_trainer_settings_fail_before_any_work(tiny, override, message) -> N
         return
     with pytest.raises(ValueError, match=message):
         validate_cell(cfg)
+
+
+def test_value_axes_give_the_cells_a_compose_per_cell_would(tiny) -> None:
+    """Seeds (plain values) are set on one composition per method; the cells are exactly those a
+    full Hydra composition of every combination gives (keys, labels, configs)."""
+    from harness.core.config import compose_config, finalize
+    from harness.run import grid as grid_module
+
+    overrides = ["grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm,trades]",
+                 "grid.axes.seed=[0,1,2]"] + tiny
+    calls = []
+    real = grid_module.compose_config
+    grid_module.compose_config = lambda o: calls.append(o) or real(o)
+    try:
+        cells = expand_grid(overrides)
+    finally:
+        grid_module.compose_config = real
+    assert len(cells) == 6 and len(calls) == 1 + 2, "one composition per method (plus the grid's own)"
+    fixed = ["data=digits", "trainer=demo", "attack=[fgsm,pgd]"]
+    for cfg in cells:
+        axis = ["arch=test_resnet", f"method={cfg['method']['name']}", f"seed={cfg['seed']}"]
+        user = [o for o in overrides if not o.startswith("grid=")]
+        full = finalize(compose_config(grid_module._last_wins(fixed + axis + user + ["grid=demo"])))
+        assert full["key"] == cfg["key"] and full == cfg

@@ -13,7 +13,7 @@ from harness.attacks.base import Attack
 from harness.run.cell import run_cell
 from harness.core.config import compose_config, finalize
 from harness.eval.evaluate import evaluate
-from harness.eval.integrity import FLAGS, enforce_threat_model, flag_list, probe_model, row_flags
+from harness.eval.integrity import FLAGS, enforce_threat_model, flag_list, flag_result, probe_model, row_flags
 from harness.store.results import read_cell_result, result_path
 from harness.eval.samples import load_survivors, samples_path, samples_table, write_samples
 from helpers import digits_batch
@@ -73,6 +73,7 @@ def test_honest_model_raises_no_flag(honest, digits_dir) -> None:
     model, x, y = honest
     assert _probe(model, x, y) == []
     result = evaluate(model, [PGD, {"name": "fgsm", "eps": EPS}], digits_dir, num_classes=10, limit=64)
+    flag_result(model, result, x, y)
     assert all(r.flags == [] and r.flag_details == {} for r in result.attacks)
 
 
@@ -95,13 +96,13 @@ def test_zero_gradient_model_does_not_lose_accuracy_with_eps(honest) -> None:
 
 def test_flags_reach_the_result_rows(tiny, monkeypatch) -> None:
     """A cell whose model is masked carries the flags and their evidence in its rows."""
-    import harness.run.cell as cell
+    import harness.run.nodes as cell
 
     # the wrapper hides the Classifier's layer names, which neuron sensitivity hooks: not probed here
     cfg = finalize(compose_config(tiny + ["trainer.epochs=1", "eval.neuron_sensitivity.enabled=false"]))
     original = cell.load_trained_classifier
     monkeypatch.setattr(cell, "load_trained_classifier",
-                        lambda c, d: SaturatingSoftmax(original(c, d)).eval())
+                        lambda c, d, device="cpu": SaturatingSoftmax(original(c, d, device)).eval())
     outcome = run_cell(cfg)
     assert outcome.status == "ok", outcome.error
     rows = read_cell_result(result_path(cfg["results_dir"], cfg["key"])).to_pylist()
@@ -158,8 +159,7 @@ def test_row_checks() -> None:
 
 def test_per_sample_results_and_resume_from_survivors(honest, digits_dir, tmp_path) -> None:
     model, _, _ = honest
-    weak = evaluate(model, [{"name": "fgsm", "eps": EPS}], digits_dir, num_classes=10, limit=96,
-                    integrity_points=0)
+    weak = evaluate(model, [{"name": "fgsm", "eps": EPS}], digits_dir, num_classes=10, limit=96)
     fgsm = weak.attacks[0]
     assert len(fgsm.broken_by) == 96
     assert sum(b is None for b in fgsm.broken_by) == round(fgsm.robust_acc * 96)
@@ -169,8 +169,7 @@ def test_per_sample_results_and_resume_from_survivors(honest, digits_dir, tmp_pa
 
     survivors = load_survivors(tmp_path, "weak", train_key="tk", n_eval=96)
     assert int(survivors.robust.sum()) == round(fgsm.robust_acc * 96)
-    strong = evaluate(model, [PGD], digits_dir, num_classes=10, limit=96, survivors=survivors,
-                      integrity_points=0)
+    strong = evaluate(model, [PGD], digits_dir, num_classes=10, limit=96, survivors=survivors)
     by = strong.attacks[0].broken_by
     # the union of both evaluations: never above the earlier one, only its survivors attacked
     assert strong.attacks[0].robust_acc < fgsm.robust_acc

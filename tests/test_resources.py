@@ -61,6 +61,7 @@ def test_bad_resources_fail_before_any_work(overrides, message) -> None:
 def test_a_killed_ddp_rank_is_retried_not_recorded_as_failed(tiny, monkeypatch) -> None:
     """A rank killed by a signal must reach Ray as an exception it retries, with nothing committed."""
     import harness.run.cell as cell
+    import harness.run.nodes as nodes
     from harness.store.results import committed_status
 
     cfg = finalize(compose_config(tiny))
@@ -69,11 +70,13 @@ def test_a_killed_ddp_rank_is_retried_not_recorded_as_failed(tiny, monkeypatch) 
         raise mp.ProcessExitedException("process 1 terminated with signal SIGKILL", error_index=1,
                                         error_pid=1, exit_code=-9, signal_name="SIGKILL")
 
+    monkeypatch.setattr(nodes, "train", killed)
     with pytest.raises(mp.ProcessExitedException):
-        cell.run_cell(cfg, train_fn=killed)
+        cell.run_cell(cfg)
     assert committed_status(cfg["results_dir"], cfg["key"]) is None
     cfg["resources"]["retry_worker_death"] = False
-    assert cell.run_cell(cfg, train_fn=killed).status == "failed"
+    outcome = cell.run_cell(cfg)
+    assert outcome.status == "failed" and "SIGKILL" in outcome.error
 
 
 def test_checkpoints_sync_through_a_uri_store_and_resume_on_another_node(tiny, tmp_path, monkeypatch) -> None:
@@ -93,6 +96,7 @@ def test_checkpoints_sync_through_a_uri_store_and_resume_on_another_node(tiny, t
     assert first.epochs == 1
     remote = tmp_path / "store" / "checkpoints" / cfg["train_key"]
     assert json.loads((remote / "checkpoint.json").read_text())["epoch"] == 0
+    (remote / "train_summary.json").unlink()  # node A died after its epoch-0 checkpoint: no summary
 
     monkeypatch.setenv("ROBUSTGRID_CACHE", str(tmp_path / "node_b"))
     work_dir = checkpoint_sync.local_work_dir(cfg)
@@ -114,13 +118,13 @@ def test_status_counts_from_the_store(tmp_path: Path) -> None:
     write_cell_result(store, "b", [{"key": "b", "status": "failed", "error": "x"}])
     with RunningMarker(store, "c"):
         status = grid_status(store, ["a", "b", "c", "d"])
-        assert status.counts() == {"done": 1, "failed": 1, "running": 1, "pending": 1}
+        assert status.counts() == {"done": 1, "failed": 1, "running": 1, "stale": 0, "pending": 1}
         assert status.attempts["c"] == 1
     assert not (Path(store) / RUNNING / "c.json").exists()
     # a marker whose heartbeat stopped (its worker was killed) is pending, not running
     (Path(store) / RUNNING / "c.json").write_text(json.dumps({"key": "c", "heartbeat": 0}))
     assert grid_status(store, ["c"]).pending == ["c"]
-    assert grid_status(store).counts() == {"done": 1, "failed": 1, "running": 0, "pending": 0}
+    assert grid_status(store).counts() == {"done": 1, "failed": 1, "running": 0, "stale": 0, "pending": 0}
 
 
 def test_status_cli(tiny, capsys) -> None:

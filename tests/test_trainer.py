@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from harness.run.cell import checkpoint_dir, run_cell
+from harness.run.cell import run_cell
+from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
 from harness.core.config import compose_config, finalize
 from harness.core.registry import METHODS
 from harness.store.results import read_cell_result, result_path

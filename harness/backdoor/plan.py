@@ -112,7 +112,7 @@ def train_plan(cfg: dict[str, Any]) -> PoisonPlan | None:
     """The training split's poison plan for a cell config; None without a backdoor.
 
     A cell whose `backdoor.clean_train` is true (set at run time for defenses that fine-tune on
-    the defender's small clean split, see harness.run.prerequisites) trains on clean data.
+    the defender's small clean split, see harness.run.plan) trains on clean data.
     """
     bcfg = dict(cfg.get("backdoor") or {})
     if bcfg.pop("clean_train", False):

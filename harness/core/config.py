@@ -20,7 +20,7 @@ from typing import Any
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-import harness
+from harness.core.code_version import code_version
 from harness.store.storage import normalize_location
 from harness.core.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, POISONS, Registry, UnknownPluginError
 
@@ -30,10 +30,10 @@ PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, 
 
 # Keys that say where/how a cell runs, not what it computes: left out of the cell key.
 NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "label", "grid", "key",
-                     "train_key", "code_version")
+                     "train_key", "code_version", "cell_id")
 EVAL_ONLY_KEYS = ("attack", "eval", "analysis")
 NON_SEMANTIC_TRAINER_KEYS = ("progress", "num_workers", "threads_per_rank", "device")
-NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source")
+NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source", "cache")
 
 
 class ConfigError(ValueError):
@@ -126,6 +126,12 @@ def cell_key(cfg: dict[str, Any]) -> str:
     return _hash(_semantic(cfg))
 
 
+def cell_identity(cfg: dict[str, Any]) -> str:
+    """The cell key without the code version: what stays the same when the code changes, so a
+    result computed by older code is found (and shown as stale) rather than lost."""
+    return _hash(_semantic(cfg, with_code=False))
+
+
 def train_key(cfg: dict[str, Any]) -> str:
     """Hash of what a cell trains (no eval settings): cells that differ only in their eval
     attacks share one checkpoint, so adding an attack to a grid re-evaluates but never retrains."""
@@ -138,7 +144,7 @@ def train_key(cfg: dict[str, Any]) -> str:
 def training_setup(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(id, config) of how a cell's model was trained, seed and code version left out: the
     leaderboard averages seeds of one setup and never across setups (leaderboard/setups.py)."""
-    semantic = _semantic(cfg)
+    semantic = _semantic(cfg, with_code=False)
     for name in (*EVAL_ONLY_KEYS, "seed", "code_version"):
         semantic.pop(name, None)
     return _hash(semantic), semantic
@@ -149,13 +155,14 @@ def trains_on_poison(cfg: dict[str, Any]) -> bool:
     return (cfg.get("backdoor") or {}).get("name", "none") != "none"
 
 
-def _semantic(cfg: dict[str, Any]) -> dict[str, Any]:
+def _semantic(cfg: dict[str, Any], with_code: bool = True) -> dict[str, Any]:
     semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
     semantic["trainer"] = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in NON_SEMANTIC_TRAINER_KEYS}
     semantic["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in NON_SEMANTIC_DATA_KEYS}
     if not trains_on_poison(cfg):
         semantic.pop("backdoor", None)  # clean cells keep the keys they had before the backdoor track
-    semantic["code_version"] = harness.__version__
+    if with_code:
+        semantic["code_version"] = code_version(cfg["method"])
     return semantic
 
 
@@ -168,12 +175,18 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
     """Resolve paths to absolute ones (Ray workers may run elsewhere) and stamp key + label."""
     cfg = json.loads(json.dumps(cfg))  # a deep, plain copy
     data = cfg["data"]
-    data["dir"] = str((Path(data["root"]).expanduser() / data["name"]).resolve())
+    root = str(data["root"])  # a folder or a URI (s3://bucket/prefix): harness.data.location
+    if "://" in root:  # the dataset folder goes before a query string (?endpoint_override=...)
+        head, _, query = root.partition("?")
+        data["dir"] = f"{head.rstrip('/')}/{data['name']}" + (f"?{query}" if query else "")
+    else:
+        data["dir"] = str((Path(root).expanduser() / data["name"]).resolve())
     if data.get("source"):
         data["source"] = str(Path(data["source"]).expanduser().resolve())
     cfg["results_dir"] = normalize_location(cfg["results_dir"])  # a local path or a pyarrow.fs URI
-    cfg["code_version"] = harness.__version__
+    cfg["code_version"] = code_version(cfg["method"])
     cfg["key"] = cell_key(cfg)
+    cfg["cell_id"] = cell_identity(cfg)
     cfg["train_key"] = train_key(cfg)
     cfg["label"] = f"{cfg['arch']['name']}/{cfg['method']['name']}/s{cfg['seed']}"
     if trains_on_poison(cfg):

@@ -1,4 +1,4 @@
-"""One plugin mechanism for methods, attacks, architectures, datasets and analyses.
+"""One plugin mechanism for methods, attacks, architectures, datasets, poisons and analyses.
 
 A plugin is a class (or factory) registered under a name; the names are what configs use.
 External packages add plugins without editing robustgrid by declaring a Python entry point in
@@ -134,10 +134,18 @@ POISONS: Registry = Registry(
      "harness.backdoor.sig", "harness.backdoor.wanet"),
 )
 
+ANALYSES: Registry = Registry(
+    "analysis", "robustgrid.analyses",
+    # evaluation analyses (harness/eval/stage.py): each adds columns or files to a cell's rows
+    ("harness.eval.integrity", "harness.eval.samples", "harness.eval.neuron_sensitivity",
+     "harness.eval.backdoor_metrics", "harness.eval.analysis.run_ace"),
+)
+
 REGISTRIES: dict[str, Registry] = {
     "methods": METHODS,
     "attacks": ATTACKS,
     "architectures": ARCHITECTURES,
     "datasets": DATASETS,
     "poisons": POISONS,
+    "analyses": ANALYSES,
 }

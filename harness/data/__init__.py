@@ -1,4 +1,5 @@
-"""Dataset preparation (WebDataset shards + manifest) and the rank/worker-exact loading pipeline.
+"""Dataset preparation (WebDataset shards + manifest, to a folder or any pyarrow.fs URI) and the
+loading pipeline in which each (rank, loader worker) streams its own shards.
 
 Names are re-exported lazily so that `import harness.data.datasets` (done by the registry when
 listing plugins) stays cheap: webdataset, and with it torch, load only when data is touched.
@@ -15,6 +16,11 @@ _EXPORTS = {
     "verify_shards": "harness.data.shards",
     "prepare_digits": "harness.data.prepare",
     "prepare_cifar10": "harness.data.prepare",
+    "prepare_cifar100": "harness.data.sources",
+    "prepare_svhn": "harness.data.sources",
+    "prepare_imagefolder": "harness.data.sources",
+    "prepare_hf": "harness.data.sources",
+    "DataLocation": "harness.data.location",
     "make_loader": "harness.data.loader",
     "split_count": "harness.data.loader",
 }

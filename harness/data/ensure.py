@@ -1,30 +1,33 @@
 """Make sure a cell's dataset exists as shards before any cell starts.
 
 Datasets that ship with a package (digits) are prepared on first use; datasets converted from
-a user's local archive (cifar10) are prepared when `data.source` is given, and otherwise fail
-at once with the command that prepares them.
+a user's local archive are prepared when `data.source` is given, and otherwise fail at once
+with the command that prepares them. `data.dir` may be a URI (s3://bucket/prefix/name): its
+manifest is read there and its shards checked once per node (harness.data.integrity).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from harness.data.shards import DataError, load_manifest, verify_shards
 from harness.core.registry import DATASETS
+from harness.data.location import DataLocation
+from harness.data.shards import MANIFEST, DataError, load_manifest, verify_shards
 
 
-def ensure_prepared(data_cfg: dict[str, Any]) -> Path:
+def ensure_prepared(data_cfg: dict[str, Any]) -> Path | str:
     """Return the dataset dir, preparing it if possible; raise DataError with the fix if not."""
-    dataset_dir = Path(data_cfg["dir"])
-    if (dataset_dir / "manifest.json").exists():
-        verify_shards(dataset_dir, load_manifest(dataset_dir))
-        return dataset_dir
+    loc = DataLocation(data_cfg["dir"], data_cfg.get("cache"))
+    if loc.read_bytes(MANIFEST) is not None:
+        verify_shards(loc, load_manifest(loc))
+        return data_cfg["dir"]
     plugin = DATASETS.get(data_cfg["name"])()
     source = data_cfg.get("source")
+    parent = loc.uri.rstrip("/").rsplit("/", 1)[0]
     if getattr(plugin, "needs_source", False) and not source:
         raise DataError(
-            f"dataset '{data_cfg['name']}' is not prepared at {dataset_dir}. Fix: run "
+            f"dataset '{data_cfg['name']}' is not prepared at {loc.uri}. Fix: run "
             f"`robustgrid data prepare {data_cfg['name']} --source <path to its archive> "
-            f"--root {dataset_dir.parent}`, or pass data.source=<path>."
+            f"--out {parent}`, or pass data.source=<path>."
         )
-    return plugin.prepare(dataset_dir.parent, Path(source) if source else None)
+    return plugin.prepare(parent, Path(source) if source else None)

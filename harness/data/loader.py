@@ -1,20 +1,34 @@
-"""The loading pipeline: WebDataset shards -> float batches, split exactly across ranks and workers.
+"""The loading pipeline: shards -> float batches, each (rank, loader worker) reading its own shards.
 
-Guarantee (for any number of shards, ranks and workers; see `_EpochPlan`):
+Plan of one epoch (`EpochPlan`; `limit` first cuts the split to its samples `0..limit-1`, so
+the shard holding sample `limit-1` is read up to there):
 
-* One epoch over `n` samples (`n` = split count, or `limit` when smaller: then the samples with
-  indices `0..limit-1`) is a permutation `order` of those indices: the identity when
-  `shuffle=False`, otherwise a uniform permutation drawn from `(seed, epoch)` only.
-* Rank `r` of `W` gets `order[r::W]` (like torch's DistributedSampler, without padding), so
-  the ranks together see every sample exactly once and rank sizes differ by at most one.
-* Each rank's sequence is cut into batches of `batch_size`; only its last batch may be short
-  (no drop_last). Batch `b` is built by loader worker `b % num_workers`, and the DataLoader
-  returns worker outputs round-robin, so a rank's batches (contents, order, augmentation) are
-  identical whatever `num_workers` is. Augmentation randomness is seeded per batch from
-  `(seed, epoch, rank, batch index)`, which pins it to the (rank, worker) that builds it.
+* Shard order. Full shards are permuted from `(seed, epoch)` (identity when `shuffle=False`);
+  the partial shards (the split's tail and the one `limit` cuts) always come last, in order.
+* Ranks. Rank `r` of `W` gets shards `order[r::W]`, so every sample is read exactly once per
+  epoch across ranks, and each rank reads at most its 1/W share of the bytes plus one shard.
+* Workers. A rank's shards are "blocks"; block `k` is read and decoded by loader worker
+  `k % num_workers`, so each (rank, worker) reads a disjoint set of whole shards, at most its
+  1/(W x workers) share plus one. `W x num_workers` above the shard count is an error.
+* Samples. Within a block, samples are permuted from `(seed, epoch, shard)`. The rank's main
+  process takes the blocks in order `k = 0, 1, ...` (the DataLoader returns worker outputs
+  round-robin) into a shuffle buffer of `shuffle_buffer` samples and draws each batch from it
+  with a generator seeded by `(seed, epoch, rank)`; augmentation is seeded per batch from
+  `(seed, epoch, rank, batch index)`. None of this depends on `num_workers`, so an epoch's
+  batches (contents, order, augmentation) are the same whatever the worker count.
 
-Every reader walks only the shards holding its samples and keeps just those (by key), holding
-early arrivals in memory until their turn: at most its share of the encoded split.
+Exact-once versus equal sizes. Reading whole shards keeps I/O at 1/W, but rank sample counts
+then differ by up to one shard (the tail shard, and `n_shards % W` ranks with one shard more).
+We keep exact-once and make steps equal instead: `split_count` gives each rank's count (it does
+not depend on the epoch, since partial shards are placed last), and the trainer's
+`even_batches` cuts every rank's samples into the same number of steps (smaller batches on the
+smaller ranks; at most one shard's worth of imbalance). At prepare time, choose
+`--samples-per-shard` so the train split has many more shards than ranks x workers (e.g. >= 8
+per reader, ~100-500 MB each for ImageNet): the imbalance is then a few percent.
+
+Memory. A rank holds at most the shuffle buffer, one batch, and the decoded blocks in flight
+(2 per worker, the DataLoader's prefetch): a bound set by shard size and `shuffle_buffer`,
+flat as the split grows.
 """
 from __future__ import annotations
 
@@ -26,27 +40,36 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from harness.data.integrity import dataset_version, read_shard
+from harness.data.location import DataLocation
 from harness.data.shards import DataError, decode_png, load_manifest, prepare_hint, verify_shards
 
-_ORDER_TAG = 0  # separate seed streams: epoch order vs. augmentation
+_ORDER_TAG = 0  # separate seed streams: shard order, augmentation, in-shard order, buffer draws
 _AUGMENT_TAG = 1
-AUGMENT_KEYS = frozenset({"crop_padding", "hflip"})
+_SHARD_TAG = 2
+_BUFFER_TAG = 3
+AUGMENT_KEYS = frozenset({"crop_padding", "hflip", "random_resized_crop"})
+DEFAULT_SHUFFLE_BUFFER = 4096
 
 
 def split_count(
-    dataset_dir: Path, split: str, rank: int, world_size: int, limit: int | None = None
+    dataset_dir: Path | str, split: str, rank: int, world_size: int, limit: int | None = None,
+    num_workers: int = 0,
 ) -> int:
-    """How many samples rank `rank` of `world_size` sees in one epoch of `split`."""
+    """How many samples rank `rank` of `world_size` sees in one epoch of `split` (any epoch).
+
+    Raises DataError when `world_size x num_workers` readers exceed the split's shards.
+    """
     _check_rank(rank, world_size)
-    n = _limited_count(load_manifest(dataset_dir), dataset_dir, split, limit)
-    return len(range(rank, n, world_size))
+    loc = DataLocation(dataset_dir)
+    plan = _plan(load_manifest(loc), loc.uri, split, limit, rank, world_size, num_workers, False, 0, 0)
+    return plan.rank_count()
 
 
 def make_loader(
-    dataset_dir: Path,
+    dataset_dir: Path | str,
     split: str,
     batch_size: int,
     *,
@@ -61,16 +84,18 @@ def make_loader(
     return_keys: bool = False,
     limit: int | None = None,
     poison: Callable[[torch.Tensor, torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> Iterable:
-    """A DataLoader over one epoch of `split` for this rank: batches `(x, y)` or `(x, y, keys)`.
+    shuffle_buffer: int | None = None,
+    cache_dir: str | None = None,
+) -> "EpochLoader":
+    """One epoch of `split` for this rank: batches `(x, y)` or `(x, y, keys)`.
 
     x: float32 (B, C, H, W) in [0, 1]; y: int64 (B,); keys: list of "%06d" split indices.
-    Shards are hash-checked first, so a missing or corrupt shard raises DataError here.
+    Shards are checked first (sizes always, hashes once per node: harness.data.integrity), so a
+    missing or corrupt shard raises DataError here. `dataset_dir` is a folder or a URI.
     `poison(x, y, split indices) -> (x, y)` (harness.backdoor.plan) is applied to each decoded
     batch at native resolution, before resize and augmentation.
     `len(loader)` is this rank's number of batches. Make a new loader for each epoch.
     """
-    dataset_dir = Path(dataset_dir)
     _check_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -78,64 +103,232 @@ def make_loader(
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if img_size is not None and img_size < 1:
         raise ValueError(f"img_size must be >= 1, got {img_size}")
-    manifest = load_manifest(dataset_dir)
-    n = _limited_count(manifest, dataset_dir, split, limit)
-    verify_shards(dataset_dir, manifest, (split,))
-    reader = ShardReader(
-        dataset_dir=dataset_dir,
-        shards=[(s["file"], s["count"]) for s in manifest["splits"][split]["shards"]],
-        plan=_EpochPlan(n, rank, world_size, batch_size, shuffle, seed, epoch),
-        transform=BatchTransform.from_args(img_size, augment),
-        return_keys=return_keys,
-        poison=poison,
-    )
-    return DataLoader(reader, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    buffer = DEFAULT_SHUFFLE_BUFFER if shuffle_buffer is None else int(shuffle_buffer)
+    if buffer < 0:
+        raise ValueError(f"data.shuffle_buffer must be >= 0, got {buffer}")
+    transform = BatchTransform.from_args(img_size, augment)
+    loc = DataLocation(dataset_dir, cache_dir)
+    manifest = load_manifest(loc)
+    plan = _plan(manifest, loc.uri, split, limit, rank, world_size, num_workers, shuffle, seed, epoch)
+    verify_shards(loc, manifest, (split,))
+    source = BlockSource(loc, manifest["splits"][split]["shards"], plan, manifest["num_classes"],
+                         dataset_version(manifest))
+    return EpochLoader(source, plan, batch_size, num_workers, buffer if shuffle else 0, transform,
+                       return_keys, poison)
+
+
+def _plan(manifest: dict[str, Any], where: str, split: str, limit: int | None, rank: int, world_size: int,
+          num_workers: int, shuffle: bool, seed: int, epoch: int) -> "EpochPlan":
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        known = ", ".join(sorted(manifest["splits"])) or "(none)"
+        raise DataError(f"dataset {where} has no split '{split}' (it has: {known})")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    counts, left = [], entry["count"] if limit is None else min(int(limit), entry["count"])
+    for shard in entry["shards"]:
+        take = min(shard["count"], left)
+        if take <= 0:
+            break
+        counts.append(take)
+        left -= take
+    readers = world_size * max(1, num_workers)
+    if readers > len(counts):
+        raise DataError(
+            f"{world_size} rank(s) x {max(1, num_workers)} loader worker(s) = {readers} shard readers, but "
+            f"split '{split}' of {where} has only {len(counts)} shard(s){' within the limit' if limit else ''}. "
+            f"Fix: lower trainer.num_workers or the rank count, or re-prepare with a smaller "
+            f"--samples-per-shard; {prepare_hint(where)}"
+        )
+    return EpochPlan(tuple(counts), rank, world_size, shuffle, seed, epoch)
 
 
 @dataclass(frozen=True)
-class _EpochPlan:
-    """Which sample indices, in which batches, one rank reads in one epoch (see module doc)."""
+class EpochPlan:
+    """Which shards (and how many of their samples) one rank reads in one epoch (module doc)."""
 
-    n: int
+    counts: tuple[int, ...]  # samples used from each shard, in manifest order
     rank: int
     world_size: int
-    batch_size: int
     shuffle: bool
     seed: int
     epoch: int
 
-    def rank_indices(self) -> np.ndarray:
-        """This rank's indices in epoch order: `order[rank::world_size]`."""
+    def starts(self) -> list[int]:
+        """Split index of each shard's first sample."""
+        return [0, *np.cumsum(self.counts)[:-1].tolist()]
+
+    def shard_order(self) -> list[int]:
+        full = max(self.counts)
+        whole = [i for i, c in enumerate(self.counts) if c == full]
+        partial = [i for i, c in enumerate(self.counts) if c != full]
         if self.shuffle:
-            ss = np.random.SeedSequence([_u64(self.seed), _u64(self.epoch), _ORDER_TAG])
-            order = np.random.default_rng(ss).permutation(self.n)
-        else:
-            order = np.arange(self.n)
-        return order[self.rank :: self.world_size]
+            rng = np.random.default_rng(self._seed(_ORDER_TAG))
+            whole = [whole[i] for i in rng.permutation(len(whole))]
+        return whole + partial
 
-    def num_batches(self) -> int:
-        return math.ceil(len(range(self.rank, self.n, self.world_size)) / self.batch_size)
+    def rank_shards(self) -> list[int]:
+        return self.shard_order()[self.rank :: self.world_size]
 
-    def worker_batches(self, worker: int, num_workers: int) -> list[tuple[int, np.ndarray]]:
-        """`(batch index, indices)` for the batches built by loader worker `worker`."""
-        idx = self.rank_indices()
-        b, bs = self.batch_size, self.num_batches()
-        return [(j, idx[j * b : (j + 1) * b]) for j in range(worker, bs, num_workers)]
+    def rank_count(self) -> int:
+        return sum(self.counts[i] for i in self.rank_shards())
+
+    def sample_order(self, shard: int) -> np.ndarray:
+        """Order in which a block emits its shard's samples (positions within the shard)."""
+        n = self.counts[shard]
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng(self._seed(_SHARD_TAG, shard)).permutation(n)
+
+    def buffer_generator(self) -> np.random.Generator:
+        return np.random.default_rng(self._seed(_BUFFER_TAG, self.rank))
 
     def augment_generator(self, batch_index: int) -> torch.Generator:
-        ss = np.random.SeedSequence(
-            [_u64(self.seed), _u64(self.epoch), self.rank, batch_index, _AUGMENT_TAG]
-        )
+        ss = self._seed(_AUGMENT_TAG, self.rank, batch_index)
         return torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0]))
+
+    def _seed(self, tag: int, *extra: int) -> np.random.SeedSequence:
+        return np.random.SeedSequence([_u64(self.seed), _u64(self.epoch), tag, *extra])
+
+
+class BlockSource(IterableDataset):
+    """Blocks of one rank's epoch: `(block index, uint8 images, labels, split indices)` per shard.
+
+    Run inside each DataLoader worker, it reads only the blocks `k % num_workers == worker`.
+    """
+
+    def __init__(self, loc: DataLocation, shards: list[dict[str, Any]], plan: EpochPlan, num_classes: int,
+                 version: str) -> None:
+        super().__init__()
+        self.loc, self.shards, self.plan = loc, shards, plan
+        self.num_classes, self.version = num_classes, version
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        blocks = self.plan.rank_shards()
+        for k in range(worker, len(blocks), workers):
+            yield (k, *self.read_block(blocks[k]))
+
+    def read_block(self, shard: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode the used samples of one shard, in the plan's within-shard order."""
+        start, used = self.plan.starts()[shard], self.plan.counts[shard]
+        entry = self.shards[shard]
+        images, labels = [], []
+        stream = read_shard(self.loc, entry, start, self.num_classes, self.version)
+        try:
+            for index, png, label in stream:
+                if index >= start + used:
+                    break  # `limit` cuts this shard: the rest is never read
+                images.append(_decode(png, entry["file"], index, self.loc))
+                labels.append(label)
+        finally:
+            stream.close()
+        order = self.plan.sample_order(shard)
+        try:
+            x = torch.from_numpy(np.stack(images)[order])
+        except ValueError:
+            raise DataError(f"shard {entry['file']} holds images of different shapes; "
+                            f"{prepare_hint(self.loc.uri)}") from None
+        y = torch.tensor(labels, dtype=torch.int64)[order]
+        return x, y, torch.from_numpy(start + order)
+
+
+class EpochLoader:
+    """Iterates one rank's batches: blocks (from workers) -> shuffle buffer -> batches -> transform."""
+
+    def __init__(self, source: BlockSource, plan: EpochPlan, batch_size: int, num_workers: int, buffer: int,
+                 transform: "BatchTransform", return_keys: bool, poison: Callable | None) -> None:
+        self.source, self.plan, self.batch_size, self.num_workers = source, plan, batch_size, num_workers
+        self.buffer, self.transform, self.return_keys, self.poison = buffer, transform, return_keys, poison
+
+    def __len__(self) -> int:
+        return math.ceil(self.plan.rank_count() / self.batch_size)
+
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.num_workers == 0:
+            return iter(self.source)
+        return iter(DataLoader(self.source, batch_size=None, num_workers=self.num_workers,
+                               persistent_workers=False))
+
+    def __iter__(self) -> Iterator[tuple]:
+        pool = _SamplePool(self.buffer, self.plan.buffer_generator())
+        batch_index = 0
+        for expected, (k, x, y, idx) in enumerate(self.blocks()):
+            if k != expected:  # the round-robin contract of DataLoader workers
+                raise RuntimeError(f"loader blocks arrived out of order ({k} where {expected} was due)")
+            pool.add(x, y, idx)
+            while len(pool) >= self.buffer + self.batch_size:
+                yield self._finish(pool.draw(self.batch_size), batch_index)
+                batch_index += 1
+        while len(pool):
+            yield self._finish(pool.draw(min(self.batch_size, len(pool))), batch_index)
+            batch_index += 1
+
+    def _finish(self, batch: tuple[torch.Tensor, torch.Tensor, np.ndarray], batch_index: int) -> tuple:
+        x8, y, idx = batch
+        x = x8.to(torch.float32).div_(255.0)
+        if self.poison is not None:
+            x, y = self.poison(x, y, idx)
+        x = self.transform(x, self.plan.augment_generator(batch_index))
+        return (x, y, [f"{i:06d}" for i in idx.tolist()]) if self.return_keys else (x, y)
+
+
+class _SamplePool:
+    """The shuffle buffer: samples drawn uniformly at random (swap-remove), or first-in first-out."""
+
+    def __init__(self, buffer: int, rng: np.random.Generator) -> None:
+        self.buffer, self.rng = buffer, rng
+        self.items: list[tuple[torch.Tensor, int, int]] = []
+        self.head = 0  # FIFO read position
+
+    def __len__(self) -> int:
+        return len(self.items) - self.head
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
+        if self.head:
+            del self.items[: self.head]
+            self.head = 0
+        # a copy per sample, so a block's memory is freed once its last sample left the pool
+        self.items.extend(zip((t.clone() for t in x.unbind(0)), y.tolist(), idx.tolist()))
+
+    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        if self.buffer > 0:
+            picked = []
+            items = self.items
+            for u in self.rng.random(n).tolist():  # one generator call per batch, not per sample
+                j = int(u * len(items))
+                items[j], items[-1] = items[-1], items[j]
+                picked.append(items.pop())
+        else:
+            picked = self.items[self.head : self.head + n]
+            self.head += n
+        return (torch.stack([p[0] for p in picked]), torch.tensor([p[1] for p in picked], dtype=torch.int64),
+                np.array([p[2] for p in picked], dtype=np.int64))
+
+
+def _decode(png: bytes, shard: str, index: int, loc: DataLocation) -> np.ndarray:
+    """PNG bytes -> uint8 C x H x W."""
+    try:
+        image = decode_png(png)
+    except Exception as exc:
+        raise DataError(f"shard {shard}: sample {index:06d} cannot be decoded ({exc!r}); "
+                        f"{prepare_hint(loc.uri)}") from None
+    return image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
 
 
 @dataclass(frozen=True)
 class BatchTransform:
-    """Resize to `img_size` (bilinear) then random crop (zero padding) and horizontal flip."""
+    """Random-resized-crop or resize to `img_size` (bilinear), then random crop (zero padding), flip.
+
+    `random_resized_crop: [min_scale, max_scale]` is the ImageNet recipe (area fraction in that
+    range, aspect ratio in [3/4, 4/3], log-uniform), cropped per sample and resized to `img_size`.
+    """
 
     img_size: int | None = None
     crop_padding: int = 0
     hflip: bool = False
+    rrc_scale: tuple[float, float] | None = None
 
     @classmethod
     def from_args(cls, img_size: int | None, augment: dict | None) -> "BatchTransform":
@@ -148,11 +341,18 @@ class BatchTransform:
         crop = int(augment.get("crop_padding", 0) or 0)
         if crop < 0:
             raise ValueError(f"augment.crop_padding must be >= 0, got {crop}")
-        return cls(img_size, crop, bool(augment.get("hflip", False)))
+        rrc = augment.get("random_resized_crop")
+        if rrc is not None:
+            rrc = tuple(float(v) for v in rrc)
+            if len(rrc) != 2 or not 0.0 < rrc[0] <= rrc[1] <= 1.0:
+                raise ValueError(f"augment.random_resized_crop must be [min_scale, max_scale] in (0, 1], got {rrc}")
+        return cls(img_size, crop, bool(augment.get("hflip", False)), rrc)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         s = self.img_size
-        if s is not None and tuple(x.shape[-2:]) != (s, s):
+        if self.rrc_scale is not None:
+            x = _random_resized_crop(x, self.rrc_scale, s or x.shape[-1], gen)
+        elif s is not None and tuple(x.shape[-2:]) != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=False)
             x = x.clamp_(0.0, 1.0)
         if self.crop_padding > 0:
@@ -161,6 +361,21 @@ class BatchTransform:
             flip = torch.rand(x.shape[0], generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
+
+
+def _random_resized_crop(x: torch.Tensor, scale: tuple[float, float], size: int,
+                         gen: torch.Generator) -> torch.Tensor:
+    """Per-sample crop of a random area fraction and aspect ratio, resized to size x size."""
+    b, _, h, w = x.shape
+    area = torch.empty(b).uniform_(scale[0], scale[1], generator=gen) * h * w
+    ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen))
+    cw = torch.sqrt(area * ratio).round().clamp(1, w).long()
+    ch = torch.sqrt(area / ratio).round().clamp(1, h).long()
+    oy = (torch.rand(b, generator=gen) * (h - ch + 1)).long()
+    ox = (torch.rand(b, generator=gen) * (w - cw + 1)).long()
+    out = [F.interpolate(x[i : i + 1, :, oy[i] : oy[i] + ch[i], ox[i] : ox[i] + cw[i]], size=(size, size),
+                         mode="bilinear", align_corners=False) for i in range(b)]
+    return torch.cat(out).clamp_(0.0, 1.0)
 
 
 def _random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -173,141 +388,6 @@ def _random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tenso
     cols = (ox[:, None] + torch.arange(w))[:, None, :]
     out = padded[torch.arange(b)[:, None, None], rows, cols]  # B, H, W, C
     return out.permute(0, 3, 1, 2).contiguous()
-
-
-class ShardReader(IterableDataset):
-    """One rank's epoch as a webdataset pipeline, run by each DataLoader worker for its batches."""
-
-    def __init__(
-        self,
-        dataset_dir: Path,
-        shards: list[tuple[str, int]],
-        plan: _EpochPlan,
-        transform: BatchTransform,
-        return_keys: bool,
-        poison: Callable | None = None,
-    ) -> None:
-        super().__init__()
-        self.poison = poison
-        self.dataset_dir = Path(dataset_dir)
-        self.shards = shards
-        self.plan = plan
-        self.transform = transform
-        self.return_keys = return_keys
-
-    def __len__(self) -> int:
-        return self.plan.num_batches()
-
-    def __iter__(self) -> Iterator[tuple]:
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        batches = self.plan.worker_batches(worker, workers)
-        if not batches:
-            return iter(())
-        wanted = np.concatenate([idx for _, idx in batches])
-        paths = [self.dataset_dir / f for f in self._shards_holding(wanted)]
-        pipeline = wds.DataPipeline(
-            lambda: _open_shards(paths),  # every reader walks the shards it needs
-            wds.tariterators.tar_file_expander,  # = wds.tarfile_to_samples minus its opener,
-            wds.tariterators.group_by_keys,  # which never closes the files it opens
-            _in_order(wanted.tolist(), self.dataset_dir),
-            wds.map(_decode_sample),
-            _batched(batches, self.plan, self.transform, self.return_keys, self.poison),
-        )
-        return iter(pipeline)
-
-    def _shards_holding(self, indices: np.ndarray) -> list[str]:
-        """Shard files (in manifest order) that contain any of `indices`."""
-        ends = np.cumsum([count for _, count in self.shards])
-        used = set(np.searchsorted(ends, indices, side="right").tolist())
-        return [self.shards[i][0] for i in sorted(used)]
-
-
-def _open_shards(paths: list[Path]) -> Iterator[dict[str, Any]]:
-    """Source stage: `{"url", "stream"}` per shard; each file is closed once it has been read."""
-    for path in paths:
-        with open(path, "rb") as stream:
-            yield {"url": str(path), "stream": stream}
-
-
-def _in_order(wanted: list[int], dataset_dir: Path) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """Stage: keep samples whose index is in `wanted`, emit them in `wanted` order."""
-
-    def stage(samples: Iterable[dict]) -> Iterator[dict]:
-        position = {index: p for p, index in enumerate(wanted)}
-        pending: dict[int, dict] = {}
-        next_pos = 0
-        for sample in samples:
-            key = sample.get("__key__", "")
-            if not key.isdigit():
-                raise DataError(
-                    f"shard {Path(sample.get('__url__', '?')).name} holds an entry with key "
-                    f"{key!r} (expected 6-digit indices); {prepare_hint(dataset_dir)}"
-                )
-            p = position.get(int(key))
-            if p is None:
-                continue
-            pending[p] = sample
-            while next_pos in pending:
-                yield pending.pop(next_pos)
-                next_pos += 1
-        if next_pos < len(wanted):
-            raise DataError(
-                f"sample {wanted[next_pos]:06d} was not found in the shards of {dataset_dir}; "
-                f"{prepare_hint(dataset_dir)}"
-            )
-
-    return stage
-
-
-def _decode_sample(sample: dict) -> tuple[torch.Tensor, int, str]:
-    """Raw webdataset sample -> (uint8 C x H x W tensor, label, key)."""
-    try:
-        image = decode_png(sample["png"])
-        label = int(sample["cls"])
-    except Exception as exc:
-        raise DataError(
-            f"shard {Path(sample.get('__url__', '?')).name}: sample {sample.get('__key__')} "
-            f"cannot be decoded ({exc!r})"
-        ) from None
-    image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(image)), label, sample["__key__"]
-
-
-def _batched(
-    batches: list[tuple[int, np.ndarray]],
-    plan: _EpochPlan,
-    transform: BatchTransform,
-    return_keys: bool,
-    poison: Callable | None = None,
-) -> Callable[[Iterable[tuple]], Iterator[tuple]]:
-    """Stage: group decoded samples into the planned batches, poison them if asked, transform."""
-
-    def stage(samples: Iterable[tuple]) -> Iterator[tuple]:
-        it = iter(samples)
-        for batch_index, indices in batches:
-            items = [next(it) for _ in range(len(indices))]
-            x = torch.stack([image for image, _, _ in items]).to(torch.float32).div_(255.0)
-            y = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
-            if poison is not None:
-                x, y = poison(x, y, indices)
-            x = transform(x, plan.augment_generator(batch_index))
-            yield (x, y, [key for _, _, key in items]) if return_keys else (x, y)
-
-    return stage
-
-
-def _limited_count(
-    manifest: dict[str, Any], dataset_dir: Path, split: str, limit: int | None
-) -> int:
-    """Samples of `split` an epoch covers: the split count, capped by `limit`."""
-    entry = manifest["splits"].get(split)
-    if entry is None:
-        known = ", ".join(sorted(manifest["splits"])) or "(none)"
-        raise DataError(f"dataset {dataset_dir} has no split '{split}' (it has: {known})")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    return entry["count"] if limit is None else min(limit, entry["count"])
 
 
 def _check_rank(rank: int, world_size: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from harness.data.location import join
 from harness.data.shards import DataError, existing_dataset, write_dataset
 
 DIGITS_SPLIT_RULE = (
@@ -31,12 +32,15 @@ CIFAR10_SPLIT_RULE = (
 )
 
 
-def prepare_digits(out_root: Path) -> Path:
-    """Convert scikit-learn's bundled 8x8 digits into `<out_root>/digits` (1 channel, 8x8)."""
+def prepare_digits(out_root: Path | str, samples_per_shard: int = 64) -> Path | str:
+    """Convert scikit-learn's bundled 8x8 digits into `<out_root>/digits` (1 channel, 8x8).
+
+    64 samples per shard gives 23 train shards: enough for 2 ranks x 4 loader workers.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    final = Path(out_root) / "digits"
+    final = _final(out_root, "digits")
     if existing_dataset(final):
         return final
     digits = load_digits()
@@ -59,12 +63,18 @@ def prepare_digits(out_root: Path) -> Path:
         "split_rule": DIGITS_SPLIT_RULE,
     }
     splits = {"train": lambda: samples(train_idx), "test": lambda: samples(test_idx)}
-    return write_dataset(out_root, "digits", splits, info, samples_per_shard=512)
+    return write_dataset(out_root, "digits", splits, info, samples_per_shard)
 
 
-def prepare_cifar10(archive: Path, out_root: Path) -> Path:
+def _final(out_root: Path | str, name: str) -> Path | str:
+    """Where a dataset lands: a Path for a local root, a URI string for a remote one."""
+    final = join(str(out_root), name)
+    return final if "://" in final else Path(final)
+
+
+def prepare_cifar10(archive: Path, out_root: Path | str, samples_per_shard: int = 1000) -> Path | str:
     """Convert the official `cifar-10-python.tar.gz` into `<out_root>/cifar10`, read in place."""
-    final = Path(out_root) / "cifar10"
+    final = _final(out_root, "cifar10")
     if existing_dataset(final):
         return final
     archive = Path(archive)
@@ -86,7 +96,7 @@ def prepare_cifar10(archive: Path, out_root: Path) -> Path:
         "split_rule": CIFAR10_SPLIT_RULE,
     }
     splits = {"train": lambda: samples("train"), "test": lambda: samples("test")}
-    return write_dataset(out_root, "cifar10", splits, info, samples_per_shard=10000)
+    return write_dataset(out_root, "cifar10", splits, info, samples_per_shard)
 
 
 def _read_cifar10_archive(

@@ -1,9 +1,12 @@
-"""WebDataset shards and their manifest: writing a dataset directory, reading and checking it.
+"""WebDataset shards and their manifest: writing a dataset directory and reading its manifest.
 
-A dataset directory `<root>/<name>/` holds `train-000000.tar`, ..., `test-000000.tar`, ... and
-`manifest.json`. Each sample is `<key>.png` (lossless uint8 image) + `<key>.cls` (integer text)
-with key `"%06d" % index_within_split`. Writing is byte-deterministic (fixed tar mtime, owner
-and mode; PNG with fixed settings), so the manifest's sha256s identify the data exactly.
+A dataset directory `<root>/<name>/` (a local folder or any URI of `harness.data.location`) holds
+`train-000000.tar`, ..., `test-000000.tar`, ... and `manifest.json`. Each sample is `<key>.png`
+(lossless uint8 image) + `<key>.cls` (integer text) with key `"%06d" % index_within_split`.
+Writing is byte-deterministic (fixed tar mtime, owner and mode; PNG with fixed settings), so
+the manifest's sha256s identify the data exactly. The manifest carries each shard's size and
+sha256, each split's per-class label counts, and `content_sha256`, a hash of its own other
+fields, so an edited manifest is caught as surely as an edited shard (harness.data.integrity).
 """
 from __future__ import annotations
 
@@ -21,8 +24,12 @@ import webdataset as wds
 from PIL import Image
 
 from harness.core.errors import DataError  # defined there so the CLI can catch it without importing torch
+from harness.data.integrity import dataset_sha256, prepare_hint, verify_once
+from harness.data.location import DataLocation, is_uri, join
 
-FORMAT_VERSION = 1
+__all__ = ["DataError", "dataset_sha256", "prepare_hint", "load_manifest", "verify_shards", "write_dataset"]
+
+FORMAT_VERSION = 2  # 2: shard sizes, per-class label counts, content_sha256
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 _TAR_MTIME = 0.0  # fixed so that identical input gives byte-identical shards
@@ -32,11 +39,6 @@ _HASH_CHUNK = 1 << 20
 def shard_name(split: str, index: int) -> str:
     """File name of shard `index` of `split`, e.g. `train-000003.tar`."""
     return f"{split}-{index:06d}.tar"
-
-
-def prepare_hint(dataset_dir: Path) -> str:
-    """The fix to print in errors: re-create the dataset with the CLI."""
-    return f"re-run `robustgrid data prepare {Path(dataset_dir).name}`"
 
 
 def file_sha256(path: Path) -> str:
@@ -101,10 +103,12 @@ def write_split(
     """Write `(image, label)` pairs as `<split>-NNNNNN.tar` shards; return the split's entry.
 
     Keys are the running index within the split; `on_image` sees every image (for statistics).
+    All shards hold `samples_per_shard` samples except the last (see harness/data/loader.py).
     """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
     shards: list[dict[str, Any]] = []
+    labels: dict[int, int] = {}
     writer: wds.TarWriter | None = None
     stream = None
     index = 0
@@ -117,9 +121,9 @@ def write_split(
         writer.close()  # closes the tar stream only; the file is ours to close
         stream.close()
         name = shard_name(split, len(shards))
-        shards.append(
-            {"file": name, "count": index - shard_start, "sha256": file_sha256(out_dir / name)}
-        )
+        path = out_dir / name
+        shards.append({"file": name, "count": index - shard_start, "size": path.stat().st_size,
+                       "sha256": file_sha256(path)})
         writer, stream, shard_start = None, None, index
 
     for image, label in samples:
@@ -130,28 +134,41 @@ def write_split(
             on_image(image)
         key = f"{index:06d}"
         writer.write({"__key__": key, "png": encode_png(image), "cls": b"%d" % int(label)})
+        labels[int(label)] = labels.get(int(label), 0) + 1
         index += 1
         if index % samples_per_shard == 0:
             close_shard()
     close_shard()
-    return {"count": index, "shards": shards}
+    return {"count": index, "shards": shards, "labels": labels}
 
 
 def write_dataset(
-    out_root: Path,
+    out_root: Path | str,
     name: str,
     splits: dict[str, Callable[[], Iterator[tuple[np.ndarray, int]]]],
     info: dict[str, Any],
     samples_per_shard: int,
-) -> Path:
+) -> Path | str:
     """Write a whole dataset atomically: shards + manifest in a temp dir, then rename into place.
 
     `splits` maps split name -> a callable giving `(image, label)` pairs (it must include
     "train", whose images give mean/std). `info` supplies the remaining manifest fields
     (num_classes, class_names, channels, image_size, source, split_rule). A crash leaves at
-    most a hidden `.<name>.tmp*` directory, never a half dataset under `<name>/`.
+    most a hidden `.<name>.tmp*` directory, never a half dataset under `<name>/`. `out_root`
+    may be a URI (s3://bucket/prefix): the dataset is built in a local temp dir and uploaded,
+    manifest last, so readers never see a manifest without its shards.
     """
-    out_root = Path(out_root)
+    if is_uri(out_root):
+        with tempfile.TemporaryDirectory(prefix=f".{name}.upload") as tmp:
+            built = _write_local(Path(tmp), name, splits, info, samples_per_shard)
+            target = join(str(out_root), name)
+            DataLocation(target).upload_folder(built)
+        return target
+    return _write_local(Path(out_root), name, splits, info, samples_per_shard)
+
+
+def _write_local(out_root: Path, name: str, splits: dict[str, Callable[[], Iterator[tuple[np.ndarray, int]]]],
+                 info: dict[str, Any], samples_per_shard: int) -> Path:
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=out_root))
@@ -160,9 +177,9 @@ def write_dataset(
         split_entries: dict[str, Any] = {}
         for split, make_samples in splits.items():
             on_image = stats.add if split == "train" else None
-            split_entries[split] = write_split(
-                tmp, split, make_samples(), samples_per_shard, on_image
-            )
+            entry = write_split(tmp, split, make_samples(), samples_per_shard, on_image)
+            entry["label_counts"] = _label_counts(entry.pop("labels"), info["num_classes"], split, name)
+            split_entries[split] = entry
         mean, std = stats.result()
         manifest = {
             "name": name,
@@ -177,6 +194,7 @@ def write_dataset(
             "split_rule": info["split_rule"],
             "splits": split_entries,
         }
+        manifest["content_sha256"] = content_sha256(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         if final.exists():
@@ -197,8 +215,16 @@ def write_dataset(
     return final
 
 
-def existing_dataset(dataset_dir: Path) -> bool:
-    """True when `dataset_dir` holds a complete dataset (valid manifest, all shard hashes match)."""
+def _label_counts(labels: dict[int, int], num_classes: int, split: str, name: str) -> list[int]:
+    """Per-class sample counts of a split; labels outside [0, num_classes) are a converter bug."""
+    bad = sorted(k for k in labels if not 0 <= k < num_classes)
+    if bad:
+        raise DataError(f"{name}: split '{split}' has labels {bad[:5]} outside [0, {num_classes})")
+    return [labels.get(c, 0) for c in range(num_classes)]
+
+
+def existing_dataset(dataset_dir: Path | str) -> bool:
+    """True when `dataset_dir` holds a complete dataset (valid manifest, shards verified)."""
     try:
         verify_shards(dataset_dir, load_manifest(dataset_dir))
     except DataError:
@@ -218,23 +244,41 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "source": str,
     "split_rule": str,
     "splits": dict,
+    "content_sha256": str,
 }
 
 
-def load_manifest(dataset_dir: Path) -> dict[str, Any]:
-    """Read and structurally check `<dataset_dir>/manifest.json`; DataError if missing/invalid."""
-    path = Path(dataset_dir) / MANIFEST
-    fix = prepare_hint(dataset_dir)
-    if not path.is_file():
-        raise DataError(f"dataset manifest {path} does not exist; {fix}")
+def load_manifest(dataset_dir: Path | str | DataLocation) -> dict[str, Any]:
+    """Read and check `<dataset_dir>/manifest.json` (structure, format, own hash); DataError if not."""
+    loc = dataset_dir if isinstance(dataset_dir, DataLocation) else DataLocation(dataset_dir)
+    where = loc.display(MANIFEST)
+    fix = prepare_hint(loc.uri)
+    raw = loc.read_bytes(MANIFEST)
+    if raw is None:
+        raise DataError(f"dataset manifest {where} does not exist; {fix}")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"dataset manifest {path} is not valid JSON ({exc}); {fix}") from None
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"dataset manifest {where} is not valid JSON ({exc}); {fix}") from None
+    if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"dataset manifest {where} has format_version {manifest.get('format_version')!r}; this code "
+            f"reads format {FORMAT_VERSION} (shard sizes, label counts, a manifest hash). Fix: "
+            f"{prepare_hint(loc.uri)}"
+        )
     problem = _manifest_problem(manifest)
     if problem:
-        raise DataError(f"dataset manifest {path} is invalid: {problem}; {fix}")
+        raise DataError(f"dataset manifest {where} is invalid: {problem}; {fix}")
+    if content_sha256(manifest) != manifest["content_sha256"]:
+        raise DataError(f"dataset manifest {where} was edited after it was written (its content hash "
+                        f"differs from content_sha256); {fix}")
     return manifest
+
+
+def content_sha256(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON without its `content_sha256` field."""
+    body = {k: v for k, v in manifest.items() if k != "content_sha256"}
+    return dataset_sha256(body)
 
 
 def _manifest_problem(m: Any) -> str | None:
@@ -244,8 +288,6 @@ def _manifest_problem(m: Any) -> str | None:
     for key, typ in _REQUIRED.items():
         if not isinstance(m.get(key), typ) or isinstance(m.get(key), bool):
             return f"field '{key}' missing or not {getattr(typ, '__name__', typ)}"
-    if m["format_version"] != FORMAT_VERSION:
-        return f"format_version {m['format_version']} (this code reads {FORMAT_VERSION})"
     if len(m["class_names"]) != m["num_classes"]:
         return "class_names length differs from num_classes"
     if len(m["mean"]) != m["channels"] or len(m["std"]) != m["channels"]:
@@ -256,40 +298,24 @@ def _manifest_problem(m: Any) -> str | None:
         if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
             return f"split '{split}' has no shard list"
         for shard in entry["shards"]:
-            if not isinstance(shard, dict) or not {"file", "count", "sha256"} <= set(shard):
-                return f"split '{split}' has a shard entry without file/count/sha256"
+            if not isinstance(shard, dict) or not {"file", "count", "size", "sha256"} <= set(shard):
+                return f"split '{split}' has a shard entry without file/count/size/sha256"
             if Path(shard["file"]).name != shard["file"]:
                 return f"shard file '{shard['file']}' is not a plain file name"
         if entry.get("count") != sum(s["count"] for s in entry["shards"]):
             return f"split '{split}' count differs from the sum of its shard counts"
+        counts = entry.get("label_counts")
+        if not isinstance(counts, list) or len(counts) != m["num_classes"] or sum(counts) != entry["count"]:
+            return f"split '{split}' label_counts do not match num_classes ({m['num_classes']}) and its count"
     return None
 
 
 def verify_shards(
-    dataset_dir: Path, manifest: dict[str, Any], splits: Iterable[str] = SPLITS
+    dataset_dir: Path | str | DataLocation, manifest: dict[str, Any], splits: Iterable[str] = SPLITS
 ) -> None:
-    """Check that each shard of `splits` exists and matches its manifest sha256, else DataError."""
-    dataset_dir = Path(dataset_dir)
-    fix = prepare_hint(dataset_dir)
-    for split in splits:
-        entry = manifest["splits"].get(split)
-        if entry is None:
-            known = ", ".join(sorted(manifest["splits"])) or "(none)"
-            raise DataError(
-                f"dataset {dataset_dir} has no split '{split}' (it has: {known}); {fix}"
-            )
-        for shard in entry["shards"]:
-            path = dataset_dir / shard["file"]
-            if not path.is_file():
-                raise DataError(f"shard {shard['file']} is missing ({path}); {fix}")
-            if file_sha256(path) != shard["sha256"]:
-                raise DataError(
-                    f"shard {shard['file']} is corrupt: its sha256 differs from the manifest "
-                    f"({path}); {fix}"
-                )
+    """Check the shards of `splits` against the manifest: sizes always, full hashes once per node.
 
-
-def dataset_sha256(manifest: dict[str, Any]) -> str:
-    """Provenance id of a dataset: sha256 of the manifest's canonical JSON (sorted, compact)."""
-    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    See harness.data.integrity; a missing, truncated or corrupt shard raises DataError with the fix.
+    """
+    loc = dataset_dir if isinstance(dataset_dir, DataLocation) else DataLocation(dataset_dir)
+    verify_once(loc, manifest, tuple(splits))

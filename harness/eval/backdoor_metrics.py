@@ -21,6 +21,8 @@ from torch import nn
 
 from harness.backdoor.plan import test_plan, train_plan
 from harness.data.loader import make_loader
+from harness.core.registry import ANALYSES
+from harness.eval.stage import Analysis, EvalContext
 
 
 @dataclass
@@ -64,18 +66,32 @@ def evaluate_backdoor(model: nn.Module, cfg: dict[str, Any], *, num_classes: int
     return BackdoorResult(asr, ra, per_class, n, time.perf_counter() - t0)
 
 
-def add_backdoor_metrics(cfg: dict[str, Any], model: nn.Module, rows: list[dict[str, Any]],
-                         num_classes: int) -> list[dict[str, Any]]:
-    """The cell's result rows with the backdoor columns filled in (unchanged for clean cells)."""
+@ANALYSES.register("backdoor_metrics")
+class BackdoorMetrics(Analysis):
+    """ASR and backdoor robust accuracy of a cell trained on poisoned data, with the poisoned
+    training indices (and their sha256) for audit; nothing for clean cells."""
+
+    always = True
+    order = 40
+
+    def applies(self, cfg: dict[str, Any]) -> bool:
+        return (cfg.get("backdoor") or {}).get("name", "none") != "none"
+
+    def run(self, ctx: EvalContext) -> None:
+        ctx.columns |= backdoor_columns(ctx.cfg, ctx.model, ctx.manifest["num_classes"])
+
+
+def backdoor_columns(cfg: dict[str, Any], model: nn.Module, num_classes: int) -> dict[str, Any]:
+    """The backdoor columns of a cell's rows (empty for clean cells)."""
     plan = train_plan({**cfg, "backdoor": {k: v for k, v in (cfg.get("backdoor") or {}).items()
                                            if k != "clean_train"}})
     if plan is None:
-        return rows
+        return {}
     ecfg = cfg.get("eval", {})
     result = evaluate_backdoor(model, cfg, num_classes=num_classes, batch_size=int(ecfg.get("batch_size", 256)),
                                limit=ecfg.get("limit"))
     indices = [int(i) for i in plan.poisoned]
-    extra = {
+    return {
         "backdoor": plan.poison.name,
         "poison_rate": plan.poison.rate,
         "target_class": plan.poison.target,
@@ -88,4 +104,3 @@ def add_backdoor_metrics(cfg: dict[str, Any], model: nn.Module, rows: list[dict[
         "n_triggered": result.n_triggered,
         "backdoor_eval_seconds": result.seconds,
     }
-    return [row | extra for row in rows]

@@ -4,8 +4,9 @@ A sample counts as robust under an attack when the model classifies both the cle
 the attacked image correctly (the AutoAttack/RobustBench convention: robust <= clean).
 Only clean-correct points are attacked (and, with `survivors`, only those an earlier
 evaluation left robust). Every attack output is checked to lie in the eps-ball and in [0,1]; a
-violating output is projected back and its row flagged (harness/eval/integrity.py), as are the other
-integrity checks; per-sample outcomes are kept for harness/eval/samples.py.
+violating output is projected back and its evidence kept on the attack's result; the integrity
+analysis (harness/eval/integrity.py) turns it and its own probes into the rows' flags. Per-sample
+outcomes are kept for harness/eval/samples.py.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from harness.attacks.base import Attack, build_attack
 from harness.data.loader import make_loader
-from harness.eval.integrity import Details, enforce_threat_model, flag_list, probe_model, row_flags
+from harness.eval.integrity import Details, enforce_threat_model
 from harness.eval.samples import CLEAN, Survivors, run_attack
 
 _TOL = 1e-6
@@ -32,8 +33,9 @@ class AttackResult:
     per_class_robust_acc: list[float]
     seconds: float
     broken_by: list[str | None] = field(default_factory=list)  # per test point (samples.py)
-    flags: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # set by the integrity analysis
     flag_details: Details = field(default_factory=dict)
+    out_of_bounds: dict[str, Any] | None = None  # worst threat-model violation (projected back)
 
 
 @dataclass
@@ -50,9 +52,9 @@ class EvalResult:
 def evaluate(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_dir: Path, *,
              num_classes: int, batch_size: int = 256, img_size: int | None = None,
              limit: int | None = None, device: torch.device | str = "cpu", seed: int = 0,
-             survivors: Survivors | None = None, integrity_points: int = 64) -> EvalResult:
-    """Clean + robust accuracy of `model` on the test split under each configured attack, with
-    integrity flags (probes on the first `integrity_points` test points; 0 skips the probes)."""
+             survivors: Survivors | None = None) -> EvalResult:
+    """Clean + robust accuracy of `model` on the test split under each configured attack
+    (integrity flags come after, from harness.eval.integrity.flag_result)."""
     t_start = time.perf_counter()
     attacks = [build_attack(cfg) for cfg in attack_cfgs]
     model.eval()
@@ -62,7 +64,6 @@ def evaluate(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_dir: P
     seconds = [0.0 for _ in attacks]
     broken: list[list[str | None]] = [[] for _ in attacks]
     out_of_bounds: list[dict[str, Any] | None] = [None for _ in attacks]
-    probe: tuple[torch.Tensor, torch.Tensor] | None = None
     torch.manual_seed(seed)
     for x, y in make_loader(dataset_dir, "test", batch_size, img_size=img_size, limit=limit):
         x, y = x.to(device), y.to(device)
@@ -74,7 +75,6 @@ def evaluate(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_dir: P
         if survivors is not None:
             todo &= survivors.robust[start:start + len(y)].to(device)
             before = [b or survivors.broken_by[start + j] for j, b in enumerate(before)]
-        probe = probe if probe is not None else (x[:integrity_points], y[:integrity_points])
         labels.append(y.cpu())
         clean_ok.append(correct.cpu())
         idx = todo.nonzero().flatten()
@@ -103,15 +103,7 @@ def evaluate(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_dir: P
     for i, attack in enumerate(attacks):
         robust = torch.cat(adv_ok[i])
         result.attacks.append(AttackResult(attack, _mean(robust), per_class(robust, y_all, num_classes),
-                                           seconds[i], broken_by=broken[i]))
-    model_details: Details = {}
-    if integrity_points > 0 and probe is not None:
-        model_details = probe_model(model, *probe, {(a.norm, a.eps) for a in attacks}, seed=seed)
-    rows = [{"name": r.attack.name, "norm": r.attack.norm, "eps": r.attack.eps, "config": r.attack.describe(),
-             "robust_acc": r.robust_acc, "broken_by": r.broken_by, "out_of_bounds": out_of_bounds[i]}
-            for i, r in enumerate(result.attacks)]
-    for r, details in zip(result.attacks, row_flags(result.clean_acc, rows, model_details)):
-        r.flags, r.flag_details = flag_list(details), details
+                                           seconds[i], broken_by=broken[i], out_of_bounds=out_of_bounds[i]))
     result.seconds = time.perf_counter() - t_start
     return result
 

@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from harness.attacks.base import Attack, project_linf
+from harness.core.registry import ANALYSES
+from harness.eval.stage import Analysis, EvalContext
 
 FLAGS = (
     "randomized_outputs",
@@ -258,3 +261,45 @@ def _rows_monotonicity(rows: list[dict[str, Any]], per_row: list[Details]) -> No
 def flag_list(details: Details) -> list[str]:
     """The fired flags, in the fixed order of FLAGS."""
     return [f for f in FLAGS if f in details]
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation analysis: flags on every attack row of an evaluated cell
+# ------------------------------------------------------------------------------------------------
+
+def flag_result(model: nn.Module, result: Any, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> None:
+    """Set `flags` and `flag_details` on each attack of an EvalResult (harness/eval/evaluate.py):
+    model probes on the points (x, y) (none when x is empty), then the row-level checks."""
+    model_details: Details = {}
+    if len(x):
+        model_details = probe_model(model, x, y, {(r.attack.norm, r.attack.eps) for r in result.attacks}, seed=seed)
+    rows = [{"name": r.attack.name, "norm": r.attack.norm, "eps": r.attack.eps, "config": r.attack.describe(),
+             "robust_acc": r.robust_acc, "broken_by": r.broken_by, "out_of_bounds": r.out_of_bounds}
+            for r in result.attacks]
+    for r, details in zip(result.attacks, row_flags(result.clean_acc, rows, model_details)):
+        r.flags, r.flag_details = flag_list(details), details
+
+
+@ANALYSES.register("integrity")
+class IntegrityFlags(Analysis):
+    """AutoAttack-style integrity flags on every evaluated model (probes on `eval.integrity_points`
+    test points, default 64; 0 skips the probes, the row-level checks still run)."""
+
+    always = True
+    order = 10
+
+    def run(self, ctx: EvalContext) -> None:
+        from harness.data.loader import make_loader
+
+        cfg = ctx.cfg
+        ecfg = cfg.get("eval") or {}
+        points = int(ecfg.get("integrity_points", 64))
+        if ecfg.get("limit") is not None:
+            points = min(points, int(ecfg["limit"]))
+        x = torch.empty(0)
+        y = torch.empty(0, dtype=torch.long)
+        if points > 0:
+            batches = list(make_loader(Path(cfg["data"]["dir"]), "test", points, img_size=cfg["data"].get("img_size"),
+                                       limit=points))
+            x, y = batches[0][0].to(ctx.device), batches[0][1].to(ctx.device)
+        flag_result(ctx.model, ctx.result, x, y, seed=int(cfg["seed"]))

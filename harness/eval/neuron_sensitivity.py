@@ -23,6 +23,8 @@ from torch import nn
 from harness.attacks.base import Attack
 from harness.attacks.pgd import PGD
 from harness.data.loader import make_loader
+from harness.core.registry import ANALYSES
+from harness.eval.stage import Analysis, EvalContext
 
 
 @dataclass
@@ -117,3 +119,19 @@ def analyse_cell(cfg: dict[str, Any], model: nn.Module) -> SensitivityResult | N
                          img_size=cfg["data"].get("img_size"), limit=ns_cfg.get("limit", 256))
     torch.manual_seed(int(cfg["seed"]))
     return neuron_sensitivity(model, [(x, y) for x, y in loader], attack, ns_cfg.get("layers"))
+
+
+@ANALYSES.register("neuron_sensitivity")
+class NeuronSensitivity(Analysis):
+    """Columns `neuron_sensitivity` (mean over layers) and `neuron_sensitivity_layers` (JSON)."""
+
+    always = True
+    order = 30
+
+    def applies(self, cfg: dict[str, Any]) -> bool:
+        return bool(((cfg.get("eval") or {}).get("neuron_sensitivity") or {}).get("enabled", True))
+
+    def run(self, ctx: EvalContext) -> None:
+        result = analyse_cell(ctx.cfg, ctx.model)
+        if result is not None:
+            ctx.columns |= {"neuron_sensitivity": result.value, "neuron_sensitivity_layers": result.layers_json()}

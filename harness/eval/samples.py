@@ -29,6 +29,8 @@ from torch import nn
 
 from harness.attacks.base import Attack
 from harness.store.storage import open_store, parquet_from_bytes
+from harness.core.registry import ANALYSES
+from harness.eval.stage import Analysis, EvalContext
 
 CLEAN = "clean"
 PREVIOUS = "previous:"
@@ -143,3 +145,18 @@ def load_survivors(results_dir: str | os.PathLike, source: str, *, train_key: st
             if broken_by[i] is None:
                 broken_by[i] = CLEAN if by == CLEAN else f"{PREVIOUS}{by or attack}"
     return Survivors(str(path), n_eval, robust, broken_by)
+
+
+@ANALYSES.register("samples")
+class PerSampleResults(Analysis):
+    """Per-sample outcomes of every attack, `samples/<key>.parquet` beside the cell's result: what
+    `eval.survivors_from` resumes from, and what a reader audits one image at a time."""
+
+    always = True
+    order = 20
+
+    def run(self, ctx: EvalContext) -> None:
+        cfg, result = ctx.cfg, ctx.result
+        table = samples_table(cfg["key"], cfg.get("train_key"), {r.attack.name: r.broken_by for r in result.attacks},
+                              result.labels, result.clean_ok)
+        write_samples(cfg["results_dir"], cfg["key"], table)

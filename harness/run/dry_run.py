@@ -75,7 +75,9 @@ def measured_throughput(results_dir: str) -> dict[str, Throughput]:
 
 def plan(cells: list[dict[str, Any]], results_dir: str) -> list[PlannedCell]:
     """One PlannedCell per cell of one results store, in the grid's order."""
-    status = grid_status(results_dir, [c["key"] for c in cells])
+    identities = {c["key"]: c["cell_id"] for c in cells if c.get("cell_id")}  # finds stale results
+    train_keys = {c["key"]: c["train_key"] for c in cells if c.get("train_key")}
+    status = grid_status(results_dir, [c["key"] for c in cells], identities, train_keys)
     state_of = {key: state for state in STATES for key in getattr(status, state, [])}
     speeds = measured_throughput(results_dir)
     planned = []

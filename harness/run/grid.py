@@ -1,4 +1,4 @@
-"""Expand a grid into cells and run them as Ray tasks.
+"""Expand a grid into cells, plan them (harness/run/plan.py) and run the plan's nodes as Ray tasks.
 
 A grid config (configs/grid/*.yaml) names its axes, e.g. {arch: [...], method: [...], seed: [...]},
 and overrides applied to every cell. Each combination is composed into a full cell config
@@ -6,13 +6,22 @@ and keyed by the hash of what it computes (harness.core.config.cell_key). Everyt
 before Ray starts; cells whose result is already committed with status 'ok' are skipped, so
 re-running a finished grid trains nothing and does not even start Ray.
 
+Each node of the plan is one Ray task: a train node asks for its cell's training resources (every
+DDP rank's CPUs/GPUs/memory), an eval or artifact node for one rank's; each has its own retries,
+and its inputs are ObjectRefs, so Ray starts it only when the nodes it needs are done.
+
 Locally Ray runs embedded (no setup); `ray.address=auto` (or an address) joins a cluster.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
+import json
 import os
+import re
 import time
+from importlib import resources
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +30,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.attacks.base import build_attack
 from harness.backdoor.base import build_poison
-from harness.run.cell import CellOutcome, run_cell
 from harness.core.config import ConfigError, compose_config, finalize
 from harness.data.ensure import ensure_prepared
-from harness.run.resources import cell_resources, task_options
+from harness.eval.stage import check_analyses
+from harness.run.cell import RUNNERS
+from harness.run.nodes import CellOutcome, NodeOutcome
+from harness.run.plan import Node, Plan, committed_ok, pending_plan, planned_trainer
+from harness.run.resources import cell_resources, rank_options, task_options
+from harness.run.status import running_cells
 from harness.store.results import committed_status, write_cell_result
-from harness.run.stages import dependency_keys, in_dependency_order, train_config
+from harness.store.rows import failed_row
 from harness.train.trainer import check_trainer_config
 from methods.base import build_method
 
@@ -56,15 +69,63 @@ def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
         raise ConfigError(f"grid '{grid.get('name')}' has no axes")
     fixed = list(grid.get("overrides") or [])
     user = [o for o in overrides if not o.startswith("grid=")]
-    names = list(axes)
+    user_keys = {o.split("=", 1)[0].lstrip("+~") for o in user}
+    # Hydra composes once per combination of the axes that pick config files (method, arch, ...);
+    # plain values (seed, trainer.epochs, ...) that no ${...} interpolation reads are set on the
+    # composed config: 10,000 cells over 10 seeds compose 1,000 times, not 10,000.
+    value_axes = [n for n in axes if _plain_value_axis(n) and n not in user_keys]
+    group_axes = [n for n in axes if n not in value_axes]
     cells: dict[str, dict[str, Any]] = {}
-    for values in itertools.product(*(axes[n] for n in names)):
-        axis_overrides = [f"{n}={_override_value(v)}" for n, v in zip(names, values)]
+    for group_values in itertools.product(*(axes[n] for n in group_axes)):
+        axis_overrides = [f"{n}={_override_value(v)}" for n, v in zip(group_axes, group_values)]
         # grid's fixed settings first, then the axis values, then the user's own overrides
-        cfg = compose_config(_last_wins(fixed + axis_overrides + user + [f"grid={grid['name']}"]))
-        cfg = finalize(cfg)
-        cells.setdefault(cfg["key"], cfg)
+        composed = compose_config(_last_wins(fixed + axis_overrides + user + [f"grid={grid['name']}"]))
+        for values in itertools.product(*(axes[n] for n in value_axes)):
+            cfg = json.loads(json.dumps(composed))
+            for name, value in zip(value_axes, values):
+                _set(cfg, name, value)
+            cfg = finalize(cfg)
+            cells.setdefault(cfg["key"], cfg)
     return list(cells.values())
+
+
+@functools.lru_cache(maxsize=1)
+def _interpolated_keys() -> frozenset[str]:
+    """Keys some config reads through `${...}` (their value must go through Hydra)."""
+    folder = resources.files("configs")
+    found: set[str] = set()
+    for path in _yaml_files(folder):
+        found |= set(re.findall(r"\$\{([A-Za-z0-9_.]+)\}", path.read_text()))
+    return frozenset(found)
+
+
+def _yaml_files(folder: Any) -> list[Any]:
+    out = []
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            out += _yaml_files(entry)
+        elif entry.name.endswith(".yaml"):
+            out.append(entry)
+    return out
+
+
+def _plain_value_axis(name: str) -> bool:
+    """An axis that sets one value (not a config group, not read by an interpolation)."""
+    if name.startswith(("+", "~")) or (resources.files("configs") / name.split(".")[0]).is_dir():
+        return False
+    return not any(k == name or k.startswith(name + ".") or name.startswith(k + ".") for k in _interpolated_keys())
+
+
+def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set an existing key (Hydra's `key=value`); a key the config lacks is Hydra's error."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        raise ConfigError(f"grid axis '{dotted}': no such key in the config. Fix: name an existing key, or "
+                          f"'+{dotted}' to add one")
+    node[leaf] = copy.deepcopy(value)
 
 
 def _last_wins(overrides: list[str]) -> list[str]:
@@ -81,36 +142,47 @@ def _override_value(value: Any) -> str:
 
 def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
-    check_trainer_config(train_config(cfg)["trainer"])
+    check_trainer_config(planned_trainer(cfg))
     cell_resources(cfg)
     build_method(cfg["method"])
     build_poison(cfg.get("backdoor"))
     for attack_cfg in cfg["attack"].values():
         build_attack(attack_cfg)
+    check_analyses(cfg)
 
 
 def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num_cpus: int | None = None) -> GridReport:
-    """Run every not-yet-committed cell as a Ray task, with one progress view of the grid."""
+    """Run every not-yet-committed cell's nodes as Ray tasks, with one progress view of the grid."""
     t0 = time.perf_counter()
     for cfg in cells:
         validate_cell(cfg)
     for data_cfg in {c["data"]["dir"]: c["data"] for c in cells}.values():
         ensure_prepared(data_cfg)
     report = GridReport(cells=cells)
-    pending = []
-    for cfg in cells:
-        if committed_status(cfg["results_dir"], cfg["key"]) == "ok":
-            report.skipped.append(cfg["key"])
-        else:
-            pending.append(cfg)
-    console.print(f"grid: {len(cells)} cells, {len(report.skipped)} already committed, {len(pending)} to run")
-    if pending:
-        report.outcomes = _run_on_ray(pending, ray_address, num_cpus)
+    done = committed_ok(cells)
+    report.skipped = [c["key"] for c in cells if c["key"] in done]
+    plan = pending_plan(cells)
+    counts = plan.counts()
+    console.print(f"grid: {len(cells)} cells, {len(report.skipped)} already committed, "
+                  f"{len(cells) - len(report.skipped)} to run; plan: {counts['train']} trainings, "
+                  f"{counts['artifact']} artifacts, {counts['eval']} evaluations", soft_wrap=True)
+    if len(plan):
+        report.outcomes = _run_on_ray(plan, ray_address, num_cpus)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: int | None) -> list[CellOutcome]:
+def node_options(node: Node) -> dict[str, Any]:
+    """Ray options of one node: a train node holds its cell's training resources; an eval or
+    artifact node one rank's (a GPU cell evaluates on its GPU)."""
+    if node.kind == "train":
+        return task_options(node.cfg)
+    if node.kind == "eval":
+        return rank_options(node.cfg) | {"max_retries": cell_resources(node.cfg).max_retries}
+    return {"num_cpus": 1, "max_retries": 2}
+
+
+def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[CellOutcome]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -119,84 +191,77 @@ def _run_on_ray(pending: list[dict[str, Any]], address: str | None, num_cpus: in
         # (ray.init(None) would silently join it); ray.address=auto|host:port joins a cluster.
         ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
                  include_dashboard=False, log_to_driver=True, configure_logging=False)
-    task = ray.remote(_run_cell_task)
-    refs = {}
-    last_by_train_key: dict[str, Any] = {}
-    for cfg in in_dependency_order(pending):
-        options = task_options(cfg)  # CPUs/GPUs/memory per rank, retries on worker/node death
-        # Cells that train the same model (differing only in eval attacks) share one checkpoint:
-        # chain them, so the first trains and the others only evaluate. A two-stage cell (ADML)
-        # also waits for the cells that train its base checkpoint.
-        needs = [cfg["train_key"], *dependency_keys(cfg)]
-        after = [last_by_train_key[k] for k in needs if k in last_by_train_key]
-        ref = task.options(**options).remote(cfg, *after)
-        last_by_train_key[cfg["train_key"]] = ref
-        refs[ref] = cfg
+    refs: dict[str, Any] = {}
+    nodes_by_ref: dict[Any, Node] = {}
+    for node in plan:  # topological order: every input's ref exists already
+        task = ray.remote(_node_task).options(**node_options(node), name=node.id)
+        ref = task.remote(node, *(refs[i] for i in node.inputs))
+        refs[node.id] = ref
+        nodes_by_ref[ref] = node
+    cells = {ref: node.cfg for ref, node in nodes_by_ref.items() if node.kind == "eval"}
     outcomes: list[CellOutcome] = []
     columns = (TextColumn("[bold]grid"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("grid", total=len(refs), status="")
-        waiting = list(refs)
+        bar = progress.add_task("grid", total=len(cells), status="")
+        waiting = list(nodes_by_ref)
         while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1, timeout=5.0)
-            if not done:  # nothing finished: refresh the running count from the cells' heartbeats
-                progress.update(bar, status=_live_status(refs, waiting, outcomes))
-                continue
-            cfg = refs[done[0]]
-            try:
-                outcome = ray.get(done[0])
-            except Exception as err:  # the worker died (OOM, node lost) after its retries
-                error = f"{type(err).__name__}: {err}"
-                path = write_cell_result(cfg["results_dir"], cfg["key"], [_lost_row(cfg, error)])
-                # an attempt may have committed 'ok' before dying: that commit wins over this row
-                status = committed_status(cfg["results_dir"], cfg["key"]) or "failed"
-                outcome = CellOutcome(cfg["key"], cfg["label"], status, None if status == "ok" else error,
-                                      str(path), 0.0)
-            outcomes.append(outcome)
-            progress.update(bar, advance=1, status=_live_status(refs, waiting, outcomes))
-            mark = "[green]ok[/]" if outcome.status == "ok" else "[red]FAILED[/]"
-            progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s")
+            # everything finished within the timeout, in one call: O(nodes) per round, not per node
+            done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=2.0)
+            for ref in done:
+                node = nodes_by_ref[ref]
+                outcome = _get_outcome(ray, ref, node)
+                if node.kind != "eval":
+                    if outcome.status != "ok":
+                        progress.console.print(f"[red]FAILED[/] {node.label}: {_first_line(outcome.error)}")
+                    continue
+                outcomes.append(outcome)
+                progress.update(bar, advance=1)
+                mark = "[green]ok[/]" if outcome.status == "ok" else "[red]FAILED[/]"
+                progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s")
+            progress.update(bar, status=_live_status(cells, waiting, outcomes))
     return outcomes
 
 
-def _live_status(refs: dict[Any, dict[str, Any]], waiting: list[Any], outcomes: list[CellOutcome]) -> str:
-    """'running R, queued Q, failed F': R from fresh heartbeats in the results store(s)."""
-    from harness.run.status import running_cells
+def _get_outcome(ray: Any, ref: Any, node: Node) -> CellOutcome | NodeOutcome:
+    try:
+        return ray.get(ref)
+    except Exception as err:  # the worker died (OOM, node lost) after its retries, or an input's did
+        error = f"{type(err).__name__}: {err}"
+        if node.kind != "eval":
+            return NodeOutcome(node.id, "failed", error)
+        cfg = node.cfg
+        path = write_cell_result(cfg["results_dir"], cfg["key"], [failed_row(cfg, error)])
+        # an attempt may have committed 'ok' before dying: that commit wins over this row
+        status = committed_status(cfg["results_dir"], cfg["key"]) or "failed"
+        return CellOutcome(cfg["key"], cfg["label"], status, None if status == "ok" else error, str(path), 0.0)
 
-    keys = {refs[ref]["key"] for ref in waiting}
-    running = set().union(*(running_cells(d) for d in {cfg["results_dir"] for cfg in refs.values()})) & keys
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+
+
+def _live_status(cells: dict[Any, dict[str, Any]], waiting: list[Any], outcomes: list[CellOutcome]) -> str:
+    """'running R, queued Q, failed F': R from fresh heartbeats in the results store(s)."""
+    keys = {cells[ref]["key"] for ref in waiting if ref in cells}
+    running = set().union(*(running_cells(d) for d in {cfg["results_dir"] for cfg in cells.values()})) & keys
     return f"running {len(running)}, queued {len(keys) - len(running)}, failed {sum(o.status != 'ok' for o in outcomes)}"
 
 
-def _run_cell_task(cfg: dict[str, Any], *after: CellOutcome) -> CellOutcome:
-    """The Ray task: one cell, torch on the CPUs Ray gave it (`after`: cells it waited for).
-
-    A heartbeat marker says the cell is running (harness.run.status); an attempt that finds the cell
-    already committed 'ok' (a retry of a task whose first run did finish) returns at once.
-    """
+def _node_task(node: Node, *inputs: Any) -> Any:
+    """The Ray task of one node: torch on the CPUs Ray gave it; an eval node that finds its cell
+    already committed 'ok' (a retry whose first attempt did finish) returns at once."""
     import torch
 
-    from harness.run.status import RunningMarker
-
-    if committed_status(cfg["results_dir"], cfg["key"]) == "ok":
+    if node.kind == "eval" and committed_status(node.cfg["results_dir"], node.cfg["key"]) == "ok":
         from harness.store.results import result_path
 
+        cfg = node.cfg
         return CellOutcome(cfg["key"], cfg["label"], "ok", None, str(result_path(cfg["results_dir"], cfg["key"])), 0.0)
-    torch.set_num_threads(max(1, int((cfg.get("resources") or {}).get("cpus", 1))))
+    if node.cfg is not None:
+        torch.set_num_threads(max(1, int(cell_resources(node.cfg).cpus)))
     try:
-        with RunningMarker(cfg["results_dir"], cfg["key"]):
-            if cell_resources(cfg).launcher == "ray_train":
-                from harness.run.ray_train import run_cell_ray_train
-
-                return run_cell_ray_train(cfg)
-            return run_cell(cfg)
+        return RUNNERS[node.kind](node, *inputs)
     finally:
         if torch.cuda.is_available():  # the worker is reused: hand cached GPU memory back to cells sharing the GPU
             torch.cuda.empty_cache()
-
-
-def _lost_row(cfg: dict[str, Any], error: str) -> dict[str, Any]:
-    from harness.run.cell import _base_row, _now
-
-    return _base_row(cfg, _now()) | {"status": "failed", "error": error}

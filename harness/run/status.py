@@ -1,9 +1,12 @@
 """What a grid's cells are doing, read from the results store alone (`robustgrid status`).
 
-done / failed come from verified commit markers (harness.store.storage). While a cell runs, its task
-keeps `_running/<key>.json` fresh (a heartbeat every few seconds) and logs each start in
-`_attempts/<key>/<attempt>.json`; a marker whose heartbeat stopped (killed worker, lost node,
-killed driver) no longer counts as running, so the cell shows as pending until a grid reruns it.
+done / failed come from verified commit markers (harness.store.storage). While a node runs, its
+task keeps `_running/<key>.json` fresh (a heartbeat every few seconds; a train node's key is
+`train-<train key>`) and logs each start in `_attempts/<key>/<attempt>.json`; a marker whose
+heartbeat stopped (killed worker, lost node, killed driver) no longer counts as running, so the
+cell shows as pending until a grid reruns it. A cell with no result under its key, but an 'ok'
+result of the same cell computed by other code (same `cell_id`, another code version), is stale:
+the old result is kept, and the next grid run recomputes it under the new key.
 No driver or Ray connection is needed: any machine that can read the store can ask.
 """
 from __future__ import annotations
@@ -31,13 +34,14 @@ class GridStatus:
     done: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     running: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # an 'ok' result exists, from older code
     pending: list[str] = field(default_factory=list)
     attempts: dict[str, int] = field(default_factory=dict)  # starts per key (retries show as > 1)
     grid_known: bool = True  # False: no grid given, so pending cells cannot be listed
 
     def counts(self) -> dict[str, int]:
         return {"done": len(self.done), "failed": len(self.failed), "running": len(self.running),
-                "pending": len(self.pending)}
+                "stale": len(self.stale), "pending": len(self.pending)}
 
 
 class RunningMarker:
@@ -109,21 +113,48 @@ def attempt_count(location: str, key: str) -> int:
     return len(open_store(location).list(f"{ATTEMPTS}/{key}"))
 
 
-def grid_status(location: str, keys: Iterable[str] | None = None) -> GridStatus:
-    """Status of the given cell keys (a grid), or of every cell the store knows about."""
+IDENTITIES = "_cells"  # _cells/<cell_id>/<key>.json: every key a cell was committed under
+
+
+def record_identity(location: str, cell_id: str | None, key: str, status: str, code_version: str | None) -> None:
+    """Note that `key` (one code version of cell `cell_id`) was committed, for stale detection."""
+    if cell_id:
+        info = {"key": key, "status": status, "code_version": code_version, "committed_at": _stamp()}
+        open_store(location).write_bytes(f"{IDENTITIES}/{cell_id}/{key}.json", json.dumps(info).encode(), durable=False)
+
+
+def older_results(location: str, cell_id: str, key: str) -> list[str]:
+    """Keys of 'ok' results of the same cell under other code versions."""
+    store = open_store(location)
+    out = []
+    for name in store.list(f"{IDENTITIES}/{cell_id}"):
+        other = name[: -len(".json")]
+        if other != key and store.committed_status(other) == "ok":
+            out.append(other)
+    return out
+
+
+def grid_status(location: str, keys: Iterable[str] | None = None,
+                identities: dict[str, str] | None = None, train_keys: dict[str, str] | None = None) -> GridStatus:
+    """Status of the given cell keys (a grid), or of every cell the store knows about.
+    `identities` (key -> cell_id) finds stale cells; `train_keys` (key -> train key) counts a cell
+    whose model is training as running."""
     store = open_store(location)
     running = running_cells(location)
     committed = {name[: -len(".json")] for name in store.list(COMMITS) if name.endswith(".json")}
     status = GridStatus(grid_known=keys is not None)
-    wanted = list(keys) if keys is not None else sorted(committed | set(running))
+    wanted = list(keys) if keys is not None else sorted(committed | {k for k in running if not k.startswith("train-")})
     for key in wanted:
         state = store.committed_status(key) if key in committed else None
+        training = f"train-{(train_keys or {}).get(key)}" in running
         if state == "ok":
             status.done.append(key)
-        elif key in running:
+        elif key in running or training:
             status.running.append(key)
         elif state == "failed":
             status.failed.append(key)
+        elif identities and identities.get(key) and older_results(location, identities[key], key):
+            status.stale.append(key)
         else:
             status.pending.append(key)
         status.attempts[key] = attempt_count(location, key)
@@ -141,42 +172,3 @@ def _node_id() -> str | None:
 
 def _stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-
-
-def status_command(overrides: list[str], results: str | None, show_keys: bool) -> int:
-    """`robustgrid status`: print counts (and with show_keys, each cell) for a grid or a store."""
-    from rich.console import Console
-    from rich.table import Table
-
-    labels: dict[str, str] = {}
-    keys: list[str] | None = None
-    if any(o.startswith("grid=") for o in overrides):
-        from harness.run.grid import expand_grid
-
-        cells = expand_grid(overrides)
-        labels = {c["key"]: c["label"] for c in cells}
-        keys = list(labels)
-        locations = sorted({c["results_dir"] for c in cells})
-        if results is None and len(locations) > 1:
-            raise ValueError(f"this grid writes to several results stores {locations}; pass --results")
-        location = results or locations[0]
-    elif results is not None:
-        location = results
-    else:
-        raise ValueError("say which cells: `robustgrid status grid=<name> [overrides]` or `--results DIR|URI`")
-    status = grid_status(location, keys)
-    out = Console()
-    table = Table("state", "cells", title=f"{location}" + ("" if keys is not None else " (no grid given: pending unknown)"))
-    for state, count in status.counts().items():
-        if state == "pending" and not status.grid_known:
-            continue
-        table.add_row(state, str(count))
-    out.print(table)
-    retried = {k: n for k, n in status.attempts.items() if n > 1}
-    if retried:
-        out.print(f"{len(retried)} cells needed more than one attempt (worker/node/driver died)")
-    if show_keys:
-        for state in ("done", "failed", "running", "pending"):
-            for key in getattr(status, state):
-                out.print(f"{state:8} {key} {labels.get(key, '')} attempts={status.attempts.get(key, 0)}")
-    return 0

@@ -82,8 +82,8 @@ def pull(cfg: dict[str, Any], work_dir: Path) -> int:
     _atomic_write(work_dir / CHECKPOINT, data)
     _atomic_write(work_dir / META, raw)
     summary = store.read_bytes(f"{prefix}/{SUMMARY}")
-    if summary is not None and int(meta["epoch"]) + 1 >= int(cfg["trainer"]["epochs"]):
-        _atomic_write(work_dir / SUMMARY, summary)
+    if summary is not None and int(json.loads(summary).get("epochs", -1)) == int(meta["epoch"]) + 1:
+        _atomic_write(work_dir / SUMMARY, summary)  # the summary of this very checkpoint: training is done
     return int(meta["epoch"])
 
 
@@ -96,6 +96,13 @@ def record_epoch(cfg: dict[str, Any], work_dir: Path, epoch: int) -> None:
         store = open_store(cfg["results_dir"])
         store.write_bytes(f"{store_prefix(cfg)}/{CHECKPOINT}", data)
         store.write_bytes(f"{store_prefix(cfg)}/{META}", meta)  # after the data: it names a complete file
+
+
+def trained(cfg: dict[str, Any]) -> bool:
+    """Whether the cell's model is fully trained: its summary is in the store (written last)."""
+    if not synced(cfg):
+        return (local_work_dir(cfg) / SUMMARY).exists()
+    return open_store(cfg["results_dir"]).exists(f"{store_prefix(cfg)}/{SUMMARY}")
 
 
 def push_summary(cfg: dict[str, Any], work_dir: Path) -> None:

@@ -18,16 +18,36 @@ _PACKAGES = ("robustgrid", "torch", "torchvision", "timm", "ray", "numpy", "pyar
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """HEAD of the robustgrid checkout (with '+dirty' for uncommitted changes), or 'unknown'."""
-    src = Path(__file__).resolve().parent.parent
+    """robustgrid's own commit: HEAD (+dirty) when the package runs from a robustgrid checkout,
+    else `source:<hash of the package's source files>` (installed from a wheel, or vendored
+    inside a user's repository, whose HEAD says nothing about this code)."""
+    src = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=src, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if top and Path(top).resolve() == src and (src / "harness" / "core").is_dir():
+            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "harness",
+                                    "methods", "architectures", "leaderboard", "configs"], cwd=src,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
+        pass
+    return f"source:{source_hash()}"
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """sha256 (first 16 hex) of every .py/.yaml/.j2 file of the robustgrid packages."""
+    src = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for pkg in ("harness", "methods", "architectures", "leaderboard", "configs"):
+        for f in sorted((src / pkg).rglob("*")):
+            if f.suffix in (".py", ".yaml", ".j2") and "__pycache__" not in f.parts:
+                digest.update(str(f.relative_to(src)).encode())
+                digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)

@@ -80,6 +80,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("n_triggered", pa.int64()),
         pa.field("backdoor_eval_seconds", pa.float64()),
         pa.field("analysis_json", pa.string()),  # JSON {label: summary} of post-eval analyses (ACE)
+        pa.field("cell_id", pa.string()),  # the key without the code version (harness.core.config.cell_identity)
     ]
 )
 

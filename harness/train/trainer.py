@@ -172,7 +172,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     epochs = int(tcfg["epochs"])
     global_batch = int(tcfg["batch_size"])
     per_rank_batch = max(1, global_batch // world_size)
-    counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit")) for r in range(world_size)]
+    counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
+                          num_workers=int(tcfg.get("num_workers", 0))) for r in range(world_size)]
     steps_per_epoch = max(1, math.ceil(max(counts) / per_rank_batch))
     if min(counts) < steps_per_epoch:
         raise ValueError(f"too few training samples per rank ({min(counts)}) for {steps_per_epoch} steps; "
@@ -201,6 +202,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                              num_workers=int(tcfg.get("num_workers", 0)), shuffle=True,
                              seed=int(cfg["seed"]), epoch=epoch, img_size=dcfg.get("img_size"),
                              augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
+                             shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
                              poison=poison.for_epoch(epoch) if poison else None)
         sums: dict[str, float] = {}
         seen = 0

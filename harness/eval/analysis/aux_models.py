@@ -62,35 +62,40 @@ def train_aux(images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed
     return model.eval().requires_grad_(False)
 
 
+def aux_folder(role: str, data_dir: Path, results_dir: Path, img_size: int | None = None) -> Path:
+    """Where the helper classifier `role` for this dataset (and size) is cached."""
+    from harness.data.shards import dataset_sha256, load_manifest
+
+    if role not in ROLES:
+        raise ValueError(f"unknown helper classifier role '{role}'; known: {sorted(ROLES)}")
+    sha = dataset_sha256(load_manifest(Path(data_dir)))
+    ident = [sha, role, ROLES[role], "SmallCNN-v1"] + ([int(img_size)] if img_size is not None else [])
+    return Path(results_dir) / "artifacts" / "aux" / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
+
+
 def ensure_aux(role: str, data_dir: Path, results_dir: Path,
                img_size: int | None = None) -> tuple[SmallCNN, dict]:
     """The cached helper classifier `role` ('oracle' or 'features') for this dataset; trains if missing.
 
-    Returns the model and its meta (including its test accuracy)."""
+    Returns the model and its meta (including its test accuracy). In a grid it is an artifact node
+    of the plan (harness/run/plan.py), built by one task before the cells that need it."""
     from harness.eval.analysis.diffusion import load_split
     from harness.data.shards import dataset_sha256, load_manifest
-    from harness.run.prerequisites import training_lock
 
-    if role not in ROLES:
-        raise ValueError(f"unknown helper classifier role '{role}'; known: {sorted(ROLES)}")
+    folder = aux_folder(role, data_dir, results_dir, img_size)
     manifest = load_manifest(Path(data_dir))
-    sha = dataset_sha256(manifest)
-    ident = [sha, role, ROLES[role], "SmallCNN-v1"] + ([int(img_size)] if img_size is not None else [])
-    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
-    folder = Path(results_dir) / "artifacts" / "aux" / key
-    with training_lock(folder):  # one trainer per cache entry; concurrent cells wait for it
-        model = SmallCNN(manifest["channels"], manifest["num_classes"])
-        if (folder / AUX_FILE).exists():
-            blob = torch.load(folder / AUX_FILE, map_location="cpu", weights_only=False)
-            model.load_state_dict(blob["state_dict"])
-            return model.eval().requires_grad_(False), blob["meta"]
-        x, y = load_split(Path(data_dir), "train", img_size=img_size)
-        model = train_aux(x, y, manifest["num_classes"], ROLES[role])
-        xt, yt = load_split(Path(data_dir), "test", img_size=img_size)
-        with torch.no_grad():
-            acc = float((model(xt).argmax(1) == yt).float().mean())
-        meta = {"role": role, "seed": ROLES[role], "test_acc": acc, "data_sha256": sha}
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, folder / (AUX_FILE + ".tmp"))
-        (folder / (AUX_FILE + ".tmp")).replace(folder / AUX_FILE)
-        return model, meta
+    model = SmallCNN(manifest["channels"], manifest["num_classes"])
+    if (folder / AUX_FILE).exists():
+        blob = torch.load(folder / AUX_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(blob["state_dict"])
+        return model.eval().requires_grad_(False), blob["meta"]
+    x, y = load_split(Path(data_dir), "train", img_size=img_size)
+    model = train_aux(x, y, manifest["num_classes"], ROLES[role])
+    xt, yt = load_split(Path(data_dir), "test", img_size=img_size)
+    with torch.no_grad():
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+    meta = {"role": role, "seed": ROLES[role], "test_acc": acc, "data_sha256": dataset_sha256(manifest)}
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, folder / (AUX_FILE + ".tmp"))
+    (folder / (AUX_FILE + ".tmp")).replace(folder / AUX_FILE)
+    return model, meta

@@ -108,9 +108,9 @@ def make_scheduler(cfg: DDPMConfig) -> Any:
 
 
 def ddpm_key(data_sha256: str, cfg: DDPMConfig, img_size: int | None = None) -> str:
-    import harness
-
-    blob = {"data": data_sha256, "ddpm": asdict(cfg), "code": harness.__version__}
+    # the code that trains a DDPM is this file: its hash, so a fix here retrains, others don't
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    blob = {"data": data_sha256, "ddpm": asdict(cfg), "code": code}
     if img_size is not None:   # native size: no entry, so keys of native-size DDPMs stay put
         blob["img_size"] = int(img_size)
     blob = json.dumps(blob, sort_keys=True)
@@ -187,22 +187,31 @@ def load_ddpm(folder: Path) -> DDPM:
     return DDPM(unet.eval().requires_grad_(False), blob["alphas_cumprod"], cfg, meta)
 
 
+def ddpm_folder(data_dir: Path, results_dir: Path, cfg: DDPMConfig, img_size: int | None = None) -> Path:
+    """Where the DDPM for this dataset, config and size is cached."""
+    from harness.data.shards import dataset_sha256, load_manifest
+
+    sha = dataset_sha256(load_manifest(Path(data_dir)))
+    return Path(results_dir) / "artifacts" / "ddpm" / ddpm_key(sha, cfg, img_size)
+
+
 def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
                 log: Callable[[str], None] | None = None, img_size: int | None = None) -> tuple[DDPM, Path]:
-    """The cached DDPM for this dataset and config, training (and caching) it if missing."""
-    from harness.data.shards import dataset_sha256, load_manifest
-    from harness.run.prerequisites import training_lock
+    """The cached DDPM for this dataset and config, training (and caching) it if missing.
 
-    manifest = load_manifest(Path(data_dir))
-    sha = dataset_sha256(manifest)
-    folder = Path(results_dir) / "artifacts" / "ddpm" / ddpm_key(sha, cfg, img_size)
-    # one trainer per cache entry: cells of a grid that need the same DDPM wait for the first
-    with training_lock(folder):
-        if not ((folder / DDPM_FILE).exists() and (folder / META_FILE).exists()):
-            images, _ = load_split(Path(data_dir), "train", img_size=img_size)
-            ddpm = train_ddpm(images, cfg, log=log)
-            save_ddpm(ddpm, folder, {"data_sha256": sha, "channels": images.shape[1],
-                                     "image_size": images.shape[-1], "dataset": manifest.get("name")})
+    In a grid it is an artifact node of the plan (harness/run/plan.py): built by one task before
+    the cells that need it, so no two processes train it at once; the files are written to temp
+    names and moved into place, so a reader never sees half of one."""
+    from harness.data.shards import dataset_sha256, load_manifest
+
+    folder = ddpm_folder(data_dir, results_dir, cfg, img_size)
+    if not ((folder / DDPM_FILE).exists() and (folder / META_FILE).exists()):
+        manifest = load_manifest(Path(data_dir))
+        images, _ = load_split(Path(data_dir), "train", img_size=img_size)
+        ddpm = train_ddpm(images, cfg, log=log)
+        save_ddpm(ddpm, folder, {"data_sha256": dataset_sha256(manifest),
+                                 "channels": images.shape[1], "image_size": images.shape[-1],
+                                 "dataset": manifest.get("name")})
     return load_ddpm(folder), folder
 
 

@@ -9,6 +9,7 @@ flips) and gallery.png (rows: original, ACE, ACE - original, PGD, PGD - original
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict
@@ -20,8 +21,10 @@ import torch
 
 from harness.eval.analysis import cf_metrics as M
 from harness.eval.analysis.ace import ACEConfig, ace, plain_pgd, runner_up_target
-from harness.eval.analysis.aux_models import ensure_aux
-from harness.eval.analysis.diffusion import DDPMConfig, ensure_ddpm, load_split
+from harness.eval.analysis.aux_models import aux_folder, ensure_aux
+from harness.eval.analysis.diffusion import DDPMConfig, ddpm_folder, ensure_ddpm, load_split
+from harness.core.registry import ANALYSES
+from harness.eval.stage import Analysis, Artifact, EvalContext
 
 EXTRA_CUTOFFS = (0.125, 0.375)
 SETTINGS = ("name", "n_explain", "batch_size", "hf_cutoff", "ddpm", "ace", "seed")
@@ -173,3 +176,36 @@ def gallery_png(path: Path, x: torch.Tensor, cf: torch.Tensor, pgd: torch.Tensor
     grid = torch.cat(tiles, dim=0).clamp(0, 1).numpy()
     img = Image.fromarray((grid * 255).round().astype(np.uint8), mode="L")
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def analysis_dir(cfg: dict[str, Any], label: str) -> Path:
+    return Path(cfg["results_dir"]) / "analysis" / cfg["key"] / label
+
+
+@ANALYSES.register("ace")
+class ACEAnalysis(Analysis):
+    """ACE counterfactuals beside plain PGD (`analysis=[ace]`); summary in `analysis_json`, images
+    and tensors under <results_dir>/analysis/<key>/<label>/. Eval-only: never retrains the cell.
+    Its DDPM and helper classifiers are artifacts: built once per dataset + settings by their own
+    node of the plan, before any cell that needs them."""
+
+    def check(self, cfg: dict[str, Any]) -> None:
+        check_settings(self.settings)
+
+    def artifacts(self, cfg: dict[str, Any]) -> list[Artifact]:
+        data_dir, results_dir = Path(cfg["data"]["dir"]), Path(cfg["results_dir"])
+        img_size = cfg["data"].get("img_size")
+        _, ddpm_cfg = check_settings(self.settings)
+        out = [Artifact(f"ddpm/{ddpm_folder(data_dir, results_dir, ddpm_cfg, img_size).name}", "ddpm",
+                        functools.partial(ensure_ddpm, data_dir, results_dir, ddpm_cfg, img_size=img_size))]
+        for role in ("oracle", "features"):
+            out.append(Artifact(f"aux/{aux_folder(role, data_dir, results_dir, img_size).name}", f"{role} classifier",
+                                functools.partial(ensure_aux, role, data_dir, results_dir, img_size)))
+        return out
+
+    def run(self, ctx: EvalContext) -> None:
+        cfg = ctx.cfg
+        ctx.log(f"analysis {self.label}: {cfg.get('label', cfg['key'])}")
+        ctx.summaries[self.label] = run_ace(ctx.model, Path(cfg["data"]["dir"]), Path(cfg["results_dir"]),
+                                            analysis_dir(cfg, self.label), self.settings, log=ctx.log,
+                                            img_size=cfg["data"].get("img_size"))

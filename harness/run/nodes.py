@@ -1,0 +1,241 @@
+"""What each node of the plan does when it runs, in a Ray task or in this process.
+
+    run_train_node(node, *upstream outcomes)  -> TrainOutcome   trains one model, once
+    run_artifact_node(node)                   -> NodeOutcome    builds one artifact (a DDPM)
+    run_eval_node(node, *input outcomes)      -> CellOutcome    evaluates + commits one cell
+
+A node's failure is its outcome, not an exception: a failed train node hands its error to the
+eval nodes that need it, which commit a 'failed' row naming it, so a grid goes on. A killed
+process (a DDP rank, a worker) is re-raised so that Ray retries the node (resources.max_retries);
+the trainer resumes from its last epoch checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.data.loader import split_count
+from harness.data.shards import dataset_sha256, load_manifest
+from harness.eval.evaluate import EvalResult, evaluate
+from harness.eval.samples import load_survivors
+from harness.eval.stage import EvalContext, cell_analyses
+from harness.run.plan import Node, run_config
+from harness.run.resources import cell_resources, worker_death_exceptions
+from harness.run.status import RunningMarker, record_identity
+from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY, local_work_dir, pull
+from harness.store.provenance import file_sha256
+from harness.store.results import write_cell_result
+from harness.store.rows import base_row, failed_row, now
+from harness.store.storage import open_store
+from harness.train.trainer import TrainSummary, load_trained_classifier, train
+
+TRAIN_RUNS = "_train_runs"  # one small file per training actually run: who trained what, where
+
+
+@dataclass
+class NodeOutcome:
+    node_id: str
+    status: str  # 'ok' | 'failed'
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainOutcome(NodeOutcome):
+    summary: dict[str, Any] | None = None  # TrainSummary as a dict
+
+
+@dataclass
+class CellOutcome:
+    key: str
+    label: str
+    status: str  # 'ok' | 'failed'
+    error: str | None
+    result_path: str
+    seconds: float
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
+
+
+def _retry(err: BaseException, cfg: dict[str, Any]) -> bool:
+    """A killed process, not the node's fault: re-raise so Ray retries it."""
+    return isinstance(err, worker_death_exceptions()) and (cfg.get("resources") or {}).get("retry_worker_death", True)
+
+
+def _failed_inputs(inputs: tuple[NodeOutcome, ...]) -> str | None:
+    bad = [o for o in inputs if isinstance(o, NodeOutcome) and o.status != "ok"]
+    if not bad:
+        return None
+    first = (bad[0].error or "").strip().splitlines()
+    return f"upstream node {bad[0].node_id} failed: {first[0] if first else 'unknown error'}"
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def run_train_node(node: Node, *inputs: NodeOutcome) -> TrainOutcome:
+    """Train the node's model into its checkpoint folder (resuming a partial one)."""
+    cfg, t0 = node.cfg, time.perf_counter()
+    upstream_error = _failed_inputs(inputs)
+    if upstream_error:
+        return TrainOutcome(node.id, "failed", upstream_error)
+    try:
+        with RunningMarker(cfg["results_dir"], f"train-{cfg['train_key']}"):
+            _log_train_run(cfg)
+            if cell_resources(cfg).launcher == "ray_train":
+                from harness.run.ray_train import train_with_ray_train
+
+                train_with_ray_train(cfg, [(u.arg, u.cfg) for u in node.upstream])
+                summary = trained_summary(cfg)
+            else:
+                checkpoints = {u.arg: str(fetch_checkpoint(u.cfg)) for u in node.upstream}
+                summary = train(run_config(cfg, checkpoints), local_work_dir(cfg))
+    except Exception as err:
+        if _retry(err, cfg):
+            raise
+        return TrainOutcome(node.id, "failed", _error_text(err), time.perf_counter() - t0)
+    return TrainOutcome(node.id, "ok", None, time.perf_counter() - t0, summary=summary.__dict__)
+
+
+def fetch_checkpoint(cfg: dict[str, Any]) -> Path:
+    """The local path of a trained cell's final checkpoint (pulled from the store if remote)."""
+    work_dir = local_work_dir(cfg)
+    pull(cfg, work_dir)
+    path = work_dir / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no trained checkpoint for train key {cfg['train_key']} at {path}: "
+                                f"its train node has not run (or results_dir is not shared between nodes)")
+    return path
+
+
+def _log_train_run(cfg: dict[str, Any]) -> None:
+    from harness.store.provenance import hostname
+
+    stamp = now().strftime("%Y%m%dT%H%M%S")
+    record = {"train_key": cfg["train_key"], "label": cfg.get("label"), "host": hostname(), "started_at": stamp}
+    open_store(cfg["results_dir"]).write_bytes(f"{TRAIN_RUNS}/{cfg['train_key']}/{stamp}-{uuid.uuid4().hex[:8]}.json",
+                                               json.dumps(record).encode(), durable=False)
+
+
+def trained_summary(cfg: dict[str, Any]) -> TrainSummary:
+    """The summary of a trained model (pulled with its checkpoint from the store if remote)."""
+    work_dir = local_work_dir(cfg)
+    pull(cfg, work_dir)
+    path = work_dir / SUMMARY
+    if not path.exists():
+        raise FileNotFoundError(f"no training summary for train key {cfg['train_key']} at {path}: on several nodes "
+                                f"results_dir must be a shared folder or a URI (s3://, gs://)")
+    return TrainSummary(**json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------- artifact
+
+
+def run_artifact_node(node: Node) -> NodeOutcome:
+    """Build (and cache) one artifact; analyses that need it find it cached."""
+    t0 = time.perf_counter()
+    try:
+        node.artifact.build()
+    except Exception as err:
+        return NodeOutcome(node.id, "failed", _error_text(err), time.perf_counter() - t0)
+    return NodeOutcome(node.id, "ok", None, time.perf_counter() - t0)
+
+
+# -------------------------------------------------------------------------------------------- eval
+
+
+def eval_device(cfg: dict[str, Any]) -> torch.device:
+    """The device the cell trained on, for every evaluation stage (cuda:0 of the GPUs Ray gave it)."""
+    spec = str((cfg.get("trainer") or {}).get("device", "auto"))
+    if spec in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu") if spec in ("auto", "cuda") else torch.device(spec)
+
+
+def run_eval_node(node: Node, *inputs: NodeOutcome) -> CellOutcome:
+    """Evaluate the cell's trained model (clean, attacks, then each analysis) and commit its rows."""
+    cfg, started, t0 = node.cfg, now(), time.perf_counter()
+    with RunningMarker(cfg["results_dir"], cfg["key"]):
+        try:
+            upstream_error = _failed_inputs(inputs)
+            if upstream_error:
+                raise RuntimeError(upstream_error)
+            rows = evaluate_cell(cfg, started)
+            status, error = "ok", None
+        except Exception as err:  # recorded, not raised: one broken cell must not stop a grid
+            if _retry(err, cfg):
+                raise
+            status, error = "failed", _error_text(err)
+            rows = [failed_row(cfg, error, started)]
+        path = write_cell_result(cfg["results_dir"], cfg["key"], rows)
+        record_identity(cfg["results_dir"], cfg.get("cell_id"), cfg["key"], status, cfg.get("code_version"))
+    return CellOutcome(cfg["key"], cfg.get("label", cfg["key"]), status, error, str(path), time.perf_counter() - t0)
+
+
+def evaluate_cell(cfg: dict[str, Any], started: Any) -> list[dict[str, Any]]:
+    """The eval node's work: model -> clean + attacks -> every analysis -> rows."""
+    ecfg = cfg.get("eval") or {}
+    data_dir = Path(cfg["data"]["dir"])
+    survivors = None
+    if ecfg.get("survivors_from"):
+        n_eval = split_count(data_dir, "test", 0, 1, ecfg.get("limit"))
+        survivors = load_survivors(cfg["results_dir"], str(ecfg["survivors_from"]), train_key=cfg.get("train_key"),
+                                   n_eval=n_eval)
+    summary = trained_summary(cfg)
+    device = eval_device(cfg)
+    manifest = load_manifest(data_dir)
+    model = load_trained_classifier(cfg, local_work_dir(cfg), device)
+    result = evaluate(model, list(cfg["attack"].values()), data_dir, num_classes=manifest["num_classes"],
+                      batch_size=int(ecfg.get("batch_size", 256)), img_size=cfg["data"].get("img_size"),
+                      limit=ecfg.get("limit"), device=device, seed=int(cfg["seed"]), survivors=survivors)
+    ctx = EvalContext(cfg, model, device, manifest, result)
+    for analysis in cell_analyses(cfg):
+        analysis.run(ctx)
+    if ctx.summaries:
+        ctx.columns["analysis_json"] = json.dumps(ctx.summaries, sort_keys=True, default=str)
+    return [row | ctx.columns for row in cell_rows(cfg, summary, result, manifest, started)]
+
+
+def cell_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, manifest: dict[str, Any],
+              started: Any) -> list[dict[str, Any]]:
+    """One row per eval attack: the cell's provenance, training summary and that attack's numbers."""
+    base = base_row(cfg, started) | {
+        "status": "ok",
+        "clean_acc": result.clean_acc,
+        "per_class_clean_acc": result.per_class_clean_acc,
+        "class_names": manifest["class_names"],
+        "n_eval": result.n_eval,
+        "n_train": summary.n_train,
+        "epochs": summary.epochs,
+        "world_size": summary.world_size,
+        "replicas_in_sync": summary.replicas_in_sync,
+        "train_seconds": summary.train_seconds,
+        "eval_seconds": result.seconds,
+        "images_per_second": summary.images_per_second,
+        "final_train_loss": summary.final_train_loss,
+        "train_curve": json.dumps(summary.curve),
+        "data_sha256": dataset_sha256(manifest),
+        "checkpoint_sha256": file_sha256(local_work_dir(cfg) / CHECKPOINT),
+        "device": summary.device,
+    }
+    resumed = {"survivors_from": str(cfg["eval"]["survivors_from"])} if (cfg.get("eval") or {}).get("survivors_from") else {}
+    return [base | {
+        "attack": r.attack.name,
+        "norm": r.attack.norm,
+        "eps": r.attack.eps,
+        "attack_config": json.dumps(r.attack.describe() | resumed, sort_keys=True),
+        "robust_acc": r.robust_acc,
+        "flags": r.flags,
+        "flag_details": json.dumps(r.flag_details, sort_keys=True),
+        "per_class_robust_acc": r.per_class_robust_acc,
+        "attack_seconds": r.seconds,
+    } for r in result.attacks]

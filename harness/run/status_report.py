@@ -1,0 +1,48 @@
+"""`robustgrid status`: a grid's (or a store's) cells by state, printed from the results store alone."""
+from __future__ import annotations
+
+from harness.run.grid import expand_grid
+from harness.run.status import grid_status
+
+
+def status_command(overrides: list[str], results: str | None, show_keys: bool) -> int:
+    """`robustgrid status`: print counts (and with show_keys, each cell) for a grid or a store."""
+    from rich.console import Console
+    from rich.table import Table
+
+    labels: dict[str, str] = {}
+    identities: dict[str, str] = {}
+    train_keys: dict[str, str] = {}
+    keys: list[str] | None = None
+    if any(o.startswith("grid=") for o in overrides):
+        cells = expand_grid(overrides)
+        labels = {c["key"]: c["label"] for c in cells}
+        identities = {c["key"]: c["cell_id"] for c in cells}
+        train_keys = {c["key"]: c["train_key"] for c in cells}
+        keys = list(labels)
+        locations = sorted({c["results_dir"] for c in cells})
+        if results is None and len(locations) > 1:
+            raise ValueError(f"this grid writes to several results stores {locations}; pass --results")
+        location = results or locations[0]
+    elif results is not None:
+        location = results
+    else:
+        raise ValueError("say which cells: `robustgrid status grid=<name> [overrides]` or `--results DIR|URI`")
+    status = grid_status(location, keys, identities, train_keys)
+    out = Console()
+    table = Table("state", "cells", title=f"{location}" + ("" if keys is not None else " (no grid given: pending unknown)"))
+    for state, count in status.counts().items():
+        if state == "pending" and not status.grid_known:
+            continue
+        table.add_row(state, str(count))
+    out.print(table)
+    retried = {k: n for k, n in status.attempts.items() if n > 1}
+    if status.stale:
+        out.print(f"{len(status.stale)} cells have results from older code only (kept; the next grid run recomputes them)")
+    if retried:
+        out.print(f"{len(retried)} cells needed more than one attempt (worker/node/driver died)")
+    if show_keys:
+        for state in ("done", "failed", "running", "stale", "pending"):
+            for key in getattr(status, state):
+                out.print(f"{state:8} {key} {labels.get(key, '')} attempts={status.attempts.get(key, 0)}")
+    return 0
