@@ -32,7 +32,7 @@ def test_documented_ray_job_submit_flow(data_root: Path, tmp_path: Path) -> None
     if not ray.exists() or shutil.which("ray", path=str(ray.parent)) is None:
         pytest.skip("the ray CLI is not installed (pip install '.[cluster]')")
     pytest.importorskip("aiohttp", reason="`ray job submit` needs ray[default] (pip install '.[cluster]')")
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     temp = Path(tempfile.mkdtemp(prefix="rgray", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = {**os.environ, "PATH": f"{ray.parent}:{os.environ.get('PATH', '')}", "ROBUSTGRID_DATA": str(data_root),
            "RAY_AUTH_MODE": "disabled", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
@@ -40,6 +40,9 @@ def test_documented_ray_job_submit_flow(data_root: Path, tmp_path: Path) -> None
     head = subprocess.Popen(
         [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+         # every port picked free: another Ray on this machine holds the defaults (agent 52365, ...)
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
          "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results = tmp_path / "results"
