@@ -10,7 +10,7 @@ downloaded). The presets fix the small-image adaptations that CIFAR-style papers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import timm
 from torch import nn
@@ -23,6 +23,7 @@ from harness.core.registry import ARCHITECTURES
 class TimmArchitecture:
     """Builds `Classifier(timm.create_model(model, ...))` with the preset's adaptations."""
 
+    open_config_keys: ClassVar[tuple[str, ...]] = ("kwargs",)  # any timm kwarg: `+arch.kwargs.drop_rate=0.1`
     model: str | None = None  # None: taken from the config's `model` key (the generic `timm` plugin)
     small_stem: bool = False  # ResNet family: 3x3 stride-1 stem, no max-pool
     vit_patch: dict[int, int] = field(default_factory=dict)  # img_size upper bound -> patch size
@@ -109,5 +110,7 @@ def build_classifier(arch_cfg: dict[str, Any], *, num_classes: int, in_chans: in
     """Build the classifier an `arch` config names (`name` + optional `model`, `kwargs`)."""
     arch_cfg = dict(arch_cfg)
     plugin = ARCHITECTURES.get(arch_cfg.pop("name"))
+    if isinstance(plugin, type):  # an external architecture registered as a class
+        plugin = plugin()
     return plugin.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                         mean=mean, std=std, **arch_cfg)

@@ -101,7 +101,7 @@ def _status_parser() -> argparse.ArgumentParser:
 
 
 def _list_parser() -> argparse.ArgumentParser:
-    parser = _sub("list", "Print registered plugin names, one per line.", epilog=False)
+    parser = _sub("list", "Print registered plugin names, one per line; broken ones on stderr.", epilog=False)
     parser.add_argument("kind", choices=["methods", "attacks", "architectures", "datasets", "poisons"])
     return parser
 
@@ -278,8 +278,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from harness.core.registry import REGISTRIES
 
-    for name in REGISTRIES[args.kind].names():
+    registry = REGISTRIES[args.kind]
+    for name in registry.names():
         print(name)
+    for broken in registry.broken():  # the good ones are listed; a broken package is named, not fatal
+        console.print(f"[yellow]warning:[/] {registry.kind} '{broken.name}' not listed: {broken.describe()}",
+                      markup=True, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
+from harness.store.checkpoints import load_checkpoint
 from methods.base import Method, TrainContext, Upstream
 
 
@@ -153,7 +154,7 @@ class CBD(Method):
     def build(self, model: Classifier) -> nn.Module:
         backdoored = copy.deepcopy(model)
         if self.backdoored_checkpoint:  # absent only when a test builds the method bare
-            state = torch.load(self.backdoored_checkpoint, map_location="cpu", weights_only=False)
+            state = load_checkpoint(self.backdoored_checkpoint)
             backdoored.load_state_dict(state["model"])
         dim = model.embedding_dim
         self.critic = MICritic(dim, dim, self.critic_dropout)

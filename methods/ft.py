@@ -16,6 +16,7 @@ from torch import nn
 
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
+from harness.store.checkpoints import load_checkpoint
 from methods.base import Method, TrainContext, Upstream
 
 
@@ -32,7 +33,7 @@ def finetune_trainer(method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) ->
 def load_weights(model: nn.Module, checkpoint: str | None) -> nn.Module:
     """Load a prerequisite cell's final weights into `model` (no-op without a checkpoint)."""
     if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
     return model
 

@@ -3,6 +3,7 @@ results are written and a later evaluation resumes from the survivors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -31,6 +32,17 @@ class SaturatingSoftmax(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(10.0 * self.inner(x), dim=1)
+
+
+class ScaledLogits(nn.Module):
+    """Logits x 1e4: the softmax saturates to one-hot, so cross-entropy gradients underflow to 0."""
+
+    def __init__(self, inner: nn.Module, scale: float = 1e4) -> None:
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.inner(x)
 
 
 class Randomized(nn.Module):
@@ -65,8 +77,11 @@ def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[str]:
     return flag_list(probe_model(model, x, y, {("linf", EPS)}))
 
 
-def test_flag_names_are_the_documented_eight() -> None:
-    assert len(FLAGS) == 8 and len(set(FLAGS)) == 8
+def test_flag_names_are_the_documented_ten() -> None:
+    """The nine integrity checks plus the opt-in bf16 evaluation's flag, each in docs/attacks.md."""
+    docs = (Path(__file__).parent.parent / "docs" / "attacks.md").read_text()
+    assert len(FLAGS) == 10 and len(set(FLAGS)) == 10
+    assert all(f"`{flag}`" in docs for flag in FLAGS)
 
 
 def test_honest_model_raises_no_flag(honest, digits_dir) -> None:
@@ -86,6 +101,17 @@ def test_masked_models_are_flagged(honest, wrapper, expected: str) -> None:
     model, x, y = honest
     flags = _probe(wrapper(model).eval(), x, y)
     assert expected in flags, flags
+
+
+def test_saturated_logits_fire_saturated_softmax_and_honest_does_not(honest) -> None:
+    from harness.eval.integrity import check_saturated_softmax
+
+    model, x, y = honest
+    found = check_saturated_softmax(ScaledLogits(model).eval(), x, y)
+    assert found is not None and found["points_with_vanished_ce_gradient"] >= 0.1 * len(y), found
+    assert "saturated_softmax" in _probe(ScaledLogits(model).eval(), x, y)
+    assert check_saturated_softmax(model, x, y) is None
+    assert check_saturated_softmax(ScaledLogits(model, 3.0).eval(), x, y) is None  # confident, not saturated
 
 
 def test_zero_gradient_model_does_not_lose_accuracy_with_eps(honest) -> None:

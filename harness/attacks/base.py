@@ -9,6 +9,7 @@ An attack is a stateless call `attack(model, x, y) -> x_adv` on images in [0,1]:
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from fractions import Fraction
@@ -31,8 +32,8 @@ class Attack(ABC):
 
     def __init__(self, eps: float | str) -> None:
         self.eps = parse_number(eps)
-        if self.eps < 0:
-            raise ValueError(f"attack eps must be >= 0, got {self.eps}")
+        if not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"{self.name} eps must be a finite number >= 0, got {self.eps}")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with attack_mode(model):
@@ -81,8 +82,8 @@ class IterativeAttack(Attack):
             raise ValueError(f"{self.name} steps must be >= 1, got {steps}")
         self.steps = int(steps)
         self.step_size = parse_number(step_size) if step_size is not None else self.eps / 4
-        if self.step_size < 0:
-            raise ValueError(f"{self.name} step_size must be >= 0, got {self.step_size}")
+        if not math.isfinite(self.step_size) or self.step_size < 0:
+            raise ValueError(f"{self.name} step_size must be a finite number >= 0, got {self.step_size}")
         self.random_start = bool(random_start)
 
 

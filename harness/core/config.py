@@ -1,32 +1,42 @@
 """Config composition (Hydra compose API) and the cell key.
 
-Configs are Hydra groups under the `configs` package: data, arch, method, attack, trainer, grid.
-We compose with `initialize_config_module` (version_base 1.3: no working-dir change) and turn
-the result into plain Python containers at once, so no DictConfig leaks into torch or Ray.
+Configs are Hydra groups under the `configs` package: data, arch, method, attack, backdoor,
+trainer, analysis, grid. We compose with `initialize_config_module` (version_base 1.3: no
+working-dir change) and turn the result into plain Python containers at once, so no DictConfig
+leaks into torch or Ray.
 
-Plugin names are checked before any work: an override naming an unknown method, architecture,
-dataset or attack fails with the list of known names. A plugin registered by an external
-package (entry point) without a config file of ours is accepted: its config becomes
-`{name: <plugin>, **plugin.default_config}`.
+Everything is checked before any work:
+- A plugin group (method, arch, data, backdoor, attack) accepts every name the registry knows,
+  YAML preset or not: a plugin without a preset gets its class defaults (harness/core/plugin_config.py).
+  An unknown name fails with the list of known names.
+- The composed config is in struct mode: a key that no group defines is refused, with a
+  "did you mean" from the known keys. `+key=value` adds a key only under a group that is open by
+  design (an architecture's `kwargs`, declared by the plugin's `open_config_keys`; OPEN_KEYS); what it adds
+  is part of the cell's config, hence of its key and of every result row.
+- A plugin group may hold only the settings its class takes, of the types its annotations allow;
+  a setting with no default must be set. Elsewhere an overridden value keeps its default's type.
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from omegaconf import OmegaConf
 
 from harness.core.code_version import code_version
-from harness.store.storage import normalize_location
-from harness.core.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, POISONS, Registry, UnknownPluginError
+from harness.core.plugin_config import (PLUGIN_GROUPS, accepted_keys, config_options, plugin_options,
+                                        register_plugin_configs, setting_types, type_problem)
+from harness.core.locations import normalize_location
 
-# Groups whose option names are plugin names, and the registry that knows them.
-PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, "data": DATASETS,
-                                      "backdoor": POISONS}
+__all__ = ["ConfigError", "compose_config", "config_options", "finalize", "cell_key", "train_key",
+           "training_setup", "trains_on_poison", "PLUGIN_GROUPS"]
 
 # Keys that say where/how a cell runs, not what it computes: left out of the cell key.
 NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "label", "grid", "key",
@@ -34,91 +44,215 @@ NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "labe
 EVAL_ONLY_KEYS = ("attack", "eval", "analysis")
 NON_SEMANTIC_TRAINER_KEYS = ("progress", "num_workers", "threads_per_rank", "device")
 NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source", "cache")
+# Groups open by design besides plugins' `open_config_keys`: a grid's axes may sweep any key, and an
+# optimizer's or schedule's settings depend on its `name` (the trainer checks them before any work).
+OPEN_KEYS = ("grid.axes", "trainer.optimizer", "trainer.schedule")
 
 
 class ConfigError(ValueError):
     """A config or override is wrong; the message says how to fix it."""
 
 
-def config_options(group: str) -> list[str]:
-    """The config files (without .yaml) of one config group."""
-    folder = resources.files("configs") / group
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
 def compose_config(overrides: list[str]) -> dict[str, Any]:
-    """Compose `configs/config.yaml` with Hydra overrides into a plain, resolved dict."""
-    hydra_overrides = _plugin_overrides(overrides)
+    """Compose `configs/config.yaml` with Hydra overrides into a plain, resolved, checked dict."""
+    parsed = _parse(overrides)
+    _check_plugin_names(parsed)
+    register_plugin_configs()
+    _refuse_closed_additions(parsed)
     try:
-        with initialize_config_module(config_module="configs", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=hydra_overrides)
+        cfg = _compose(overrides)
     except Exception as err:  # hydra raises several types; all mean a bad override
+        _refuse_unknown_keys(parsed)  # the usual cause, said with a "did you mean"
         raise ConfigError(f"cannot compose config with overrides {overrides}: {err}") from None
-    container = OmegaConf.to_container(cfg, resolve=True)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config key(s) {', '.join(missing)} have no value (the plugin's class gives no "
+                          f"default). Fix: pass " + " ".join(f"{k}=<value>" for k in missing))
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # an interpolation that cannot resolve, e.g. ${oc.env:...} unset
+        raise ConfigError(f"cannot resolve the config of overrides {overrides}: {err}") from None
     assert isinstance(container, dict)
-    _check_plugin_names(container)
+    _check_plugin_settings(container)
+    _check_value_types(container, parsed)
     return container
 
 
-def _plugin_overrides(overrides: list[str]) -> list[str]:
-    """Check plugin names in `group=name` overrides; rewrite ones that name an external plugin.
+def _compose(overrides: list[str]) -> Any:
+    with initialize_config_module(config_module="configs", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
 
-    A plugin with no config file of ours (registered by another package's entry point) becomes
-    `~group +group={name: ..., **plugin.default_config}`, so `group.key=value` still works after it.
-    """
-    out: list[str] = []
-    for override in overrides:
-        group, sep, value = override.partition("=")
-        group = group.lstrip("+~")
-        if sep and group in PLUGIN_GROUPS and value not in config_options(group):
-            registry = PLUGIN_GROUPS[group]
-            if value not in registry:
-                known = sorted(set(config_options(group)) | set(registry.names()))
-                raise ConfigError(
-                    f"unknown {registry.kind} '{value}'. Known {registry.kind}s: {', '.join(known)}. "
-                    f"Fix: {group}=<one of these>, or install a package that registers '{value}' "
-                    f"under the '{registry.group}' entry-point group."
-                )
-            defaults = {"name": value, **dict(getattr(registry.get(value), "default_config", {}))}
-            out += [f"~{group}", f"+{group}={_hydra_literal(defaults)}"]
+
+def _parse(overrides: list[str]) -> list[Override]:
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # hydra's grammar errors
+        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+
+
+def _is_group(key: str) -> bool:
+    """Whether an override key selects a config group (`method=...`, `method/base=...`)."""
+    return "/" in key or ("." not in key and key in _groups())
+
+
+def _groups() -> set[str]:
+    return {*PLUGIN_GROUPS, "trainer", "analysis", "grid"}
+
+
+def _check_plugin_names(parsed: list[Override]) -> None:
+    """`group=name` for a plugin group must name a preset or a registered plugin."""
+    for override in parsed:
+        group = override.key_or_group
+        if group not in PLUGIN_GROUPS or override.is_delete():
             continue
-        if sep and group == "attack":
-            for name in value.strip("[]").split(","):
-                name = name.strip()
-                if name and name not in config_options("attack"):
-                    raise ConfigError(
-                        f"unknown attack '{name}'. Known attacks: {', '.join(config_options('attack'))}. "
-                        f"Fix: attack=[<names>] from this list."
-                    )
-        out.append(override)
+        value = override.value()
+        names = value if isinstance(value, list) else [value]
+        known = plugin_options(group)
+        for name in names:
+            if isinstance(name, str) and name not in known:
+                registry = PLUGIN_GROUPS[group]
+                if name in {b.name for b in registry.broken()}:
+                    raise ConfigError(registry.unknown_message(name))
+                raise ConfigError(
+                    f"unknown {registry.kind} '{name}'. Known {registry.kind}s: {', '.join(known)}. "
+                    f"Fix: {group}={'[<names>]' if group == 'attack' else '<one of these>'}, or install a "
+                    f"package that registers '{name}' under the '{registry.group}' entry-point group."
+                )
+
+
+@functools.lru_cache(maxsize=1)
+def _open_prefixes() -> list[str]:
+    """Keys under which `+key=` may add: OPEN_KEYS and plugins' `open_config_keys` (arch.kwargs)."""
+    return sorted(set(OPEN_KEYS) | {f"{group}.{key}" for group, registry in PLUGIN_GROUPS.items()
+                   for _, plugin in registry.items() for key in getattr(plugin, "open_config_keys", ())})
+
+
+def _refuse_closed_additions(parsed: list[Override]) -> None:
+    """`+key=`/`++key=` on a group that is not open by design would hide a typo: refuse it."""
+    open_prefixes = _open_prefixes()
+    closed = [o for o in parsed if (o.is_add() or o.is_force_add()) and not _is_group(o.key_or_group)
+              and not any(o.key_or_group.startswith(p + ".") for p in open_prefixes)]
+    if not closed:
+        return
+    known = _known_keys(parsed)
+    problems = [_unknown_key_message(o.key_or_group, known) for o in closed]
+    raise ConfigError("; ".join(problems) + f". `+key=value` adds keys only under the groups that are open by "
+                      f"design: {', '.join(p + '.<key>' for p in open_prefixes) or '(none)'}.")
+
+
+def _refuse_unknown_keys(parsed: list[Override]) -> None:
+    """After a failed compose: raise for every plain `key=value` naming a key no group defines."""
+    known = _known_keys(parsed)
+    unknown = [o.key_or_group for o in parsed if not _is_group(o.key_or_group) and not o.is_delete()
+               and not (o.is_add() or o.is_force_add()) and o.key_or_group not in known]
+    if unknown:
+        raise ConfigError("; ".join(_unknown_key_message(k, known) for k in unknown) + ".")
+
+
+def _known_keys(parsed: list[Override]) -> set[str]:
+    """Dotted keys of the config the overrides' group choices compose (values not applied)."""
+    return set(_dotted(_group_defaults(tuple(o.input_line for o in parsed if _is_group(o.key_or_group)))))
+
+
+@functools.lru_cache(maxsize=64)
+def _group_defaults(groups: tuple[str, ...]) -> dict[str, Any]:
+    """The unresolved config of these group choices alone: the defaults a value override replaces.
+    Cached: a grid's cells share a few group choices, and compose costs tens of milliseconds."""
+    try:
+        cfg = OmegaConf.to_container(_compose(list(groups)), resolve=False)
+    except Exception:  # noqa: BLE001 -- a bad group choice: no defaults, the caller's error stands
+        return {}
+    assert isinstance(cfg, dict)
+    return cfg
+
+
+def _check_value_types(cfg: dict[str, Any], parsed: list[Override]) -> None:
+    """Outside plugin groups (typed by their classes) an overridden value keeps its default's kind:
+    a number where the default is a number, true/false where it is a bool, or null (many keys take
+    null for "off" or "all"). So `seed=abc` is named here, not deep inside torch. (YAML writes
+    1.0 as 1, so an integer default does not refuse a fraction: range checks do that.)"""
+    values = [o for o in parsed if not _is_group(o.key_or_group) and not o.is_delete()
+              and o.key_or_group.split(".")[0] not in (*PLUGIN_GROUPS, "analysis", "grid")]
+    if not values:
+        return
+    defaults = _group_defaults(tuple(o.input_line for o in parsed if _is_group(o.key_or_group)))
+    for override in values:
+        key = override.key_or_group
+        default, value = _lookup(defaults, key), _lookup(cfg, key)
+        if value is None or not isinstance(default, (bool, int, float)):
+            continue
+        if isinstance(default, bool):
+            wrong, expected = not isinstance(value, bool), "true or false"
+        else:
+            wrong, expected = isinstance(value, bool) or not isinstance(value, (int, float)), "a number"
+        if wrong:
+            raise ConfigError(f"{key} must be {expected} (its default is {default!r}), got {value!r}. "
+                              f"Fix: {key}=<{expected}>")
+
+
+def _lookup(node: Any, key: str) -> Any:
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _dotted(node: Any, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            out.append(path)
+            out += _dotted(value, path + ".")
     return out
 
 
-def _hydra_literal(value: Any) -> str:
-    """A Python value in Hydra's override grammar (JSON's quoted keys are not allowed there)."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_hydra_literal(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_hydra_literal(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+def _unknown_key_message(key: str, known: set[str]) -> str:
+    """'unknown config key X', with the closest known keys (difflib on the last part of the key:
+    beside it first, then anywhere) or the keys beside it."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = sorted(k for k in known if k.rpartition(".")[0] == parent)
+    message = f"unknown config key '{key}': no config group defines it."
+    if parent and parent not in known:
+        top = key.split(".")[0]
+        return message + f" This config has nothing under '{parent}' (is its group selected, e.g. {top}=<name>?)"
+    close = _closest(leaf, siblings, 0.6) or _closest(leaf, sorted(known), 0.8)
+    if close:
+        return message + f" Did you mean {' or '.join(close)}? Fix: {close[0]}=<value>"
+    return message + f" Keys under '{parent or '(top level)'}': {', '.join(siblings[:30])}"
 
 
-def _check_plugin_names(cfg: dict[str, Any]) -> None:
+def _closest(leaf: str, keys: list[str], cutoff: float) -> list[str]:
+    by_leaf: dict[str, list[str]] = {}
+    for k in keys:
+        by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
+    matches = difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=cutoff)
+    return [k for m in matches for k in by_leaf[m]][:3]
+
+
+def _check_plugin_settings(cfg: dict[str, Any]) -> None:
+    """Each plugin group holds only the settings its plugin's class takes (a YAML preset too),
+    each of a type its annotation allows."""
     for group, registry in PLUGIN_GROUPS.items():
-        name = (cfg.get(group) or {}).get("name")
-        if name is None:
-            raise ConfigError(f"config group '{group}' has no 'name'; pick one with {group}=<name>")
-        if name not in registry:
-            raise ConfigError(str(UnknownPluginError(registry.unknown_message(name))))
-    for label, attack in (cfg.get("attack") or {}).items():
-        if attack.get("name") not in ATTACKS:
-            raise ConfigError(f"eval attack '{label}': {ATTACKS.unknown_message(attack.get('name'))}")
+        blocks = (cfg.get(group) or {}).items() if group == "attack" else [(group, cfg.get(group))]
+        for label, block in blocks:
+            where = f"attack.{label}" if group == "attack" else group
+            if not isinstance(block, dict) or block.get("name") is None:
+                raise ConfigError(f"config group '{where}' has no 'name'; pick one with {group}=<name>")
+            if group == "data" and block["name"] in config_options("data"):
+                continue  # a dataset's preset is its schema: its keys are read by the data layer, not a class
+            plugin = registry.get(block["name"])
+            allowed = accepted_keys(group, plugin)
+            for key in block:
+                if key not in allowed:
+                    close = difflib.get_close_matches(key, sorted(allowed), n=3, cutoff=0.6)
+                    hint = f" Did you mean {' or '.join(f'{where}.{c}' for c in close)}?" if close else ""
+                    raise ConfigError(f"unknown config key '{where}.{key}': {registry.kind} '{block['name']}' "
+                                      f"takes {', '.join(sorted(allowed - {'name'}))}.{hint}")
+            for key, types_ in setting_types(group, plugin).items():
+                if key in block and type_problem(block[key], types_):
+                    expected = " or ".join("null" if t is type(None) else t.__name__ for t in types_)
+                    raise ConfigError(f"{where}.{key} must be {expected}, got {block[key]!r}. "
+                                      f"Fix: {where}.{key}=<{expected}>")
 
 
 def cell_key(cfg: dict[str, Any]) -> str:

@@ -10,11 +10,17 @@ the registry's group, e.g. in their pyproject.toml::
 Entry points are loaded lazily, the first time a registry is asked for a name, so importing
 robustgrid stays cheap. Duplicate names are an error (fvcore's lesson): silently shadowing a
 plugin would make a result depend on import order.
+
+A broken entry point (its module fails to import, it names something that is not a plugin, or it
+clashes with a registered name) never breaks the registry: it is set aside as a `BrokenPlugin`
+that names the entry point (`name = value` in its group) and the cause. Listing shows the good
+plugins and reports the broken ones; only selecting a broken one is an error.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import import_module
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -31,18 +37,45 @@ class DuplicatePluginError(ValueError):
     """Two plugins tried to register under one name."""
 
 
+class BrokenPluginError(UnknownPluginError):
+    """A config selected a plugin whose entry point could not be loaded (the message names it)."""
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An entry point that could not become a plugin, and why."""
+
+    name: str
+    value: str
+    group: str
+    reason: str
+
+    def describe(self) -> str:
+        return (f"entry point `{self.name} = {self.value}` in group '{self.group}' is broken: {self.reason}. "
+                f"Fix: repair or uninstall the package that declares it")
+
+
+def is_class(obj: object) -> str | None:
+    """The usual plugin check: None if `obj` is a class, else what is wrong with it."""
+    return None if isinstance(obj, type) else f"it is a {type(obj).__name__}, not a class"
+
+
 class Registry(Generic[T]):
     """Name -> plugin table for one kind of plugin.
 
     `builtin_modules` are imported on first lookup so that the built-in plugins register
-    themselves; `group` is the entry-point group external packages use.
+    themselves; `group` is the entry-point group external packages use; `check` says what is
+    wrong with an object an entry point names (None: it is a valid plugin).
     """
 
-    def __init__(self, kind: str, group: str, builtin_modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, group: str, builtin_modules: tuple[str, ...] = (),
+                 check: Callable[[object], str | None] = is_class) -> None:
         self.kind = kind
         self.group = group
         self._builtin_modules = builtin_modules
+        self._check = check
         self._items: dict[str, T] = {}
+        self._broken: dict[str, BrokenPlugin] = {}
         self._loaded = False
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
@@ -73,18 +106,38 @@ class Registry(Generic[T]):
         for module in self._builtin_modules:
             import_module(module)
         for ep in entry_points(group=self.group):
+            self._load_entry_point(ep)
+
+    def _load_entry_point(self, ep: EntryPoint) -> None:
+        """Register one external plugin, or set it aside as broken (never raise: one bad package
+        must not stop every command)."""
+        try:
             obj = ep.load()
-            if ep.name not in self._items or self._items[ep.name] is not obj:
-                self.add(ep.name, obj)
+            problem = self._check(obj)
+            if problem:
+                raise TypeError(f"it must name a {self.kind} plugin, but {problem}")
+            self.add(ep.name, obj)
+        except Exception as err:  # noqa: BLE001 -- any failure of foreign code is reported, not raised
+            reason = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+            self._broken[ep.name] = BrokenPlugin(ep.name, ep.value, self.group, reason)
 
     def get(self, name: str) -> T:
         self._load()
         try:
             return self._items[name]
         except KeyError:
+            if name in self._broken:
+                raise BrokenPluginError(self.unknown_message(name)) from None
             raise UnknownPluginError(self.unknown_message(name)) from None
 
+    def broken(self) -> list[BrokenPlugin]:
+        """Entry points of this registry's group that failed to load, by name."""
+        self._load()
+        return [self._broken[n] for n in sorted(self._broken)]
+
     def unknown_message(self, name: str) -> str:
+        if name in self._broken:
+            return f"{self.kind} '{name}' cannot be used: {self._broken[name].describe()}"
         known = ", ".join(self.names()) or "(none)"
         return (
             f"unknown {self.kind} '{name}'. Known {self.kind}s: {known}. "
@@ -124,8 +177,13 @@ ATTACKS: Registry = Registry(
      "harness.attacks.apgd", "harness.attacks.fab", "harness.attacks.square",
      "harness.attacks.autoattack", "methods.trades"),
 )
+def _builds_models(obj: object) -> str | None:
+    """Architectures are classes or objects (the timm presets) with a `build` method."""
+    return None if callable(getattr(obj, "build", None)) else "it has no build(...) method"
+
+
 ARCHITECTURES: Registry = Registry(
-    "architecture", "robustgrid.architectures", ("architectures.presets",)
+    "architecture", "robustgrid.architectures", ("architectures.presets",), check=_builds_models
 )
 DATASETS: Registry = Registry("dataset", "robustgrid.datasets", ("harness.data.datasets",))
 POISONS: Registry = Registry(

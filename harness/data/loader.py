@@ -86,6 +86,8 @@ def make_loader(
     poison: Callable[[torch.Tensor, torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None,
     shuffle_buffer: int | None = None,
     cache_dir: str | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
 ) -> "EpochLoader":
     """One epoch of `split` for this rank: batches `(x, y)` or `(x, y, keys)`.
 
@@ -95,6 +97,8 @@ def make_loader(
     `poison(x, y, split indices) -> (x, y)` (harness.backdoor.plan) is applied to each decoded
     batch at native resolution, before resize and augmentation.
     `len(loader)` is this rank's number of batches. Make a new loader for each epoch.
+    `pin_memory` / `prefetch_factor` (batches each worker keeps ready; workers only): for a CUDA
+    trainer, so the copy to the GPU overlaps compute.
     """
     _check_rank(rank, world_size)
     if batch_size < 1:
@@ -113,8 +117,10 @@ def make_loader(
     verify_shards(loc, manifest, (split,))
     source = BlockSource(loc, manifest["splits"][split]["shards"], plan, manifest["num_classes"],
                          dataset_version(manifest))
-    return EpochLoader(source, plan, batch_size, num_workers, buffer if shuffle else 0, transform,
-                       return_keys, poison)
+    loader = EpochLoader(source, plan, batch_size, num_workers, buffer if shuffle else 0, transform,
+                         return_keys, poison)
+    loader.pin_memory, loader.prefetch_factor = pin_memory, prefetch_factor
+    return loader
 
 
 def _plan(manifest: dict[str, Any], where: str, split: str, limit: int | None, rank: int, world_size: int,
@@ -235,7 +241,12 @@ class BlockSource(IterableDataset):
 
 
 class EpochLoader:
-    """Iterates one rank's batches: blocks (from workers) -> shuffle buffer -> batches -> transform."""
+    """Iterates one rank's batches: blocks (from workers) -> shuffle buffer -> batches -> transform.
+    `pin_memory` / `prefetch_factor` (blocks each worker keeps ready): for a CUDA trainer, so the
+    copy to the GPU overlaps compute."""
+
+    pin_memory: bool = False
+    prefetch_factor: int | None = None
 
     def __init__(self, source: BlockSource, plan: EpochPlan, batch_size: int, num_workers: int, buffer: int,
                  transform: "BatchTransform", return_keys: bool, poison: Callable | None) -> None:
@@ -248,8 +259,9 @@ class EpochLoader:
     def blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.num_workers == 0:
             return iter(self.source)
+        prefetch = {"prefetch_factor": int(self.prefetch_factor)} if self.prefetch_factor else {}
         return iter(DataLoader(self.source, batch_size=None, num_workers=self.num_workers,
-                               persistent_workers=False))
+                               persistent_workers=False, **prefetch))
 
     def __iter__(self) -> Iterator[tuple]:
         pool = _SamplePool(self.buffer, self.plan.buffer_generator())
@@ -271,6 +283,8 @@ class EpochLoader:
         if self.poison is not None:
             x, y = self.poison(x, y, idx)
         x = self.transform(x, self.plan.augment_generator(batch_index))
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
         return (x, y, [f"{i:06d}" for i in idx.tolist()]) if self.return_keys else (x, y)
 
 

@@ -78,18 +78,20 @@ class BackdoorMetrics(Analysis):
         return (cfg.get("backdoor") or {}).get("name", "none") != "none"
 
     def run(self, ctx: EvalContext) -> None:
-        ctx.columns |= backdoor_columns(ctx.cfg, ctx.model, ctx.manifest["num_classes"])
+        ctx.columns |= backdoor_columns(ctx.cfg, ctx.model, ctx.manifest["num_classes"], ctx.device)
 
 
-def backdoor_columns(cfg: dict[str, Any], model: nn.Module, num_classes: int) -> dict[str, Any]:
-    """The backdoor columns of a cell's rows (empty for clean cells)."""
+def backdoor_columns(cfg: dict[str, Any], model: nn.Module, num_classes: int,
+                     device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The backdoor columns of a cell's rows (empty for clean cells); the triggered test set runs
+    through `model` on the cell's `device`."""
     plan = train_plan({**cfg, "backdoor": {k: v for k, v in (cfg.get("backdoor") or {}).items()
                                            if k != "clean_train"}})
     if plan is None:
         return {}
     ecfg = cfg.get("eval", {})
     result = evaluate_backdoor(model, cfg, num_classes=num_classes, batch_size=int(ecfg.get("batch_size", 256)),
-                               limit=ecfg.get("limit"))
+                               limit=ecfg.get("limit"), device=device)
     indices = [int(i) for i in plan.poisoned]
     return {
         "backdoor": plan.poison.name,

@@ -13,6 +13,11 @@ model-level probes (on the first evaluated batch, every row of the cell gets the
   model returns softmax probabilities, not logits, which saturates the attacks' losses.
 - `zero_input_gradients`: some probed point has an all-zero input gradient of the logit margin
   z_y - max_{j != y} z_j (the reference checks the same on its attacks' gradients).
+- `saturated_softmax`: on at least 10% of the probe points the input gradient of the
+  cross-entropy vanishes (its norm below 1e-20 x the margin gradient's: the softmax underflowed
+  to one-hot in float32) while the margin gradient does not. Logits scaled up (x 1e4) do this:
+  CE-based attacks (PGD, APGD-CE) see no gradient and overstate robustness, while margin-based
+  ones (APGD-T, CW, FAB) still work; nothing else catches it reliably.
 - `accuracy_not_falling_with_eps` / `accuracy_not_falling_with_steps`: PGD (10 steps of
   radius/4) on the probe points at eps, 2 eps, 4 eps and the saturation radius (L-inf 0.5, L2
   0.5 sqrt(d): the ball then holds the constant grey image, so a working attack leaves at most
@@ -48,11 +53,13 @@ FLAGS = (
     "randomized_outputs",
     "outputs_are_probabilities",
     "zero_input_gradients",
+    "saturated_softmax",
     "square_beats_whitebox",
     "robust_above_clean",
     "accuracy_not_falling_with_eps",
     "accuracy_not_falling_with_steps",
     "perturbation_out_of_bounds",
+    "eval_precision_bf16",  # evaluated under bf16 autocast (eval.precision=bf16, opt-in; harness/eval/evaluate.py)
 )
 WHITEBOX_COMPONENTS = ("apgd_ce", "apgd_t", "fab_t")
 SQUARE_MARGIN = 0.002  # the reference's alpha in its Square check
@@ -61,6 +68,8 @@ SATURATION_SLACK = 0.1
 ROW_RISE_TOL = 0.005
 _BOUND_TOL = 1e-6
 _BUDGET_KEYS = ("steps", "n_iter", "n_queries")
+SATURATED_RATIO = 1e-20  # |grad CE| / |grad margin| ~ softmax of the runner-up: e^-46, float32 underflow
+SATURATED_SHARE = 0.1    # of the probe points
 
 Details = dict[str, dict[str, Any]]
 
@@ -133,6 +142,29 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return None
 
 
+def check_saturated_softmax(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict | None:
+    """Cross-entropy input gradients vanish (softmax underflow) on many probe points while the
+    margin gradients do not: CE-driven attacks are blind there, margin-driven ones are not."""
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(xg).float()
+        rows = torch.arange(len(y), device=x.device)
+        ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        (ce_grad,) = torch.autograd.grad(ce, xg, retain_graph=True)
+        others = logits.clone()
+        others[rows, y] = -float("inf")
+        margin = logits[rows, y] - others.max(1)[0]
+        (margin_grad,) = torch.autograd.grad(margin.sum(), xg)
+    ce_norm = ce_grad.flatten(1).double().norm(dim=1)
+    margin_norm = margin_grad.flatten(1).double().norm(dim=1)
+    vanished = (margin_norm > 0) & (ce_norm <= SATURATED_RATIO * margin_norm)
+    if len(y) and float(vanished.float().mean()) >= SATURATED_SHARE:
+        return {"points_with_vanished_ce_gradient": int(vanished.sum()), "probed_points": len(y),
+                "median_margin_gradient_norm": float(margin_norm[vanished].median()),
+                "max_ce_gradient_norm_there": float(ce_norm[vanished].max())}
+    return None
+
+
 def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_norm: str, eps: float,
                   steps: int, seed: int) -> float:
     from harness.attacks.base import build_attack
@@ -188,7 +220,8 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         with torch.random.fork_rng(devices=[]):
             for flag, check in (("randomized_outputs", lambda: check_randomized(model, x)),
                                 ("outputs_are_probabilities", lambda: check_probabilities(model, x)),
-                                ("zero_input_gradients", lambda: check_zero_gradients(model, x, y))):
+                                ("zero_input_gradients", lambda: check_zero_gradients(model, x, y)),
+                                ("saturated_softmax", lambda: check_saturated_softmax(model, x, y))):
                 found = check()
                 if found is not None:
                     details[flag] = found
@@ -277,6 +310,7 @@ def flag_result(model: nn.Module, result: Any, x: torch.Tensor, y: torch.Tensor,
              "robust_acc": r.robust_acc, "broken_by": r.broken_by, "out_of_bounds": r.out_of_bounds}
             for r in result.attacks]
     for r, details in zip(result.attacks, row_flags(result.clean_acc, rows, model_details)):
+        details = {**r.flag_details, **details}  # keeps what evaluation itself flagged (eval precision)
         r.flags, r.flag_details = flag_list(details), details
 
 

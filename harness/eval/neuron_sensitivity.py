@@ -107,9 +107,11 @@ def neuron_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch
     return SensitivityResult(value=sum(per_layer.values()) / len(per_layer), layers=per_layer)
 
 
-def analyse_cell(cfg: dict[str, Any], model: nn.Module) -> SensitivityResult | None:
+def analyse_cell(cfg: dict[str, Any], model: nn.Module,
+                 device: torch.device | str = "cpu") -> SensitivityResult | None:
     """The analysis for one evaluated cell, as `eval.neuron_sensitivity` configures it
-    (PGD at the data's eps on the first `limit` test images); None when switched off."""
+    (PGD at the data's eps on the first `limit` test images, on the cell's `device`, where the
+    model already is); None when switched off."""
     ns_cfg = dict((cfg.get("eval") or {}).get("neuron_sensitivity") or {})
     if not ns_cfg.get("enabled", True):
         return None
@@ -118,7 +120,8 @@ def analyse_cell(cfg: dict[str, Any], model: nn.Module) -> SensitivityResult | N
     loader = make_loader(Path(cfg["data"]["dir"]), "test", int(ns_cfg.get("batch_size", 128)),
                          img_size=cfg["data"].get("img_size"), limit=ns_cfg.get("limit", 256))
     torch.manual_seed(int(cfg["seed"]))
-    return neuron_sensitivity(model, [(x, y) for x, y in loader], attack, ns_cfg.get("layers"))
+    batches = [(x.to(device), y.to(device)) for x, y in loader]
+    return neuron_sensitivity(model, batches, attack, ns_cfg.get("layers"))
 
 
 @ANALYSES.register("neuron_sensitivity")
@@ -132,6 +135,6 @@ class NeuronSensitivity(Analysis):
         return bool(((cfg.get("eval") or {}).get("neuron_sensitivity") or {}).get("enabled", True))
 
     def run(self, ctx: EvalContext) -> None:
-        result = analyse_cell(ctx.cfg, ctx.model)
+        result = analyse_cell(ctx.cfg, ctx.model, ctx.device)
         if result is not None:
             ctx.columns |= {"neuron_sensitivity": result.value, "neuron_sensitivity_layers": result.layers_json()}

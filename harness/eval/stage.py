@@ -33,7 +33,7 @@ class Artifact:
 
     key: str  # identity and dedup key, e.g. "ddpm/<hash>"
     label: str  # shown in logs and the plan
-    build: Callable[[], Any]  # builds and caches it (picklable: a module-level function or partial)
+    build: Callable[..., Any]  # build(device=...) builds and caches it (picklable: a function or partial)
 
 
 @dataclass

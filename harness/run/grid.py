@@ -31,6 +31,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness.attacks.base import build_attack
 from harness.backdoor.base import build_poison
 from harness.core.config import ConfigError, compose_config, finalize
+from harness.core.validate import validate_numbers
+from harness.run.labels import distinguish_labels, first_line
+from harness.run.ray_connect import check_ray_address
+from harness.run.single_driver import single_driver
+from harness.run.preflight import check_results_writable, train_split_size
 from harness.data.ensure import ensure_prepared
 from harness.eval.stage import check_analyses
 from harness.run.cell import RUNNERS
@@ -86,7 +91,7 @@ def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
                 _set(cfg, name, value)
             cfg = finalize(cfg)
             cells.setdefault(cfg["key"], cfg)
-    return list(cells.values())
+    return distinguish_labels(list(cells.values()))  # cells differing only in e.g. lr get distinct labels
 
 
 @functools.lru_cache(maxsize=1)
@@ -142,6 +147,8 @@ def _override_value(value: Any) -> str:
 
 def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
+    validate_numbers(cfg, train_split_size(cfg))
+    check_results_writable(cfg["results_dir"])
     check_trainer_config(planned_trainer(cfg))
     cell_resources(cfg)
     build_method(cfg["method"])
@@ -167,19 +174,18 @@ def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num
                   f"{len(cells) - len(report.skipped)} to run; plan: {counts['train']} trainings, "
                   f"{counts['artifact']} artifacts, {counts['eval']} evaluations", soft_wrap=True)
     if len(plan):
-        report.outcomes = _run_on_ray(plan, ray_address, num_cpus)
+        with single_driver(cells):  # a second driver on this grid and store says so and exits
+            report.outcomes = _run_on_ray(plan, ray_address, num_cpus)
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def node_options(node: Node) -> dict[str, Any]:
     """Ray options of one node: a train node holds its cell's training resources; an eval or
-    artifact node one rank's (a GPU cell evaluates on its GPU)."""
+    artifact node one rank's (a GPU cell evaluates, and builds its DDPM, on its GPU)."""
     if node.kind == "train":
         return task_options(node.cfg)
-    if node.kind == "eval":
-        return rank_options(node.cfg) | {"max_retries": cell_resources(node.cfg).max_retries}
-    return {"num_cpus": 1, "max_retries": 2}
+    return rank_options(node.cfg) | {"max_retries": cell_resources(node.cfg).max_retries}
 
 
 def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[CellOutcome]:
@@ -187,6 +193,7 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
     import ray
 
     if not ray.is_initialized():
+        check_ray_address(address)  # a wrong address fails in seconds, naming it (not minutes of retries)
         # "local": a fresh embedded Ray even when a `ray start` cluster is running on this machine
         # (ray.init(None) would silently join it); ray.address=auto|host:port joins a cluster.
         ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
@@ -213,12 +220,13 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
                 outcome = _get_outcome(ray, ref, node)
                 if node.kind != "eval":
                     if outcome.status != "ok":
-                        progress.console.print(f"[red]FAILED[/] {node.label}: {_first_line(outcome.error)}")
+                        progress.console.print(f"[red]FAILED[/] {node.label}{first_line(outcome.error)}", highlight=False)
                     continue
                 outcomes.append(outcome)
                 progress.update(bar, advance=1)
                 mark = "[green]ok[/]" if outcome.status == "ok" else "[red]FAILED[/]"
-                progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s")
+                progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s"
+                                       f"{first_line(outcome.error)}", highlight=False)
             progress.update(bar, status=_live_status(cells, waiting, outcomes))
     return outcomes
 
@@ -235,10 +243,6 @@ def _get_outcome(ray: Any, ref: Any, node: Node) -> CellOutcome | NodeOutcome:
         # an attempt may have committed 'ok' before dying: that commit wins over this row
         status = committed_status(cfg["results_dir"], cfg["key"]) or "failed"
         return CellOutcome(cfg["key"], cfg["label"], status, None if status == "ok" else error, str(path), 0.0)
-
-
-def _first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
 
 
 def _live_status(cells: dict[Any, dict[str, Any]], waiting: list[Any], outcomes: list[CellOutcome]) -> str:

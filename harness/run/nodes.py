@@ -34,6 +34,8 @@ from harness.store.provenance import file_sha256
 from harness.store.results import write_cell_result
 from harness.store.rows import base_row, failed_row, now
 from harness.store.storage import open_store
+from harness.eval.cost import StageClock, cost_columns
+from harness.train.device import cell_device
 from harness.train.trainer import TrainSummary, load_trained_classifier, train
 
 TRAIN_RUNS = "_train_runs"  # one small file per training actually run: who trained what, where
@@ -144,21 +146,13 @@ def run_artifact_node(node: Node) -> NodeOutcome:
     """Build (and cache) one artifact; analyses that need it find it cached."""
     t0 = time.perf_counter()
     try:
-        node.artifact.build()
+        node.artifact.build(device=cell_device(node.cfg))
     except Exception as err:
         return NodeOutcome(node.id, "failed", _error_text(err), time.perf_counter() - t0)
     return NodeOutcome(node.id, "ok", None, time.perf_counter() - t0)
 
 
 # -------------------------------------------------------------------------------------------- eval
-
-
-def eval_device(cfg: dict[str, Any]) -> torch.device:
-    """The device the cell trained on, for every evaluation stage (cuda:0 of the GPUs Ray gave it)."""
-    spec = str((cfg.get("trainer") or {}).get("device", "auto"))
-    if spec in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu") if spec in ("auto", "cuda") else torch.device(spec)
 
 
 def run_eval_node(node: Node, *inputs: NodeOutcome) -> CellOutcome:
@@ -191,18 +185,27 @@ def evaluate_cell(cfg: dict[str, Any], started: Any) -> list[dict[str, Any]]:
         survivors = load_survivors(cfg["results_dir"], str(ecfg["survivors_from"]), train_key=cfg.get("train_key"),
                                    n_eval=n_eval)
     summary = trained_summary(cfg)
-    device = eval_device(cfg)
+    device = cell_device(cfg)  # the training device: every stage below runs there
+    clock = StageClock(device)  # eval seconds per stage, for the cost columns
     manifest = load_manifest(data_dir)
-    model = load_trained_classifier(cfg, local_work_dir(cfg), device)
-    result = evaluate(model, list(cfg["attack"].values()), data_dir, num_classes=manifest["num_classes"],
-                      batch_size=int(ecfg.get("batch_size", 256)), img_size=cfg["data"].get("img_size"),
-                      limit=ecfg.get("limit"), device=device, seed=int(cfg["seed"]), survivors=survivors)
+    with clock.stage("load"):
+        model = load_trained_classifier(cfg, local_work_dir(cfg), device)
+    with clock.stage("attacks"):
+        result = evaluate(model, list(cfg["attack"].values()), data_dir, num_classes=manifest["num_classes"],
+                          batch_size=int(ecfg.get("batch_size", 256)), img_size=cfg["data"].get("img_size"),
+                          limit=ecfg.get("limit"), device=device, seed=int(cfg["seed"]), survivors=survivors,
+                          integrity_points=0, precision=str(ecfg.get("precision", "fp32")))
     ctx = EvalContext(cfg, model, device, manifest, result)
     for analysis in cell_analyses(cfg):
-        analysis.run(ctx)
+        with clock.stage(analysis.label):
+            analysis.run(ctx)
     if ctx.summaries:
         ctx.columns["analysis_json"] = json.dumps(ctx.summaries, sort_keys=True, default=str)
-    return [row | ctx.columns for row in cell_rows(cfg, summary, result, manifest, started)]
+    cost = cost_columns(device=device, device_count=summary.world_size, train_seconds=summary.train_seconds,
+                        clock=clock, flops_per_image=summary.flops_per_image, train_flops=summary.train_flops,
+                        cpu_threads=int(cfg["trainer"].get("threads_per_rank") or 1),
+                        precision=summary.precision, train_peak_memory=summary.peak_memory_bytes)
+    return [row | ctx.columns | cost for row in cell_rows(cfg, summary, result, manifest, started)]
 
 
 def cell_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, manifest: dict[str, Any],
@@ -219,7 +222,6 @@ def cell_rows(cfg: dict[str, Any], summary: TrainSummary, result: EvalResult, ma
         "world_size": summary.world_size,
         "replicas_in_sync": summary.replicas_in_sync,
         "train_seconds": summary.train_seconds,
-        "eval_seconds": result.seconds,
         "images_per_second": summary.images_per_second,
         "final_train_loss": summary.final_train_loss,
         "train_curve": json.dumps(summary.curve),

@@ -88,7 +88,9 @@ def build_plan(cells: list[dict[str, Any]]) -> Plan:
     for cfg in cells:
         inputs = [_add_train(plan, cfg)]
         for artifact in analysis_artifacts(cfg):
-            inputs.append(plan.add(Node(f"artifact/{artifact.key}", "artifact", artifact.label, artifact=artifact)))
+            # built on the device of the first cell that needs it (a DDPM trains on a GPU cell's GPU)
+            inputs.append(plan.add(Node(f"artifact/{artifact.key}", "artifact", artifact.label, cfg=cfg,
+                                        artifact=artifact)))
         plan.add(Node(eval_node_id(cfg), "eval", cfg.get("label", cfg["key"]), tuple(inputs), cfg=cfg))
     return plan
 

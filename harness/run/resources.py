@@ -70,6 +70,9 @@ def cell_resources(cfg: dict[str, Any]) -> CellResources:
     if gpus == 0 and tcfg.get("device") == "cuda":
         raise ConfigError("trainer.device=cuda but resources.gpus=0: Ray hides GPUs from a cell that asks for none; "
                           "set resources.gpus (e.g. 1, or 0.25 to share a GPU)")
+    if gpus > 0 and tcfg.get("device") == "cpu":
+        raise ConfigError(f"resources.gpus={gpus:g} with trainer.device=cpu: the cell would hold GPUs it never uses; "
+                          f"set trainer.device=auto (or cuda), or resources.gpus=0")
     max_retries = int(res.get("max_retries", 2))
     if max_retries < -1:
         raise ConfigError(f"resources.max_retries must be >= 0 (or -1: retry forever), got {max_retries}")

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from harness.store.audit import warn_about_store
 from harness.store.storage import COMMITS, open_store
 
 RUNNING = "_running"
@@ -142,6 +143,7 @@ def grid_status(location: str, keys: Iterable[str] | None = None,
     store = open_store(location)
     running = running_cells(location)
     committed = {name[: -len(".json")] for name in store.list(COMMITS) if name.endswith(".json")}
+    committed = {key for key in committed if store.read_marker(key) is not None}  # stray markers: no cell
     status = GridStatus(grid_known=keys is not None)
     wanted = list(keys) if keys is not None else sorted(committed | {k for k in running if not k.startswith("train-")})
     for key in wanted:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from harness.run.grid import expand_grid
 from harness.run.status import grid_status
+from harness.store.audit import warn_about_store
 
 
 def status_command(overrides: list[str], results: str | None, show_keys: bool) -> int:
@@ -28,6 +29,7 @@ def status_command(overrides: list[str], results: str | None, show_keys: bool) -
         location = results
     else:
         raise ValueError("say which cells: `robustgrid status grid=<name> [overrides]` or `--results DIR|URI`")
+    warn_about_store(location)  # foreign / unverifiable files, each named (harness.store.audit)
     status = grid_status(location, keys, identities, train_keys)
     out = Console()
     table = Table("state", "cells", title=f"{location}" + ("" if keys is not None else " (no grid given: pending unknown)"))

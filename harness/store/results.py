@@ -12,11 +12,13 @@ so a reader never sees a half-written file and a cell is never counted twice.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 
+from harness.store.audit import warn_about_store
 from harness.store.storage import open_store
 
 SCHEMA_VERSION = 1
@@ -81,6 +83,15 @@ RESULT_SCHEMA = pa.schema(
         pa.field("backdoor_eval_seconds", pa.float64()),
         pa.field("analysis_json", pa.string()),  # JSON {label: summary} of post-eval analyses (ACE)
         pa.field("cell_id", pa.string()),  # the key without the code version (harness.core.config.cell_identity)
+        # cost of the result (harness/eval/cost.py): what the robust accuracy was bought with
+        pa.field("device_name", pa.string()),  # GPU product name, or the CPU model
+        pa.field("device_count", pa.int32()),  # devices the cell trained on (DDP ranks)
+        pa.field("eval_stage_seconds", pa.string()),  # JSON {stage: seconds}; eval_seconds is their sum
+        pa.field("flops_per_image", pa.float64()),  # forward pass (FlopCounterMode)
+        pa.field("train_flops", pa.float64()),  # FLOPs of training, train-time attacks included (estimated)
+        pa.field("device_hours", pa.float64()),  # GPU-hours (CPU core-hours on a CPU), training + evaluation
+        pa.field("peak_memory_bytes", pa.int64()),  # peak GPU memory allocated (peak RSS on a CPU)
+        pa.field("mfu", pa.float64()),  # training's model FLOPs utilisation; null on a CPU
     ]
 )
 
@@ -140,10 +151,15 @@ def committed_status(results_dir: str | os.PathLike, key: str) -> str | None:
 
 
 def read_results(results_dir: str | os.PathLike) -> pa.Table:
-    """All committed, checksum-verified rows of a store, cast to RESULT_SCHEMA; other files are skipped."""
+    """All committed, checksum-verified rows of a store, cast to RESULT_SCHEMA; every other file is
+    skipped with a warning naming it (harness.store.audit), so nothing is left out silently."""
     tables = []
-    for _, table in open_store(results_dir).committed():
+    store = open_store(results_dir)
+    warn_about_store(results_dir)
+    for commit, table in store.committed():
         if "key" not in table.column_names or "status" not in table.column_names:
+            print(f"warning: {store.uri(commit.file)} has no key/status columns: not a result file, ignored",
+                  file=sys.stderr)
             continue
         missing = [n for n in COLUMNS if n not in table.column_names]
         for name in missing:
@@ -152,7 +168,9 @@ def read_results(results_dir: str | os.PathLike) -> pa.Table:
             )
         try:
             tables.append(table.select(COLUMNS).cast(RESULT_SCHEMA))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
+            print(f"warning: {store.uri(commit.file)} does not fit the result schema ({err}): ignored",
+                  file=sys.stderr)
             continue
     if not tables:
         return RESULT_SCHEMA.empty_table()

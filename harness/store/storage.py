@@ -35,6 +35,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from harness.core.locations import is_uri, normalize_location  # noqa: F401  (re-exported: the store's callers use them)
+
 COMMITS = "_commits"
 STAGING = "_staging"
 LOCK_STALE_SECONDS = 30.0  # a commit lock older than this was left by a killed process
@@ -56,18 +58,6 @@ def parquet_from_bytes(data: bytes) -> pa.Table:
 
 class StorageError(ValueError):
     """A storage URI that cannot be used; the message says how to fix it."""
-
-
-def is_uri(location: str | os.PathLike) -> bool:
-    return "://" in str(location)
-
-
-def normalize_location(location: str | os.PathLike) -> str:
-    """A local path becomes absolute (workers may start elsewhere); URIs are kept as given."""
-    text = str(location)
-    if is_uri(text):
-        return text.rstrip("/")
-    return str(Path(text).expanduser().resolve())
 
 
 def local_path(location: str | os.PathLike) -> Path | None:
@@ -190,9 +180,10 @@ class Store:
         if raw is None:
             return None
         try:
-            return Commit(**json.loads(raw))
+            commit = Commit(**json.loads(raw))
         except (ValueError, TypeError):
-            return None  # a marker we cannot parse commits nothing
+            return None  # a marker we cannot parse commits nothing (harness.store.audit names it)
+        return commit if commit.key == key else None  # a marker copied under another key is foreign
 
     def verified(self, key: str) -> tuple[Commit, bytes] | None:
         """The key's commit and file bytes, only when the file exists and matches the marker."""

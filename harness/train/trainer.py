@@ -4,8 +4,9 @@ The loop knows nothing about any one method: it builds the classifier, lets the 
 on it, wraps the result in DistributedDataParallel (gloo on CPU, NCCL on GPU; world size 1 is
 still DDP, so the single-process path is the multi-process path), and calls
 `method.training_step` per batch. It owns the optimiser, the per-step LR schedule, one
-checkpoint per epoch (resume continues from the last finished epoch), bf16 autocast and
-channels_last on CUDA, and the cell's wall time and images/s.
+checkpoint per epoch (resume continues from the last finished epoch), the speed options
+(`trainer.precision=bf16` autocast, `channels_last`, `compile`: CPU and CUDA alike; pinned memory
+and prefetch on CUDA), and the cell's wall time, images/s, FLOPs and peak memory.
 
 World size > 1 on one machine spawns processes with torch.multiprocessing; every rank sees a
 disjoint part of each epoch (harness/data/loader.py) and runs the same number of batches, so
@@ -33,11 +34,16 @@ from architectures.presets import build_classifier
 from harness.backdoor.plan import train_plan
 from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
+from harness.core.device import autocast, check_precision, device_name
 from harness.core.progress import progress_bar
+from harness.eval.cost import count_flops, flops_per_image, peak_memory_bytes, reset_peak_memory
+from harness.train.compile import FIX as COMPILE_FIX, check_compile, compile_backend, compile_classifier
+from harness.train.device import cell_device
 from harness.train.schedule import lr_factor
 from methods.base import Method, TrainContext, build_method
 
 from harness.store import checkpoint_sync
+from harness.store.checkpoints import load_checkpoint, save_checkpoint
 from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY  # noqa: F401  (names shared with the store sync)
 
 
@@ -58,6 +64,11 @@ class TrainSummary:
     device: str = "cpu"
     precision: str = "fp32"
     curve: list[dict[str, float]] = field(default_factory=list)
+    device_name: str | None = None
+    flops_per_image: float | None = None  # forward pass, FlopCounterMode
+    train_flops: float | None = None  # FLOPs of the first step per image (attack included) x images seen
+    peak_memory_bytes: int | None = None  # rank 0
+    compile: str | None = None  # torch.compile backend, None: eager
 
 
 def check_trainer_config(tcfg: dict[str, Any]) -> None:
@@ -71,6 +82,7 @@ def check_trainer_config(tcfg: dict[str, Any]) -> None:
                          f"trainer.world_size ({world_size})")
     if tcfg.get("precision", "fp32") not in ("fp32", "bf16"):
         raise ValueError(f"trainer.precision must be fp32 or bf16, got {tcfg.get('precision')!r}")
+    compile_backend(tcfg.get("compile", False))
     _optimizer(tcfg["optimizer"], [{"params": [torch.zeros(1, requires_grad=True)]}])
     lr_factor(tcfg["schedule"], 0.0, epochs)
 
@@ -137,7 +149,10 @@ def _rank_setup(cfg: dict[str, Any], local_rank: int) -> torch.device:
     # a copy per step, harmless at that size; keep it out of every cell's log.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     torch.set_num_threads(int(cfg["trainer"].get("threads_per_rank") or 1))
-    return _device(cfg["trainer"].get("device", "auto"), local_rank)
+    device = cell_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _fit_and_write_summary(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path,
@@ -153,8 +168,12 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     dataset_dir = Path(dcfg["dir"])
     manifest = load_manifest(dataset_dir)
     use_cuda = device.type == "cuda"
-    precision = tcfg.get("precision", "fp32") if use_cuda else "fp32"
-    channels_last = bool(tcfg.get("channels_last", False)) and use_cuda
+    precision = str(tcfg.get("precision", "fp32"))
+    check_precision(precision, device)
+    channels_last = bool(tcfg.get("channels_last", False))
+    backend = compile_backend(tcfg.get("compile", False))
+    if backend is not None:
+        check_compile(backend, device)  # before any data is read or any step runs
 
     torch.manual_seed(int(cfg["seed"]))  # identical init on every rank (DDP also broadcasts rank 0's)
     classifier = build_classifier(
@@ -163,7 +182,10 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         mean=manifest["mean"], std=manifest["std"],
     )
     method = build_method(cfg["method"])
-    module = method.build(classifier).to(device)
+    image_shape = (manifest["channels"], int(dcfg.get("img_size") or manifest["image_size"][0]),
+                   int(dcfg.get("img_size") or manifest["image_size"][1]))
+    forward_flops = flops_per_image(classifier.to(device), image_shape, device)
+    module = method.build(compile_classifier(classifier, backend)).to(device)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     optimizer = _optimizer(tcfg["optimizer"], method.param_groups(module))
@@ -183,7 +205,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     if rank == 0 and 0 < start_epoch < epochs:  # a retried cell (worker/node/driver died): say so in the grid log
         print(f"{cfg.get('label', 'cell')}: resuming from the epoch {start_epoch - 1} checkpoint", flush=True)
     if start_epoch == 0 and tcfg.get("init_from"):  # a later stage starts from an earlier one's weights
-        init = torch.load(tcfg["init_from"], map_location=device, weights_only=False)
+        init = load_checkpoint(tcfg["init_from"], map_location=device)
         module.load_state_dict(init["model"])
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
               find_unused_parameters=method.find_unused_parameters)
@@ -193,6 +215,9 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     samples_per_epoch: list[int] = state.get("samples_per_epoch", [])
 
     poison = train_plan(cfg)  # None unless the cell trains on poisoned data
+    step_flops_per_image: float | None = None
+    reset_peak_memory(device)
+    sync_every = 50 if use_cuda else 1  # reading a GPU value waits for the GPU: only now and then
     bar = progress_bar(total=(epochs - start_epoch) * steps_per_epoch, desc=cfg.get("label", "train"),
                        enabled=rank == 0 and bool(tcfg.get("progress", True)))
     for epoch in range(start_epoch, epochs):
@@ -203,8 +228,9 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                              seed=int(cfg["seed"]), epoch=epoch, img_size=dcfg.get("img_size"),
                              augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
                              shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
-                             poison=poison.for_epoch(epoch) if poison else None)
-        sums: dict[str, float] = {}
+                             poison=poison.for_epoch(epoch) if poison else None,
+                             pin_memory=use_cuda, prefetch_factor=tcfg.get("prefetch_factor") if use_cuda else None)
+        sums: dict[str, torch.Tensor] = {}
         seen = 0
         for step_in_epoch, (x, y) in enumerate(even_batches(loader, counts[rank], steps_per_epoch)):
             lr_scale = lr_factor(tcfg["schedule"], epoch + step_in_epoch / steps_per_epoch, epochs)
@@ -216,25 +242,34 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             ctx = TrainContext(epoch=epoch, epochs=epochs, step=epoch * steps_per_epoch + step_in_epoch,
                                steps_per_epoch=steps_per_epoch, device=device, rank=rank,
                                world_size=world_size, classifier=method.eval_model(module), lr_scale=lr_scale)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logs = method.training_step(ddp, x, y, ctx)
-            loss = logs["loss"]
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(f"{cfg['method']['name']}: loss is {loss.item()} at epoch {epoch}, "
-                                         f"step {step_in_epoch}; lower the learning rate or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            first_step = step_flops_per_image is None and step_in_epoch == 0
+            try:
+                if first_step:  # count the FLOPs of one whole step (train-time attack included), once
+                    box: dict[str, Any] = {}
+                    flops = count_flops(lambda: box.update(logs=_step(method, ddp, optimizer, x, y, ctx,
+                                                                      device, precision)))
+                    logs = box["logs"]
+                    step_flops_per_image = flops / y.shape[0]
+                else:
+                    logs = _step(method, ddp, optimizer, x, y, ctx, device, precision)
+            except Exception as err:
+                if backend is not None and first_step and not isinstance(err, NonFiniteLossError):
+                    raise RuntimeError(f"torch.compile (backend {backend}) failed on the first training step: "
+                                       f"{type(err).__name__}: {err}; {COMPILE_FIX}") from err
+                raise
             method.after_step(module, ctx)
             seen += y.shape[0]
             for name, value in logs.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) * y.shape[0]
+                sums[name] = sums.get(name, 0) + value.detach().float() * y.shape[0]
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}")
-        epoch_stats = _reduce_epoch(sums, seen, device)
-        train_seconds += time.perf_counter() - t0
+            if step_in_epoch % sync_every == 0 or step_in_epoch == steps_per_epoch - 1:
+                _check_finite(cfg, sums["loss"], epoch, step_in_epoch)
+                bar.set_postfix(epoch=epoch, loss=f"{float(logs['loss'].detach()):.3f}")
+        epoch_stats = _reduce_epoch({k: float(v) for k, v in sums.items()}, seen, device)
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
         samples_per_epoch.append(int(epoch_stats["samples"]))
-        curve.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **epoch_stats})
+        curve.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_seconds, **epoch_stats})
         if rank == 0:
             _save_checkpoint(work_dir / CHECKPOINT, epoch, module, optimizer, method,
                              {"curve": curve, "train_seconds": train_seconds, "samples_per_epoch": samples_per_epoch})
@@ -249,8 +284,29 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         images_per_second=total_samples / train_seconds if train_seconds > 0 else 0.0,
         final_train_loss=curve[-1]["loss"] if curve else float("nan"),
         samples_per_epoch=samples_per_epoch, replicas_in_sync=in_sync,
-        device=str(device.type), precision=precision, curve=curve,
+        device=str(device.type), precision=precision, curve=curve, device_name=device_name(device),
+        flops_per_image=forward_flops,
+        train_flops=step_flops_per_image * total_samples if step_flops_per_image is not None else None,
+        peak_memory_bytes=peak_memory_bytes(device), compile=backend,
     )
+
+
+def _step(method: Method, ddp: DDP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          ctx: TrainContext, device: torch.device, precision: str) -> dict[str, torch.Tensor]:
+    """One optimisation step: the method's loss (autocast in `precision`), backward, update."""
+    with autocast(device, precision):
+        logs = method.training_step(ddp, x, y, ctx)
+    optimizer.zero_grad(set_to_none=True)
+    logs["loss"].backward()
+    optimizer.step()
+    return logs
+
+
+def _check_finite(cfg: dict[str, Any], loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop the cell on a NaN/inf loss (checked every step on a CPU, every few steps on a GPU)."""
+    if not torch.isfinite(loss_sum):
+        raise NonFiniteLossError(f"{cfg['method']['name']}: loss is {float(loss_sum)} at epoch {epoch}, "
+                                 f"step {step} or before; lower the learning rate or check the data")
 
 
 def even_batches(loader: Iterable, n_samples: int, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -280,16 +336,6 @@ def even_batches(loader: Iterable, n_samples: int, n_batches: int) -> Iterator[t
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _device(spec: str, rank: int) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device(spec)
 
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
@@ -333,9 +379,7 @@ def _save_checkpoint(path: Path, epoch: int, module: nn.Module, optimizer: torch
                      method: Method, extra: dict[str, Any]) -> None:
     state = {"epoch": epoch, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
              "method": method.state_dict(), "rng_cpu": torch.get_rng_state(), **extra}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_checkpoint(path, state)
 
 
 def _load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, method: Method,
@@ -343,7 +387,7 @@ def _load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optim
     """(first epoch to run, saved extras); (0, {}) when there is no checkpoint."""
     if not path.exists():
         return 0, {}
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_checkpoint(path, map_location=device)
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     method.load_state_dict(state.get("method", {}))
@@ -357,7 +401,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def load_trained_classifier(cfg: dict[str, Any], work_dir: Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild the cell's module and load its final checkpoint; returns the method's eval model."""
+    """Rebuild the cell's module and load its final checkpoint onto `device` (the cell's, see
+    harness/train/device.py); returns the method's eval model."""
     manifest = load_manifest(Path(cfg["data"]["dir"]))
     torch.manual_seed(int(cfg["seed"]))
     classifier = build_classifier(
@@ -367,7 +412,7 @@ def load_trained_classifier(cfg: dict[str, Any], work_dir: Path, device: torch.d
     )
     method = build_method(cfg["method"])
     module = method.build(classifier)
-    state = torch.load(work_dir / CHECKPOINT, map_location=device, weights_only=False)
+    state = load_checkpoint(work_dir / CHECKPOINT, map_location="cpu")  # then moved to the cell's device
     module.load_state_dict(state["model"])
-    module.to(device).eval()
+    module.to(device).eval()  # the cell's device: every eval stage runs there
     return method.eval_model(module)

@@ -102,7 +102,7 @@ def _signed_pgd(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: A
     pre, cf = x.clone(), x.clone()
     mask = torch.ones_like(x[:, :1])
     xa = x.clone()
-    used = torch.full((len(x),), cfg.iterations, dtype=torch.long)
+    used = torch.full((len(x),), cfg.iterations, dtype=torch.long, device=x.device)
     active = torch.ones(len(x), dtype=torch.bool, device=x.device)
     for it in range(cfg.iterations + 1):
         idx = active.nonzero().flatten()
@@ -133,7 +133,7 @@ def _signed_pgd(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: A
         grad, = torch.autograd.grad(loss.sum(), xi)
         step = (xa[idx] - cfg.step_size * grad.sign()).clamp(0, 1)
         xa[idx] = torch.where(hit.view(-1, 1, 1, 1), xa[idx], step)
-        used[idx[hit].cpu()] = it
+        used[idx[hit]] = it
         active[idx[hit]] = False
     return Counterfactuals(cf, pre, mask, used)
 

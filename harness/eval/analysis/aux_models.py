@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.store.checkpoints import load_checkpoint, save_checkpoint
+
 AUX_FILE = "aux.pt"
 ROLES = {"oracle": 101, "features": 202}   # role -> seed
 
@@ -44,17 +46,19 @@ class SmallCNN(nn.Module):
 
 
 def train_aux(images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
-              epochs: int = 40, batch_size: int = 64) -> SmallCNN:
+              epochs: int = 40, batch_size: int = 64, device: torch.device | str = "cpu") -> SmallCNN:
     """Train a SmallCNN with Adam + light noise augmentation; returns it in eval mode."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = SmallCNN(images.shape[1], num_classes)
+    model = SmallCNN(images.shape[1], num_classes).to(device)
+    images, labels = images.to(device), labels.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(epochs):
         perm = torch.randperm(len(images), generator=gen)
         for i in range(0, len(images), batch_size):
             idx = perm[i:i + batch_size]
-            x = (images[idx] + 0.05 * torch.randn(images[idx].shape, generator=gen)).clamp(0, 1)
+            idx = idx.to(device)
+            x = (images[idx] + 0.05 * torch.randn(images[idx].shape, generator=gen).to(device)).clamp(0, 1)
             loss = F.cross_entropy(model(x), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -70,12 +74,13 @@ def aux_folder(role: str, data_dir: Path, results_dir: Path, img_size: int | Non
         raise ValueError(f"unknown helper classifier role '{role}'; known: {sorted(ROLES)}")
     sha = dataset_sha256(load_manifest(Path(data_dir)))
     ident = [sha, role, ROLES[role], "SmallCNN-v1"] + ([int(img_size)] if img_size is not None else [])
-    return Path(results_dir) / "artifacts" / "aux" / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
+    return Path(results_dir) / "artifacts" / "aux" / key
 
 
 def ensure_aux(role: str, data_dir: Path, results_dir: Path,
-               img_size: int | None = None) -> tuple[SmallCNN, dict]:
-    """The cached helper classifier `role` ('oracle' or 'features') for this dataset; trains if missing.
+               img_size: int | None = None, device: torch.device | str = "cpu") -> tuple[SmallCNN, dict]:
+    """The cached helper classifier `role` ('oracle' or 'features') for this dataset, on `device`; trains if missing.
 
     Returns the model and its meta (including its test accuracy). In a grid it is an artifact node
     of the plan (harness/run/plan.py), built by one task before the cells that need it."""
@@ -86,16 +91,15 @@ def ensure_aux(role: str, data_dir: Path, results_dir: Path,
     manifest = load_manifest(Path(data_dir))
     model = SmallCNN(manifest["channels"], manifest["num_classes"])
     if (folder / AUX_FILE).exists():
-        blob = torch.load(folder / AUX_FILE, map_location="cpu", weights_only=False)
+        blob = load_checkpoint(folder / AUX_FILE)
         model.load_state_dict(blob["state_dict"])
-        return model.eval().requires_grad_(False), blob["meta"]
+        return model.to(device).eval().requires_grad_(False), blob["meta"]
     x, y = load_split(Path(data_dir), "train", img_size=img_size)
-    model = train_aux(x, y, manifest["num_classes"], ROLES[role])
+    model = train_aux(x, y, manifest["num_classes"], ROLES[role], device=device)
     xt, yt = load_split(Path(data_dir), "test", img_size=img_size)
     with torch.no_grad():
-        acc = float((model(xt).argmax(1) == yt).float().mean())
+        acc = float((model(xt.to(device)).argmax(1).cpu() == yt).float().mean())
     meta = {"role": role, "seed": ROLES[role], "test_acc": acc, "data_sha256": dataset_sha256(manifest)}
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, folder / (AUX_FILE + ".tmp"))
-    (folder / (AUX_FILE + ".tmp")).replace(folder / AUX_FILE)
+    save_checkpoint(folder / AUX_FILE, {"state_dict": model.state_dict(), "meta": meta})
     return model, meta

@@ -69,7 +69,7 @@ def cout(model: Classifier, x: torch.Tensor, x_cf: torch.Tensor, source: torch.T
     mag = (x_cf - x).abs().sum(1).flatten(1)                          # (N, HW)
     order = mag.argsort(dim=1, descending=True)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(h * w).expand(n, -1).contiguous())
+    rank.scatter_(1, order, torch.arange(h * w, device=x.device).expand(n, -1).contiguous())
     scores = []
     with torch.no_grad():
         for k in range(steps + 1):

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from harness.store.checkpoints import load_checkpoint
+
 DDPM_FILE = "ddpm.pt"
 META_FILE = "meta.json"
 
@@ -181,7 +183,7 @@ def save_ddpm(ddpm: DDPM, folder: Path, extra: dict[str, Any]) -> None:
 def load_ddpm(folder: Path) -> DDPM:
     meta = json.loads((folder / META_FILE).read_text())
     cfg = DDPMConfig.from_dict(meta["config"])
-    blob = torch.load(folder / DDPM_FILE, map_location="cpu", weights_only=True)
+    blob = load_checkpoint(folder / DDPM_FILE)
     unet = build_unet(cfg, int(meta["channels"]), int(meta["image_size"]))
     unet.load_state_dict(blob["state_dict"])
     return DDPM(unet.eval().requires_grad_(False), blob["alphas_cumprod"], cfg, meta)
@@ -196,8 +198,9 @@ def ddpm_folder(data_dir: Path, results_dir: Path, cfg: DDPMConfig, img_size: in
 
 
 def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
-                log: Callable[[str], None] | None = None, img_size: int | None = None) -> tuple[DDPM, Path]:
-    """The cached DDPM for this dataset and config, training (and caching) it if missing.
+                log: Callable[[str], None] | None = None, img_size: int | None = None,
+                device: torch.device | str = "cpu") -> tuple[DDPM, Path]:
+    """The cached DDPM for this dataset and config, training (and caching) it if missing, on `device`.
 
     In a grid it is an artifact node of the plan (harness/run/plan.py): built by one task before
     the cells that need it, so no two processes train it at once; the files are written to temp
@@ -208,11 +211,11 @@ def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
     if not ((folder / DDPM_FILE).exists() and (folder / META_FILE).exists()):
         manifest = load_manifest(Path(data_dir))
         images, _ = load_split(Path(data_dir), "train", img_size=img_size)
-        ddpm = train_ddpm(images, cfg, log=log)
+        ddpm = train_ddpm(images, cfg, log=log, device=device)
         save_ddpm(ddpm, folder, {"data_sha256": dataset_sha256(manifest),
                                  "channels": images.shape[1], "image_size": images.shape[-1],
                                  "dataset": manifest.get("name")})
-    return load_ddpm(folder), folder
+    return load_ddpm(folder).to(device), folder
 
 
 def respaced_timesteps(T: int, steps: int, tau: float) -> list[int]:

@@ -42,10 +42,11 @@ def check_settings(acfg: dict[str, Any]) -> tuple[ACEConfig, DDPMConfig]:
     return ACEConfig.from_dict(acfg.get("ace")), DDPMConfig.from_dict(acfg.get("ddpm"))
 
 
-def explained_images(model: Callable, data_dir: Path, n: int,
-                     img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n test images the model classifies correctly, with their labels."""
+def explained_images(model: Callable, data_dir: Path, n: int, img_size: int | None = None,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n test images the model classifies correctly, with their labels, on `device`."""
     x, y = load_split(data_dir, "test", img_size=img_size)
+    x, y = x.to(device), y.to(device)
     with torch.no_grad():
         ok = model(x).argmax(1) == y
     return x[ok][:n], y[ok][:n]
@@ -53,16 +54,18 @@ def explained_images(model: Callable, data_dir: Path, n: int,
 
 def run_ace(model: torch.nn.Module, data_dir: Path, results_dir: Path, out_dir: Path,
             acfg: dict[str, Any], log: Callable[[str], None] = lambda s: None,
-            img_size: int | None = None) -> dict[str, Any]:
+            img_size: int | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """ACE + plain PGD on `model`; writes artifacts under out_dir and returns the summary dict.
-    `img_size`: the cell's data.img_size (images, DDPM and helper CNNs all at that size)."""
+    `img_size`: the cell's data.img_size (images, DDPM and helper CNNs all at that size).
+    `device`: the cell's device (the model is already there); the DDPM and helper CNNs run there too."""
     ace_cfg, ddpm_cfg = check_settings(acfg)
     started = time.time()
     model.eval()
-    ddpm, ddpm_dir = ensure_ddpm(Path(data_dir), Path(results_dir), ddpm_cfg, log=log, img_size=img_size)
-    oracle, oracle_meta = ensure_aux("oracle", Path(data_dir), Path(results_dir), img_size)
-    feats, feats_meta = ensure_aux("features", Path(data_dir), Path(results_dir), img_size)
-    x, y = explained_images(model, Path(data_dir), int(acfg.get("n_explain", 64)), img_size)
+    ddpm, ddpm_dir = ensure_ddpm(Path(data_dir), Path(results_dir), ddpm_cfg, log=log, img_size=img_size,
+                                 device=device)
+    oracle, oracle_meta = ensure_aux("oracle", Path(data_dir), Path(results_dir), img_size, device)
+    feats, feats_meta = ensure_aux("features", Path(data_dir), Path(results_dir), img_size, device)
+    x, y = explained_images(model, Path(data_dir), int(acfg.get("n_explain", 64)), img_size, device)
     if len(x) == 0:
         raise ValueError("the model classifies no test image correctly: nothing to explain")
     target = runner_up_target(model, x)
@@ -100,7 +103,7 @@ def run_ace(model: torch.nn.Module, data_dir: Path, results_dir: Path, out_dir: 
         "oracle_test_acc": oracle_meta["test_acc"], "features_test_acc": feats_meta["test_acc"],
         "seconds": time.time() - started,
     }
-    write_artifacts(Path(out_dir), summary, x, y, target, cat)
+    write_artifacts(Path(out_dir), summary, x.cpu(), y.cpu(), target.cpu(), {k: v.cpu() for k, v in cat.items()})
     return summary
 
 
@@ -119,7 +122,7 @@ def summarize(model: Callable, oracle: Callable, feats: torch.nn.Module, x: torc
         "n_matched": int(both.sum()),
     }
     with torch.no_grad():
-        real = feats.features(x).numpy()
+        real = feats.features(x).cpu().numpy()
     for name, z in (("ace", cf), ("pgd", pgd)):
         d = (z - x)[both]
         out[f"{name}_l1"] = float(M.l1(d).mean()) if len(d) else float("nan")
@@ -133,7 +136,7 @@ def summarize(model: Callable, oracle: Callable, feats: torch.nn.Module, x: torc
         out[f"{name}_cout"] = float(M.cout(model, x[both], z[both], y[both], target[both]).mean()) \
             if len(d) else float("nan")
         with torch.no_grad():
-            out[f"{name}_fid_local"] = M.frechet_distance(feats.features(z).numpy(), real)
+            out[f"{name}_fid_local"] = M.frechet_distance(feats.features(z).cpu().numpy(), real)
     return out
 
 
@@ -142,6 +145,7 @@ def natural_reference(data_dir: Path, x: torch.Tensor, target: torch.Tensor, cut
     """Frequency content of a natural class change: x -> its nearest training image of the target
     class (L2). Tells what HF share a real, semantic edit has on this dataset."""
     xt, yt = load_split(data_dir, "train", img_size=img_size)
+    x, target = x.cpu(), target.cpu()
     dist = torch.cdist(x.flatten(1), xt.flatten(1))
     dist = dist.masked_fill(yt[None, :] != target[:, None], float("inf"))
     d = xt[dist.argmin(1)] - x
@@ -208,4 +212,4 @@ class ACEAnalysis(Analysis):
         ctx.log(f"analysis {self.label}: {cfg.get('label', cfg['key'])}")
         ctx.summaries[self.label] = run_ace(ctx.model, Path(cfg["data"]["dir"]), Path(cfg["results_dir"]),
                                             analysis_dir(cfg, self.label), self.settings, log=ctx.log,
-                                            img_size=cfg["data"].get("img_size"))
+                                            img_size=cfg["data"].get("img_size"), device=ctx.device)

@@ -1,0 +1,46 @@
+"""Checks a driver makes before any work: the training split's size, the results store's writability.
+
+Both read or touch the outside world (the dataset manifest, the store), so they live here, above the
+pure config checks of harness.core.validate.
+"""
+from __future__ import annotations
+
+import functools
+import uuid
+from pathlib import Path
+from typing import Any
+
+from harness.core.config import ConfigError
+from harness.data.shards import MANIFEST
+from harness.data.loader import split_count
+from harness.store.storage import STAGING, open_store
+
+
+def train_split_size(cfg: dict[str, Any]) -> int | None:
+    """Images one epoch of the cell trains on (data.train_limit applied); None until the data is prepared."""
+    data = cfg.get("data") or {}
+    data_dir = Path(data.get("dir", ""))
+    if not (data_dir / MANIFEST).is_file():
+        return None
+    limit = data.get("train_limit")
+    try:
+        limit = None if limit is None else int(limit)
+    except (TypeError, ValueError):
+        return None  # validate_numbers names the bad data.train_limit
+    if limit is not None and limit < 1:
+        return None  # validate_numbers names the bad data.train_limit
+    return split_count(data_dir, "train", 0, 1, limit=limit)
+
+
+@functools.lru_cache(maxsize=None)
+def check_results_writable(location: str) -> None:
+    """Write and remove a probe object in the results store; ConfigError naming the location if that fails.
+    Once per store and process (cached on success): a 10,000-cell grid probes its store once."""
+    probe = f"{STAGING}/probe-{uuid.uuid4().hex}.txt"
+    try:
+        store = open_store(location)
+        store.write_bytes(probe, b"robustgrid write probe", durable=False)
+        store.delete(probe)
+    except Exception as err:  # any store (local, NFS, s3://) says "no" in its own way
+        raise ConfigError(f"results_dir={location} is not writable ({type(err).__name__}: {err}); "
+                          f"set results_dir to a folder or bucket you can write to") from None

@@ -1,0 +1,92 @@
+"""Name every file in a results store that is not ours or cannot be verified, instead of skipping it silently.
+
+Readers trust only committed, checksum-verified `<key>.parquet` files (harness.store.storage) and
+skip everything else. Skipping is right, silence is not: a foreign file, a stray or damaged commit
+marker, or a result file no marker vouches for each get one warning naming the file, so a user
+who copied results in by hand, or finds a store tampered with, learns what was ignored and why.
+The audit reads the listing and the small marker files only (no result bytes), so it stays cheap
+for a 10,000-cell store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TextIO
+
+import pyarrow.fs as pafs
+
+from harness.store.storage import COMMITS, STAGING, Commit, open_store
+
+# folders the harness itself writes into a results store
+OWN_FOLDERS = {COMMITS, STAGING, "_running", "_attempts", "_drivers", "checkpoints", "artifacts", "samples"}
+
+
+def audit_store(location: str | os.PathLike) -> list[str]:
+    """One message per foreign or unverifiable entry of the store's top level and `_commits/`."""
+    store = open_store(location)
+    top = _entries(store, "")
+    if top is None:
+        return []
+    messages: list[str] = []
+    vouched: set[str] = set()
+    commits = _entries(store, COMMITS) or {}
+    for name, info in sorted(commits.items()):
+        if info.type != pafs.FileType.File:
+            continue
+        where = store.uri(COMMITS, name)
+        if not name.endswith(".json"):
+            messages.append(f"stray file {where} in the commit markers: ignored")
+            continue
+        commit, why = _parse_marker(store.read_bytes(f"{COMMITS}/{name}"), name[: -len(".json")])
+        if commit is None:
+            messages.append(f"stray commit marker {where} ({why}): ignored, not a cell")
+            continue
+        target = top.get(commit.file) if "/" not in commit.file else None
+        if target is None or target.type != pafs.FileType.File:
+            messages.append(f"commit marker {where} names {commit.file}, which is missing: the cell counts as "
+                            f"not done and reruns")
+        elif target.size != commit.size:
+            messages.append(f"{store.uri(commit.file)} does not match its commit marker ({target.size} bytes, "
+                            f"marker says {commit.size}): ignored; the cell counts as not done and reruns")
+        vouched.add(commit.file)  # named above if it does not match; not again as unverified
+    for name, info in sorted(top.items()):
+        where = store.uri(name)
+        if info.type == pafs.FileType.Directory:
+            if name not in OWN_FOLDERS and not name.startswith("."):
+                messages.append(f"foreign folder {where} in the results store: ignored")
+        elif name.endswith(".parquet"):
+            if name not in vouched:
+                messages.append(f"unverified result file {where}: no commit marker vouches for it, so it is "
+                                f"ignored (copy results with their _commits/ markers)")
+        elif not name.startswith("."):
+            messages.append(f"foreign file {where} in the results store: ignored")
+    return messages
+
+
+def warn_about_store(location: str | os.PathLike, out: TextIO | None = None) -> int:
+    """Print each audit message as a warning (stderr); returns how many there were."""
+    messages = audit_store(location)
+    for message in messages:
+        print(f"warning: {message}", file=out or sys.stderr)
+    return len(messages)
+
+
+def _entries(store, rel: str) -> dict[str, pafs.FileInfo] | None:
+    selector = pafs.FileSelector(store.path(rel) if rel else store.root, allow_not_found=True)
+    try:
+        return {info.base_name: info for info in store.fs.get_file_info(selector)}
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return None
+
+
+def _parse_marker(raw: bytes | None, key: str) -> tuple[Commit | None, str]:
+    if raw is None:
+        return None, "unreadable"
+    try:
+        commit = Commit(**json.loads(raw))
+    except (ValueError, TypeError) as err:
+        return None, f"not a commit marker: {type(err).__name__}"
+    if commit.key != key:
+        return None, f"it is for key {commit.key!r}, not {key!r}"
+    return commit, ""
