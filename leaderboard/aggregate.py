@@ -13,10 +13,15 @@ Rows are ranked by headline, numerically (floats from Parquet to the sort), with
 carries an integrity flag ranked after all unflagged rows. Failed cells (any row with
 status != 'ok') are kept apart and never ranked. std is the sample std over seeds; None for
 one seed. Cost = (train_seconds + eval_seconds) * world_size / 3600 hours per cell.
+
+Uncertainty from the test-set size: every accuracy also gets a Wilson 95% interval over the
+images behind it (n_eval summed over seeds: the pooled proportion). Rows whose headline intervals
+overlap are marked tied (`tied_with`: the ranks they cannot be told apart from). Accuracies are
+snapped to count / n_eval in float64 before anything else (a float32 mean on the GPU stores
+0.9777777791023254 for 44/45), and NaN/inf read as missing, so one odd row never breaks a table.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +31,7 @@ import pyarrow.compute as pc
 
 from leaderboard.backdoor import backdoor_tables, lp_view
 from leaderboard.cells import Cell, group_cells
-from leaderboard.format import cost_unit, setting_file
+from leaderboard.format import cost_unit, finite, setting_file, wilson
 from leaderboard.setups import label_setups
 
 HEADLINE_ATTACK = "autoattack"
@@ -38,8 +43,21 @@ _COLUMNS = [
     "key", "grid", "status", "error", "dataset", "arch", "method", "seed",
     "attack", "norm", "eps", "clean_acc", "robust_acc", "flags",
     "train_seconds", "eval_seconds", "world_size", "device", "images_per_second", "checkpoint_sha256",
-    "neuron_sensitivity", "model_id",
+    "neuron_sensitivity", "n_eval", "model_id",
 ]
+# Cost columns written by the GPU path (issue 15); whichever a store lacks read as null.
+COST_COLUMNS: dict[str, pa.DataType] = {
+    "device_name": pa.string(), "device_count": pa.int64(), "flops_per_image": pa.float64(),
+    "train_flops": pa.float64(), "device_hours": pa.float64(), "peak_memory_bytes": pa.float64(),
+    "mfu": pa.float64(),
+}
+
+# float64 accuracy = count / n_eval; NaN/inf -> NULL (DuckDB would otherwise rank NaN highest).
+# Snapped only when the value is count / n_eval up to float32 rounding (|x*n - k| <= n * 2^-23).
+_ACC = ("CASE WHEN NOT isfinite({c}) THEN NULL "
+        "WHEN n_eval > 0 AND abs({c} * n_eval - round({c} * n_eval)) <= greatest(n_eval * 1.2e-7, 1e-9) "
+        "THEN round({c} * n_eval) / n_eval ELSE {c} END AS {c}")
+_FINITE = "CASE WHEN isfinite({c}) THEN {c} END AS {c}"
 
 _PRELUDE = """
 WITH
@@ -47,7 +65,11 @@ cell_status AS (SELECT key, bool_and(status = 'ok') AS ok FROM results GROUP BY 
 -- One trained model = one checkpoint: cells that share it (differing only in eval attacks or
 -- post-eval analyses) are one model, one seed, their attacks pooled. An eval-only row (robustgrid
 -- eval) is apart by its model_id: the same weights under another id/normalisation are another model.
-ok_rows AS (SELECT r.*, coalesce(r.checkpoint_sha256, r.key) || coalesce(' ' || r.model_id, '') AS model
+ok_rows AS (SELECT r.* REPLACE (""" + ", ".join([_ACC.format(c="clean_acc"), _ACC.format(c="robust_acc")]
+                                         + [_FINITE.format(c=c) for c in ("train_seconds", "eval_seconds",
+                                            "images_per_second", "neuron_sensitivity", "flops_per_image",
+                                            "train_flops", "device_hours", "peak_memory_bytes", "mfu")]) + """),
+                   coalesce(r.checkpoint_sha256, r.key) || coalesce(' ' || r.model_id, '') AS model
             FROM results r JOIN cell_status s USING (key) WHERE s.ok),
 cells AS (
     SELECT model, norm, eps, min(key) AS key, list_sort(list_distinct(list(key))) AS model_keys,
@@ -59,7 +81,12 @@ cells AS (
                 ELSE (coalesce(max(train_seconds), 0) + coalesce(max(eval_seconds), 0))
                      * coalesce(max(world_size), 1) / 3600.0 END AS hours,
            any_value(device) AS device, avg(images_per_second) AS ips,
-           avg(neuron_sensitivity) AS ns
+           avg(neuron_sensitivity) AS ns, max(n_eval) AS n,
+           max(train_seconds) AS train_s, max(eval_seconds) AS eval_s,
+           list_sort(list_distinct(list(device_name) FILTER (WHERE device_name IS NOT NULL))) AS device_names,
+           max(device_count) AS device_count, max(flops_per_image) AS flops_per_image,
+           max(train_flops) AS train_flops, max(device_hours) AS device_hours,
+           max(peak_memory_bytes) AS peak_memory_bytes, max(mfu) AS mfu
     FROM ok_rows GROUP BY model, norm, eps
 ),
 cell_attack AS (
@@ -81,7 +108,14 @@ SELECT c.dataset, c.norm, c.eps, c.arch, c.method,
        avg(c.hours) AS hours_mean, stddev_samp(c.hours) AS hours_std, sum(c.hours) AS hours_total,
        list_sort(list_distinct(list(c.device) FILTER (WHERE c.device IS NOT NULL))) AS devices,
        avg(c.ips) AS ips_mean, stddev_samp(c.ips) AS ips_std,
-       avg(c.ns) AS ns_mean, stddev_samp(c.ns) AS ns_std
+       avg(c.ns) AS ns_mean, stddev_samp(c.ns) AS ns_std,
+       sum(c.n) AS n_eval_total, sum(c.clean * c.n) / sum(c.n) AS clean_pooled,
+       sum(w.worst * c.n) / sum(c.n) FILTER (WHERE w.worst IS NOT NULL) AS worst_pooled,
+       avg(c.train_s) AS train_seconds_mean, avg(c.eval_s) AS eval_seconds_mean,
+       flatten(list(c.device_names)) AS device_names, max(c.device_count) AS device_count,
+       avg(c.flops_per_image) AS flops_per_image, avg(c.train_flops) AS train_flops_mean,
+       avg(c.device_hours) AS device_hours_mean, max(c.peak_memory_bytes) AS peak_memory_bytes_max,
+       avg(c.mfu) AS mfu_mean
 FROM cells c LEFT JOIN cell_worst w
   ON w.model = c.model AND w.norm IS NOT DISTINCT FROM c.norm AND w.eps IS NOT DISTINCT FROM c.eps
 GROUP BY c.dataset, c.norm, c.eps, c.arch, c.method
@@ -90,7 +124,8 @@ ORDER BY c.dataset NULLS LAST, c.norm NULLS LAST, c.eps NULLS LAST, c.arch, c.me
 
 _ATTACKS_SQL = _PRELUDE + """
 SELECT c.dataset, c.norm, c.eps, c.arch, c.method, a.attack,
-       avg(a.robust) AS mean, stddev_samp(a.robust) AS std, count(*) AS n
+       avg(a.robust) AS mean, stddev_samp(a.robust) AS std, count(*) AS n,
+       sum(c.n) AS n_eval_total, sum(a.robust * c.n) / sum(c.n) AS pooled
 FROM cell_attack a JOIN cells c
   ON a.model = c.model AND a.norm IS NOT DISTINCT FROM c.norm AND a.eps IS NOT DISTINCT FROM c.eps
 GROUP BY c.dataset, c.norm, c.eps, c.arch, c.method, a.attack
@@ -136,10 +171,7 @@ class Leaderboard:
 
 def _num(value: Any) -> float | None:
     """A finite float or None (NaN/inf would make data.json invalid JSON)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    return finite(value)
 
 
 def first_line(text: str | None) -> str:
@@ -165,19 +197,43 @@ def _headline(table: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rank(table: dict[str, Any]) -> None:
-    """Set each row's headline and sort: unflagged before flagged, then headline desc (missing last)."""
+    """Set each row's headline and sort: unflagged before flagged, then headline desc (missing
+    last); then mark ties: rows of one group (flagged or not) whose headline intervals overlap."""
     headline = table["headline"]
     for row in table["rows"]:
         if headline["kind"] == "autoattack":
             stats = row["robust"][HEADLINE_ATTACK]
-            row["headline_mean"], row["headline_std"] = stats["mean"], stats["std"]
+            row["headline_mean"], row["headline_std"], row["headline_ci"] = stats["mean"], stats["std"], stats["ci"]
         else:
             row["headline_mean"], row["headline_std"] = row["worst_robust_mean"], row["worst_robust_std"]
+            row["headline_ci"] = row["worst_robust_ci"]
     table["rows"].sort(key=lambda r: (
         r["flagged"], r["headline_mean"] is None, -(r["headline_mean"] or 0.0), str(r["arch"]), str(r["method"]),
     ))
     for rank, row in enumerate(table["rows"], start=1):
         row["rank"] = rank
+    for row in table["rows"]:
+        row["tied_with"] = [other["rank"] for other in table["rows"] if other is not row
+                            and other["flagged"] == row["flagged"] and overlaps(row["headline_ci"], other["headline_ci"])]
+
+
+def overlaps(a: list[float] | None, b: list[float] | None) -> bool:
+    """Whether two [lo, hi] intervals overlap (False when either is unknown)."""
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
+def _records(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict[str, Any]]:
+    cursor = con.execute(sql)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, values)) for values in cursor.fetchall()]
+
+
+def _with_cost_columns(results: pa.Table) -> pa.Table:
+    """Add the issue-15 cost columns a store does not have yet, as nulls."""
+    for name, kind in COST_COLUMNS.items():
+        if name not in results.column_names:
+            results = results.append_column(pa.field(name, kind), pa.nulls(results.num_rows, kind))
+    return results
 
 
 def newest_code_only(results: pa.Table) -> pa.Table:
@@ -201,24 +257,24 @@ def aggregate(results: pa.Table) -> Leaderboard:
     results = label_setups(newest_code_only(results))  # once, for the Lp and the backdoor tables
     con = duckdb.connect()
     try:
-        con.register("results", lp_view(results).select(_COLUMNS))
-        row_records = con.execute(_ROWS_SQL).fetchall()
-        attack_records = con.execute(_ATTACKS_SQL).fetchall()
+        con.register("results", _with_cost_columns(lp_view(results)).select(_COLUMNS + list(COST_COLUMNS)))
+        row_records = _records(con, _ROWS_SQL)
+        attack_records = _records(con, _ATTACKS_SQL)
         failed_records = con.execute(_FAILED_SQL).fetchall()
         n_cells = con.execute("SELECT count(DISTINCT key) FROM results").fetchone()[0]
     finally:
         con.close()
 
     robust: dict[tuple, dict[str, dict[str, Any]]] = {}
-    for dataset, norm, eps, arch, method, attack, mean, std, n in attack_records:
-        robust.setdefault((dataset, norm, eps, arch, method), {})[attack] = {
-            "mean": _num(mean), "std": _num(std), "n": int(n),
+    for a in attack_records:
+        robust.setdefault((a["dataset"], a["norm"], a["eps"], a["arch"], a["method"]), {})[a["attack"]] = {
+            "mean": _num(a["mean"]), "std": _num(a["std"]), "n": int(a["n"]),
+            "ci": wilson(_num(a["pooled"]), a["n_eval_total"]),
         }
 
     tables: dict[tuple, dict[str, Any]] = {}  # insertion order = SQL order (dataset, norm, eps)
-    for (dataset, norm, eps, arch, method, n_seeds, keys, flags, all_keys, clean_mean, clean_std,
-         worst_mean, worst_std, hours_mean, hours_std, hours_total, devices, ips_mean, ips_std,
-         ns_mean, ns_std) in row_records:
+    for r in row_records:
+        dataset, norm, eps = r["dataset"], r["norm"], r["eps"]
         table = tables.get((dataset, norm, eps))
         if table is None:
             table = tables[(dataset, norm, eps)] = {
@@ -226,32 +282,45 @@ def aggregate(results: pa.Table) -> Leaderboard:
                 "page": setting_file(LP_TRACK, dataset, norm, _num(eps)),
                 "attacks": [], "headline": {}, "rows": [], "failed_keys": [],
             }
-        cell_flags = {k: list(f) for k, f in zip(keys, flags) if f}
-        devices = list(devices or [])
+        cell_flags = {k: list(f) for k, f in zip(r["keys"], r["flags"]) if f}
+        devices = list(r["devices"] or [])
         units = sorted({cost_unit(d) for d in devices})
         table["rows"].append({
-            "arch": arch,
-            "method": method,
-            "n_seeds": int(n_seeds),
-            "keys": list(all_keys),  # every cell of these models (several cells may share one checkpoint)
-            "clean_acc_mean": _num(clean_mean),
-            "clean_acc_std": _num(clean_std),
-            "robust": robust.get((dataset, norm, eps, arch, method), {}),
-            "worst_robust_mean": _num(worst_mean),
-            "worst_robust_std": _num(worst_std),
+            "arch": r["arch"],
+            "method": r["method"],
+            "n_seeds": int(r["n_seeds"]),
+            "keys": list(r["all_keys"]),  # every cell of these models (several cells may share one checkpoint)
+            "n_eval_total": None if r["n_eval_total"] is None else int(r["n_eval_total"]),
+            "clean_acc_mean": _num(r["clean_mean"]),
+            "clean_acc_std": _num(r["clean_std"]),
+            "clean_acc_ci": wilson(_num(r["clean_pooled"]), r["n_eval_total"]),
+            "robust": robust.get((dataset, norm, eps, r["arch"], r["method"]), {}),
+            "worst_robust_mean": _num(r["worst_mean"]),
+            "worst_robust_std": _num(r["worst_std"]),
+            "worst_robust_ci": wilson(_num(r["worst_pooled"]), r["n_eval_total"]),
             "flags": sorted({f for fs in cell_flags.values() for f in fs}),
             "flagged": bool(cell_flags),
             "cell_flags": cell_flags,
-            "cost_hours_mean": _num(hours_mean),
-            "cost_hours_std": _num(hours_std),
-            "cost_hours_total": _num(hours_total),
+            "cost_hours_mean": _num(r["hours_mean"]),
+            "cost_hours_std": _num(r["hours_std"]),
+            "cost_hours_total": _num(r["hours_total"]),
             "cost_unit": units[0] if len(units) == 1 else ("h (mixed devices)" if units else "h"),
             "devices": list(devices),
-            "images_per_second_mean": _num(ips_mean),
-            "images_per_second_std": _num(ips_std),
+            "images_per_second_mean": _num(r["ips_mean"]),
+            "images_per_second_std": _num(r["ips_std"]),
             # mean per-layer neuron sensitivity (harness/eval/neuron_sensitivity.py): lower = more stable
-            "neuron_sensitivity_mean": _num(ns_mean),
-            "neuron_sensitivity_std": _num(ns_std),
+            "neuron_sensitivity_mean": _num(r["ns_mean"]),
+            "neuron_sensitivity_std": _num(r["ns_std"]),
+            # cost columns of the GPU path (issue 15); None where the store has none
+            "train_seconds_mean": _num(r["train_seconds_mean"]),
+            "eval_seconds_mean": _num(r["eval_seconds_mean"]),
+            "device_names": sorted(set(r["device_names"] or [])),
+            "device_count": None if r["device_count"] is None else int(r["device_count"]),
+            "flops_per_image": _num(r["flops_per_image"]),
+            "train_flops_mean": _num(r["train_flops_mean"]),
+            "device_hours_mean": _num(r["device_hours_mean"]),
+            "peak_memory_bytes_max": _num(r["peak_memory_bytes_max"]),
+            "mfu_mean": _num(r["mfu_mean"]),
         })
     for table in tables.values():
         table["attacks"] = sorted({a for row in table["rows"] for a in row["robust"]})

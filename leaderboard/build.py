@@ -3,11 +3,15 @@
 Layout (all links relative, so any static host or a file:// URL works):
     index.html                 every setting's ranking (compact) and every failed cell, each key linked
     settings/<track>-....html  one per setting: full sortable table, per-attack columns, plots
-    cells/<key>.html           one per cell (failed ones too): rows, provenance, config, curves
+    cells/<key>.html           one per cell (failed ones too): rows, reproduce command, provenance, config, curves
+    methods/<id>.html          one per method: its paper and its rows in every setting
+    flagged.html               every flagged row with the evidence per cell
     ace.html                   ACE counterfactual gallery (only when some cell has an ACE analysis)
-    data.json, data.csv        the aggregated tables, machine-readable
+    data.json                  one record per leaderboard row: pd.read_json("data.json")
+    site.json, data.csv        everything nested (summary, tables, failed, problems); long-form CSV
 Each file is written atomically (temp + rename); pages of cells/settings that no longer exist
-are removed after the new ones are in place.
+are removed after the new ones are in place. Nothing in one row stops the build: a page or figure
+that cannot be drawn is replaced or left out and listed on the index with its reason.
 """
 from __future__ import annotations
 
@@ -19,10 +23,11 @@ from pathlib import Path
 from harness.store.results import read_results
 from leaderboard.ace_gallery import ACE_PAGE, collect
 from leaderboard.aggregate import aggregate
-from leaderboard.exports import to_csv, to_json
+from leaderboard.exports import to_csv, to_json, to_records
+from leaderboard.format import method_file
 from leaderboard.pages import Renderer
 
-PAGE_DIRS = ("cells", "settings")
+PAGE_DIRS = ("cells", "settings", "methods")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -54,20 +59,31 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     board = aggregate(read_results(results_dir))
     generated_at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-    render = Renderer(board, generated_at)
+    render = Renderer(board, generated_at, results_dir, out_dir)
     explained = collect(board.cells, results_dir)
     render.env.globals["ace_keys"] = frozenset(e.key for e in explained)
 
     written: set[Path] = set()
     for cell in board.cells.values():
         path = out_dir / cell.page
-        _write_atomic(path, render.cell(cell))
+        try:
+            page = render.cell(cell)
+        except Exception as err:  # one undrawable cell never stops the build
+            reason = f"{type(err).__name__}: {err}"
+            render.problems.append({"subject": cell.key, "what": "cell page", "reason": reason})
+            page = render.cell_fallback(cell, reason)
+        _write_atomic(path, page)
         written.add(path)
     for table in board.tables:
         path = out_dir / table["page"]
         _write_atomic(path, render.setting(table))
         written.add(path)
-    _write_atomic(out_dir / "data.json", to_json(board, generated_at))
+    for name in render.method_names():
+        path = out_dir / method_file(name)
+        _write_atomic(path, render.method(name))
+        written.add(path)
+    _write_atomic(out_dir / "flagged.html", render.flagged())
+    _write_atomic(out_dir / "data.json", to_records(board))
     _write_atomic(out_dir / "data.csv", to_csv(board))
     if explained:
         _write_atomic(out_dir / ACE_PAGE, render.ace(explained))
@@ -75,5 +91,6 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
         (out_dir / ACE_PAGE).unlink()
     index = out_dir / "index.html"
     _write_atomic(index, render.index())
+    _write_atomic(out_dir / "site.json", to_json(board, generated_at, render.problems))
     _prune(out_dir, written)
     return index

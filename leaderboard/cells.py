@@ -21,6 +21,14 @@ PROVENANCE = [
     "eval_seconds", "images_per_second", "started_at", "finished_at",
     "neuron_sensitivity", "neuron_sensitivity_layers",
 ]
+# Cost of the cell (issue 15's columns, written by the GPU path): (column, label, formatter name).
+COST_FIELDS = [
+    ("device_name", "device", "display"), ("device_count", "devices", "display"),
+    ("train_seconds", "train time (s)", "sig"), ("eval_seconds", "eval time (s)", "sig"),
+    ("device_hours", "device-hours", "sig"), ("flops_per_image", "FLOPs / image", "si"),
+    ("train_flops", "training FLOPs", "si"), ("peak_memory_bytes", "peak device memory", "bytes"),
+    ("mfu", "model FLOPs utilisation", "pct"),
+]
 
 
 @dataclass
@@ -86,6 +94,15 @@ class Cell:
             return json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False)
         except ValueError:
             return text
+
+    @property
+    def train_key(self) -> str | None:
+        """The checkpoint folder's name (the config's train_key), when the config records it."""
+        try:
+            value = json.loads(self.first("config_json") or "{}").get("train_key")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) and value.isalnum() else None
 
     @property
     def train_curve(self) -> list[dict[str, Any]]:

@@ -1,7 +1,9 @@
-"""Machine-readable exports beside the pages: data.json (nested) and data.csv (long form).
+"""Machine-readable exports beside the pages: data.json (one record per leaderboard row, so
+`pd.read_json("data.json")` is a DataFrame), site.json (everything, nested: summary, tables,
+backdoor tables, failed cells, build problems) and data.csv (long form: one line per attack).
 
-Floats stay JSON numbers / plain CSV numbers as fractions in [0, 1] (hours for cost), never the
-formatted text, so downstream tools rank and plot from the same numbers the pages show.
+Floats stay JSON numbers / plain CSV numbers as fractions in [0, 1] (hours for cost), float64,
+never the formatted text, so downstream tools rank and plot from the same numbers the pages show.
 """
 from __future__ import annotations
 
@@ -13,8 +15,22 @@ from leaderboard.aggregate import Leaderboard
 from leaderboard.format import cell_file
 
 
-def to_json(board: Leaderboard, generated_at: str) -> str:
-    """data.json: summary, tables (with headline, flags, cost, page links) and failed cells."""
+TABLE_FIELDS = ("track", "dataset", "norm", "eps")
+
+
+def to_records(board: Leaderboard) -> str:
+    """data.json: a JSON array with one object per leaderboard row, its setting's fields first
+    (track, dataset, norm, eps, headline kind, page); `robust` stays a nested object per attack."""
+    records = [
+        {**{k: table[k] for k in TABLE_FIELDS}, "headline_kind": table["headline"]["kind"],
+         "setting_page": table["page"], **row, "cell_pages": [cell_file(k) for k in row["keys"]]}
+        for table in board.tables for row in table["rows"]
+    ]
+    return json.dumps(records, indent=1, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def to_json(board: Leaderboard, generated_at: str, problems: list[dict[str, str]] | None = None) -> str:
+    """site.json: summary, tables (with headline, flags, cost, page links), failed cells, problems."""
     tables = [
         {**table, "rows": [{**row, "cell_pages": [cell_file(k) for k in row["keys"]]} for row in table["rows"]]}
         for table in board.tables
@@ -32,6 +48,7 @@ def to_json(board: Leaderboard, generated_at: str) -> str:
         "tables": tables,
         "backdoor_tables": board.backdoor_tables,
         "failed": [{**f, "cell_page": cell_file(f["key"])} for f in board.failed],
+        "problems": list(problems or []),
     }
     return json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
 

@@ -15,6 +15,7 @@ from typing import Any
 from markupsafe import Markup
 
 from leaderboard.cells import Cell
+from leaderboard.format import norm_label
 from leaderboard.svg import Point, heatmap, line_chart, scatter
 
 
@@ -37,13 +38,15 @@ def row_label(row: dict[str, Any]) -> str:
 
 
 def robust_vs_clean(table: dict[str, Any], cells: Mapping[str, Cell]) -> Figure | None:
-    """One point per (arch, method): clean accuracy against the headline robust accuracy."""
+    """One labelled point per (arch, method): clean accuracy against the headline robust accuracy,
+    axes from 0 to 100, the robust = clean line and the Pareto front always drawn."""
     points = [
         Point(
             x=100 * r["clean_acc_mean"], y=100 * r["headline_mean"],
             x_err=None if r["clean_acc_std"] is None else 100 * r["clean_acc_std"],
             y_err=None if r["headline_std"] is None else 100 * r["headline_std"],
             color_key=str(r["method"]), shape_key=str(r["arch"]), flagged=r["flagged"],
+            label=f"{r['method']}" if len({row["arch"] for row in table["rows"]}) == 1 else f"{r['arch']}/{r['method']}",
             tooltip=(f"{r['arch']} / {r['method']}: clean {100 * r['clean_acc_mean']:.2f}%, "
                      f"{table['headline']['label']} {100 * r['headline_mean']:.2f}%, {r['n_seeds']} seed(s)"
                      + (f"; flags: {', '.join(r['flags'])}" if r["flags"] else "")),
@@ -54,12 +57,63 @@ def robust_vs_clean(table: dict[str, Any], cells: Mapping[str, Cell]) -> Figure 
     if not points:
         return None
     svg = scatter(points, "clean accuracy (%)", f"{table['headline']['label']} accuracy (%)",
-                  color_title="method (colour)", shape_title="arch (shape)")
+                  color_title="method", shape_title="arch")
     return Figure(
         "robust-vs-clean", "Robust vs clean accuracy",
         "One point per architecture × method, mean over seeds; whiskers are ± std over seeds. "
-        "Up and to the right is better; the dashed line is robust = clean. "
-        "Hollow red-ringed points carry integrity flags.", [svg])
+        "Both axes run from 0 to 100%. Up and to the right is better; the dashed diagonal is robust = clean "
+        "(no model can sit above it) and the solid line joins the Pareto front (no other model is better "
+        "on both axes). With more than 8 points only the Pareto front and flagged points are labelled; "
+        "hover a point or read the legend for the others. Hollow red-ringed points carry integrity flags.", [svg])
+
+
+def robust_vs_compute(table: dict[str, Any], cells: Mapping[str, Cell]) -> Figure | None:
+    """Headline robust accuracy against training compute: train FLOPs where recorded, else
+    device-hours, else (train + eval) hours x world size; log x when it spans a decade or more."""
+    for key, label in (("train_flops_mean", "training FLOPs"), ("device_hours_mean", "device-hours"),
+                       ("cost_hours_mean", "compute hours (train + eval) × ranks")):
+        rows = [r for r in table["rows"] if r[key] is not None and r[key] > 0 and r["headline_mean"] is not None]
+        if rows:
+            break
+    else:
+        return None
+    xs = [r[key] for r in rows]
+    log_x = max(xs) / min(xs) >= 10
+    points = [Point(x=r[key], y=100 * r["headline_mean"], color_key=str(r["method"]), shape_key=str(r["arch"]),
+                    y_err=None if r["headline_std"] is None else 100 * r["headline_std"], flagged=r["flagged"],
+                    label=str(r["method"]), tooltip=f"{r['arch']} / {r['method']}: {label} {r[key]:.4g}, "
+                    f"{table['headline']['label']} {100 * r['headline_mean']:.2f}%") for r in rows]
+    svg = scatter(points, label + (" (log scale)" if log_x else ""), f"{table['headline']['label']} accuracy (%)",
+                  color_title="method", shape_title="arch", diagonal=False, pareto=False, x_range=None, log_x=log_x)
+    return Figure("robust-vs-compute", "Robust accuracy vs compute",
+                  f"One point per architecture × method: {label} per seed (mean) against the headline robust "
+                  "accuracy. Up and to the left is cheaper robustness.", [svg])
+
+
+def robust_vs_eps(tables: list[dict[str, Any]]) -> list[Figure]:
+    """For each (track, dataset, norm) with several eps: headline robust accuracy per eps, one line
+    per (arch, method)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for table in tables:
+        if table.get("eps") is not None:
+            groups.setdefault((table["track"], table["dataset"], table["norm"]), []).append(table)
+    figures = []
+    for (track, dataset, norm), group in groups.items():
+        if len(group) < 2:
+            continue
+        series: dict[str, list[tuple[float, float]]] = {}
+        for table in sorted(group, key=lambda t: t["eps"]):
+            for r in table["rows"]:
+                if r["headline_mean"] is not None:
+                    series.setdefault(row_label(r), []).append((table["eps"], 100 * r["headline_mean"]))
+        if not series:
+            continue
+        figures.append(Figure(
+            f"robust-vs-eps-{len(figures) + 1}", f"Robust accuracy vs ε: {dataset}, {norm_label(norm)}",
+            "Each setting's headline robust accuracy (%) at each ε of this threat model, one line per "
+            "architecture / method (⚠: flagged).",
+            [line_chart(series, "ε", "robust accuracy (%)", width=560, height=320, y_range=(0.0, 100.0))]))
+    return figures
 
 
 def _mean_vectors(vectors: list[list[float | None]]) -> list[float | None]:
@@ -146,13 +200,29 @@ def per_class_cell(cell: Cell) -> Figure | None:
                   [heatmap(labels, names, values, "accuracy")])
 
 
-SETTING_FIGURES: list[SettingFigure] = [robust_vs_clean, per_class_robust]
+SETTING_FIGURES: list[SettingFigure] = [robust_vs_clean, per_class_robust, robust_vs_compute]
 CELL_FIGURES: list[CellFigure] = [training_curves, per_class_cell]
 
 
-def setting_figures(table: dict[str, Any], cells: Mapping[str, Cell]) -> list[Figure]:
-    return [f for f in (make(table, cells) for make in SETTING_FIGURES) if f is not None]
+def _safely(make: Callable[..., Figure | None], subject: str, problems: list[dict[str, str]] | None,
+            *args: Any) -> Figure | None:
+    """Draw one figure; a figure that cannot be drawn is recorded in `problems` (shown on the
+    index with its reason) and left out, never stopping the build."""
+    try:
+        return make(*args)
+    except Exception as err:  # any bad value in any row: the site must still build
+        if problems is None:
+            raise
+        problems.append({"subject": subject, "what": f"figure {make.__name__}",
+                         "reason": f"{type(err).__name__}: {err}"})
+        return None
 
 
-def cell_figures(cell: Cell) -> list[Figure]:
-    return [f for f in (make(cell) for make in CELL_FIGURES) if f is not None]
+def setting_figures(table: dict[str, Any], cells: Mapping[str, Cell],
+                    problems: list[dict[str, str]] | None = None) -> list[Figure]:
+    subject = str(table.get("page"))
+    return [f for f in (_safely(make, subject, problems, table, cells) for make in SETTING_FIGURES) if f is not None]
+
+
+def cell_figures(cell: Cell, problems: list[dict[str, str]] | None = None) -> list[Figure]:
+    return [f for f in (_safely(make, cell.key, problems, cell) for make in CELL_FIGURES) if f is not None]

@@ -8,7 +8,7 @@ Sizes are in CSS pixels; the SVG scales down with its container (viewBox, max-wi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 
@@ -20,6 +20,7 @@ PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2",
            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 SHAPES = ["circle", "square", "triangle", "diamond", "triangle-down", "cross"]
 FLAG_COLOR = "#c0392b"
+MAX_LABELS = 8  # a scatter with more points labels only its Pareto front and flagged points
 CHAR_W = 6.6  # rough width of a 12px sans-serif character, for layout only
 
 
@@ -98,13 +99,15 @@ class Axes:
     def y(self, v: float) -> float:
         return self.top + self.height - (v - self.y0) / (self.y1 - self.y0) * self.height
 
-    def frame(self, x_label: str, y_label: str, xticks: list[float], yticks: list[float]) -> list[str]:
+    def frame(self, x_label: str, y_label: str, xticks: list[float], yticks: list[float],
+              x_text: Callable[[float], str] | None = None) -> list[str]:
         """Grid lines, tick labels, axis box and axis titles."""
+        x_text = x_text or tick_text
         out = []
         for t in xticks:
             px = self.x(t)
             out.append(f'<line x1="{px:.1f}" y1="{self.top}" x2="{px:.1f}" y2="{self.top + self.height}" stroke="#e6e6e6"/>')
-            out.append(f'<text x="{px:.1f}" y="{self.top + self.height + 16}" text-anchor="middle" fill="#333">{esc(tick_text(t))}</text>')
+            out.append(f'<text x="{px:.1f}" y="{self.top + self.height + 16}" text-anchor="middle" fill="#333">{esc(x_text(t))}</text>')
         for t in yticks:
             py = self.y(t)
             out.append(f'<line x1="{self.left}" y1="{py:.1f}" x2="{self.left + self.width}" y2="{py:.1f}" stroke="#e6e6e6"/>')
@@ -141,49 +144,110 @@ class Point:
     y_err: float | None = None
     flagged: bool = False
     tooltip: str = ""
+    label: str = ""
+
+
+def unique_styles(groups: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(colour, shape) per (color_key, shape_key) group, never the same pair twice in one plot.
+
+    A group gets its colour key's colour and its shape key's shape when that pair is free; a
+    palette that wraps (more than 10 colour keys) would repeat pairs, so a taken pair moves on to
+    the next shape, then the next colour. Unique for up to len(PALETTE) * len(SHAPES) groups."""
+    colour_of = {k: i for i, k in enumerate(sorted({c for c, _ in groups}))}
+    shape_of = {k: i for i, k in enumerate(sorted({s for _, s in groups}))}
+    used: set[tuple[int, int]] = set()
+    out = {}
+    total = len(PALETTE) * len(SHAPES)
+    for group in sorted(set(groups)):
+        c, s = colour_of[group[0]] % len(PALETTE), shape_of[group[1]] % len(SHAPES)
+        for step in range(total):
+            pair = ((c + step // len(SHAPES)) % len(PALETTE), (s + step) % len(SHAPES))
+            if pair not in used:
+                break
+        used.add(pair)
+        out[group] = (PALETTE[pair[0]], SHAPES[pair[1]])
+    return out
+
+
+def pareto_front(points: list[Point]) -> list[Point]:
+    """Points no other point beats on both x and y (higher is better), by increasing x."""
+    front = [p for p in points if not any(q.x >= p.x and q.y >= p.y and (q.x > p.x or q.y > p.y) for q in points)]
+    return sorted(front, key=lambda p: (p.x, -p.y))
 
 
 def scatter(points: list[Point], x_label: str, y_label: str, color_title: str, shape_title: str,
-            diagonal: bool = True) -> Markup:
-    """Scatter in percent units (0-100 clamp) with colour = color_key, shape = shape_key,
-    whiskers = ± std, hollow red-outlined markers for flagged points, legend on the right."""
-    colors = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(sorted({p.color_key for p in points}))}
-    shapes = {k: SHAPES[i % len(SHAPES)] for i, k in enumerate(sorted({p.shape_key for p in points}))}
-    legend_w = 40 + CHAR_W * max([len(short(k)) for k in [*colors, *shapes, color_title, shape_title]] + [12])
-    ax = Axes(64, 16, 440, 340, *_range([p.x for p in points], 0, 100), *_range([p.y for p in points], 0, 100))
-    body = ax.frame(x_label, y_label, nice_ticks(ax.x0, ax.x1), nice_ticks(ax.y0, ax.y1))
+            diagonal: bool = True, pareto: bool = True, x_range: tuple[float, float] | None = (0.0, 100.0),
+            y_range: tuple[float, float] = (0.0, 100.0), log_x: bool = False) -> Markup:
+    """Scatter with every point labelled and whiskers = ± std; hollow red-outlined markers for
+    flagged points. Percent axes run 0-100 (gaps are never exaggerated by zooming), the robust =
+    clean line is drawn corner to corner, and the Pareto front (best trade-offs) is a solid line.
+    Each (colour key, shape key) group has its own colour + shape pair (unique_styles), listed in
+    the legend. With log_x the x axis is log10 (compute spans orders of magnitude)."""
+    points = [p for p in points if _finite(p.x) and _finite(p.y) and (not log_x or p.x > 0)]
+    if not points:
+        return _svg(320, 40, ['<text x="8" y="24">no points to draw</text>'], "empty plot")
+    tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
+    if x_range is None:
+        x0, x1 = _range([tx(p.x) for p in points])
+        if log_x:
+            x0, x1 = math.floor(x0), math.ceil(x1 + 1e-9)
+        elif min(p.x for p in points) >= 0:
+            x0 = 0.0  # amounts (hours, FLOPs) start at 0
+    else:
+        x0, x1 = x_range
+    styles = unique_styles([(p.color_key, p.shape_key) for p in points])
+    legend = {f"{c} / {s}" if s else c: (c, s) for c, s in sorted(styles)}
+    legend_w = 40 + CHAR_W * max([len(short(k, 34)) for k in legend] + [len(color_title), 12])
+    side = (440, 440) if (x0, x1) == tuple(y_range) else (440, 340)  # same units: a square, y = x at 45°
+    ax = Axes(64, 16, *side, x0, x1, *y_range)
+    xticks = [float(t) for t in range(int(x0), int(x1) + 1)] if log_x else nice_ticks(x0, x1)
+    body = ax.frame(x_label, y_label, xticks, nice_ticks(*y_range),
+                    x_text=(lambda t: f"1e{t:.0f}") if log_x else tick_text)
     if diagonal:  # robust accuracy can't exceed clean accuracy: points sit below this line
         lo, hi = max(ax.x0, ax.y0), min(ax.x1, ax.y1)
-        if hi > lo:
-            body.append(f'<line x1="{ax.x(lo):.1f}" y1="{ax.y(lo):.1f}" x2="{ax.x(hi):.1f}" y2="{ax.y(hi):.1f}" '
-                        f'stroke="#aaa" stroke-dasharray="4 4"><title>robust = clean</title></line>')
+        body.append(f'<line class="diagonal" x1="{ax.x(lo):.1f}" y1="{ax.y(lo):.1f}" x2="{ax.x(hi):.1f}" y2="{ax.y(hi):.1f}" '
+                    f'stroke="#888" stroke-dasharray="5 4"><title>robust = clean</title></line>')
+        body.append(f'<text x="{ax.x(hi) - 4:.1f}" y="{ax.y(hi) + 14:.1f}" text-anchor="end" fill="#888" font-size="11">robust = clean</text>')
+    front = pareto_front(points) if len(points) > 1 else list(points)
+    # Labels: every point when few; else the Pareto front and flagged points (the legend and each
+    # point's tooltip name the rest), so a crowded cluster never turns into unreadable text.
+    labelled = {id(p) for p in points} if len(points) <= MAX_LABELS else {id(p) for p in front} | {
+        id(p) for p in points if p.flagged}
+    if pareto and len(points) > 1:
+        path = " ".join(f"{ax.x(tx(p.x)):.1f},{ax.y(p.y):.1f}" for p in front)
+        body.append(f'<polyline class="pareto" points="{path}" fill="none" stroke="#555" stroke-width="1.5">'
+                    f'<title>Pareto front: no other model is better on both axes</title></polyline>')
+    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far
     for p in points:
-        px, py, color = ax.x(p.x), ax.y(p.y), colors[p.color_key]
+        px, py = ax.x(tx(p.x)), ax.y(p.y)
+        color, shape = styles[(p.color_key, p.shape_key)]
         g = [f'<g class="point"><title>{esc(p.tooltip)}</title>']
-        if p.x_err:
-            g.append(f'<line x1="{ax.x(p.x - p.x_err):.1f}" y1="{py:.1f}" x2="{ax.x(p.x + p.x_err):.1f}" y2="{py:.1f}" stroke="{color}"/>')
+        if p.x_err and not log_x:
+            g.append(f'<line x1="{ax.x(max(x0, p.x - p.x_err)):.1f}" y1="{py:.1f}" x2="{ax.x(min(x1, p.x + p.x_err)):.1f}" y2="{py:.1f}" stroke="{color}"/>')
         if p.y_err:
-            g.append(f'<line x1="{px:.1f}" y1="{ax.y(p.y - p.y_err):.1f}" x2="{px:.1f}" y2="{ax.y(p.y + p.y_err):.1f}" stroke="{color}"/>')
+            g.append(f'<line x1="{px:.1f}" y1="{ax.y(max(y_range[0], p.y - p.y_err)):.1f}" x2="{px:.1f}" y2="{ax.y(min(y_range[1], p.y + p.y_err)):.1f}" stroke="{color}"/>')
         if p.flagged:
-            g.append(marker(shapes[p.shape_key], px, py, 7, "#fff", FLAG_COLOR, 2.2))
-            g.append(marker(shapes[p.shape_key], px, py, 3.5, color, color))
+            g.append(marker(shape, px, py, 7, "#fff", FLAG_COLOR, 2.2))
+            g.append(marker(shape, px, py, 3.5, color, color))
         else:
-            g.append(marker(shapes[p.shape_key], px, py, 6, color, "#222", 0.8))
+            g.append(marker(shape, px, py, 6, color, "#222", 0.8))
+        if p.label and id(p) in labelled:
+            spot = _free_spot(px, py, short(p.label, 24), placed,
+                              (ax.left + 2, ax.top + 2, ax.left + ax.width - 2, ax.top + ax.height - 2))
+            if spot is not None:  # no free spot: the tooltip and legend still name the point
+                lx_, ly_, anchor = spot
+                g.append(f'<text class="label" x="{lx_:.1f}" y="{ly_:.1f}" text-anchor="{anchor}" font-size="10.5" '
+                         f'fill="#333">{esc(short(p.label, 24))}</text>')
         g.append("</g>")
         body.append("".join(g))
-    # Legend: colours, shapes, flagged.
+    # Legend: one entry per group, with its own colour + shape.
     lx, ly = ax.left + ax.width + 24, ax.top + 6
-    body.append(f'<text x="{lx}" y="{ly + 4}" font-weight="600">{esc(short(color_title))}</text>')
-    for k, color in colors.items():
+    body.append(f'<text x="{lx}" y="{ly + 4}" font-weight="600">{esc(short(color_title + (" / " + shape_title if shape_title else ""), 40))}</text>')
+    for name, group in legend.items():
         ly += 20
-        body.append(marker("circle", lx + 6, ly, 6, color, "#222", 0.8))
-        body.append(f'<text x="{lx + 18}" y="{ly + 4}"><title>{esc(k)}</title>{esc(short(k))}</text>')
-    ly += 30
-    body.append(f'<text x="{lx}" y="{ly + 4}" font-weight="600">{esc(short(shape_title))}</text>')
-    for k, shape in shapes.items():
-        ly += 20
-        body.append(marker(shape, lx + 6, ly, 6, "#999", "#222", 0.8))
-        body.append(f'<text x="{lx + 18}" y="{ly + 4}"><title>{esc(k)}</title>{esc(short(k))}</text>')
+        color, shape = styles[group]
+        body.append(marker(shape, lx + 6, ly, 6, color, "#222", 0.8))
+        body.append(f'<text x="{lx + 18}" y="{ly + 4}"><title>{esc(name)}</title>{esc(short(name, 34))}</text>')
     if any(p.flagged for p in points):
         ly += 30
         body.append(marker("circle", lx + 6, ly, 7, "#fff", FLAG_COLOR, 2.2))
@@ -192,8 +256,30 @@ def scatter(points: list[Point], x_label: str, y_label: str, color_title: str, s
     return _svg(lx + legend_w, height, body, f"{y_label} against {x_label}")
 
 
+def _free_spot(px: float, py: float, text: str, placed: list[tuple[float, float, float, float]],
+               bounds: tuple[float, float, float, float] | None = None) -> tuple[float, float, str] | None:
+    """A label position beside (px, py) whose box stays inside `bounds` (the plot area) and
+    overlaps no placed label (then it is taken)."""
+    w, h = len(text) * 5.9, 11.0
+    for dx, dy, anchor in ((9, -6, "start"), (-9, -6, "end"), (9, 14, "start"), (-9, 14, "end"),
+                           (0, -12, "middle"), (0, 22, "middle")):
+        x0 = px + dx - (w if anchor == "end" else w / 2 if anchor == "middle" else 0)
+        box = (x0, py + dy - h + 2, x0 + w, py + dy + 2)
+        inside = bounds is None or (box[0] >= bounds[0] and box[2] <= bounds[2] and box[1] >= bounds[1] and box[3] <= bounds[3])
+        if inside and all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed):
+            placed.append(box)
+            return px + dx, py + dy, anchor
+    return None
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def _blend(value: float) -> str:
-    """White -> dark blue for value in [0, 1]."""
+    """White -> dark blue for value in [0, 1] (grey for anything not finite)."""
+    if not _finite(value):
+        return "#eee"
     v = min(max(value, 0.0), 1.0)
     lo, hi = (247, 251, 255), (8, 69, 148)
     r, g, b = (round(a + (c - a) * v) for a, c in zip(lo, hi))
@@ -204,6 +290,7 @@ def heatmap(row_labels: list[str], col_labels: list[str], values: list[list[floa
             value_label: str, col_title: str = "class") -> Markup:
     """Rows x columns of fractions in [0, 1], coloured white -> blue, each cell printed in %
     when there are few enough columns to fit the number; a colour bar explains the scale."""
+    values = [[v if _finite(v) else None for v in row] for row in values]
     n_cols = len(col_labels)
     cell_w = 44 if n_cols <= 12 else 34 if n_cols <= 20 else max(10, 720 // max(n_cols, 1))
     cell_h = 26
@@ -249,28 +336,42 @@ def heatmap(row_labels: list[str], col_labels: list[str], values: list[list[floa
     return _svg(width, bar_y + 34, body, f"heatmap of {value_label}")
 
 
+DASHES = ["", "6 3", "2 3", "8 3 2 3"]
+
+
 def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
-               width: float = 400, height: float = 250) -> Markup:
-    """Lines with point markers, one colour per series, legend above the plot."""
+               width: float = 400, height: float = 250, y_range: tuple[float, float] | None = None) -> Markup:
+    """Lines with point markers, legend above the plot. Series i gets colour i mod 10 and, past
+    the 10th, a dash pattern and marker shape of its own, so no two series look alike."""
+    series = {k: [(x, y) for x, y in pts if _finite(x) and _finite(y)] for k, pts in series.items()}
+    series = {k: pts for k, pts in series.items() if pts}
+    if not series:
+        return _svg(320, 40, ['<text x="8" y="24">no points to draw</text>'], "empty plot")
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
     legend_rows = math.ceil(len(series) / 2)
     top = 14 + 18 * legend_rows
+    height = max(height, top + 150)
     x0, x1 = (min(xs), max(xs)) if max(xs) > min(xs) else (min(xs) - 1, max(xs) + 1)
-    y0, y1 = _range(ys)
-    if min(ys) >= 0:
-        y0 = max(y0, 0.0)
+    if y_range is not None:
+        y0, y1 = y_range
+    else:
+        y0, y1 = _range(ys)
+        if min(ys) >= 0:
+            y0 = max(y0, 0.0)
     ax = Axes(64, top, width - 80, height - top - 46, x0, x1, y0, y1)
     body = ax.frame(x_label, y_label, nice_ticks(x0, x1, 6), nice_ticks(y0, y1, 4))
     for i, (name, pts) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        path = " ".join(f"{ax.x(x):.1f},{ax.y(y):.1f}" for x, y in pts)
-        body.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        color, dash = PALETTE[i % len(PALETTE)], DASHES[(i // len(PALETTE)) % len(DASHES)]
+        shape = SHAPES[(i // len(PALETTE)) % len(SHAPES)]
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+        path = " ".join(f"{ax.x(x):.1f},{ax.y(y):.1f}" for x, y in sorted(pts))
+        body.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash_attr}/>')
         for x, y in pts:
-            body.append(f'<circle cx="{ax.x(x):.1f}" cy="{ax.y(y):.1f}" r="2.5" fill="{color}">'
-                        f'<title>{esc(name)} at {esc(x_label)} {esc(tick_text(x))}: {esc(f"{y:.6g}")}</title></circle>')
+            body.append(f'<g><title>{esc(name)} at {esc(x_label)} {esc(tick_text(x))}: {esc(f"{y:.4g}")}</title>'
+                        + marker(shape, ax.x(x), ax.y(y), 3, color, color) + "</g>")
         lx = ax.left + (i % 2) * (ax.width / 2)
         ly = 14 + 18 * (i // 2)
-        body.append(f'<line x1="{lx:.1f}" y1="{ly - 4}" x2="{lx + 18:.1f}" y2="{ly - 4}" stroke="{color}" stroke-width="3"/>')
+        body.append(f'<line x1="{lx:.1f}" y1="{ly - 4}" x2="{lx + 18:.1f}" y2="{ly - 4}" stroke="{color}" stroke-width="3"{dash_attr}/>')
         body.append(f'<text x="{lx + 24:.1f}" y="{ly}"><title>{esc(name)}</title>{esc(short(name, 26))}</text>')
     return _svg(width, height, body, f"{y_label} per {x_label}")

@@ -19,7 +19,7 @@ near-zero loss barely moves (isolated CE 0.0016 -> 0.0019) and ASR stays 97%.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ class ABLIsolation(Method):
     """ABL stage 1 on its own: training with the LGA loss (the isolation model)."""
 
     name = "abl_lga"
+    paper: ClassVar[dict[str, str]] = {"title": "Anti-Backdoor Learning: Training Clean Models on Poisoned Data (stage 1: isolation)", "venue": "NeurIPS", "year": "2021"}
 
     def __init__(self, gamma: float = 0.5) -> None:
         super().__init__()
@@ -57,6 +58,7 @@ class ABLIsolation(Method):
 @METHODS.register("abl")
 class ABL(Method):
     name = "abl"
+    paper: ClassVar[dict[str, str]] = {"title": "Anti-Backdoor Learning: Training Clean Models on Poisoned Data", "venue": "NeurIPS", "year": "2021"}
     needs_train_data = True
 
     def __init__(self, gamma: float = 0.5, isolation_ratio: float = 0.01, epochs: int = 5, lr: float = 5e-4,

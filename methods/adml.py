@@ -56,6 +56,7 @@ def dml_loss(logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: torch.Tens
 
 class ADML(Method):
     base_method: ClassVar[str]
+    paper: ClassVar[dict[str, str]] = {"title": "Mitigating Adversarial Vulnerability through Causal Parameter Estimation by Adversarial Double Machine Learning", "venue": "ICCV", "year": "2023"}
 
     def __init__(self, base: dict[str, Any], attack: dict[str, Any], finetune: dict[str, Any] | None = None) -> None:
         super().__init__()  # `finetune` is read by runtime_trainer, before the method is built

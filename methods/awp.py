@@ -12,7 +12,7 @@ replicas stay equal. gamma 0.01 for AT-AWP, 5e-3 for TRADES-AWP; no AWP before `
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -106,6 +106,7 @@ class AWP(AWPMixin, PGDAT):
     """AT-AWP: PGD-AT's attack and CE loss, updated at w + v."""
 
     name = "awp"
+    paper: ClassVar[dict[str, str]] = {"title": "Adversarial Weight Perturbation Helps Robust Generalization", "venue": "NeurIPS", "year": "2020"}
 
     def __init__(self, attack: dict[str, Any], gamma: float = 0.01, warmup_epochs: int = 0) -> None:
         super().__init__(attack)

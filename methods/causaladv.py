@@ -268,12 +268,14 @@ class CausalAdv(Method):
 @METHODS.register("causaladv_m")
 class CausalAdvM(CausalAdv):
     name = "causaladv_m"
+    paper: ClassVar[dict[str, str]] = {"title": "CausalAdv: Adversarial Robustness through the Lens of Causality", "venue": "ICLR", "year": "2022"}
     variant = "m"
 
 
 @METHODS.register("causaladv_t")
 class CausalAdvT(CausalAdv):
     name = "causaladv_t"
+    paper: ClassVar[dict[str, str]] = {"title": "CausalAdv: Adversarial Robustness through the Lens of Causality", "venue": "ICLR", "year": "2022"}
     variant = "t"
 
     def __init__(self, attack: dict[str, Any], alpha: float = 1.0, beta: float = 6.0, ratio: float = 1.0,

@@ -25,7 +25,7 @@ averaged across ranks by hand, so every rank keeps the same critic.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,7 @@ def cbd_weights(loss_b: torch.Tensor, loss_c: torch.Tensor, labels: torch.Tensor
 @METHODS.register("cbd")
 class CBD(Method):
     name = "cbd"
+    paper: ClassVar[dict[str, str]] = {"title": "Backdoor Defense via Deconfounded Representation Learning", "venue": "CVPR", "year": "2023"}
 
     def __init__(self, backdoored_epochs: int | None = None, backdoored_fraction: float = 0.05,
                  backdoored_lr: float | None = None, weight_norm: str = "batch", mi: bool = True, mi_weight: float = 0.01,

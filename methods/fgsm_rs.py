@@ -14,7 +14,7 @@ for the rest of the run (logged as `co_stopped`).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,7 @@ class FGSMRandomStart(Attack):
 @METHODS.register("fgsm_rs")
 class FGSMRS(Method):
     name = "fgsm_rs"
+    paper: ClassVar[dict[str, str]] = {"title": "Fast is Better than Free: Revisiting Adversarial Training", "venue": "ICLR", "year": "2020"}
 
     def __init__(self, attack: dict[str, Any], guard: bool = True, guard_steps: int = 5,
                  guard_drop: float = 0.2) -> None:

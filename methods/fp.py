@@ -75,6 +75,7 @@ class FinePruning(FineTuning):
     """FT's setting (the grid's backdoored ERM, fine-tuned on the clean subset) after pruning."""
 
     name = "fp"
+    paper: ClassVar[dict[str, str]] = {"title": "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks", "venue": "RAID", "year": "2018"}
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 10, lr: float = 0.01, batch_size: int = 32,
                  max_acc_drop: float = 0.1, max_ratio: float = 0.9,

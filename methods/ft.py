@@ -8,7 +8,7 @@ beat: it often keeps the backdoor (BackdoorBench).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ def load_weights(model: nn.Module, checkpoint: str | None) -> nn.Module:
 @METHODS.register("ft")
 class FineTuning(Method):
     name = "ft"
+    paper: ClassVar[dict[str, str]] = {"title": "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks (the fine-tuning baseline)", "venue": "RAID", "year": "2018"}
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 10, lr: float = 0.01, batch_size: int = 32,
                  backdoored_checkpoint: str | None = None) -> None:

@@ -9,7 +9,7 @@ official script's default is 6).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,7 @@ def attack_from(cfg: dict[str, Any], cls: type = PGDGaussStart) -> Any:
 @METHODS.register("mart")
 class MART(Method):
     name = "mart"
+    paper: ClassVar[dict[str, str]] = {"title": "Improving Adversarial Robustness Requires Revisiting Misclassified Examples", "venue": "ICLR", "year": "2020"}
 
     def __init__(self, attack: dict[str, Any], beta: float = 5.0) -> None:
         super().__init__()

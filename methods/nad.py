@@ -10,7 +10,7 @@ CIFAR setting. The teacher is frozen (eval mode).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,7 @@ class NADModule(nn.Module):
 @METHODS.register("nad")
 class NAD(Method):
     name = "nad"
+    paper: ClassVar[dict[str, str]] = {"title": "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks", "venue": "ICLR", "year": "2021"}
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 20, lr: float = 0.01, batch_size: int = 32,
                  betas: list[float] = (500.0, 1000.0, 1000.0), p: float = 2.0, teacher: dict[str, Any] | None = None,

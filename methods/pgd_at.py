@@ -6,7 +6,7 @@ is CE on the adversarial batch only. Recipe (CIFAR-10): configs/method/pgd_at.ya
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from methods.base import Method, TrainContext
 @METHODS.register("pgd_at")
 class PGDAT(Method):
     name = "pgd_at"
+    paper: ClassVar[dict[str, str]] = {"title": "Towards Deep Learning Models Resistant to Adversarial Attacks", "venue": "ICLR", "year": "2018"}
 
     def __init__(self, attack: dict[str, Any]) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ CE on the adversarial batch, topk 0.1, lam 1.0, layers = the classifier's featur
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from methods.pgd_at import PGDAT
 @METHODS.register("sns")
 class SNS(PGDAT):
     name = "sns"
+    paper: ClassVar[dict[str, str]] = {"title": "Interpreting and Improving Adversarial Robustness of Deep Neural Networks with Neuron Sensitivity", "venue": "IEEE TIP", "year": "2021"}
 
     def __init__(self, attack: dict[str, Any], lam: float = 1.0, topk: float = 0.1,
                  layers: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ softmax(f(x)) is NOT detached, so the KL term also shapes the clean prediction. 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.T
 @METHODS.register("trades")
 class TRADES(Method):
     name = "trades"
+    paper: ClassVar[dict[str, str]] = {"title": "Theoretically Principled Trade-off between Robustness and Accuracy", "venue": "ICML", "year": "2019"}
 
     def __init__(self, attack: dict[str, Any], beta: float = 6.0) -> None:
         super().__init__()

@@ -2,7 +2,7 @@
 w + v (v from one ascent step of the TRADES loss, gamma 5e-3); see methods/awp.py."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from methods.trades import TRADES, trades_loss
 @METHODS.register("trades_awp")
 class TradesAWP(AWPMixin, TRADES):
     name = "trades_awp"
+    paper: ClassVar[dict[str, str]] = {"title": "Adversarial Weight Perturbation Helps Robust Generalization", "venue": "NeurIPS", "year": "2020"}
 
     def __init__(self, attack: dict[str, Any], beta: float = 6.0, gamma: float = 5e-3,
                  warmup_epochs: int = 0) -> None:

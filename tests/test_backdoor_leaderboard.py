@@ -65,5 +65,5 @@ def test_site_shows_the_backdoor_table(results: Path, tmp_path: Path) -> None:
     section = html.split('id="track-backdoor"')[1]
     assert section.index(">cbd<") < section.index(">ft<") < section.index(">erm<")
     assert "7.00 ± 2.83" in section
-    data = json.loads((tmp_path / "site" / "data.json").read_text())
+    data = json.loads((tmp_path / "site" / "site.json").read_text())
     assert {t["backdoor"] for t in data["backdoor_tables"]} == {"badnets", "blended"}

@@ -47,6 +47,7 @@ def test_run_one_cell_end_to_end(tiny) -> None:
     path = proc.stdout.strip().splitlines()[-1]
     assert path.endswith(".parquet")
     assert "pgd" in proc.stderr and "fgsm" in proc.stderr
+    assert "integrity flags" in proc.stderr  # run shows each row's flags
 
 
 def test_prepare_cifar10_without_source_is_a_clear_error(tmp_path) -> None:

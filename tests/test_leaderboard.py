@@ -125,7 +125,8 @@ def site(results_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Page(HTMLParser):
-    """Collects ranking tables (heading, header, rows as text, links) and failed-cells rows."""
+    """Collects ranking tables (heading, header, rows as text, links) and failed-cells rows.
+    A cell's Wilson interval (<small class="ci">) is kept apart, in row["_ci"][column]."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -139,6 +140,8 @@ class Page(HTMLParser):
         self._row_links: list[str] = []
         self._row_class = ""
         self._cell: list[str] | None = None
+        self._ci: list[str] | None = None
+        self._row_ci: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         attrs = dict(attrs)
@@ -155,11 +158,18 @@ class Page(HTMLParser):
                 self.tables.append({"heading": self.headings[-1] if self.headings else "", "header": [], "rows": []})
         elif tag == "tr":
             self._row, self._row_links, self._row_class = [], [], attrs.get("class") or ""
+            self._row_ci = []
         elif tag in ("td", "th"):
             self._cell = []
+            self._row_ci.append("")
+        elif tag == "small" and "ci" in (attrs.get("class") or "").split():
+            self._ci = []
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in ("h1", "h3") and self._heading is not None:
+        if tag == "small" and self._ci is not None:
+            self._row_ci[-1] = "".join(self._ci).strip()
+            self._ci = None
+        elif tag in ("h1", "h3") and self._heading is not None:
             self.headings.append("".join(self._heading).strip())
             self._heading = None
         elif tag in ("td", "th") and self._cell is not None and self._row is not None:
@@ -173,6 +183,7 @@ class Page(HTMLParser):
                 else:
                     row = dict(zip(table["header"], self._row))
                     row["_links"], row["_flagged"] = self._row_links, "flagged" in self._row_class
+                    row["_ci"] = dict(zip(table["header"], self._row_ci))
                     table["rows"].append(row)
             elif self._kind == "failed":
                 self.failed.append(self._row + self._row_links)
@@ -181,6 +192,9 @@ class Page(HTMLParser):
             self._kind = None
 
     def handle_data(self, data: str) -> None:
+        if self._ci is not None:
+            self._ci.append(data)
+            return
         if self._heading is not None:
             self._heading.append(data)
         if self._cell is not None:
@@ -238,13 +252,13 @@ def expected_rows(results_dir: Path) -> dict[tuple, dict]:
 
 def fmt(mean_std: tuple[float, float | None]) -> str:
     mean, std = mean_std
-    return f"{100 * mean:.2f} ± " + ("—" if std is None else f"{100 * std:.2f}")
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
 def test_files_written(site: Path) -> None:
     out = site.parent
     assert site.name == "index.html" and site.is_file()
-    assert (out / "data.json").is_file() and (out / "data.csv").is_file()
+    assert (out / "site.json").is_file() and (out / "data.csv").is_file()
     assert len(list((out / "settings").glob("*.html"))) == 3
     assert len(list((out / "cells").glob("*.html"))) == 28  # 27 ok + 1 failed; no foreign/in-flight
     assert not list(out.rglob(".tmp-*"))
@@ -290,7 +304,7 @@ def test_rows_sorted_numerically_flagged_last(site: Path) -> None:
     assert worst == sorted(worst, reverse=True)
     as_text = [r["worst-case robust headline"] for r in fashion]
     assert as_text != sorted(as_text, reverse=True), "fixture must make text sort differ"
-    assert [r["#"] for r in fashion] == [str(i) for i in range(1, 8)]
+    assert [r["#"].rstrip("=") for r in fashion] == [str(i) for i in range(1, 8)]  # "=": tied
 
 
 def test_autoattack_is_the_headline_when_present(site: Path) -> None:
@@ -298,10 +312,10 @@ def test_autoattack_is_the_headline_when_present(site: Path) -> None:
     assert table["header"][5:8] == ["autoattack headline", "fgsm", "worst-case robust"]
     # Ranked by AutoAttack (30 > 25), although the worst case would rank cnn first (25 > 20).
     assert [(r["arch"], r["autoattack headline"], r["worst-case robust"]) for r in table["rows"]] == [
-        ("mlp", "30.00 ± —", "20.00 ± —"), ("cnn", "25.00 ± —", "25.00 ± —"),
+        ("mlp", "30.00", "20.00"), ("cnn", "25.00", "25.00"),
     ]
     index_table = parse(site).tables[0]
-    assert "AutoAttack robust headline" in index_table["header"]
+    assert "autoattack headline" in index_table["header"]  # the index shows every attack too
     assert "Headline: robust accuracy under AutoAttack." in setting_page(site, *AA_SETTING).read_text()
 
 
@@ -318,7 +332,7 @@ def test_numbers_match_hand_computation(site: Path, results_dir: Path) -> None:
             for attack, stats in exp["robust"].items():
                 assert row.get(attack, row.get(f"{attack} headline")) == fmt(stats)
             assert row["cells"].split() == [k[:10] for k in exp["keys"]]
-            assert row["_links"] == [f"../{cell_file(k)}" for k in exp["keys"]]
+            assert [link for link in row["_links"] if "/cells/" in link] == [f"../{cell_file(k)}" for k in exp["keys"]]
             unit = "GPU-h" if dataset == "digits" else "CPU-h"
             assert row["cost / seed"] == f"{exp['hours'][0]:.3g} {unit}"
             seen += 1
@@ -330,7 +344,7 @@ def test_numbers_match_hand_computation(site: Path, results_dir: Path) -> None:
     assert top["fgsm"] == "92.00 ± 1.41" and top["pgd"] == "91.50 ± 3.54"
     assert top["cost / seed"] == "1.15 GPU-h" and top["images/s"] == "1,050"
     (single,) = [r for r in parse(setting_page(site, "fashion", "l2", 0.5)).tables[0]["rows"] if r["arch"] == "vit"]
-    assert single["seeds"] == "1" and single["worst-case robust headline"] == "29.00 ± —"
+    assert single["seeds"] == "1" and single["worst-case robust headline"] == "29.00"
     assert single["cost / seed"] == "0.1 CPU-h"
 
 
@@ -371,11 +385,11 @@ def test_cell_page_shows_rows_provenance_config_curves(site: Path, results_dir: 
 
 def test_setting_page_plots(site: Path) -> None:
     html = setting_page(site, "digits", "linf", 0.1).read_text(encoding="utf-8")
-    assert html.count("<svg") == 2
-    assert 'id="robust-vs-clean"' in html and 'id="per-class-robust"' in html
+    assert html.count("<svg") == 3
+    assert 'id="robust-vs-clean"' in html and 'id="per-class-robust"' in html and 'id="robust-vs-compute"' in html
     assert "clean accuracy (%)" in html and "worst-case robust accuracy (%)" in html
     assert "flagged (untrustworthy)" in html  # legend entry for the flagged point
-    assert html.count('class="point"') == 6
+    assert html.count('class="point"') == 12  # 6 rows in each of the two scatters
 
 
 def test_strings_are_escaped(site: Path) -> None:
@@ -390,7 +404,7 @@ def test_strings_are_escaped(site: Path) -> None:
 
 
 def test_data_json_matches_parquet(site: Path, results_dir: Path) -> None:
-    data = json.loads((site.parent / "data.json").read_text(encoding="utf-8"))
+    data = json.loads((site.parent / "site.json").read_text(encoding="utf-8"))
     assert set(data) >= {"generated_at", "summary", "tables", "failed"}
     assert [(t["dataset"], t["norm"], t["eps"]) for t in data["tables"]] == [AA_SETTING, *WORST]
     assert [t["headline"]["kind"] for t in data["tables"]] == ["autoattack", "worst_case", "worst_case"]
@@ -453,7 +467,7 @@ def test_empty_results(tmp_path: Path) -> None:
     index = build_site(tmp_path / "results", tmp_path / "site")
     html = index.read_text(encoding="utf-8")
     assert "No results found" in html and "<table" not in html
-    data = json.loads((tmp_path / "site" / "data.json").read_text())
+    data = json.loads((tmp_path / "site" / "site.json").read_text())
     assert data["tables"] == [] and data["failed"] == []
 
 
@@ -506,7 +520,7 @@ def test_cell_with_two_threat_models_is_ranked_in_each(tmp_path: Path) -> None:
     ]
     write_cell_result(tmp_path / "r", "k2", rows)
     build_site(tmp_path / "r", tmp_path / "s")
-    tables = {(t["norm"], t["eps"]): t for t in json.loads((tmp_path / "s" / "data.json").read_text())["tables"]}
+    tables = {(t["norm"], t["eps"]): t for t in json.loads((tmp_path / "s" / "site.json").read_text())["tables"]}
     assert set(tables) == {("linf", 0.1), ("l2", 1.0)}
     linf_row, = tables[("linf", 0.1)]["rows"]
     l2_row, = tables[("l2", 1.0)]["rows"]
@@ -526,7 +540,7 @@ def test_cells_sharing_a_checkpoint_are_one_model_one_seed(tmp_path: Path) -> No
     write_cell_result(tmp_path / "r", "b", rows("b", 0, "sha0", "pgd", 0.3))
     write_cell_result(tmp_path / "r", "c", rows("c", 1, "sha1", "pgd", 0.5))
     build_site(tmp_path / "r", tmp_path / "s")
-    (table,) = json.loads((tmp_path / "s" / "data.json").read_text())["tables"]
+    (table,) = json.loads((tmp_path / "s" / "site.json").read_text())["tables"]
     (row,) = table["rows"]
     assert row["n_seeds"] == 2
     assert sorted(row["keys"]) == ["a", "b", "c"]

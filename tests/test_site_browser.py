@@ -5,6 +5,7 @@ JavaScript disabled. Skipped without /usr/bin/chromium, unless CI is set (CI ins
 from __future__ import annotations
 
 import json
+import re
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,6 +202,8 @@ def test_filter_box_hides_rows(tab: Tab, site: Path) -> None:
     assert page.locator("#ranking tbody tr:visible td.method").all_inner_texts() == ["pgd_at"]
     box.fill("grad_masking")
     assert page.locator("#ranking tbody tr:visible td.method").all_inner_texts() == ["trades"]
+    box.fill("flag")  # the box's own example: only flagged rows, never the "no flags" badges
+    assert page.locator("#ranking tbody tr:visible td.method").all_inner_texts() == ["trades"]
     box.fill("no such row")
     assert page.locator("#ranking tbody tr:visible").count() == 0
     box.fill("")
@@ -221,7 +224,8 @@ def test_readable_and_server_sorted_without_javascript(browser, site: Path) -> N
         page = tab.goto(site / SETTING)
         assert page.locator("input.filter").first.is_hidden()
         assert tab.column("method", "text") == ["pgd_at", XSS, "erm", "trades"]  # headline desc, flagged last
-        assert tab.column("worst", "text") == ["51.00 ± 1.41", "40.00 ± —", "4.00 ± 1.41", "80.00 ± —"]
+        worst = [text.split("[")[0].strip() for text in tab.column("worst", "text")]  # "[lo–hi]": Wilson interval
+        assert worst == ["51.00 ± 1.41", "40.00", "4.00 ± 1.41", "80.00"]
         assert tab.column("flags", "text")[-1] == "⚠ grad_masking"
         assert page.locator("#ranking tbody tr.flagged").count() == 1
         page = tab.goto(site / "index.html")
@@ -229,3 +233,40 @@ def test_readable_and_server_sorted_without_javascript(browser, site: Path) -> N
         assert XSS in page.locator("table.ranking td.method").all_inner_texts()
     finally:
         tab.close()
+
+
+def test_interval_and_tie_shown_beside_each_accuracy(tab: Tab, site: Path) -> None:
+    """Each accuracy shows its Wilson interval; with 100 test images, pgd_at (51%) and the XSS
+    method (40%) overlap, so both carry the tie mark with a tooltip naming the other's rank."""
+    page = tab.goto(site / SETTING)
+    ci = page.locator("#ranking tbody tr").first.locator("td.headline small.ci")
+    assert ci.is_visible() and re.fullmatch(r"\[\d+\.\d–\d+\.\d\]", ci.inner_text())
+    assert "Wilson 95% interval over 200 test images" in ci.get_attribute("title")
+    tie = page.locator("#ranking tbody tr").first.locator("abbr.tie")
+    assert tie.is_visible() and "#2" in tie.get_attribute("title")
+
+
+def test_index_scatter_draws_y_equals_x_and_pareto(tab: Tab, site: Path) -> None:
+    page = tab.goto(site / "index.html")
+    scatter = page.locator("figure.index-scatter svg").first
+    assert scatter.is_visible()
+    line = scatter.locator("line.diagonal").bounding_box()
+    assert line and line["width"] > 100 and line["width"] == pytest.approx(line["height"], abs=2)
+    assert scatter.locator("polyline.pareto").count() == 1
+    assert scatter.locator("g.point").count() == 4 and scatter.locator("text.label").count() == 4
+    # header sorting works on the index's per-attack columns too
+    page.locator("table.ranking th[data-col='attack:pgd']").first.click()
+    values = page.eval_on_selector_all("table.ranking tbody tr:not(.flagged)", "rows => rows.map(r => r.cells[6].dataset.value)")
+    assert [float(v) for v in values] == sorted((float(v) for v in values), reverse=True)  # numbers: best first
+
+
+def test_method_and_flagged_pages_reachable(tab: Tab, site: Path) -> None:
+    page = tab.goto(site / "index.html")
+    page.locator("#flagged-link").click()
+    page.wait_for_load_state()
+    assert page.url == (site / "flagged.html").as_uri()
+    assert "trades" in page.locator("section.flagged-row h3").inner_text()
+    page = tab.goto(site / SETTING)
+    page.locator("#ranking td.method a", has_text="pgd_at").click()
+    page.wait_for_load_state()
+    assert "Towards Deep Learning Models Resistant to Adversarial Attacks" in page.locator("#paper").inner_text()

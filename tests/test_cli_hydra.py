@@ -1,0 +1,78 @@
+"""The Hydra-native CLI: --help lists config groups, --cfg job, -m sweeps as grids, --dry-run
+with states and measured cost estimates, flags and overrides in any order."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.cli import config_groups_help, main
+from harness.run.grid import expand_grid
+from harness.run.sweep import expand_sweep, split_sweeps
+from harness.store.results import write_cell_result
+
+
+def test_help_lists_config_groups_and_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for group, option in [("method", "pgd_at"), ("arch", "test_vit"), ("attack", "autoattack"), ("grid", "demo")]:
+        line = next(line for line in out.splitlines() if line.strip().startswith(group + " "))
+        assert option in line
+    assert "--cfg" in out and "--multirun" in out
+    assert "trainer" in config_groups_help()
+
+
+def test_cfg_job_prints_the_resolved_cell(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    assert main(["run", "--cfg", "job", "method=trades", f"results_dir={tmp_path}", "seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "name: trades" in out and "seed: 3" in out and "beta: 6.0" in out and "# cell " in out
+    assert not any(tmp_path.iterdir()), "--cfg job must not run anything"
+
+
+def test_sweep_expands_like_grid_axes(tmp_path) -> None:
+    plain, sweeps = split_sweeps(["method=erm,pgd_at", "seed=0,1,2", "attack=[fgsm,pgd]"])
+    assert plain == ["attack=[fgsm,pgd]"] and [len(s) for s in sweeps] == [2, 3]
+    common = [f"results_dir={tmp_path}", "data=digits", "trainer=demo", "attack=[fgsm,pgd]"]
+    swept = expand_sweep(["arch=test_resnet,test_vit", "method=erm,pgd_at,trades", "seed=0", *common])
+    grid = expand_grid(["grid=demo", f"results_dir={tmp_path}"])
+    assert len(swept) == 6
+    assert sorted(c["key"] for c in swept) == sorted(c["key"] for c in grid)
+    # a sweep on top of a grid multiplies its axes
+    assert len(expand_sweep(["grid=demo", "seed=0,1", f"results_dir={tmp_path}"])) == 12
+
+
+def test_sweep_without_m_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    assert main(["run", "seed=0,1", f"results_dir={tmp_path}"]) == 2
+    assert "-m" in capsys.readouterr().err
+
+
+def test_dry_run_states_and_measured_estimate(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    """One committed seed of a setup gives the estimate for the other seeds of that setup."""
+    overrides = ["-m", "method=erm,pgd_at", "seed=0,1", f"results_dir={tmp_path}", "--dry-run"]
+    cells = expand_sweep([o for o in overrides if o not in ("-m", "--dry-run")])
+    done = next(c for c in cells if c["method"]["name"] == "erm" and c["seed"] == 0)
+    ips, n_train, eval_s = 200.0, 1000, 7.0
+    write_cell_result(tmp_path, done["key"], [{
+        "key": done["key"], "status": "ok", "dataset": "digits", "arch": "test_resnet", "method": "erm",
+        "seed": 0, "attack": "pgd", "norm": "linf", "eps": 0.1, "clean_acc": 0.9, "robust_acc": 0.1,
+        "images_per_second": ips, "n_train": n_train, "eval_seconds": eval_s, "train_seconds": 30.0,
+        "config_json": json.dumps(done)}])
+    # flags after, before and between the overrides
+    assert main(["grid", overrides[-1], *overrides[:-1]]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 4}
+    assert len(lines) == 4
+    assert "done" in lines[done["key"]]
+    twin = next(c for c in cells if c["method"]["name"] == "erm" and c["seed"] == 1)
+    expected = done["trainer"]["epochs"] * n_train / ips + eval_s
+    assert "pending" in lines[twin["key"]] and f"{expected:.0f}s" in lines[twin["key"]]
+    other = [line for key, line in lines.items() if "pgd_at" in line]
+    assert len(other) == 2 and all("no committed cell" in line for line in other)
+    assert "1 done" in out and "3 to run" in out
+
+
+def test_status_flag_between_overrides(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    assert main(["status", "grid=demo", "--list", f"results_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith("pending ") for line in out.splitlines()) == 6
