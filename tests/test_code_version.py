@@ -82,6 +82,7 @@ def test_provenance_records_robustgrids_own_code_not_the_callers_repo(tmp_path: 
 
     from harness.store import provenance
 
+    provenance.git_commit.cache_clear()
     commit = provenance.git_commit()
     here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(provenance.__file__).parents[2],
                           capture_output=True, text=True).stdout.strip()

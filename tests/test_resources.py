@@ -45,11 +45,11 @@ def test_ray_train_launcher_orchestrates_with_zero_cpus() -> None:
     (["resources.launcher=slurm"], "resources.launcher='slurm' is not one of task, ray_train"),
     (["resources.gpus=1.5"], "fraction below 1"),
     (["resources.gpus=0.5", "trainer.world_size=2"], "DDP ranks cannot share one GPU"),
-    (["resources.cpus=0"], "resources.cpus must be > 0"),
-    (["resources.memory_gb=-1"], "memory_gb must be > 0"),
+    (["resources.cpus=0"], "resources.cpus=0 is out of range: it must be > 0"),
+    (["resources.memory_gb=-1"], "resources.memory_gb=-1 is out of range: it must be > 0"),
     (["resources.cpus=lots"], "resources.cpus must be a number"),
     (["trainer.device=cuda"], "set resources.gpus"),
-    (["resources.max_retries=-2"], "max_retries must be >= 0"),
+    (["resources.max_retries=-2"], "resources.max_retries=-2 is out of range: it must be >= -1"),
 ])
 def test_bad_resources_fail_before_any_work(overrides, message) -> None:
     from harness.run.grid import validate_cell

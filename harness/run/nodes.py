@@ -111,12 +111,18 @@ def run_train_node(node: Node, *inputs: NodeOutcome) -> TrainOutcome:
 
 def fetch_checkpoint(cfg: dict[str, Any]) -> Path:
     """The local path of a trained cell's final checkpoint (pulled from the store if remote)."""
+    return _pulled(cfg, CHECKPOINT, "trained checkpoint")
+
+
+def _pulled(cfg: dict[str, Any], name: str, what: str) -> Path:
+    """A file of a trained cell's folder, made local (pulled from the store when it is a URI)."""
     work_dir = local_work_dir(cfg)
     pull(cfg, work_dir)
-    path = work_dir / CHECKPOINT
+    path = work_dir / name
     if not path.exists():
-        raise FileNotFoundError(f"no trained checkpoint for train key {cfg['train_key']} at {path}: "
-                                f"its train node has not run (or results_dir is not shared between nodes)")
+        raise FileNotFoundError(f"no {what} for train key {cfg['train_key']} at {path}: its train node has not "
+                                f"run, or results_dir is not shared by the nodes (use a shared folder or a URI: "
+                                f"s3://, gs://)")
     return path
 
 
@@ -131,13 +137,7 @@ def _log_train_run(cfg: dict[str, Any]) -> None:
 
 def trained_summary(cfg: dict[str, Any]) -> TrainSummary:
     """The summary of a trained model (pulled with its checkpoint from the store if remote)."""
-    work_dir = local_work_dir(cfg)
-    pull(cfg, work_dir)
-    path = work_dir / SUMMARY
-    if not path.exists():
-        raise FileNotFoundError(f"no training summary for train key {cfg['train_key']} at {path}: on several nodes "
-                                f"results_dir must be a shared folder or a URI (s3://, gs://)")
-    return TrainSummary(**json.loads(path.read_text()))
+    return TrainSummary(**json.loads(_pulled(cfg, SUMMARY, "training summary").read_text()))
 
 
 def _train_columns(cfg: dict[str, Any], summary: TrainSummary) -> dict[str, Any]:
@@ -223,6 +223,8 @@ def evaluate_cell(cfg: dict[str, Any], started: Any) -> list[dict[str, Any]]:
                         cpu_threads=int(cfg["trainer"].get("threads_per_rank") or 1),
                         precision=summary.precision if summary else "fp32",
                         train_peak_memory=summary.peak_memory_bytes if summary else None)
+    if summary is None:  # trained elsewhere: no training cost is known here
+        cost["train_seconds"] = None
     return [row | ctx.columns | cost for row in cell_rows(cfg, summary, result, manifest, started, model_info)]
 
 
