@@ -53,12 +53,11 @@ class EvalContext:
 class Analysis:
     """Base class of an evaluation analysis; `run` adds to `ctx.columns`, the attack results or files."""
 
-    name: ClassVar[str]
     always: ClassVar[bool] = False  # runs on every cell it `applies` to, without being selected
     order: ClassVar[int] = 100
 
     def __init__(self, label: str, settings: dict[str, Any]) -> None:
-        self.label, self.settings = label, settings
+        self.label, self.settings = label, settings  # label: the registry name, or the analysis block's
 
     def applies(self, cfg: dict[str, Any]) -> bool:
         return True
