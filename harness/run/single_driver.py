@@ -17,12 +17,12 @@ import hashlib
 import json
 import os
 import socket
-import threading
 import time
 import uuid
 from typing import Any, Iterator
 
 from harness.run.status import HEARTBEAT_SECONDS, STALE_AFTER_SECONDS
+from harness.store.heartbeat import HeartbeatMarker
 from harness.store.storage import open_store
 
 DRIVERS = "_drivers"
@@ -53,30 +53,25 @@ class _DriverMarker:
     def __init__(self, location: str, gid: str) -> None:
         self.location, self.store, self.rel = location, open_store(location), f"{DRIVERS}/{gid}.json"
         self.token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._marker = HeartbeatMarker(self.store, self.rel, self._info, ("token", self.token), HEARTBEAT_SECONDS,
+                                       "driver-heartbeat")
 
     def __enter__(self) -> "_DriverMarker":
         self._refuse_if_taken()
-        self._beat()
+        self._marker.beat()
         time.sleep(SETTLE_SECONDS)
-        current = self._read()
+        current = self._marker.read()
         if current is not None and current.get("token") != self.token:  # a driver started with us and wrote last
             raise AnotherDriverError(self._message(current))
-        self._thread = threading.Thread(target=self._loop, name="driver-heartbeat", daemon=True)
-        self._thread.start()
+        self._marker.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=HEARTBEAT_SECONDS)
-        current = self._read()
-        if current is not None and current.get("token") == self.token:
-            self.store.delete(self.rel)
+        self._marker.stop()
 
     def _refuse_if_taken(self) -> None:
-        current = self._read()
+        current = self._marker.read()
         if current is not None and _alive(current):
             raise AnotherDriverError(self._message(current))
 
@@ -87,27 +82,8 @@ class _DriverMarker:
                 f"or stop it (kill {other.get('pid')} on {other.get('host')}) and run again; "
                 f"a killed driver's marker {self.store.uri(self.rel)} expires after {STALE_AFTER_SECONDS:.0f} s")
 
-    def _loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                self._beat()
-            except Exception:  # a flaky store must not kill the grid; the marker just goes stale
-                pass
-
-    def _beat(self) -> None:
-        info = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                "started_at": getattr(self, "_started", None) or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "heartbeat": time.time()}
-        self._started = info["started_at"]
-        self.store.write_bytes(self.rel, json.dumps(info).encode(), durable=False)
-
-    def _read(self) -> dict[str, Any] | None:
-        raw = self.store.read_bytes(self.rel)
-        try:
-            info = json.loads(raw) if raw else None
-        except ValueError:
-            return None
-        return info if isinstance(info, dict) else None
+    def _info(self) -> dict[str, Any]:
+        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started_at": self._started}
 
 
 def _alive(info: dict[str, Any]) -> bool:

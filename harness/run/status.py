@@ -15,13 +15,13 @@ import datetime as dt
 import json
 import os
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from harness.store.audit import warn_about_store
+from harness.store.heartbeat import HeartbeatMarker
 from harness.store.storage import COMMITS, open_store
 
 RUNNING = "_running"
@@ -46,52 +46,28 @@ class GridStatus:
 
 
 class RunningMarker:
-    """Context manager a cell's task holds while it runs: logs the attempt, keeps a heartbeat."""
+    """Context manager a node's task holds while it runs: logs the attempt, keeps a heartbeat."""
 
     def __init__(self, location: str, key: str) -> None:
         self.store, self.key = open_store(location), key
         self.attempt = uuid.uuid4().hex[:12]
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._marker = HeartbeatMarker(self.store, f"{RUNNING}/{key}.json", self._info, ("attempt", self.attempt),
+                                       HEARTBEAT_SECONDS, f"heartbeat-{key}")
 
     def __enter__(self) -> "RunningMarker":
         info = self._info()
         self.store.write_bytes(f"{ATTEMPTS}/{self.key}/{info['started_at']}-{self.attempt}.json",
                                json.dumps(info).encode(), durable=False)
-        self._beat()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{self.key}", daemon=True)
-        self._thread.start()
+        self._marker.beat()
+        self._marker.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=HEARTBEAT_SECONDS)
-        current = self._read_marker()
-        if current is not None and current.get("attempt") == self.attempt:
-            self.store.delete(f"{RUNNING}/{self.key}.json")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                self._beat()
-            except Exception:  # a flaky store must not kill the cell; the marker just goes stale
-                pass
-
-    def _beat(self) -> None:
-        info = self._info() | {"heartbeat": time.time()}
-        self.store.write_bytes(f"{RUNNING}/{self.key}.json", json.dumps(info).encode(), durable=False)
+        self._marker.stop()
 
     def _info(self) -> dict[str, Any]:
         return {"key": self.key, "attempt": self.attempt, "host": socket.gethostname(), "pid": os.getpid(),
                 "node": _node_id(), "started_at": _stamp()}
-
-    def _read_marker(self) -> dict[str, Any] | None:
-        raw = self.store.read_bytes(f"{RUNNING}/{self.key}.json")
-        try:
-            return json.loads(raw) if raw else None
-        except ValueError:
-            return None
 
 
 def running_cells(location: str) -> dict[str, dict[str, Any]]:
