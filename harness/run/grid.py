@@ -174,7 +174,7 @@ def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num
     report = GridReport(cells=cells)
     done = committed_ok(cells)
     report.skipped = [c["key"] for c in cells if c["key"] in done]
-    plan = pending_plan(cells)
+    plan = pending_plan(cells, done)
     counts = plan.counts()
     console.print(f"grid: {len(cells)} cells, {len(report.skipped)} already committed, "
                   f"{len(cells) - len(report.skipped)} to run; plan: {counts['train']} trainings, "

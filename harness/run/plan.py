@@ -155,10 +155,11 @@ def committed_ok(cells: list[dict[str, Any]]) -> set[str]:
     return out
 
 
-def pending_plan(cells: list[dict[str, Any]]) -> Plan:
-    """The plan of `cells` less everything already done: what a grid or `run` executes."""
+def pending_plan(cells: list[dict[str, Any]], done: set[str] | None = None) -> Plan:
+    """The plan of `cells` less everything already done: what a grid or `run` executes.
+    `done`: committed_ok(cells), when the caller has it already (each check reads a result file)."""
     plan = build_plan(cells)
-    done = committed_ok(cells)
+    done = committed_ok(cells) if done is None else done
     if all(c["key"] in done for c in cells):
         return Plan()
     return prune(plan, done, {n.id for n in plan.of_kind("train") if trained(n.cfg)})
