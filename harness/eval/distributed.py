@@ -29,11 +29,12 @@ def evaluate_distributed(model: nn.Module, attack_cfgs: list[dict[str, Any]], da
                          num_classes: int, batch_size: int = 256, img_size: int | None = None,
                          limit: int | None = None, device: torch.device | str = "cpu", seed: int = 0,
                          survivors: Survivors | None = None, integrity_points: int = 64,
-                         precision: str = "fp32") -> EvalResult:
+                         precision: str = "fp32", fold_bn: bool = True) -> EvalResult:
     """`evaluate` with the test batches split over the process group's ranks; every rank returns
     the same EvalResult (its `seconds` is this rank's wall time, attack seconds summed over ranks)."""
     kwargs = dict(batch_size=batch_size, img_size=img_size, limit=limit, device=device, seed=seed,
-                  survivors=survivors, integrity_points=integrity_points, precision=precision)
+                  survivors=survivors, integrity_points=integrity_points, precision=precision,
+                  fold_bn=fold_bn)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return evaluate(model, attack_cfgs, dataset_dir, num_classes=num_classes, **kwargs)
     t_start = time.perf_counter()

@@ -19,6 +19,7 @@ from torch import nn
 
 from harness.attacks.base import Attack, build_attack
 from harness.data.loader import make_loader
+from harness.eval.fold import folded_for_attacks
 from harness.eval.integrity import Details, enforce_threat_model, flag_list, probe_model, row_flags
 from harness.eval.samples import CLEAN, Survivors, run_attack
 from harness.core.device import autocast, check_precision
@@ -55,18 +56,19 @@ def evaluate(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_dir: P
              num_classes: int, batch_size: int = 256, img_size: int | None = None,
              limit: int | None = None, device: torch.device | str = "cpu", seed: int = 0,
              survivors: Survivors | None = None, integrity_points: int = 64,
-             precision: str = "fp32") -> EvalResult:
+             precision: str = "fp32", fold_bn: bool = True) -> EvalResult:
     """Clean + robust accuracy of `model` on the test split under each configured attack, with
     integrity flags (probes on the first `integrity_points` test points; 0 skips the probes).
 
     Everything runs on `device`, where `model` must already be. `precision=bf16` runs the forward
     passes and attacks under bf16 autocast and flags every row `eval_precision_bf16`.
-    Several ranks split the work with harness/eval/distributed.py, with the same results.
+    `fold_bn`: the attacks differentiate a BatchNorm-folded copy (harness/eval/fold.py); the
+    predictions that count are always `model`'s. Several ranks split the work with harness/eval/distributed.py, with the same results.
     """
     t_start = time.perf_counter()
     part = evaluate_part(model, attack_cfgs, dataset_dir, batch_size=batch_size, img_size=img_size, limit=limit,
                          device=device, seed=seed, survivors=survivors, integrity_points=integrity_points,
-                         precision=precision)
+                         precision=precision, fold_bn=fold_bn)
     return summarize(model, part.attacks, part.outcomes, num_classes, seed=seed, probe=part.probe,
                      precision=precision, t_start=t_start)
 
@@ -84,7 +86,7 @@ def evaluate_part(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_d
                   batch_size: int = 256, img_size: int | None = None, limit: int | None = None,
                   device: torch.device | str = "cpu", seed: int = 0, survivors: Survivors | None = None,
                   integrity_points: int = 64, precision: str = "fp32", rank: int = 0,
-                  world_size: int = 1) -> EvalPart:
+                  world_size: int = 1, fold_bn: bool = True) -> EvalPart:
     """Attack test batches `rank, rank + world_size, ...` (all of them for one rank) on `device`.
 
     Randomness is seeded per test batch from (seed, batch index), so any split of the batches
@@ -96,14 +98,17 @@ def evaluate_part(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_d
     model.eval()
     outcomes = []
     probe: tuple[torch.Tensor, torch.Tensor] | None = None
+    attack_model: nn.Module | None = None
     start = 0
     for index, (x, y) in enumerate(make_loader(dataset_dir, "test", batch_size, img_size=img_size, limit=limit)):
         if index % world_size == rank:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if index == 0 and integrity_points > 0:
                 probe = (x[:integrity_points], y[:integrity_points])
+            if attack_model is None:  # folded once, on this rank's first batch
+                attack_model = folded_for_attacks(model, x[:16]) if fold_bn else model
             with autocast(device, precision):
-                outcomes.append(evaluate_batch(model, attacks, x, y, index, start, seed, survivors))
+                outcomes.append(evaluate_batch(model, attacks, x, y, index, start, seed, survivors, attack_model))
         start += len(y)
     return EvalPart(attacks, outcomes, probe)
 
@@ -127,8 +132,11 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 def evaluate_batch(model: nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor, index: int,
-                   start: int, seed: int, survivors: Survivors | None = None) -> BatchOutcome:
-    """Clean predictions and every attack on one test batch (test points `start..start+len(y)-1`)."""
+                   start: int, seed: int, survivors: Survivors | None = None,
+                   attack_model: nn.Module | None = None) -> BatchOutcome:
+    """Clean predictions and every attack on one test batch (test points `start..start+len(y)-1`);
+    the attacks differentiate `attack_model` (default `model`), `model`'s predictions count."""
+    attack_model = model if attack_model is None else attack_model
     torch.manual_seed(batch_seed(seed, index))
     with torch.no_grad():
         correct = model(x).argmax(1) == y
@@ -145,7 +153,7 @@ def evaluate_batch(model: nn.Module, attacks: list[Attack], x: torch.Tensor, y: 
         bad = None
         t0 = time.perf_counter()
         if idx.numel():
-            adv, by_idx = run_attack(attack, model, x[idx], y[idx])
+            adv, by_idx = run_attack(attack, attack_model, x[idx], y[idx])
             adv, bad = enforce_threat_model(attack, x[idx], adv)
             x_adv[idx] = adv.to(x_adv.dtype)
         with torch.no_grad():
