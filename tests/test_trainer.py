@@ -93,3 +93,13 @@ def test_even_batches_cuts_exactly() -> None:
     batches = list(even_batches(stream, 23, 4))
     assert [len(b[1]) for b in batches] == [6, 6, 6, 5]
     assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(23))
+
+
+def test_images_per_second_leaves_out_the_first_step() -> None:
+    """The first step alone counts FLOPs and pays warm-up (compilation on a GPU): images/s is the
+    steady state after it, and all steps when there is only one."""
+    from harness.train.trainer import steady_images_per_second
+
+    assert steady_images_per_second(400, 10.0, 4.0, 100) == 300 / 6.0
+    assert steady_images_per_second(100, 4.0, 4.0, 100) == 25.0
+    assert steady_images_per_second(0, 0.0, 0.0, 0) == 0.0

@@ -9,7 +9,7 @@ from the last finished epoch), the speed options (`trainer.precision=bf16` autoc
 `channels_last`, `compile`: CPU and CUDA alike; pinned memory and prefetch on CUDA), and the
 cell's wall time, images/s, FLOPs and peak memory.
 
-World size > 1 on one machine spawns processes with torch.multiprocessing; every rank sees a
+World size > 1 on one machine spawns processes (harness/train/ranks.py); every rank sees a
 disjoint part of each epoch (harness/data/loader.py) and runs the same number of batches, so
 DDP never waits on a rank that ran out of data.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY
 from harness.train.batches import even_batches, reduce_epoch, replicas_in_sync
 from harness.train.checkpointing import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from harness.train.device import rank_setup
+from harness.train.ranks import run_ranks
 from harness.train.optimizers import build_optimizer, check_trainer_config
 from harness.train.compile import FIX as COMPILE_FIX, check_compile, compile_backend, compile_classifier
 from harness.train.schedule import lr_factor
@@ -62,7 +62,7 @@ class TrainSummary:
     world_size: int
     n_train: int
     train_seconds: float
-    images_per_second: float
+    images_per_second: float  # steady state: the run's first step (FLOP count, warm-up, compilation) left out
     final_train_loss: float
     samples_per_epoch: list[int] = field(default_factory=list)
     replicas_in_sync: bool = True
@@ -84,22 +84,12 @@ def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_sync.pull(cfg, work_dir)  # resume from the store's last epoch if it is newer (another node)
     world_size = int(cfg["trainer"].get("world_size", 1))
-    store_dir = Path(tempfile.mkdtemp(prefix="rg-store-", dir=work_dir))
-    store_file = str(store_dir / "store")
     try:
-        if world_size == 1:
-            _train_rank(0, 1, cfg, str(work_dir), store_file)
-        else:
-            mp.start_processes(_train_rank, args=(world_size, cfg, str(work_dir), store_file),
-                               nprocs=world_size, start_method="spawn", join=True)
+        run_ranks(_fit_and_write_summary, world_size, cfg, cfg, work_dir, store_dir=work_dir)
     except mp.ProcessRaisedException as err:
         if "NonFiniteLossError" in str(err):
             raise NonFiniteLossError(str(err).strip().splitlines()[-1]) from None
         raise
-    finally:
-        for leftover in store_dir.glob("*"):
-            leftover.unlink(missing_ok=True)
-        store_dir.rmdir()
     return TrainSummary(**json.loads((work_dir / SUMMARY).read_text()))
 
 
@@ -114,22 +104,11 @@ def train_in_process_group(cfg: dict[str, Any], work_dir: Path) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_sync.pull(cfg, work_dir)
     dist.barrier()
-    _fit_and_write_summary(rank, world_size, cfg, work_dir, device)
+    _fit_and_write_summary(rank, world_size, device, cfg, work_dir)
 
 
-def _train_rank(rank: int, world_size: int, cfg: dict[str, Any], work_dir_s: str, store_file: str) -> None:
-    device = rank_setup(cfg, rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.FileStore(store_file, world_size),
-                            rank=rank, world_size=world_size)
-    try:
-        _fit_and_write_summary(rank, world_size, cfg, Path(work_dir_s), device)
-    finally:
-        dist.destroy_process_group()
-
-
-def _fit_and_write_summary(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path,
-                           device: torch.device) -> None:
+def _fit_and_write_summary(rank: int, world_size: int, device: torch.device, cfg: dict[str, Any],
+                           work_dir: Path) -> None:
     summary = _fit(rank, world_size, cfg, work_dir, device)
     if rank == 0:
         atomic_write_text(work_dir / SUMMARY, json.dumps(asdict(summary)))
@@ -198,6 +177,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
 
     poison = train_plan(cfg)  # None unless the cell trains on poisoned data
     step_flops_per_image: float | None = None
+    warmup = (0.0, 0)  # (seconds, samples) of this run's first step, left out of images/s
     reset_peak_memory(device)
     sync_every = 50 if use_cuda else 1  # reading a GPU value waits for the GPU: only now and then
     bar = progress_bar(total=(epochs - start_epoch) * steps_per_epoch, desc=cfg.get("label", "train"),
@@ -225,6 +205,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             first_step = step_flops_per_image is None and step_in_epoch == 0
+            step_t0 = time.perf_counter()
             try:
                 if first_step:  # count the FLOPs of one whole step (train-time attack included), once
                     box: dict[str, Any] = {}
@@ -247,6 +228,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             if step_in_epoch % sync_every == 0 or step_in_epoch == steps_per_epoch - 1:
                 _check_finite(cfg, sums["loss"], epoch, step_in_epoch)
                 bar.set_postfix(epoch=epoch, loss=f"{float(logs['loss'].detach()):.3f}")
+            if first_step:  # the finite check above waited for the device: the step is done
+                warmup = (time.perf_counter() - step_t0, int(y.shape[0]) * world_size)  # ranks step together
         method.on_epoch_end(ctx)
         epoch_stats = reduce_epoch({k: float(v) for k, v in sums.items()}, seen, device)
         epoch_seconds = time.perf_counter() - t0
@@ -263,7 +246,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     total_samples = sum(samples_per_epoch)
     return TrainSummary(
         epochs=epochs, world_size=world_size, n_train=sum(counts), train_seconds=train_seconds,
-        images_per_second=total_samples / train_seconds if train_seconds > 0 else 0.0,
+        images_per_second=steady_images_per_second(total_samples, train_seconds, *warmup),
         final_train_loss=curve[-1]["loss"] if curve else float("nan"),
         samples_per_epoch=samples_per_epoch, replicas_in_sync=replicas_in_sync(module),
         device=str(device.type), precision=precision, curve=curve, device_name=device_name(device),
@@ -271,6 +254,14 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         train_flops=step_flops_per_image * total_samples if step_flops_per_image is not None else None,
         peak_memory_bytes=peak_memory_bytes(device), compile=backend,
     )
+
+
+def steady_images_per_second(samples: int, seconds: float, warmup_seconds: float, warmup_samples: int) -> float:
+    """Images/s without the first step, which alone counts FLOPs and pays one-time costs
+    (allocator growth, cuDNN/oneDNN autotuning, torch.compile); all steps when there is only one."""
+    if samples > warmup_samples and seconds > warmup_seconds:
+        return (samples - warmup_samples) / (seconds - warmup_seconds)
+    return samples / seconds if seconds > 0 else 0.0
 
 
 def _step(method: Method, ddp: DDP, optimizer: torch.optim.Optimizer, extras: dict[str, ExtraOptimizer],
