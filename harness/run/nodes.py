@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.multiprocessing import ProcessRaisedException
 
 from harness.data.loader import split_count
 from harness.data.shards import dataset_sha256, load_manifest
-from harness.eval.evaluate import EvalResult, evaluate
+from harness.eval.distributed import evaluate_distributed
+from harness.eval.evaluate import EvalResult
 from harness.eval.external_model import load_external_model
 from harness.eval.samples import load_survivors
 from harness.eval.stage import EvalContext, cell_analyses
@@ -37,6 +39,7 @@ from harness.store.rows import base_row, failed_row, now
 from harness.store.storage import open_store
 from harness.eval.cost import StageClock, cost_columns
 from harness.train.device import cell_device
+from harness.train.ranks import run_ranks
 from harness.train.trainer import TrainSummary, load_trained_classifier, train
 
 TRAIN_RUNS = "_train_runs"  # one small file per training actually run: who trained what, where
@@ -185,7 +188,24 @@ def run_eval_node(node: Node, *inputs: NodeOutcome) -> CellOutcome:
 
 
 def evaluate_cell(cfg: dict[str, Any], started: Any) -> list[dict[str, Any]]:
-    """The eval node's work: model -> clean + attacks -> every analysis -> rows."""
+    """The eval node's work: model -> clean + attacks -> every analysis -> rows. A cell of
+    `trainer.world_size` W > 1 (launcher=task) evaluates on its W ranks, as it trained
+    (launcher=ray_train: on one rank, in its eval task; splitting it over Ray Train workers is
+    not built yet)."""
+    res = cell_resources(cfg)
+    if res.launcher != "task" or res.ranks == 1:  # this process, on the threads its task was given
+        return evaluate_cell_rank(0, 1, cell_device(cfg), cfg, started)
+    try:
+        return run_ranks(evaluate_cell_rank, res.ranks, cfg, cfg, started)
+    except ProcessRaisedException as err:  # a rank's own error: the cell's failure, its text kept
+        raise RuntimeError(f"evaluation rank failed: {str(err).strip().splitlines()[-1]}\n{err}") from None
+
+
+def evaluate_cell_rank(rank: int, world_size: int, device: torch.device, cfg: dict[str, Any],
+                       started: Any) -> list[dict[str, Any]] | None:
+    """One rank of the eval node: every rank attacks its slice of the test batches
+    (harness/eval/distributed.py: results identical to one rank's); rank 0 then runs the
+    analyses and builds the rows, which it returns (the other ranks return None)."""
     ecfg = cfg.get("eval") or {}
     data_dir = Path(cfg["data"]["dir"])
     survivors = None
@@ -193,7 +213,6 @@ def evaluate_cell(cfg: dict[str, Any], started: Any) -> list[dict[str, Any]]:
         n_eval = split_count(data_dir, "test", 0, 1, ecfg.get("limit"))
         survivors = load_survivors(cfg["results_dir"], str(ecfg["survivors_from"]), train_key=cfg.get("train_key"),
                                    n_eval=n_eval)
-    device = cell_device(cfg)  # the training device: every stage below runs there
     clock = StageClock(device)  # eval seconds per stage, for the cost columns
     manifest = load_manifest(data_dir)
     with clock.stage("load"):
@@ -206,17 +225,20 @@ def evaluate_cell(cfg: dict[str, Any], started: Any) -> list[dict[str, Any]]:
             summary, model_info = trained_summary(cfg), None
             model = load_trained_classifier(cfg, local_work_dir(cfg), device)
     with clock.stage("attacks"):
-        result = evaluate(model, list(cfg["attack"].values()), data_dir, num_classes=manifest["num_classes"],
-                          batch_size=int(ecfg.get("batch_size", 256)), img_size=cfg["data"].get("img_size"),
-                          limit=ecfg.get("limit"), device=device, seed=int(cfg["seed"]), survivors=survivors,
-                          integrity_points=0, precision=str(ecfg.get("precision", "fp32")))
+        result = evaluate_distributed(
+            model, list(cfg["attack"].values()), data_dir, num_classes=manifest["num_classes"],
+            batch_size=int(ecfg.get("batch_size", 256)), img_size=cfg["data"].get("img_size"), limit=ecfg.get("limit"),
+            device=device, seed=int(cfg["seed"]), survivors=survivors, integrity_points=0,
+            precision=str(ecfg.get("precision", "fp32")), fold_bn=bool(ecfg.get("fold_bn", True)))
+    if rank != 0:  # the analyses are rank 0's (they are not split over ranks yet)
+        return None
     ctx = EvalContext(cfg, model, device, manifest, result)
     for analysis in cell_analyses(cfg):
         with clock.stage(analysis.label):
             analysis.run(ctx)
     if ctx.summaries:
         ctx.columns["analysis_json"] = json.dumps(ctx.summaries, sort_keys=True, default=str)
-    cost = cost_columns(device=device, device_count=summary.world_size if summary else 1,
+    cost = cost_columns(device=device, device_count=summary.world_size if summary else world_size,
                         train_seconds=summary.train_seconds if summary else 0.0, clock=clock,
                         flops_per_image=summary.flops_per_image if summary else None,
                         train_flops=summary.train_flops if summary else None,
