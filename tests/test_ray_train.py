@@ -62,3 +62,12 @@ def test_ray_train_cell_survives_a_killed_worker(tiny, tmp_path, ray_session) ->
     assert [p["epoch"] for p in json.loads(rows[0]["train_curve"])] == [0, 1, 2]
     assert json.loads(meta.read_text())["epoch"] == 2
     assert attempt_count(cfg["results_dir"], cfg["key"]) == 1, "Ray Train restarted the workers, not Ray the cell"
+    # the evaluation ran on the cell's 2 Ray Train workers too, with exactly one rank's results
+    assert (tmp_path / "store" / "_ray_train" / f"eval-{cfg['key']}").is_dir()
+    from harness.run.nodes import evaluate_cell
+    from harness.store.rows import now
+
+    cfg["trainer"]["world_size"] = 1
+    one = evaluate_cell(cfg, now())
+    keys = ("attack", "clean_acc", "robust_acc", "per_class_robust_acc", "n_eval")
+    assert [{k: r[k] for k in keys} for r in one] == [{k: rows[0][k] for k in keys}]

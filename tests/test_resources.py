@@ -135,3 +135,19 @@ def test_status_cli(tiny, capsys) -> None:
     assert out.count("pending  ") == 6 and "test_vit/trades/s0" in out
     assert main(["status"]) == 2
     assert "grid=<name>" in capsys.readouterr().err
+
+
+def test_a_multi_rank_cells_eval_node_holds_its_ranks_like_its_train_node() -> None:
+    """A W-rank cell evaluates on its W ranks: launcher=task holds them in the node's task,
+    launcher=ray_train orchestrates with 0 CPUs while Ray Train's workers hold them; 1 rank: one rank's."""
+    from harness.run.grid import node_options
+    from harness.run.plan import build_plan
+
+    def options(*overrides: str) -> dict[str, dict]:
+        return {n.kind: node_options(n) for n in build_plan([_cfg(*overrides)])}
+
+    task = options("trainer.world_size=2", "resources.cpus=2")
+    assert task["eval"]["num_cpus"] == task["train"]["num_cpus"] == 4
+    ray_train = options("resources.launcher=ray_train", "trainer.world_size=2")
+    assert ray_train["eval"]["num_cpus"] == ray_train["train"]["num_cpus"] == 0
+    assert options("resources.cpus=3")["eval"]["num_cpus"] == 3

@@ -187,10 +187,11 @@ def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num
 
 
 def node_options(node: Node) -> dict[str, Any]:
-    """Ray options of one node: a train node holds its cell's training resources, and so does an
-    eval node of launcher=task (a W-rank cell evaluates on its W ranks); an artifact node, and a
-    ray_train cell's eval node, one rank's (a GPU cell evaluates, and builds its DDPM, on its GPU)."""
-    if node.kind == "train" or (node.kind == "eval" and cell_resources(node.cfg).launcher == "task"):
+    """Ray options of one node: a train node, and a W-rank cell's eval node, hold the cell's
+    training resources (a W-rank cell evaluates on its W ranks; launcher=ray_train: the task
+    orchestrates with 0 CPUs and Ray Train's workers hold them); an artifact node, and a 1-rank
+    eval node, one rank's (a GPU cell evaluates, and builds its DDPM, on its GPU)."""
+    if node.kind == "train" or (node.kind == "eval" and cell_resources(node.cfg).ranks > 1):
         return task_options(node.cfg)
     return rank_options(node.cfg) | {"max_retries": cell_resources(node.cfg).max_retries}
 

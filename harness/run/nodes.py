@@ -189,12 +189,15 @@ def run_eval_node(node: Node, *inputs: NodeOutcome) -> CellOutcome:
 
 def evaluate_cell(cfg: dict[str, Any], started: Any) -> list[dict[str, Any]]:
     """The eval node's work: model -> clean + attacks -> every analysis -> rows. A cell of
-    `trainer.world_size` W > 1 (launcher=task) evaluates on its W ranks, as it trained
-    (launcher=ray_train: on one rank, in its eval task; splitting it over Ray Train workers is
-    not built yet)."""
+    `trainer.world_size` W > 1 evaluates on its W ranks, as it trained: spawned here
+    (launcher=task) or on Ray Train workers across the cluster (launcher=ray_train)."""
     res = cell_resources(cfg)
-    if res.launcher != "task" or res.ranks == 1:  # this process, on the threads its task was given
+    if res.ranks == 1:  # this process, on the threads its task was given
         return evaluate_cell_rank(0, 1, cell_device(cfg), cfg, started)
+    if res.launcher == "ray_train":  # on Ray Train workers, placed across the cluster like the training
+        from harness.run.ray_train import run_on_ray_train
+
+        return run_on_ray_train(cfg, evaluate_cell_rank, cfg, started)
     try:
         return run_ranks(evaluate_cell_rank, res.ranks, cfg, cfg, started)
     except ProcessRaisedException as err:  # a rank's own error: the cell's failure, its text kept

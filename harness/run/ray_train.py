@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from typing import Callable
+
 from harness.run.resources import cell_resources, worker_resources
 from harness.store.checkpoint_sync import CHECKPOINT, local_work_dir, pull
 from harness.store.storage import is_uri
@@ -24,19 +26,51 @@ Upstreams = list[tuple[str | None, dict[str, Any]]]  # (method arg or None for i
 
 def train_with_ray_train(cfg: dict[str, Any], upstream: Upstreams) -> None:
     """Train the node's model on `trainer.world_size` Ray Train workers; raises if it failed for good."""
+    _torch_trainer(cfg, _train_loop, {"cfg": cfg, "upstream": upstream}, f"train-{cfg['train_key']}").fit()
+
+
+def run_on_ray_train(cfg: dict[str, Any], fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(rank, world_size, device, *args)` on the cell's `trainer.world_size` Ray Train
+    workers (in their torch process group, each on its device); returns rank 0's value."""
+    from ray.util.queue import Queue
+
+    results = Queue(actor_options={"num_cpus": 0})
+    try:
+        _torch_trainer(cfg, _rank_loop, {"cfg": cfg, "fn": fn, "args": args, "results": results},
+                       f"eval-{cfg['key']}").fit()
+        return results.get(timeout=60)  # put by rank 0 before its loop returned
+    finally:
+        results.shutdown()
+
+
+def _torch_trainer(cfg: dict[str, Any], loop: Callable[[dict[str, Any]], None], config: dict[str, Any],
+                   name: str) -> Any:
+    """A TorchTrainer over the cell's ranks, each with one rank's resources, restarted on a worker's death."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     res = cell_resources(cfg)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"cfg": cfg, "upstream": upstream},
+    return TorchTrainer(
+        loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=res.ranks, use_gpu=res.gpus > 0,
                                      resources_per_worker=worker_resources(cfg)),
-        run_config=RunConfig(name=f"train-{cfg['train_key']}", storage_path=_train_storage(cfg),
+        run_config=RunConfig(name=name, storage_path=_train_storage(cfg),
                              failure_config=FailureConfig(max_failures=res.train_max_failures)),
     )
-    trainer.fit()
+
+
+def _rank_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker of `run_on_ray_train`: set up this rank, run fn, rank 0 hands its value back."""
+    import ray.train
+
+    from harness.train.device import rank_setup
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = rank_setup(config["cfg"], context.get_local_rank())
+    value = config["fn"](rank, context.get_world_size(), device, *config["args"])
+    if rank == 0:
+        config["results"].put(value)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
