@@ -26,7 +26,7 @@ from harness.store.results import read_cell_result
 from harness.train.trainer import CHECKPOINT, check_trainer_config, train
 
 CELL_DEVICE = torch.device("cpu", 0)
-STAGES = ((nodes_module, "load_trained_classifier"), (nodes_module, "evaluate"), (ns_module, "analyse_cell"))
+STAGES = ((nodes_module, "load_trained_classifier"), (nodes_module, "evaluate_distributed"), (ns_module, "analyse_cell"))
 ANALYSES = ("integrity", "samples", "neuron_sensitivity")  # the analyses a clean cell runs
 
 
