@@ -17,10 +17,12 @@ from harness.store.storage import STAGING, open_store
 
 
 def train_split_size(cfg: dict[str, Any]) -> int | None:
-    """Images one epoch of the cell trains on (data.train_limit applied); None until the data is prepared."""
+    """Images one epoch of the cell trains on (data.train_limit applied); None until the data is prepared.
+    Counted once per (dataset, limit, manifest version): a 10,000-cell grid reads each manifest once."""
     data = cfg.get("data") or {}
     data_dir = Path(data.get("dir", ""))
-    if not (data_dir / MANIFEST).is_file():
+    manifest = data_dir / MANIFEST
+    if not manifest.is_file():
         return None
     limit = data.get("train_limit")
     try:
@@ -29,10 +31,14 @@ def train_split_size(cfg: dict[str, Any]) -> int | None:
         return None  # validate_numbers names the bad data.train_limit
     if limit is not None and limit < 1:
         return None  # validate_numbers names the bad data.train_limit
+    return _train_split_size(str(data_dir), limit, manifest.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _train_split_size(data_dir: str, limit: int | None, manifest_mtime_ns: int) -> int:
     return split_count(data_dir, "train", 0, 1, limit=limit)
 
 
-@functools.lru_cache(maxsize=None)
 def check_results_writable(location: str) -> None:
     """Write and remove a probe object in the results store; ConfigError naming the location if that fails.
     Once per store and process (cached on success): a 10,000-cell grid probes its store once."""
