@@ -39,7 +39,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
 
 
 PLUGIN_SOURCE = '''
-"""A throwaway third-party package: one plugin of every kind, none with a config file of robustgrid's."""
+"""A throwaway third-party package: one plugin of every kind (an analysis too), none with a config file of robustgrid's."""
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ from architectures.classifier import Classifier
 from harness.attacks.base import Attack
 from harness.backdoor.base import Poison
 from harness.data.shards import write_dataset
+from harness.eval.stage import Analysis
 from methods.base import Method
 
 
@@ -141,6 +142,20 @@ class CornerDot(Poison):
         return out
 
 
+class LogitNorm(Analysis):
+    """Mean L2 norm of the model's logits on the first `points` test images."""
+
+    default_config = {"points": 16}
+
+    def run(self, ctx):
+        from harness.data.loader import make_loader
+
+        x, _ = next(iter(make_loader(ctx.cfg["data"]["dir"], "test", int(self.settings["points"]))))
+        with torch.no_grad():
+            norm = ctx.model(x.to(ctx.device)).norm(dim=1).mean()
+        ctx.summaries[self.label] = {"points": len(x), "mean_logit_norm": float(norm)}
+
+
 NOT_A_CLASS = 42
 '''
 
@@ -161,12 +176,15 @@ ext_bars = rg_external_plugin:Bars
 
 [robustgrid.poisons]
 ext_corner = rg_external_plugin:CornerDot
+
+[robustgrid.analyses]
+ext_logit_norm = rg_external_plugin:LogitNorm
 """
 
 
 def _throwaway_distribution(root: Path) -> Path:
     """An installed distribution (module + .dist-info, as pip lays them out) whose entry points add
-    one method, attack, architecture, dataset and poison, plus two broken entry points."""
+    one method, attack, architecture, dataset, poison and analysis, plus two broken entry points."""
     root.mkdir(parents=True)
     (root / "rg_external_plugin.py").write_text(PLUGIN_SOURCE)
     dist = root / "rg_external_plugin-0.1.dist-info"
@@ -208,7 +226,8 @@ def test_external_plugins_of_every_kind_run_one_cell(plugin_env, tmp_path) -> No
                "attack=[ext_noise]", "attack.ext_noise.seed=3", "method.label_smoothing=0.1",  # class defaults, overridden
                "arch.width=4", "backdoor.rate=0.2", f"data.root={tmp_path / 'data'}",
                f"results_dir={tmp_path / 'results'}", "trainer=tiny", "trainer.epochs=1", "eval.limit=32",
-               "eval.neuron_sensitivity.limit=16", "eval.integrity_points=16")
+               "eval.neuron_sensitivity.limit=16", "eval.integrity_points=16",
+               "analysis=[ext_logit_norm]", "analysis.ext_logit_norm.points=8")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = pq.read_table(run.stdout.strip().splitlines()[-1]).to_pylist()
     assert [r["attack"] for r in rows] == ["ext_noise"] and rows[0]["status"] == "ok"
@@ -221,3 +240,6 @@ def test_external_plugins_of_every_kind_run_one_cell(plugin_env, tmp_path) -> No
     assert cfg["backdoor"]["value"] == 1.0 and cfg["backdoor"]["rate"] == 0.2  # Poison's own settings, via **common
     assert rows[0]["poison_rate"] == 0.2 and rows[0]["n_poisoned"] > 0
     assert 0.0 <= rows[0]["asr"] <= 1.0 and 0.0 <= rows[0]["robust_acc"] <= rows[0]["clean_acc"] + 1e-9
+    assert cfg["analysis"] == {"ext_logit_norm": {"name": "ext_logit_norm", "points": 8}}  # class default, overridden
+    summary = json.loads(rows[0]["analysis_json"])["ext_logit_norm"]
+    assert summary["points"] == 8 and summary["mean_logit_norm"] > 0

@@ -8,6 +8,8 @@ hold, their defaults the group's defaults. The YAML files under configs/<group>/
 presets (paper recipes with comments); a registered plugin without one is still selectable,
 because `register_plugin_configs` puts its class defaults into Hydra's ConfigStore under
 the plugin's name (`method=my_method`, `attack=[my_attack]`, then `attack.my_attack.eps=...`).
+An evaluation analysis that is not `always` on is selected the same way, its settings being its
+class's `default_config` (`analysis=[my_analysis]`, then `analysis.my_analysis.points=...`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Callable, TypeVar
 
 from hydra.core.config_store import ConfigStore
 
-from harness.core.registry import ARCHITECTURES, ATTACKS, DATASETS, METHODS, POISONS, Registry
+from harness.core.registry import ANALYSES, ARCHITECTURES, ATTACKS, DATASETS, METHODS, POISONS, Registry
 
 # Config groups whose option names are plugin names, and the registry that knows them.
 PLUGIN_GROUPS: dict[str, Registry] = {"method": METHODS, "arch": ARCHITECTURES, "data": DATASETS,
@@ -85,7 +87,14 @@ def plugin_options(group: str) -> list[str]:
     names = set(config_options(group))
     if group in PLUGIN_GROUPS:
         names |= set(PLUGIN_GROUPS[group].names())
+    if group == "analysis":
+        names |= set(selectable_analyses())
     return sorted(names)
+
+
+def selectable_analyses() -> dict[str, object]:
+    """Analyses a cell selects by name (`analysis=[name]`): every registered one not `always` on."""
+    return {name: cls for name, cls in ANALYSES.items() if not getattr(cls, "always", False)}
 
 
 def plugin_settings(group: str, plugin: object) -> dict[str, Any]:
@@ -148,6 +157,13 @@ def register_plugin_configs() -> None:
             node = {"name": name, **plugin_settings(group, plugin)}
             store.store(group=group, name=name, node={name: node} if group == "attack" else node)
             _registered.add((group, name))
+    presets = set(config_options("analysis"))
+    for name, plugin in selectable_analyses().items():  # settings: the class's `default_config`
+        if name in presets or ("analysis", name) in _registered:
+            continue
+        node = {"name": name, **_plain(dict(getattr(plugin, "default_config", None) or {}))}
+        store.store(group="analysis", name=name, node={name: node})
+        _registered.add(("analysis", name))
 
 
 _PLAIN = {int, float, bool, str, type(None)}

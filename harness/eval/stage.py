@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from harness.core.plugin_config import selectable_analyses
 from harness.core.registry import ANALYSES
 
 
@@ -81,7 +82,7 @@ def cell_analyses(cfg: dict[str, Any]) -> list[Analysis]:
             analysis = cls(name, {})
             if analysis.applies(cfg):
                 out.append(analysis)
-    selectable = sorted(n for n, c in ANALYSES.items() if not c.always)
+    selectable = sorted(selectable_analyses())
     for label, settings in (cfg.get("analysis") or {}).items():
         name = (settings or {}).get("name")
         if name not in selectable:
