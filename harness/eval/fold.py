@@ -18,6 +18,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +31,20 @@ def folded_for_attacks(model: nn.Module, probe: torch.Tensor) -> nn.Module:
     layers, checked on `probe` (a few inputs on the model's device); `model` itself otherwise."""
     if not any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
         return model
-    from torch.fx.experimental.optimization import fuse
-
+    was_training = model.training
     try:
         folded = fuse(copy.deepcopy(model).eval(), inplace=True)
+        with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
+            model.eval()
+            want, got = model(probe), folded(probe)
+            atol = _RTOL * float(want.abs().max())
+            same = want.shape == got.shape and torch.allclose(got, want, rtol=_RTOL, atol=atol)
     except Exception as err:  # untraceable Python control flow, custom modules: attack the model as is
-        log.info("attacks use the model unfolded: torch.fx cannot fold it (%s: %s)", type(err).__name__, err)
+        log.info("attacks use the model unfolded: it cannot be folded (%s: %s)", type(err).__name__, err)
         return model
-    with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
-        was_training = model.training
-        model.eval()
-        try:
-            want, got = model(probe.float()), folded(probe.float())
-        finally:
-            model.train(was_training)
-    if want.shape != got.shape or not torch.allclose(got, want, rtol=_RTOL, atol=_RTOL * float(want.abs().max())):
+    finally:
+        model.train(was_training)
+    if not same:
         log.warning("attacks use the model unfolded: its BatchNorm-folded copy disagrees with it on the probe batch")
         return model
     return folded.requires_grad_(False)
