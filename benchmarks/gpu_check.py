@@ -108,7 +108,7 @@ def train_variant(cfg: dict, precision: str, device: torch.device) -> tuple[dict
     ips = last["samples"] / last["seconds"]
     per_image = summary.train_flops / sum(summary.samples_per_epoch) if summary.train_flops else None
     peak = peak_flops(device_name(device), precision) if device.type == "cuda" else None
-    return {"images_per_second": ips, "images_per_second_all_epochs": summary.images_per_second,
+    return {"images_per_second": ips, "images_per_second_after_first_step": summary.images_per_second,
             "epoch_seconds": [c["seconds"] for c in summary.curve],
             "train_flops_per_image": per_image, "flops_per_image_forward": summary.flops_per_image,
             "mfu": per_image * ips / peak if peak and per_image else None, "peak_flops": peak,

@@ -9,7 +9,8 @@ a synthetic CIFAR-shaped dataset through its real data path (shards, PNG decode,
 world size 1) and reports its own images/s (samples over the epoch loop's seconds, its first step
 left out: that step alone counts FLOPs and pays one-time warm-up); the bare loop reads in-memory
 tensors and is timed around its steps, its first step left out alike. Runs alternate trainer, bare, trainer,
-bare... so machine load hits both alike; each side's best of --repeats is compared.
+bare... so machine load hits both alike; each side's best of --repeats is compared (and, as a
+check on noise, their medians).
 Prints one line per model and the ratio trainer/bare (goal: >= 0.95 on a CPU).
 --profile prints cProfile's top functions of one trainer run (where the time goes).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import shutil
 import sys
 import tempfile
@@ -116,7 +118,8 @@ def main() -> None:
                 bare.append(run_bare(cfg, x_all, y_all, args.threads))
             print(f"{arch:12s} 32x32 batch {setup['batch']:3d} x {setup['steps']} steps, PGD-10 AT, "
                   f"{args.threads} thread(s): trainer {max(trainer):7.1f} img/s, bare {max(bare):7.1f} img/s, "
-                  f"ratio {max(trainer) / max(bare):.3f}  (runs: trainer {[round(t, 1) for t in trainer]}, "
+                  f"ratio {max(trainer) / max(bare):.3f} (of medians {statistics.median(trainer) / statistics.median(bare):.3f})"
+                  f"  (runs: trainer {[round(t, 1) for t in trainer]}, "
                   f"bare {[round(b, 1) for b in bare]})", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -162,8 +162,9 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         print(f"{cfg.get('label', 'cell')}: resuming from the epoch {start_epoch - 1} checkpoint", flush=True)
     if start_epoch == 0 and tcfg.get("init_from"):  # a later stage starts from an earlier one's weights
         load_weights(tcfg["init_from"], module, device)
+    # gradients live in DDP's buckets (no copy in and out each step, one gradient-sized buffer less)
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
-              find_unused_parameters=method.find_unused_parameters)
+              find_unused_parameters=method.find_unused_parameters, gradient_as_bucket_view=True)
     torch.manual_seed(int(cfg["seed"]) * 1000 + rank + 7919 * start_epoch)  # attack/augment randomness
     curve: list[dict[str, float]] = state.get("curve", [])
     train_seconds = float(state.get("train_seconds", 0.0))
