@@ -10,6 +10,8 @@ digits, the first `--n` test points are attacked by both implementations with th
 difference in points, how often the per-sample outcome agrees, and the time of each side.
 Each single attack runs on all n points (both sides attack only the clean-correct ones); the
 AutoAttack row runs the whole standard chain (the reference's `run_standard_evaluation`).
+--fold-bn: ours attack the BatchNorm-folded copy, as evaluation does (harness/eval/fold.py); the
+reference always attacks the model, and both are judged by the model.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from harness.attacks.fab import FABT  # noqa: E402
 from harness.attacks.square import Square  # noqa: E402
 from harness.data.loader import make_loader  # noqa: E402
 from harness.data.prepare import prepare_digits  # noqa: E402
+from harness.eval.fold import folded_for_attacks  # noqa: E402
 from digits_model import train_digits_model  # noqa: E402  (benchmarks/ is on sys.path)
 
 TOLERANCE_POINTS = 0.5
@@ -51,6 +54,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None,
                     help="subset of: apgd-ce apgd-t fab-t square autoattack")
     ap.add_argument("--data-root", type=Path, default=None, help="default: a temporary directory")
+    ap.add_argument("--fold-bn", action="store_true", help="ours attack the BatchNorm-folded copy (as evaluation)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -65,10 +69,11 @@ def main() -> None:
         model = train_digits_model(digits_dir, epochs=args.epochs, seed=0)
         x, y = next(iter(make_loader(digits_dir, "test", args.n)))
     eps, seed = args.eps, args.seed
+    net = folded_for_attacks(model, x[:16]) if args.fold_bn else model
     clean = correct(model, x, y)
     print(f"model: test_resnet on digits ({args.epochs} epochs), clean accuracy "
           f"{100 * clean.float().mean():.2f}% on n={len(y)} test points; Linf eps={eps}, seed={seed}, "
-          f"{args.threads} thread(s)\n")
+          f"{args.threads} thread(s); ours attack the {'BatchNorm-folded copy' if net is not model else 'model'}\n")
 
     def ref_fab_t():
         fab = FABAttack_PT(model, n_restarts=1, n_iter=100, eps=eps, seed=seed, norm="Linf",
@@ -104,7 +109,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
-        x_ours = ours(model, x, y)
+        x_ours = ours(net, x, y)
         t1 = time.perf_counter()
         x_ref = make_ref()(x.clone(), y.clone())
         t2 = time.perf_counter()

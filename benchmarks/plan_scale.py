@@ -4,6 +4,8 @@
 
 Three steps of `robustgrid grid` before any cell runs, timed per cell:
   compose:  Hydra composition + finalize of real cells (expand_grid), on --composed cells;
+  validate: validate_cell on each of the N cells (the checks `robustgrid grid` makes before any
+            work: settings, resources, plugins, the training split's size from the manifest);
   plan:     build_plan (train/eval nodes, dedup, upstream derivation) on N cells made from
             composed ones by varying the seed (keys recomputed, as expand_grid would);
   prune:    pending_plan against an empty results store (one listing of the commit markers,
@@ -33,12 +35,15 @@ def main() -> None:
 
     from harness.core.config import cell_identity, cell_key, train_key
     from harness.core.registry import METHODS
+    from harness.data.prepare import prepare_digits
+    from harness.run.grid import validate_cell
     from harness.run.grid import expand_grid
     from harness.run.plan import build_plan, pending_plan
 
     results = tempfile.mkdtemp(prefix="rg-plan-")
     methods = [m for m in METHODS.names() if m not in ("abl_lga",)]
     seeds = max(1, args.composed // (2 * len(methods)))
+    prepare_digits(Path(results) / "data")  # prepared data: validation reads its manifest
     t0 = time.perf_counter()
     composed = expand_grid(["grid=demo", f"grid.axes.method=[{','.join(methods)}]",
                             f"grid.axes.seed=[{','.join(map(str, range(seeds)))}]", "backdoor=badnets",
@@ -53,6 +58,10 @@ def main() -> None:
             cfg["seed"] = 1000 + i // len(composed)
             cfg["key"], cfg["train_key"], cfg["cell_id"] = cell_key(cfg), train_key(cfg), cell_identity(cfg)
             cells.append(cfg)
+        t0 = time.perf_counter()
+        for cfg in cells:
+            validate_cell(cfg)
+        validate_s = time.perf_counter() - t0
         tracemalloc.start()
         t0 = time.perf_counter()
         plan = build_plan(cells)
@@ -63,6 +72,7 @@ def main() -> None:
         pending = pending_plan(cells)
         prune_s = time.perf_counter() - t0
         out["sizes"].append({"cells": n, "nodes": plan.counts(), "pending_nodes": len(pending),
+                             "validate_ms_per_cell": round(validate_s * 1000 / n, 3),
                              "plan_ms_per_cell": round(plan_s * 1000 / n, 3),
                              "prune_ms_per_cell": round(prune_s * 1000 / n, 3),
                              "plan_kib_per_cell": round(peak / 1024 / n, 1)})
