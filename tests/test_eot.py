@@ -95,3 +95,25 @@ def test_randomized_outputs_flag_names_the_rand_version(erm_model, batch) -> Non
     assert details["randomized_outputs"]["run_instead"] == "autoattack_rand"
     assert "attack=[autoattack_rand]" in details["randomized_outputs"]["advice"]
     assert "randomized_outputs" not in probe_model(erm_model, x, y, [])
+
+
+def test_autoattack_counts_a_point_broken_only_when_a_fresh_forward_misclassifies_it(erm_model, digits_dir,
+                                                                                     monkeypatch) -> None:
+    """As in the reference, a component's 'fooled' is re-checked with one more forward of what it
+    returns: for a randomized model a point fooled by one lucky noise draw during the attack is
+    not counted, nor its x_adv kept, unless a fresh draw misclassifies it too. Here the components
+    claim every point without moving it, and the fresh forward refutes every claim."""
+    from harness.attacks.apgd import APGDDLR
+    from helpers import digits_batch
+
+    def claims_all(self, model, x, y):
+        return x.clone(), torch.ones(len(y), dtype=torch.bool)
+
+    for component in (APGDCE, APGDDLR):
+        monkeypatch.setattr(component, "perturb_with_mask", claims_all)
+    x, y = digits_batch(digits_dir, 32)
+    x_adv, broken_by = AutoAttackRand(0.1, n_iter=2).perturb_with_log(erm_model, x, y)
+    with torch.no_grad():
+        clean = (erm_model(x).argmax(1) == y).tolist()
+    assert broken_by == [None if ok else "clean" for ok in clean]
+    assert torch.equal(x_adv, x)

@@ -91,7 +91,9 @@ class _AutoAttackBase(Attack):
             idx = robust.nonzero().flatten()
             if idx.numel() == 0:
                 break
-            found, fooled = attack.perturb_with_mask(model, x[idx], y[idx])
+            found, _ = attack.perturb_with_mask(model, x[idx], y[idx])
+            with torch.no_grad():  # a fresh forward decides, as in the reference (a new draw for a randomized model)
+                fooled = model(found).max(1)[1] != y[idx]
             x_adv[idx[fooled]] = found[fooled]
             robust[idx[fooled]] = False
             for i in idx[fooled].tolist():
