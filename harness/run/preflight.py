@@ -39,6 +39,7 @@ def _train_split_size(data_dir: str, limit: int | None, manifest_mtime_ns: int) 
     return split_count(data_dir, "train", 0, 1, limit=limit)
 
 
+@functools.lru_cache(maxsize=None)
 def check_results_writable(location: str) -> None:
     """Write and remove a probe object in the results store; ConfigError naming the location if that fails.
     Once per store and process (cached on success): a 10,000-cell grid probes its store once."""
