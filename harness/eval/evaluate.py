@@ -63,7 +63,8 @@ def evaluate(model: nn.Module, attack_cfgs: list[dict[str, Any]], dataset_dir: P
     Everything runs on `device`, where `model` must already be. `precision=bf16` runs the forward
     passes and attacks under bf16 autocast and flags every row `eval_precision_bf16`.
     `fold_bn`: the attacks differentiate a BatchNorm-folded copy (harness/eval/fold.py); the
-    predictions that count are always `model`'s. Several ranks split the work with harness/eval/distributed.py, with the same results.
+    predictions that count are always `model`'s. Several ranks split the work with
+    harness/eval/distributed.py, with the same results.
     """
     t_start = time.perf_counter()
     part = evaluate_part(model, attack_cfgs, dataset_dir, batch_size=batch_size, img_size=img_size, limit=limit,

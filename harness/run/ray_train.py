@@ -13,9 +13,7 @@ For a multi-node cluster `results_dir` must be a shared folder or a URI (s3://, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from typing import Callable
+from typing import Any, Callable
 
 from harness.run.resources import cell_resources, worker_resources
 from harness.store.checkpoint_sync import CHECKPOINT, local_work_dir, pull
