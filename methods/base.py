@@ -11,6 +11,9 @@ this order (tests/test_hook_order.py records it for every registered method):
                                                  # schedule, step and checkpoint (ExtraOptimizer)
     ctx.classifier = method.eval_model(module)   # once: what train-time attacks run on
     (resume: method.load_state_dict(saved) after the module's and optimisers' states are restored)
+    select = method.select_train_samples(samples)  # the split indices it trains on (None: all);
+                                                 # `samples.score(fn)` scores every training sample
+                                                 # on every rank (harness/train/selection.py)
     each epoch:
         method.on_epoch_start(ctx)
         each batch:
@@ -40,8 +43,9 @@ a default, so the trainer never has to guess with getattr.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,6 +71,16 @@ class TrainContext:
     def progress(self) -> float:
         """Fraction of training done, in [0, 1): for ramps such as CausalAdv's alpha_t."""
         return (self.epoch + 0.0) / max(1, self.epochs)
+
+
+class TrainSamples(Protocol):
+    """The cell's training split as `select_train_samples` sees it (harness/train/selection.py)."""
+
+    poisoned: np.ndarray  # split indices the cell's poison plan poisoned (empty on clean data)
+
+    def score(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """(split indices, fn(x, y)'s value per sample) over every training sample, sorted by index."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,12 @@ class Method:
     def extra_optimizers(self, module: nn.Module) -> dict[str, ExtraOptimizer]:
         """Optimisers of the method's own, by a name unique within the method (checkpoint key)."""
         return {}
+
+    def select_train_samples(self, samples: TrainSamples) -> np.ndarray | None:
+        """The split indices this method's training streams (None: the whole split), decided once
+        before the first epoch and again on resume (so it must be deterministic). ABL unlearns
+        the 1% lowest-loss samples of its isolation model and fine-tunes on the other 99%."""
+        return None
 
     def on_epoch_start(self, ctx: TrainContext) -> None:
         """Before the epoch's first batch (CBD decays its critic's lr here)."""

@@ -269,6 +269,37 @@ def test_limit_takes_first_indices_exactly_once(
     assert sum(counts) == 301 and counts == [len(keys) for keys in per_rank]
 
 
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 1), (2, 2)])
+def test_selection_reads_exactly_the_selected_samples(digits_dir: Path, world_size: int, num_workers: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A selection (ABL's isolated 1%, or the rest) streams exactly those indices once per epoch, the
+    same counts every epoch, and never opens a shard that holds none of them."""
+    import harness.data.loader as loader_module
+
+    chosen = np.array([3, 70, 71, 400, 401, 402, 1436])  # shards 0, 1, 6 and the last (64 per shard)
+    opened: list[int] = []
+    real = loader_module.read_shard
+    monkeypatch.setattr(loader_module, "read_shard", lambda loc, entry, start, *a: opened.append(start)
+                        or real(loc, entry, start, *a))
+    for epoch in (0, 1):
+        per_rank = _epoch_keys(digits_dir, world_size, num_workers, shuffle=True, seed=2, epoch=epoch, select=chosen)
+        assert sorted(k for keys in per_rank for k in keys) == [f"{i:06d}" for i in chosen]
+        assert [len(k) for k in per_rank] == [split_count(digits_dir, "train", r, world_size, select=chosen)
+                                              for r in range(world_size)]
+    if num_workers == 0:  # (loader workers are other processes: the patch is not theirs)
+        assert sorted(set(opened)) == [0, 64, 384, 1408]
+    rest = np.setdiff1d(np.arange(1437), chosen)  # the complement: every other sample, once
+    keys = _epoch_keys(digits_dir, 1, 0, shuffle=True, seed=2, select=rest)[0]
+    assert sorted(keys) == [f"{i:06d}" for i in rest]
+    x, y = next(iter(make_loader(digits_dir, "train", 7, select=chosen)))
+    samples = _read_split(digits_dir, "train")
+    for xi, yi, i in zip(x, y, chosen):  # the selected samples' own pixels and labels
+        image, label = samples[f"{i:06d}"]
+        assert int(yi) == label and torch.equal((xi * 255).round().to(torch.uint8).squeeze(0), torch.from_numpy(image))
+    with pytest.raises(ValueError, match=r"indices in \[0, 1437\)"):
+        make_loader(digits_dir, "train", 8, select=np.array([5, 1437]))
+
+
 def test_worker_count_does_not_change_batches(digits_dir: Path) -> None:
     kw = dict(shuffle=True, seed=3, augment={"crop_padding": 2, "hflip": True}, limit=300)
     a = [(x, y) for x, y in make_loader(digits_dir, "train", 32, num_workers=0, **kw)]

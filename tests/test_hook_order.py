@@ -14,7 +14,7 @@ from harness.core.registry import METHODS
 from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
 from methods.base import Method
 
-HOOKS = ("build", "param_groups", "extra_optimizers", "on_epoch_start", "training_step", "after_step",
+HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "on_epoch_start", "training_step", "after_step",
          "on_epoch_end", "eval_model", "state_dict", "load_state_dict")
 UPSTREAM_CHECKPOINTS = ("backdoored_checkpoint", "teacher_checkpoint")  # FT, FP, NAD, CBD
 EPOCHS, STEPS = 2, 2
@@ -60,7 +60,7 @@ def upstream_erm(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> s
 def _expected() -> list[str]:
     """methods/base.py's order; the trainer takes `eval_model` once, as train-time attacks' target."""
     epoch = ["on_epoch_start"] + ["training_step", "after_step"] * STEPS + ["on_epoch_end", "state_dict"]
-    return ["build", "param_groups", "extra_optimizers", "eval_model"] + epoch * EPOCHS
+    return ["build", "param_groups", "extra_optimizers", "eval_model", "select_train_samples"] + epoch * EPOCHS
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -85,7 +85,8 @@ def test_trainer_calls_every_hook_in_the_documented_order(name, data_root, tmp_p
 
     calls.clear()  # a resumed run restores the method's state after the optimisers', and trains nothing
     trainer.train(cfg, work)
-    assert calls == ["build", "param_groups", "extra_optimizers", "eval_model", "load_state_dict"]
+    assert calls == ["build", "param_groups", "extra_optimizers", "eval_model", "load_state_dict",
+                     "select_train_samples"]
 
     calls.clear()  # evaluation rebuilds the method and asks it for the classifier to attack
     trainer.load_trained_classifier(cfg, work)

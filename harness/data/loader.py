@@ -10,6 +10,11 @@ the shard holding sample `limit-1` is read up to there):
 * Workers. A rank's shards are "blocks"; block `k` is read and decoded by loader worker
   `k % num_workers`, so each (rank, worker) reads a disjoint set of whole shards, at most its
   1/(W x workers) share plus one. `W x num_workers` above the shard count is an error.
+* Selection. `select` (split indices, e.g. ABL's isolated 1% or the other 99%) keeps only those
+  samples: a shard holding none of them is never opened, a shard is read up to its last selected
+  sample and only the selected ones are decoded. Shards then keep their manifest order in every
+  epoch (rank counts must not change from epoch to epoch, and selected shards are of all sizes);
+  samples are still permuted within shards and through the shuffle buffer.
 * Samples. Within a block, samples are permuted from `(seed, epoch, shard)`. The rank's main
   process takes the blocks in order `k = 0, 1, ...` (the DataLoader returns worker outputs
   round-robin) into a shuffle buffer of `shuffle_buffer` samples and draws each batch from it
@@ -56,7 +61,7 @@ DEFAULT_SHUFFLE_BUFFER = 4096
 
 def split_count(
     dataset_dir: Path | str, split: str, rank: int, world_size: int, limit: int | None = None,
-    num_workers: int = 0,
+    num_workers: int = 0, select: np.ndarray | None = None,
 ) -> int:
     """How many samples rank `rank` of `world_size` sees in one epoch of `split` (any epoch).
 
@@ -64,7 +69,7 @@ def split_count(
     """
     _check_rank(rank, world_size)
     loc = DataLocation(dataset_dir)
-    plan = _plan(load_manifest(loc), loc.uri, split, limit, rank, world_size, num_workers, False, 0, 0)
+    plan = _plan(load_manifest(loc), loc.uri, split, limit, rank, world_size, num_workers, False, 0, 0, select)
     return plan.rank_count()
 
 
@@ -88,6 +93,7 @@ def make_loader(
     cache_dir: str | None = None,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    select: np.ndarray | None = None,
 ) -> "EpochLoader":
     """One epoch of `split` for this rank: batches `(x, y)` or `(x, y, keys)`.
 
@@ -99,6 +105,7 @@ def make_loader(
     `len(loader)` is this rank's number of batches. Make a new loader for each epoch.
     `pin_memory` / `prefetch_factor` (batches each worker keeps ready; workers only): for a CUDA
     trainer, so the copy to the GPU overlaps compute.
+    `select`: only these split indices (module doc, "Selection").
     """
     _check_rank(rank, world_size)
     if batch_size < 1:
@@ -113,7 +120,7 @@ def make_loader(
     transform = BatchTransform.from_args(img_size, augment)
     loc = DataLocation(dataset_dir, cache_dir)
     manifest = load_manifest(loc)
-    plan = _plan(manifest, loc.uri, split, limit, rank, world_size, num_workers, shuffle, seed, epoch)
+    plan = _plan(manifest, loc.uri, split, limit, rank, world_size, num_workers, shuffle, seed, epoch, select)
     verify_shards(loc, manifest, (split,))
     source = BlockSource(loc, manifest["splits"][split]["shards"], plan, manifest["num_classes"],
                          dataset_version(manifest))
@@ -124,7 +131,8 @@ def make_loader(
 
 
 def _plan(manifest: dict[str, Any], where: str, split: str, limit: int | None, rank: int, world_size: int,
-          num_workers: int, shuffle: bool, seed: int, epoch: int) -> "EpochPlan":
+          num_workers: int, shuffle: bool, seed: int, epoch: int,
+          select: np.ndarray | None = None) -> "EpochPlan":
     entry = manifest["splits"].get(split)
     if entry is None:
         known = ", ".join(sorted(manifest["splits"])) or "(none)"
@@ -138,15 +146,33 @@ def _plan(manifest: dict[str, Any], where: str, split: str, limit: int | None, r
             break
         counts.append(take)
         left -= take
+    starts = tuple(int(v) for v in np.cumsum([0, *counts])[:-1])
+    selected = None if select is None else _selected_positions(select, counts, split, where)
+    if selected is not None:
+        counts = [len(positions) for positions in selected]
     readers = world_size * max(1, num_workers)
-    if readers > len(counts):
+    if readers > sum(1 for c in counts if c > 0):
         raise DataError(
             f"{world_size} rank(s) x {max(1, num_workers)} loader worker(s) = {readers} shard readers, but "
-            f"split '{split}' of {where} has only {len(counts)} shard(s){' within the limit' if limit else ''}. "
+            f"split '{split}' of {where} has only {sum(1 for c in counts if c > 0)} shard(s)"
+            f"{' within the limit' if limit else ''}{' holding selected samples' if selected else ''}. "
             f"Fix: lower trainer.num_workers or the rank count, or re-prepare with a smaller "
             f"--samples-per-shard; {prepare_hint(where)}"
         )
-    return EpochPlan(tuple(counts), rank, world_size, shuffle, seed, epoch)
+    return EpochPlan(tuple(counts), starts, rank, world_size, shuffle, seed, epoch,
+                     None if selected is None else tuple(selected))
+
+
+def _selected_positions(select: np.ndarray, counts: list[int], split: str, where: str) -> list[np.ndarray]:
+    """Per shard, the sorted positions (within the shard) of the selected split indices."""
+    chosen = np.unique(np.asarray(select, dtype=np.int64))
+    total = sum(counts)
+    if len(chosen) == 0 or chosen[0] < 0 or chosen[-1] >= total:
+        raise ValueError(f"a selection of split '{split}' of {where} must hold indices in [0, {total}), "
+                         f"got {len(chosen)} index(es)"
+                         + (f" from {chosen[0]} to {chosen[-1]}" if len(chosen) else ""))
+    bounds = np.cumsum([0, *counts])
+    return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass(frozen=True)
@@ -154,17 +180,21 @@ class EpochPlan:
     """Which shards (and how many of their samples) one rank reads in one epoch (module doc)."""
 
     counts: tuple[int, ...]  # samples used from each shard, in manifest order
+    shard_starts: tuple[int, ...]  # split index of each shard's first sample
     rank: int
     world_size: int
     shuffle: bool
     seed: int
     epoch: int
+    selected: tuple[np.ndarray, ...] | None = None  # per shard: positions of the selected samples
 
-    def starts(self) -> list[int]:
-        """Split index of each shard's first sample."""
-        return [0, *np.cumsum(self.counts)[:-1].tolist()]
+    def positions(self, shard: int) -> np.ndarray:
+        """Positions (within the shard) of the samples used from it, sorted."""
+        return np.arange(self.counts[shard]) if self.selected is None else self.selected[shard]
 
     def shard_order(self) -> list[int]:
+        if self.selected is not None:  # fixed: rank counts must not change between epochs
+            return [i for i, c in enumerate(self.counts) if c > 0]
         full = max(self.counts)
         whole = [i for i, c in enumerate(self.counts) if c == full]
         partial = [i for i, c in enumerate(self.counts) if c != full]
@@ -180,7 +210,7 @@ class EpochPlan:
         return sum(self.counts[i] for i in self.rank_shards())
 
     def sample_order(self, shard: int) -> np.ndarray:
-        """Order in which a block emits its shard's samples (positions within the shard)."""
+        """Order in which a block emits its shard's used samples (a permutation of `positions`)."""
         n = self.counts[shard]
         if not self.shuffle:
             return np.arange(n)
@@ -218,14 +248,18 @@ class BlockSource(IterableDataset):
 
     def read_block(self, shard: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decode the used samples of one shard, in the plan's within-shard order."""
-        start, used = self.plan.starts()[shard], self.plan.counts[shard]
-        entry = self.shards[shard]
+        start, entry = self.plan.shard_starts[shard], self.shards[shard]
+        positions = self.plan.positions(shard)
+        wanted = set((start + positions).tolist()) if self.plan.selected is not None else None
+        end = start + int(positions[-1]) + 1  # the shard is read up to its last used sample
         images, labels = [], []
         stream = read_shard(self.loc, entry, start, self.num_classes, self.version)
         try:
             for index, png, label in stream:
-                if index >= start + used:
-                    break  # `limit` cuts this shard: the rest is never read
+                if index >= end:
+                    break  # `limit` (or the selection) ends within this shard: the rest is never read
+                if wanted is not None and index not in wanted:
+                    continue  # not selected: never decoded
                 images.append(_decode(png, entry["file"], index, self.loc))
                 labels.append(label)
         finally:
@@ -237,7 +271,7 @@ class BlockSource(IterableDataset):
             raise DataError(f"shard {entry['file']} holds images of different shapes; "
                             f"{prepare_hint(self.loc.uri)}") from None
         y = torch.tensor(labels, dtype=torch.int64)[order]
-        return x, y, torch.from_numpy(start + order)
+        return x, y, torch.from_numpy(start + positions[order])
 
 
 class EpochLoader:

@@ -46,6 +46,7 @@ from harness.train.ranks import run_ranks
 from harness.train.optimizers import build_optimizer, check_trainer_config
 from harness.train.compile import FIX as COMPILE_FIX, check_compile, compile_backend, compile_classifier
 from harness.train.schedule import lr_factor
+from harness.train.selection import TrainSamples
 from methods.base import ExtraOptimizer, Method, TrainContext, build_method
 
 __all__ = ["CHECKPOINT", "SUMMARY", "NonFiniteLossError", "TrainSummary", "check_trainer_config",
@@ -150,18 +151,19 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     attack_target = method.eval_model(module)  # what train-time attacks run on (a part of `module`)
 
     epochs, per_rank_batch = int(tcfg["epochs"]), max(1, int(tcfg["batch_size"]) // world_size)
-    counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
-                          num_workers=int(tcfg.get("num_workers", 0))) for r in range(world_size)]
-    steps_per_epoch = max(1, math.ceil(max(counts) / per_rank_batch))
-    if min(counts) < steps_per_epoch:
-        raise ValueError(f"too few training samples per rank ({min(counts)}) for {steps_per_epoch} steps; "
-                         f"lower trainer.world_size or trainer.batch_size")
-
     start_epoch, state = load_checkpoint(work_dir / CHECKPOINT, module, optimizer, extras, method, device)
     if rank == 0 and 0 < start_epoch < epochs:  # a retried cell (worker/node/driver died): say so in the grid log
         print(f"{cfg.get('label', 'cell')}: resuming from the epoch {start_epoch - 1} checkpoint", flush=True)
     if start_epoch == 0 and tcfg.get("init_from"):  # a later stage starts from an earlier one's weights
         load_weights(tcfg["init_from"], module, device)
+    # the part of the split the method trains on (None: all; ABL: its isolated 1%), decided again on resume
+    select = method.select_train_samples(TrainSamples(cfg, device, rank, world_size))
+    counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
+                          num_workers=int(tcfg.get("num_workers", 0)), select=select) for r in range(world_size)]
+    steps_per_epoch = max(1, math.ceil(max(counts) / per_rank_batch))
+    if min(counts) < steps_per_epoch:
+        raise ValueError(f"too few training samples per rank ({min(counts)}) for {steps_per_epoch} steps; "
+                         f"lower trainer.world_size or trainer.batch_size")
     # gradients live in DDP's buckets (no copy in and out each step, one gradient-sized buffer less)
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
               find_unused_parameters=method.find_unused_parameters, gradient_as_bucket_view=True)
@@ -191,7 +193,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                              seed=int(cfg["seed"]), epoch=epoch, img_size=dcfg.get("img_size"),
                              augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
                              shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
-                             poison=poison.for_epoch(epoch) if poison else None,
+                             poison=poison.for_epoch(epoch) if poison else None, select=select,
                              pin_memory=use_cuda, prefetch_factor=tcfg.get("prefetch_factor") if use_cuda else None)
         method.on_epoch_start(context(epoch, 0))
         sums: dict[str, torch.Tensor] = {}
