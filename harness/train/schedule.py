@@ -1,7 +1,12 @@
 """Learning-rate schedules as a pure function of (fractional epoch): resumable with no state.
 
-The trainer sets lr = base_lr * lr_factor(...) before every step, so a resumed run continues
-the schedule exactly where the checkpoint left it.
+The trainer sets lr = base_lr * lr_factor(...) before every step (and, for a cyclic schedule
+with `cycle_momentum`, the momentum from `momentum_at`), so a resumed run continues the schedule
+exactly where the checkpoint left it.
+
+`granularity: epoch` holds the lr fixed through each epoch at the epoch's value, as a PyTorch
+scheduler stepped once per epoch does (BackdoorBench's cosine; NAD's and ABL's per-epoch rules);
+the default, `step`, moves it every step (torch's CyclicLR, stepped per batch in fast AT and ADML).
 """
 from __future__ import annotations
 
@@ -10,18 +15,25 @@ from typing import Any
 
 
 SCHEDULES = ("constant", "cosine", "cyclic", "multistep")
+GRANULARITIES = ("step", "epoch")
 
 
 def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
     """Multiplier of the base lr at fractional epoch `epoch` (0 <= epoch < epochs).
 
     Schedules: constant; multistep (milestones in epochs, gamma: the recipe of Madry/TRADES/AWP);
-    cosine (with optional linear warmup); cyclic (linear 0 -> 1 at peak_epoch -> 0 at the end:
-    fast AT and ADML's cyclic lr).
+    cosine (with optional linear warmup); cyclic (linear 0 -> 1 at the peak -> 0 at the end:
+    torch's CyclicLR with base_lr 0 as fast AT and ADML use it; the peak at `peak_epoch`, else at
+    `peak_fraction` of the run, default 0.5, CyclicLR's symmetric cycle).
     """
     name = scfg.get("name", "constant")
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule '{name}'. Known schedules: {', '.join(SCHEDULES)}")
+    granularity = scfg.get("granularity", "step")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"trainer.schedule.granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if granularity == "epoch":
+        epoch = float(math.floor(epoch + 1e-9))
     warmup = float(scfg.get("warmup_epochs", 0) or 0)
     if warmup > 0 and epoch < warmup and name != "cyclic":
         return (epoch + 1e-8) / warmup
@@ -35,8 +47,31 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
         span = max(epochs - warmup, 1e-8)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (epoch - warmup) / span)))
     if name == "cyclic":
-        peak = float(scfg.get("peak_epoch", epochs * 0.4))
+        peak = cyclic_peak(scfg, epochs)
         if epoch <= peak:
             return epoch / peak if peak > 0 else 1.0
         return max(0.0, (epochs - epoch) / max(epochs - peak, 1e-8))
     raise AssertionError(name)
+
+
+def cyclic_peak(scfg: dict[str, Any], epochs: int) -> float:
+    """The epoch where a cyclic schedule peaks: `peak_epoch`, else `peak_fraction` (0.5) of the run."""
+    if scfg.get("peak_epoch") is not None:
+        peak = float(scfg["peak_epoch"])
+    else:
+        peak = float(scfg.get("peak_fraction", 0.5)) * epochs
+    if not 0 <= peak <= epochs:
+        raise ValueError(f"the cyclic schedule's peak ({peak:g}) must lie within the run's {epochs} epochs; "
+                         f"set trainer.schedule.peak_epoch or peak_fraction (in [0, 1])")
+    return peak
+
+
+def momentum_at(scfg: dict[str, Any], epoch: float, epochs: int) -> float | None:
+    """The momentum a cyclic schedule with `cycle_momentum` sets at `epoch` (None: leave it).
+
+    As torch's CyclicLR (cycle_momentum=True, its default): momentum runs inversely to the lr,
+    from `max_momentum` (0.9) at lr 0 to `base_momentum` (0.8) at the peak, and back."""
+    if scfg.get("name") != "cyclic" or not scfg.get("cycle_momentum", False):
+        return None
+    low, high = float(scfg.get("base_momentum", 0.8)), float(scfg.get("max_momentum", 0.9))
+    return high - (high - low) * lr_factor(scfg, epoch, epochs)

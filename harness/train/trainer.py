@@ -45,7 +45,7 @@ from harness.train.device import rank_setup
 from harness.train.ranks import run_ranks
 from harness.train.optimizers import build_optimizer, check_trainer_config
 from harness.train.compile import FIX as COMPILE_FIX, check_compile, compile_backend, compile_classifier
-from harness.train.schedule import lr_factor
+from harness.train.schedule import lr_factor, momentum_at
 from harness.train.selection import TrainSamples
 from methods.base import ExtraOptimizer, Method, TrainContext, build_method
 
@@ -200,8 +200,11 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         seen = 0
         for step_in_epoch, (x, y) in enumerate(even_batches(loader, counts[rank], steps_per_epoch)):
             ctx = context(epoch, step_in_epoch)
+            momentum = momentum_at(tcfg["schedule"], epoch + step_in_epoch / steps_per_epoch, epochs)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * ctx.lr_scale
+                if momentum is not None:  # a cyclic schedule cycling momentum (torch's CyclicLR)
+                    group.update({"betas": (momentum, *group["betas"][1:])} if "betas" in group else {"momentum": momentum})
             for extra in extras.values():
                 extra.set_lr_scale(ctx.lr_scale)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
