@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from harness.core.code_version import code_version
 from harness.core.plugin_config import (PLUGIN_GROUPS, accepted_keys, config_options, plugin_options,
-                                        register_plugin_configs, setting_types, type_problem)
+                                        recipe_methods, register_plugin_configs, setting_types, type_problem)
 from harness.core.locations import normalize_location
 
 __all__ = ["ConfigError", "compose_config", "config_options", "finalize", "cell_key", "train_key",
@@ -75,6 +75,7 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     except Exception as err:  # an interpolation that cannot resolve, e.g. ${oc.env:...} unset
         raise ConfigError(f"cannot resolve the config of overrides {overrides}: {err}") from None
     assert isinstance(container, dict)
+    _check_recipe(container)
     _check_plugin_settings(container)
     _check_value_types(container, parsed)
     return container
@@ -142,13 +143,25 @@ def _parse(overrides: list[str]) -> list[Override]:
         raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
 
 
+def _check_recipe(cfg: dict[str, Any]) -> None:
+    """`recipe=<name>` other than the grid's must exist for the cell's method (a paper recipe
+    silently replaced by the grid's trainer would put a recipe nobody published in a table)."""
+    recipe, method = (cfg.get("recipe") or {}).get("name", "grid"), cfg["method"]["name"]
+    if recipe == "grid" or method in recipe_methods(recipe):
+        return
+    having = recipe_methods(recipe)
+    raise ConfigError(f"method '{method}' has no '{recipe}' recipe. Methods with one: {', '.join(having) or '(none)'}. "
+                      f"Fix: recipe=grid (the trainer preset), or add configs/recipes/{recipe}/{method}.yaml "
+                      f"(a plugin: a `recipes` ClassVar)")
+
+
 def _is_group(key: str) -> bool:
     """Whether an override key selects a config group (`method=...`, `method/base=...`)."""
     return "/" in key or ("." not in key and key in _groups())
 
 
 def _groups() -> set[str]:
-    return {*PLUGIN_GROUPS, "trainer", "analysis", "grid"}
+    return {*PLUGIN_GROUPS, "trainer", "analysis", "grid", "recipe"}
 
 
 def _check_plugin_names(parsed: list[Override]) -> None:

@@ -82,6 +82,22 @@ def _presets(group: str) -> tuple[str, ...]:
     return tuple(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")))
 
 
+@lru_cache(maxsize=None)
+def _recipe_files(recipe: str) -> tuple[str, ...]:
+    folder = resources.files("configs") / "recipes" / recipe
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")))
+
+
+def recipe_methods(recipe: str) -> list[str]:
+    """Methods that carry `recipe` (e.g. 'paper'): a configs/recipes/<recipe>/<method>.yaml file,
+    or a plugin's `recipes` ClassVar ({recipe: {"trainer": {...}, "method": {...}}})."""
+    names = set(_recipe_files(recipe))
+    names |= {name for name, plugin in METHODS.items() if recipe in (getattr(plugin, "recipes", None) or {})}
+    return sorted(names)
+
+
 def plugin_options(group: str) -> list[str]:
     """Every name `group=<name>` accepts: YAML presets and registered plugins."""
     names = set(config_options(group))
@@ -157,6 +173,12 @@ def register_plugin_configs() -> None:
             node = {"name": name, **plugin_settings(group, plugin)}
             store.store(group=group, name=name, node={name: node} if group == "attack" else node)
             _registered.add((group, name))
+    for name, plugin in METHODS.items():  # a plugin's own paper recipe(s), beside configs/recipes/
+        for recipe, node in (getattr(plugin, "recipes", None) or {}).items():
+            if name in _recipe_files(recipe) or (f"recipes/{recipe}", name) in _registered:
+                continue
+            store.store(group=f"recipes/{recipe}", name=name, node=_plain(dict(node)), package="_global_")
+            _registered.add((f"recipes/{recipe}", name))
     presets = set(config_options("analysis"))
     for name, plugin in selectable_analyses().items():  # settings: the class's `default_config`
         if name in presets or ("analysis", name) in _registered:

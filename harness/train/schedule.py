@@ -75,3 +75,9 @@ def momentum_at(scfg: dict[str, Any], epoch: float, epochs: int) -> float | None
         return None
     low, high = float(scfg.get("base_momentum", 0.8)), float(scfg.get("max_momentum", 0.9))
     return high - (high - low) * lr_factor(scfg, epoch, epochs)
+
+
+def lr_at_epochs(tcfg: dict[str, Any]) -> list[float]:
+    """The lr at the start of every epoch of a trainer config (the recipe tables pin these)."""
+    epochs, base = int(tcfg["epochs"]), float(tcfg["optimizer"]["lr"])
+    return [base * lr_factor(tcfg["schedule"], float(epoch), epochs) for epoch in range(epochs)]
