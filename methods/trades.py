@@ -1,8 +1,11 @@
 """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL.
 
-As the official code: x' starts at x + 0.001 N(0, I), 10 signed steps of 0.007 (at eps 0.031)
-on the summed KL with the model in eval mode; the loss uses a batch-mean KL whose target
-softmax(f(x)) is NOT detached, so the KL term also shapes the clean prediction. beta 6.
+As the official code (yaodongyu/TRADES `trades_loss`; docs/conformance.md: loss, x' and the
+update equal it): x' starts at x + 0.001 N(0, I), not clipped to [0, 1] before the first
+gradient, then 10 signed steps of 0.007 (at eps 0.031) on the summed KL with the model in eval
+mode; the loss uses a batch-mean KL whose target softmax(f(x)) is NOT detached, so the KL term
+also shapes the clean prediction; BatchNorm's running statistics see x, x', x in train mode (the
+official loss forwards x twice), which costs one extra no-grad forward. beta 6.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class TradesKL(Attack):
             return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
 
         return pgd_linf(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
-                        loss_fn=kl_sum, init=lambda z: z + self.init_std * torch.randn_like(z))
+                        loss_fn=kl_sum, init=lambda z: z + self.init_std * torch.randn_like(z), project_start=False)
 
 
 def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
@@ -67,6 +70,8 @@ class TRADES(Method):
         x_adv = self.attack(ctx.classifier, x, y)
         logits_clean = module(x)
         logits_adv = module(x_adv)
+        with torch.no_grad():  # BatchNorm sees x, x', x in train mode, as the official loss runs them
+            module(x)          # (its KL target is a third forward of x: the same values and gradient)
         loss, natural, robust = trades_loss(logits_clean, logits_adv, y, self.beta)
         return {"loss": loss, "loss_natural": natural.detach(), "loss_robust": robust.detach(),
                 "train_acc": (logits_clean.argmax(1) == y).float().mean()}

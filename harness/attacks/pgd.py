@@ -29,13 +29,19 @@ def pgd_linf(
     loss_fn: LossFn,
     init: Callable[[torch.Tensor], torch.Tensor] | None = None,
     eot_iter: int = 1,
+    project_start: bool = True,
 ) -> torch.Tensor:
-    """Maximise `loss_fn(model(x_adv), y)` over the L-inf ball; `init(x)` gives the start point;
-    each step's gradient is the mean over `eot_iter` forwards (EOT; 1: plain PGD)."""
+    """Maximise `loss_fn(model(x_adv), y)` over the L-inf ball; `init(x)` gives the start point,
+    projected into the ball and [0, 1] unless `project_start=False` (TRADES and MART take their
+    first gradient at x + 0.001 N(0, I) as drawn, possibly just outside [0, 1]); each step's
+    gradient is the mean over `eot_iter` forwards (EOT; 1: plain PGD)."""
     # The ball-and-box bounds are fixed: computed once, each step is then 2 clamps (min, max),
     # the same values as project_linf (max(x-eps, 0) <= x_adv <= min(x+eps, 1)).
     lo, hi = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
-    x_adv = torch.max(torch.min(init(x), hi), lo) if init is not None else x.clone()
+    if init is None:
+        x_adv = x.clone()
+    else:
+        x_adv = torch.max(torch.min(init(x), hi), lo) if project_start else init(x)
     for _ in range(steps):
         grad = eot_gradient(model, x_adv, y, loss_fn, eot_iter)
         x_adv = torch.max(torch.min(grad.sign_().mul_(step_size).add_(x_adv), hi), lo)
