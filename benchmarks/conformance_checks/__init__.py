@@ -10,14 +10,16 @@ entry point; docs/conformance.md holds the measured rows.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
-# module of benchmarks/conformance_checks/ -> the plugins it checks, filled by `modules()`
-MODULES: tuple[str, ...] = ("trades",)
+SHARED = {"__init__", "common"}  # this package's modules that are not one repository's checks
 
 
 def modules() -> list[ModuleType]:
-    return [importlib.import_module(f"conformance_checks.{name}") for name in MODULES]
+    """Every check module of this folder (one per official repository), by file name."""
+    names = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if p.stem not in SHARED)
+    return [importlib.import_module(f"conformance_checks.{name}") for name in names]
 
 
 def check_for(plugin: str) -> tuple[ModuleType, object]:
