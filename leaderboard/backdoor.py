@@ -114,9 +114,15 @@ def der(undefended: tuple[float, float], defended: tuple[float, float]) -> float
 
 def cell_ders(cells: list[tuple[str, str, str | None, float, float]]) -> dict[str, float]:
     """{defended cell key: DER} for every defended cell whose undefended cell is among `cells`
-    ((key, method, config_json, CA, ASR) per ok backdoor cell)."""
-    undefended: dict[str, tuple[float, float]] = {}
-    defended: list[tuple[str, str, tuple[float, float]]] = []
+    ((key, method, config_json, CA, ASR) per ok backdoor cell).
+
+    The undefended cell is the ERM cell whose config is the defended one's with `method: erm`
+    (same data, poison, architecture, trainer, seed, evaluation); failing that, the one ERM cell
+    that differs in the trainer too (under `recipe=paper` a training-time defense such as CBD
+    runs its own recipe's trainer, while the attacked model keeps the attack's)."""
+    exact: dict[str, tuple[float, float]] = {}
+    loose: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    defended: list[tuple[str, dict[str, Any], tuple[float, float]]] = []
     for key, method, config_json, ca, asr in cells:
         try:
             cfg = json.loads(config_json) if config_json and ca is not None and asr is not None else None
@@ -124,11 +130,25 @@ def cell_ders(cells: list[tuple[str, str, str | None, float, float]]) -> dict[st
             cfg = None
         if not isinstance(cfg, dict):  # a row without a readable config has no twin to compare with
             continue
+        values = (float(ca), float(asr))
         if base_method(method) == UNDEFENDED:
-            undefended[cell_identity(cfg)] = (float(ca), float(asr))
+            exact[cell_identity(cfg)] = values
+            loose[cell_identity(_without_trainer(cfg))].append(values)
         else:
-            defended.append((key, cell_identity({**cfg, "method": {"name": UNDEFENDED}}), (float(ca), float(asr))))
-    return {key: der(undefended[twin], values) for key, twin, values in defended if twin in undefended}
+            defended.append((key, {**cfg, "method": {"name": UNDEFENDED}}, values))
+    out: dict[str, float] = {}
+    for key, twin_cfg, values in defended:
+        twin = exact.get(cell_identity(twin_cfg))
+        if twin is None:
+            candidates = loose.get(cell_identity(_without_trainer(twin_cfg)), [])
+            twin = candidates[0] if len(candidates) == 1 else None
+        if twin is not None:
+            out[key] = der(twin, values)
+    return out
+
+
+def _without_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "trainer"}
 
 
 def _mean_std(name: str, values: list[float]) -> dict[str, Any]:

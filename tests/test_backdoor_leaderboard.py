@@ -86,3 +86,18 @@ def test_der_against_the_undefended_cell_of_the_same_attack_and_seed(results: Pa
     assert rows["erm"]["der_mean"] is None and rows["erm"]["n_der"] == 0
     html = build_site(results, results.parent / "site").read_text().split('id="track-backdoor"')[1]
     assert f"{sum(cbd_seeds) / 2:.3f} ± " in html and ">DER<" in html
+
+
+def test_der_twin_under_a_defense_recipe_is_the_one_erm_cell_with_another_trainer() -> None:
+    """Under recipe=paper CBD trains with its own trainer while the attacked ERM keeps the attack's:
+    the twin is then the single ERM cell equal in all but method and trainer (none if ambiguous)."""
+    from leaderboard.backdoor import cell_ders, der
+
+    def cell(key, method, trainer, ca, asr):
+        cfg = {"method": {"name": method}, "seed": 0, "trainer": {"epochs": trainer}, "backdoor": {"name": "badnets"}}
+        return (key, method, json.dumps(cfg), ca, asr)
+
+    cells = [cell("e", "erm", 100, 0.9, 1.0), cell("c", "cbd", 60, 0.8, 0.1), cell("f", "ft", 100, 0.85, 0.5)]
+    assert cell_ders(cells) == {"c": pytest.approx(der((0.9, 1.0), (0.8, 0.1))),
+                                "f": pytest.approx(der((0.9, 1.0), (0.85, 0.5)))}
+    assert "c" not in cell_ders(cells + [cell("e2", "erm", 200, 0.9, 0.9)])  # two candidates: no guess
