@@ -56,3 +56,15 @@ def replicas_in_sync(module: nn.Module) -> bool:
         gathered = [torch.zeros_like(probe) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, probe)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics), as a resumed run does
+    from rank 0's checkpoint. DDP broadcasts them before each forward through its wrapper, but a
+    train-mode forward then updates each rank's copy with its own batch, and train-time attacks
+    run in eval mode on the unwrapped model with those per-rank statistics: called at every
+    epoch start, this makes an uninterrupted epoch start where a resumed one does."""
+    if dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)

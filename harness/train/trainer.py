@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,7 +41,7 @@ from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
 from harness.store import checkpoint_sync
 from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY
-from harness.train.batches import even_batches, reduce_epoch, replicas_in_sync
+from harness.train.batches import even_batches, reduce_epoch, replicas_in_sync, sync_buffers
 from harness.train.checkpointing import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from harness.train.device import rank_setup
 from harness.train.ranks import run_ranks
@@ -167,7 +169,6 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     # gradients live in DDP's buckets (no copy in and out each step, one gradient-sized buffer less)
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
               find_unused_parameters=method.find_unused_parameters, gradient_as_bucket_view=True)
-    torch.manual_seed(int(cfg["seed"]) * 1000 + rank + 7919 * start_epoch)  # attack/augment randomness
     curve: list[dict[str, float]] = state.get("curve", [])
     train_seconds = float(state.get("train_seconds", 0.0))
     samples_per_epoch: list[int] = state.get("samples_per_epoch", [])
@@ -187,6 +188,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                        enabled=rank == 0 and bool(tcfg.get("progress", True)))
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
+        seed_epoch(int(cfg["seed"]), rank, epoch)  # a resumed epoch draws what the uninterrupted run drew
+        sync_buffers(module)  # ... and starts from rank 0's BatchNorm statistics, as a resume does
         ddp.train()
         loader = make_loader(dataset_dir, "train", per_rank_batch, rank=rank, world_size=world_size,
                              num_workers=int(tcfg.get("num_workers", 0)), shuffle=True,
@@ -260,6 +263,29 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         train_flops=step_flops_per_image * total_samples if step_flops_per_image is not None else None,
         peak_memory_bytes=peak_memory_bytes(device), compile=backend,
     )
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed every global generator a step may draw from (torch on the CPU and every CUDA device:
+    attack starts, dropout, a method's noise; numpy; Python's random) from (seed, rank, epoch).
+
+    The data order and augmentation are pure functions of (seed, epoch, rank) already
+    (harness/data/loader.py), and everything else a step reads (weights, optimiser and method
+    state, BatchNorm statistics, the schedule) is in the epoch checkpoint; so an epoch resumed
+    after a crash computes exactly what the uninterrupted run computed: bitwise-equal weights
+    (tests/test_resume_determinism.py). A method that keeps a generator of its own must seed it
+    from its context or save it in `state_dict`."""
+    words = np.random.SeedSequence([_u32(seed), _u32(rank), _u32(epoch), _EPOCH_SEED_TAG]).generate_state(3)
+    torch.manual_seed(int(words[0]))
+    np.random.seed(int(words[1]))
+    random.seed(int(words[2]))
+
+
+_EPOCH_SEED_TAG = 0x7E50
+
+
+def _u32(value: int) -> int:
+    return int(value) & 0xFFFF_FFFF
 
 
 def steady_images_per_second(samples: int, seconds: float, warmup_seconds: float, warmup_samples: int) -> float:
