@@ -298,16 +298,24 @@ def test_cbd_weights_critic_and_prerequisite() -> None:
         CBD(weight_norm="sample")
     torch.manual_seed(0)  # before the critic is built: power iteration converges slowly for
     critic = MICritic(6, 6)  # ~1% of random inits (close top singular values), so fix the init
-    for p in critic.parameters():
+    exact = MICritic(6, 6)
+    for p, q in zip(critic.parameters(), exact.parameters()):
         p.data.mul_(10)
-    critic.spectral_normalize(iterations=50)
-    for p in critic.parameters():
-        mat = p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(1, -1)
+        q.data.copy_(p.data)
+    sigmas = [torch.linalg.matrix_norm(p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(-1, 1), ord=2).item()
+              for p in critic.parameters()]
+    critic.spectral_normalize(iterations=50)  # official: each parameter divided by sqrt(sigma)
+    exact.spectral_normalize(iterations=50, norm="sigma")  # the option: by sigma itself
+    for p, q, sigma in zip(critic.parameters(), exact.parameters(), sigmas):
+        mat = p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(-1, 1)
+        assert torch.linalg.matrix_norm(mat, ord=2).item() == pytest.approx(sigma ** 0.5, rel=1e-3)
+        mat = q.reshape(q.shape[0], -1) if q.ndim > 1 else q.reshape(-1, 1)
         assert torch.linalg.matrix_norm(mat, ord=2).item() == pytest.approx(1.0, rel=1e-3)
     assert spectral_norm(torch.diag(torch.tensor([3.0, 1.0])), 20).item() == pytest.approx(3.0, rel=1e-4)
     critic.eval()
     z_b, z_c = torch.randn(8, 6), torch.randn(8, 6)
-    manual = critic(z_b, z_c).mean() - critic(z_b, torch.roll(z_c, 1, 0)).mean()
+    shifted = z_c[(torch.arange(8) + 1) % 8]  # sample i paired with sample i + 1, as the official shuffle
+    manual = critic(z_b, z_c).mean() - critic(z_b, shifted).mean()
     assert torch.allclose(critic.bound(z_b, z_c), manual)
     (pre,) = CBD.upstream({"name": "cbd", "backdoored_epochs": 3}, {"epochs": 100})
     assert pre.method == {"name": "erm"} and pre.trainer == {"epochs": 3} and pre.arg == "backdoored_checkpoint"
@@ -320,6 +328,68 @@ def test_cbd_weights_critic_and_prerequisite() -> None:
     assert sgd["lr"] == 0.1  # the cell's own trainer config is untouched
     with pytest.raises(ValueError, match="backdoored_lr"):
         CBD(backdoored_lr=0)
+    for bad in ({"critic_norm": "l2"}, {"critic_pass": "batch"}, {"critic_step_epochs": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CBD(**bad)
+
+
+def test_cbd_critic_lr_is_the_official_steplr_stepped_before_each_epoch() -> None:
+    """StepLR(20, 0.1) stepped at the start of every epoch (the official loop): the lr first drops
+    in epoch index 19; a shortened run scales the step with the run (20% of it) unless it is set."""
+    from methods.cbd import CBD
+
+    paper = CBD(critic_step_epochs=20)
+    lrs = [paper.critic_lr_at(e, 100) for e in range(100)]
+    assert lrs[:19] == [0.2] * 19 and lrs[19] == pytest.approx(0.02) and lrs[38] == pytest.approx(0.02)
+    assert lrs[39] == pytest.approx(0.002) and lrs[99] == pytest.approx(0.2 * 1e-5)
+    torch_lrs, opt = [], torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": the official order
+        for _ in range(100):
+            sched.step()
+            torch_lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx(torch_lrs)
+    short = CBD()  # 40 epochs (trainer=backdoor): step 8, the first decay in epoch index 7
+    assert short.critic_step_size(40) == 8 and short.critic_step_size(100) == 20
+    assert [short.critic_lr_at(e, 40) for e in (6, 7)] == [0.2, pytest.approx(0.02)]
+
+
+def test_cbd_defaults_are_the_official_code(digits_dir) -> None:
+    """--disentangle 0: no MI term (and no critic) by default; with `mi` the critic trains on its
+    own pass before each epoch (pre_pass_step) and only there."""
+    from helpers import digits_batch, digits_classifier
+    from methods.base import TrainContext
+    from methods.cbd import CBD
+
+    method = CBD()
+    assert not method.mi and method.critic_pass == "epoch" and method.critic_norm == "sqrt_sigma"
+    module = method.build(digits_classifier(digits_dir))
+    ctx = TrainContext(0, 1, 0, 1, torch.device("cpu"), 0, 1, method.eval_model(module))
+    assert method.critic is None and method.extra_optimizers(module) == {} and method.state_dict() == {}
+    assert not method.pre_pass(ctx)
+    x, y = digits_batch(digits_dir, 32)
+    assert set(method.training_step(module, x, y, ctx)) == {"loss", "loss_weighted_ce", "weight_min", "train_acc"}
+
+    on = CBD(mi=True)
+    module = on.build(digits_classifier(digits_dir))
+    module.train()
+    assert on.pre_pass(ctx) and set(on.extra_optimizers(module)) == {"critic"}
+    assert not CBD(mi=True, critic_pass="step").pre_pass(ctx)
+    before = [p.detach().clone() for p in on.critic.parameters()]
+    logs = on.training_step(module, x, y, ctx)
+    assert "critic_bound" not in logs and "mi" in logs
+    assert all(torch.equal(a, b) for a, b in zip(before, on.critic.parameters())), "no critic step in the f_C pass"
+    stats = [b.clone() for n, b in module.clean.named_buffers() if n.endswith("running_mean")]
+    pre = on.pre_pass_step(module, x, y, ctx)
+    assert set(pre) == {"critic_bound"}
+    assert any(not torch.equal(a, b) for a, b in zip(stats, [b for n, b in module.clean.named_buffers()
+                                                              if n.endswith("running_mean")])), \
+        "f_C runs in train mode in the pre-pass (its BatchNorm statistics move, as the official forward's)"
+    assert any(not torch.equal(a, b) for a, b in zip(before, on.critic.parameters())), "the pre-pass steps it"
+    assert all(p.grad is None for p in module.clean.parameters()), "the pre-pass takes no gradient of f_C"
 
 
 def test_cbd_step_trains_only_the_clean_model_and_steps_the_critic(digits_dir) -> None:
@@ -327,7 +397,7 @@ def test_cbd_step_trains_only_the_clean_model_and_steps_the_critic(digits_dir) -
     from methods.base import TrainContext
     from methods.cbd import CBD
 
-    method = CBD()
+    method = CBD(mi=True, critic_pass="step")  # the option: a critic step on each batch, before f_C's
     module = method.build(digits_classifier(digits_dir))
     module.train()
     assert not module.backdoored.training, "f_B stays frozen in eval mode"
