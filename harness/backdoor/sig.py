@@ -5,7 +5,9 @@ BackdoorBench's default (config/attack/sig/default.yaml; f scaled to the width w
 on 8x8 digits). Only target-class training images are poisoned and keep their label. The
 arithmetic is BackdoorBench's (utils/bd_img_transform/sig.py): the signal computed in float64 and
 stored as float32, added to the uint8 levels in float64, clipped and truncated to uint8, so the
-poisoned images are its bytes. The official CBD/NAD code instead swaps the blend weights
+poisoned images are its bytes. One consequence, kept for that: where the sine is mathematically 0
+but its float value a hair below (column 16 of 32 at f 6: sin(6 pi) = -7e-16), the truncation
+lowers the pixel by one level. The official CBD/NAD code instead swaps the blend weights
 (0.1 x + 0.9 signal) and wraps uint8 arithmetic: not copied.
 """
 from __future__ import annotations
