@@ -16,6 +16,9 @@ this order (tests/test_hook_order.py records it for every registered method):
                                                  # on every rank (harness/train/selection.py)
     each epoch:
         method.on_epoch_start(ctx)
+        if method.pre_pass(ctx):                 # a pass of the method's own first (CBD's critic):
+            each batch of another shuffle of the epoch's data:
+                logs = method.pre_pass_step(ddp_module, x, y, ctx)  # no trainer optimiser step
         each batch:
             logs = method.training_step(ddp_module, x, y, ctx)  # {'loss': ..., other logged terms}
             the trainer's zero_grad, backward, optimiser step, then the step of every extra
@@ -171,6 +174,18 @@ class Method:
 
     def on_epoch_start(self, ctx: TrainContext) -> None:
         """Before the epoch's first batch (CBD decays its critic's lr here)."""
+
+    def pre_pass(self, ctx: TrainContext) -> bool:
+        """Whether the trainer streams this epoch's data once more, before the training pass,
+        calling `pre_pass_step` on each batch (default False). CBD's official loop trains its
+        critic on a full pass of the data before each epoch of the clean model."""
+        return False
+
+    def pre_pass_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """One batch of the pre-pass: the method steps its own optimisers (the trainer's does not
+        step); the values returned are logged as `pre_<name>` (epoch means)."""
+        raise NotImplementedError(f"method '{self.name}' asked for a pre-pass but has no pre_pass_step")
 
     def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:

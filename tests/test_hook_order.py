@@ -14,8 +14,8 @@ from harness.core.registry import METHODS
 from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
 from methods.base import Method
 
-HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "on_epoch_start", "training_step", "after_step",
-         "on_epoch_end", "eval_model", "state_dict", "load_state_dict")
+HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "on_epoch_start", "pre_pass",
+         "pre_pass_step", "training_step", "after_step", "on_epoch_end", "eval_model", "state_dict", "load_state_dict")
 UPSTREAM_CHECKPOINTS = ("backdoored_checkpoint", "teacher_checkpoint")  # FT, FP, NAD, CBD
 EPOCHS, STEPS = 2, 2
 
@@ -57,9 +57,10 @@ def upstream_erm(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> s
     return str(checkpoint_dir(cfg) / trainer.CHECKPOINT)
 
 
-def _expected() -> list[str]:
+def _expected(pre_pass: bool = False) -> list[str]:
     """methods/base.py's order; the trainer takes `eval_model` once, as train-time attacks' target."""
-    epoch = ["on_epoch_start"] + ["training_step", "after_step"] * STEPS + ["on_epoch_end", "state_dict"]
+    epoch = (["on_epoch_start", "pre_pass"] + ["pre_pass_step"] * (STEPS if pre_pass else 0)
+             + ["training_step", "after_step"] * STEPS + ["on_epoch_end", "state_dict"])
     return ["build", "param_groups", "extra_optimizers", "eval_model", "select_train_samples"] + epoch * EPOCHS
 
 
@@ -93,6 +94,34 @@ def test_trainer_calls_every_hook_in_the_documented_order(name, data_root, tmp_p
     assert calls == ["build", "eval_model"]
 
 
+def test_the_trainer_runs_the_pre_pass_a_method_asks_for(data_root, tmp_path, upstream_erm, monkeypatch) -> None:
+    """CBD with the MI term (official critic_pass: epoch): a full pass of pre_pass_step before each
+    epoch's training steps, in another order of the same samples; the critic steps there only."""
+    import torch
+
+    calls: list[str] = []
+    seen: dict[str, list[torch.Tensor]] = {"pre": [], "train": []}
+    trainer_build_method = trainer.build_method
+
+    def build_recording_method(method_cfg: dict[str, Any]) -> Method:
+        method = _recording(trainer_build_method(method_cfg), calls)
+        pre, step = method.pre_pass_step, method.training_step
+        method.pre_pass_step = lambda m, x, y, ctx: seen["pre"].append(x.clone()) or pre(m, x, y, ctx)
+        method.training_step = lambda m, x, y, ctx: seen["train"].append(x.clone()) or step(m, x, y, ctx)
+        return method
+
+    monkeypatch.setattr(trainer, "build_method", build_recording_method)
+    cfg = _cfg("cbd", data_root, tmp_path / "results", upstream_erm)
+    cfg["method"]["mi"] = True
+    trainer.train(cfg, checkpoint_dir(cfg))
+    assert calls == _expected(pre_pass=True)
+    pre, train = torch.cat(seen["pre"][:STEPS]), torch.cat(seen["train"][:STEPS])
+    assert not torch.equal(pre, train), "the pre-pass reads the epoch in another order"
+    assert torch.allclose(pre.sum(), train.sum(), rtol=1e-4), "the same samples (no augmentation in tiny)"
+    saved = torch.load(checkpoint_dir(cfg) / trainer.CHECKPOINT, weights_only=False)["extra_optimizers"]["critic"]
+    assert [float(s["step"]) for s in saved["state"].values()][0] == STEPS * EPOCHS  # one step per pre-pass batch
+
+
 def test_extra_optimizers_are_checkpointed_and_restored(data_root, tmp_path, upstream_erm) -> None:
     """CausalAdv's g optimiser (trainer-stepped) and CBD's critic (method-stepped) live in the
     trainer's checkpoint under their names, and a resumed run continues from their saved state."""
@@ -101,6 +130,8 @@ def test_extra_optimizers_are_checkpointed_and_restored(data_root, tmp_path, ups
     for name, extra in (("causaladv_m", "g"), ("cbd", "critic")):
         cfg = _cfg(name, data_root, tmp_path / name, upstream_erm)
         cfg["trainer"]["epochs"] = 1
+        if name == "cbd":
+            cfg["method"]["mi"] = True  # the critic exists with the MI term only (official default: off)
         work = checkpoint_dir(cfg)
         trainer.train(cfg, work)
         saved = torch.load(work / trainer.CHECKPOINT, weights_only=False)["extra_optimizers"]
@@ -109,7 +140,7 @@ def test_extra_optimizers_are_checkpointed_and_restored(data_root, tmp_path, ups
         summary = trainer.train(cfg, work)  # resumes at epoch 1
         assert [c["epoch"] for c in summary.curve] == [0, 1]
         resumed = torch.load(work / trainer.CHECKPOINT, weights_only=False)["extra_optimizers"][extra]
-        if name == "cbd":  # Adam counts its steps: 2 per epoch, continued rather than restarted
+        if name == "cbd":  # Adam counts its steps: 2 per epoch (its pre-pass), continued rather than restarted
             assert [float(s["step"]) for s in saved[extra]["state"].values()][0] == STEPS
             assert [float(s["step"]) for s in resumed["state"].values()][0] == 2 * STEPS
         assert resumed["param_groups"][0]["initial_lr"] == saved[extra]["param_groups"][0]["initial_lr"]

@@ -88,7 +88,7 @@ def make_loader(
     augment: dict | None = None,
     return_keys: bool = False,
     limit: int | None = None,
-    poison: Callable[[torch.Tensor, torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    poison: Callable[[torch.Tensor, torch.Tensor, np.ndarray, int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     shuffle_buffer: int | None = None,
     cache_dir: str | None = None,
     pin_memory: bool = False,
@@ -100,8 +100,9 @@ def make_loader(
     x: float32 (B, C, H, W) in [0, 1]; y: int64 (B,); keys: list of "%06d" split indices.
     Shards are checked first (sizes always, hashes once per node: harness.data.integrity), so a
     missing or corrupt shard raises DataError here. `dataset_dir` is a folder or a URI.
-    `poison(x, y, split indices) -> (x, y)` (harness.backdoor.plan) is applied to each decoded
-    batch at native resolution, before resize and augmentation.
+    `poison(x, y, split indices, rank, batch index) -> (x, y)` (harness.backdoor.plan) is applied
+    to each decoded batch at native resolution, before resize and augmentation, in the rank's main
+    process: like the batches, it does not depend on `num_workers`.
     `len(loader)` is this rank's number of batches. Make a new loader for each epoch.
     `pin_memory` / `prefetch_factor` (batches each worker keeps ready; workers only): for a CUDA
     trainer, so the copy to the GPU overlaps compute.
@@ -315,7 +316,7 @@ class EpochLoader:
         x8, y, idx = batch
         x = x8.to(torch.float32).div_(255.0)
         if self.poison is not None:
-            x, y = self.poison(x, y, idx)
+            x, y = self.poison(x, y, idx, self.plan.rank, batch_index)
         x = self.transform(x, self.plan.augment_generator(batch_index))
         if self.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()

@@ -55,6 +55,9 @@ __all__ = ["CHECKPOINT", "SUMMARY", "NonFiniteLossError", "TrainSummary", "check
            "even_batches", "load_trained_classifier", "train", "train_in_process_group"]
 
 
+PRE_PASS_SEED = 0x5EED  # a method's pre-pass reads the epoch in another order: seed + this
+
+
 class NonFiniteLossError(RuntimeError):
     """A method produced a NaN/inf loss: the cell is recorded as failed, the grid goes on."""
 
@@ -186,22 +189,35 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     sync_every = 50 if use_cuda else 1  # reading a GPU value waits for the GPU: only now and then
     bar = progress_bar(total=(epochs - start_epoch) * steps_per_epoch, desc=cfg.get("label", "train"),
                        enabled=rank == 0 and bool(tcfg.get("progress", True)))
+    def epoch_batches(epoch: int, seed: int) -> Any:
+        """This rank's batches of one pass over the epoch's data, shuffled from `seed`."""
+        loader = make_loader(dataset_dir, "train", per_rank_batch, rank=rank, world_size=world_size,
+                             num_workers=int(tcfg.get("num_workers", 0)), shuffle=True,
+                             seed=seed, epoch=epoch, img_size=dcfg.get("img_size"),
+                             augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
+                             shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
+                             poison=poison.for_epoch(epoch) if poison else None, select=select,
+                             pin_memory=use_cuda, prefetch_factor=tcfg.get("prefetch_factor") if use_cuda else None)
+        return even_batches(loader, counts[rank], steps_per_epoch)
+
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         seed_epoch(int(cfg["seed"]), rank, epoch)  # a resumed epoch draws what the uninterrupted run drew
         sync_buffers(module)  # ... and starts from rank 0's BatchNorm statistics, as a resume does
         ddp.train()
-        loader = make_loader(dataset_dir, "train", per_rank_batch, rank=rank, world_size=world_size,
-                             num_workers=int(tcfg.get("num_workers", 0)), shuffle=True,
-                             seed=int(cfg["seed"]), epoch=epoch, img_size=dcfg.get("img_size"),
-                             augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
-                             shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
-                             poison=poison.for_epoch(epoch) if poison else None, select=select,
-                             pin_memory=use_cuda, prefetch_factor=tcfg.get("prefetch_factor") if use_cuda else None)
         method.on_epoch_start(context(epoch, 0))
         sums: dict[str, torch.Tensor] = {}
         seen = 0
-        for step_in_epoch, (x, y) in enumerate(even_batches(loader, counts[rank], steps_per_epoch)):
+        if method.pre_pass(context(epoch, 0)):  # the method's own pass first (CBD's critic): another shuffle
+            for step_in_epoch, (x, y) in enumerate(epoch_batches(epoch, int(cfg["seed"]) + PRE_PASS_SEED)):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device, precision):
+                    pre_logs = method.pre_pass_step(ddp, x, y, context(epoch, step_in_epoch))
+                for name, value in pre_logs.items():
+                    sums[f"pre_{name}"] = sums.get(f"pre_{name}", 0) + value.detach().float() * y.shape[0]
+        for step_in_epoch, (x, y) in enumerate(epoch_batches(epoch, int(cfg["seed"]))):
             ctx = context(epoch, step_in_epoch)
             momentum = momentum_at(tcfg["schedule"], epoch + step_in_epoch / steps_per_epoch, epochs)
             for group, base in zip(optimizer.param_groups, base_lrs):
