@@ -220,9 +220,9 @@ class ScriptBody:
         self.path = path
 
     def find(self, kind: type, text: str, attribute: str, within: list[ast.stmt] | None = None) -> ast.stmt:
-        """The one statement of `kind` (anywhere inside `within`, default the body) whose
-        `attribute` (e.g. a loop's 'target', an if's 'test') unparses to `text`."""
-        nodes = [n for top in (within if within is not None else self.body) for n in ast.walk(top)
+        """The one statement of `kind` among `within` (default: the body's top level; e.g. a
+        loop's `.body`) whose `attribute` (a loop's 'target', an if's 'test') unparses to `text`."""
+        nodes = [n for n in (within if within is not None else self.body)
                  if isinstance(n, kind) and ast.unparse(getattr(n, attribute)) == text]
         if len(nodes) != 1:
             raise ValueError(f"{self.path}: {len(nodes)} {kind.__name__} statements with {attribute} {text!r}")

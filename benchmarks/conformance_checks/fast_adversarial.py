@@ -139,8 +139,8 @@ def check_fgsm_rs(reference: Path) -> list[Compared]:
     script = reference / "CIFAR10" / "train_fgsm.py"
     utils, args, body = official_utils(reference), script_args(script), ScriptBody(script)
     epoch_loop = body.find(ast.For, "epoch", "target")
-    batch_loop = body.find(ast.For, "(i, (X, y))", "target", within=[epoch_loop])
-    early_stop = body.find(ast.If, "args.early_stop", "test", within=[epoch_loop])
+    batch_loop = body.find(ast.For, "(i, (X, y))", "target", within=epoch_loop.body)
+    early_stop = body.find(ast.If, "args.early_stop", "test", within=epoch_loop.body)
     eps_pixel = args.epsilon / 255
     out: list[Compared] = []
 
