@@ -13,7 +13,7 @@ from harness.attacks.base import craft
 from methods.awp import AWP, WeightPerturbation
 from methods.base import TrainContext
 from methods.fgsm_rs import FGSMRS, FGSMRandomStart, early_stopping_pgd
-from methods.mart import mart_loss
+from methods.mart import PGDGaussStart, mart_loss
 from methods.pgd_at import PGDAT
 from helpers import digits_batch, digits_classifier
 
@@ -36,6 +36,21 @@ def test_mart_loss_matches_the_formula() -> None:
     assert torch.allclose(bce, ref_bce, atol=1e-3)
     assert torch.allclose(robust, ref_robust, atol=1e-5)
     assert torch.allclose(total, ref_bce + 5.0 * ref_robust, atol=2e-3)
+
+
+def test_mart_attack_takes_its_first_gradient_at_the_unclipped_start(digits_dir) -> None:
+    """As the official mart_loss: x + 0.001 N(0, I) as drawn (outside [0, 1] where x is 0 or 1)."""
+    model = digits_classifier(digits_dir)
+    x, y = digits_batch(digits_dir, 16)
+    seen: list[torch.Tensor] = []
+    handle = model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()))
+    torch.manual_seed(0)
+    x_adv = PGDGaussStart(eps=0.1, steps=1)(model, x, y)
+    handle.remove()
+    torch.manual_seed(0)
+    assert torch.equal(seen[0], x + 0.001 * torch.randn_like(x))
+    assert seen[0].min() < 0 or seen[0].max() > 1
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
 
 
 def test_awp_perturbs_layers_by_gamma_and_restores_after_the_step(digits_dir) -> None:
