@@ -28,7 +28,6 @@ import ast
 import copy
 import math
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
