@@ -123,7 +123,7 @@ def test_the_trainer_runs_the_pre_pass_a_method_asks_for(data_root, tmp_path, up
 
 
 def test_extra_optimizers_are_checkpointed_and_restored(data_root, tmp_path, upstream_erm) -> None:
-    """CausalAdv's g optimiser (trainer-stepped) and CBD's critic (method-stepped) live in the
+    """CausalAdv's g optimiser and CBD's critic (both method-stepped, g on the trainer's schedule) live in the
     trainer's checkpoint under their names, and a resumed run continues from their saved state."""
     import torch
 
@@ -144,3 +144,32 @@ def test_extra_optimizers_are_checkpointed_and_restored(data_root, tmp_path, ups
             assert [float(s["step"]) for s in saved[extra]["state"].values()][0] == STEPS
             assert [float(s["step"]) for s in resumed["state"].values()][0] == 2 * STEPS
         assert resumed["param_groups"][0]["initial_lr"] == saved[extra]["param_groups"][0]["initial_lr"]
+
+
+def test_a_trainer_stepped_extra_optimizer_steps_right_after_the_trainers_own() -> None:
+    """ExtraOptimizer(stepped_by_trainer=True): the trainer steps it after its own optimiser, from
+    the same backward, then clears its gradients. (No registered method uses it now: CausalAdv's g
+    steps inside its training_step, before h's loss, as the official loop.)"""
+    import torch
+
+    from methods.base import ExtraOptimizer, TrainContext
+
+    main, extra = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+
+    class Both(Method):
+        name = "both_for_this_test"
+
+        def training_step(self, module, x, y, ctx):
+            return {"loss": (module(x) + extra(x)).pow(2).mean()}
+
+    order: list[str] = []
+    opt, extra_opt = torch.optim.SGD(main.parameters(), lr=0.1), torch.optim.SGD(extra.parameters(), lr=0.1)
+    for name, o in (("trainer", opt), ("extra", extra_opt)):
+        o.register_step_post_hook(lambda *_, name=name: order.append(name))
+    before = [p.detach().clone() for p in extra.parameters()]
+    x, y = torch.randn(4, 2), torch.zeros(4, dtype=torch.long)
+    ctx = TrainContext(0, 1, 0, 1, torch.device("cpu"), 0, 1, main)
+    trainer._step(Both(), main, opt, {"extra": ExtraOptimizer(extra_opt)}, x, y, ctx, torch.device("cpu"), "fp32")
+    assert order == ["trainer", "extra"]
+    assert all(not torch.equal(a, b) for a, b in zip(before, extra.parameters()))
+    assert all(p.grad is None for p in extra.parameters())

@@ -200,3 +200,56 @@ def official_lrs(set_lr: Any, epochs: range, base_lr: float, optimizer_kwargs: d
         set_lr(optimizer, epoch)
         out.append(optimizer.param_groups[0]["lr"])
     return out
+
+
+class ScriptBody:
+    """The statements of one function of an official script (`function=None`: the module level),
+    to run piece by piece: training scripts keep their step inside `main()`, beside argument
+    parsing and data downloads. Statements are picked by what they assign, test or loop over,
+    executed in a namespace the check provides; nothing of them is copied."""
+
+    def __init__(self, path: Path, function: str | None = "main") -> None:
+        tree = ast.parse(path.read_text(), str(path))
+        if function is None:
+            self.body: list[ast.stmt] = tree.body
+        else:
+            found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+            if not found:
+                raise ValueError(f"{path} defines no function {function}()")
+            self.body = found[0].body
+        self.path = path
+
+    def find(self, kind: type, text: str, attribute: str, within: list[ast.stmt] | None = None) -> ast.stmt:
+        """The one statement of `kind` among `within` (default: the body's top level; e.g. a
+        loop's `.body`) whose `attribute` (a loop's 'target', an if's 'test') unparses to `text`."""
+        nodes = [n for n in (within if within is not None else self.body)
+                 if isinstance(n, kind) and ast.unparse(getattr(n, attribute)) == text]
+        if len(nodes) != 1:
+            raise ValueError(f"{self.path}: {len(nodes)} {kind.__name__} statements with {attribute} {text!r}")
+        return nodes[0]
+
+    def assignments(self, *names: str) -> list[ast.stmt]:
+        """The top-level assignments to `names`, in the script's order."""
+        found = [n for n in self.body if isinstance(n, ast.Assign)
+                 and any(ast.unparse(t) in names for t in n.targets)]
+        missing = set(names) - {ast.unparse(t) for n in found for t in n.targets}
+        if missing:
+            raise ValueError(f"{self.path}: no top-level assignment to {sorted(missing)}")
+        return found
+
+    def definitions(self, *names: str) -> list[ast.stmt]:
+        """The functions defined at the top of the body (nested helpers of main, e.g. a schedule)."""
+        found = [n for n in self.body if isinstance(n, ast.FunctionDef) and n.name in names]
+        if {n.name for n in found} != set(names):
+            raise ValueError(f"{self.path}: missing definitions among {sorted(names)}")
+        return found
+
+    def run(self, nodes: list[ast.stmt], namespace: dict[str, Any], in_loop: bool = False) -> dict[str, Any]:
+        """Execute `nodes` in `namespace` and return it (`in_loop`: inside a one-pass loop, so that
+        their `break` is legal and ends them as it ends the script's loop)."""
+        if in_loop:
+            nodes = [ast.For(target=ast.Name("_once", ast.Store()), iter=ast.parse("[0]", mode="eval").body,
+                             body=nodes, orelse=[])]
+        module = ast.fix_missing_locations(ast.Module(body=nodes, type_ignores=[]))
+        exec(compile(module, str(self.path), "exec"), namespace)  # noqa: S102 (their code, by design)
+        return namespace
