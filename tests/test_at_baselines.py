@@ -1,4 +1,5 @@
-"""MART's loss, AWP's perturb/restore cycle, FGSM-RS's attack (crafted in train mode, as the
+"""MART's loss, AWP's perturb/restore cycle and its official details (train-mode attack, the
+weights it perturbs, TRADES-AWP's defaults), FGSM-RS's attack (crafted in train mode, as the
 official code) and its catastrophic-overfitting guard (the epoch's first batch, still-correct
 samples only), PGD-AT's crafting modes and BatchNorm passes."""
 from __future__ import annotations
@@ -10,11 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from harness.attacks.base import craft
-from methods.awp import AWP, WeightPerturbation
-from methods.base import TrainContext
+from harness.core.config import compose_config
+from methods.awp import AWP, WeightPerturbation, perturbed_weights
+from methods.base import TrainContext, build_method
 from methods.fgsm_rs import FGSMRS, FGSMRandomStart, early_stopping_pgd
 from methods.mart import PGDGaussStart, mart_loss
 from methods.pgd_at import PGDAT
+from methods.trades_awp import TradesAWP
 from helpers import digits_batch, digits_classifier
 
 
@@ -86,6 +89,58 @@ def test_awp_ascent_leaves_batchnorm_statistics_alone(digits_dir) -> None:
     buffers = [b.detach().clone() for b in model.buffers()]
     WeightPerturbation(0.01).compute(model, lambda m: F.cross_entropy(m(x), y))
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+def test_awp_perturbs_only_multidimensional_weights_named_weight() -> None:
+    """As the official `diff_in_weights`: conv/linear weights, not a ViT's position embedding."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model.register_parameter("pos_embed", torch.nn.Parameter(torch.randn(1, 3)))
+    assert perturbed_weights(model) == [model[0].weight]
+
+
+def test_at_awp_crafts_in_train_mode_and_runs_the_official_forwards(digits_dir) -> None:
+    """Default: PGD with batch statistics (BatchNorm's running statistics move while crafting, then
+    see x' once more), and after the step the clean train-mode forward of the official loop."""
+    x, y = digits_batch(digits_dir, 16)
+    for mode, moved in (("train", True), ("eval", False)):
+        model = digits_classifier(digits_dir).train()
+        method = AWP(attack={"eps": 0.1, "steps": 2}, gamma=0.01, attack_mode=mode)
+        modes, inputs = [], []
+        model.register_forward_pre_hook(lambda m, inp: modes.append(m.training) or inputs.append(inp[0]))
+        stats = [b.detach().clone() for b in model.buffers()]
+        x_adv = method.craft(_ctx(model), x, y)
+        assert model.training
+        assert any(not torch.equal(a, b) for a, b in zip(stats, model.buffers())) is moved, mode
+        assert set(modes) == {moved} and len(modes) == (3 if moved else 2), (mode, modes)  # 2 steps (+ x' once more)
+        logs = method.training_step(model, x, y, _ctx(model))
+        torch.optim.SGD(model.parameters(), lr=0.0).zero_grad()
+        logs["loss"].backward()
+        inputs.clear()
+        method.after_step(model, _ctx(model))
+        assert len(inputs) == 1 and torch.equal(inputs[0], x), "the clean train-mode forward after the step"
+        assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    with pytest.raises(ValueError, match="attack_mode must be one of train, eval"):
+        AWP(attack={"eps": 0.1}, attack_mode="batch")
+
+
+def test_trades_awp_defaults_and_forward_order(digits_dir) -> None:
+    """csdongxian/AWP's TRADES-AWP: step 2/255 at 8/255 (eps/4), AWP from its epoch 10 counted
+    from 1 (our 9), and the update's forwards x', x, x in train mode."""
+    cfg = compose_config(["method=trades_awp", "data=cifar10"])["method"]
+    method = build_method(cfg)
+    assert method.attack.step_size == pytest.approx(2 / 255) and method.warmup_epochs == 9
+    assert method.gamma == 5e-3 and method.beta == 6.0
+    model = digits_classifier(digits_dir).train()
+    x, y = digits_batch(digits_dir, 8)
+    method = TradesAWP(attack={"eps": 0.1, "steps": 1}, gamma=5e-3)
+    crafted, seen = [], []
+    attack = method.attack
+    method.attack = lambda m, xx, yy: crafted.append(attack(m, xx, yy)) or crafted[-1]
+    handle = model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]) if m.training else None)
+    method.training_step(model, x, y, _ctx(model, epoch=0))  # warm-up: no AWP forwards
+    handle.remove()
+    assert not method.perturbation.active
+    assert [("adv" if torch.equal(t, crafted[0]) else "x" if torch.equal(t, x) else "?") for t in seen] == ["adv", "x", "x"]
 
 
 def test_fgsm_rs_takes_one_step_of_1_25_eps_inside_the_ball(erm_model, digits_dir) -> None:

@@ -45,7 +45,7 @@ def test_a_plugin_group_may_hold_only_what_its_class_takes() -> None:
     assert {"value", "pattern", "patch_size", "margin", "target", "rate", "seed", "pattern_seed"} <= \
         accepted_keys("backdoor", POISONS.get("badnets"))
     assert accepted_keys("method", METHODS.get("trades")) == {"name", "attack", "beta"}
-    assert accepted_keys("method", METHODS.get("adml_trades")) == {"name", "base", "attack", "finetune"}
+    assert accepted_keys("method", METHODS.get("adml_trades")) == {"name", "base", "attack", "finetune", "beta"}
 
 
 @pytest.mark.parametrize("overrides,message", [

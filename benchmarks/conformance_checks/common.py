@@ -12,7 +12,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -97,6 +97,58 @@ def load_functions(path: Path, names: list[str], namespace: dict[str, Any] | Non
     scope: dict[str, Any] = dict(namespace or {})
     exec(compile(ast.Module(body=wanted, type_ignores=[]), str(path), "exec"), scope)  # noqa: S102 (their code, by design)
     return {name: scope[name] for name in names}
+
+
+def run_statements(path: Path, where: str | None, match: Callable[[ast.stmt, str], bool],
+                   namespace: dict[str, Any]) -> dict[str, Any]:
+    """Run the statements of an official script that `match(node, source)` selects, in order, in
+    `namespace` (returned, with what they assigned): code that lives inside a script's `main()`
+    (`where`: that function's name; None: the module level), such as the line that builds its
+    scheduler or the body of its training loop, run as written rather than transcribed. Nested
+    statements are searched too; a selected statement runs whole."""
+    text = path.read_text()
+    tree = ast.parse(text, str(path))
+    if where is not None:
+        found = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == where]
+        if not found:
+            raise ValueError(f"{path} defines no function {where}()")
+        tree = found[0]
+    selected: list[ast.stmt] = []
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if match(node, ast.get_source_segment(text, node) or ""):
+                selected.append(node)
+                continue
+            for field in ("body", "orelse", "finalbody"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list) and inner and isinstance(inner[0], ast.stmt):
+                    visit(inner)
+
+    visit(tree.body)
+    if not selected:
+        raise ValueError(f"{path}: no statement of {where or 'the module'} matched")
+    code = compile(ast.Module(body=selected, type_ignores=[]), str(path), "exec")
+    exec(code, namespace)  # noqa: S102 (their code, by design)
+    return namespace
+
+
+def assigns(*names: str) -> Callable[[ast.stmt, str], bool]:
+    """A `run_statements` selector: the assignments to any of `names`."""
+    return lambda node, _: isinstance(node, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id in names for t in node.targets)
+
+
+def argparse_defaults(path: Path, where: str | None = None) -> Any:
+    """An official script's argparse defaults (`args` as it runs with no command-line flags): its
+    own `parser = ...` and `parser.add_argument(...)` lines, run and parsed with no arguments."""
+    import argparse
+
+    def building(node: ast.stmt, source: str) -> bool:
+        return source.startswith("parser = ") or source.startswith("parser.add_argument(")
+
+    namespace = run_statements(path, where, building, {"argparse": argparse})
+    return namespace["parser"].parse_args([])
 
 
 @contextlib.contextmanager
