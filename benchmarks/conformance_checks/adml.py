@@ -125,6 +125,7 @@ def check_dml_loss(utils: dict[str, Any]) -> Compared:
 def _schedule_checks(stage: str, script: Path, ours: dict[str, Any]) -> list[Compared]:
     """Their CyclicLR line (and optimiser line) of `main_worker`, run with their defaults and
     stepped over every step, vs our schedule at the same steps and recipe=paper's trainer."""
+    from harness.train.batches import epoch_steps
     from harness.train.schedule import lr_at_epochs, lr_factor, momentum_at
 
     args = argparse_defaults(script)
@@ -145,12 +146,12 @@ def _schedule_checks(stage: str, script: Path, ours: dict[str, Any]) -> list[Com
     at = [e + i / steps for e in range(epochs) for i in range(steps)]
     our_lrs = [base * lr_factor(ours["schedule"], t, int(ours["epochs"])) for t in at]
     our_momenta = [momentum_at(ours["schedule"], t, int(ours["epochs"])) for t in at]
-    ours_steps = -(-CIFAR10_TRAIN // int(ours["batch_size"]))
+    ours_steps = epoch_steps([CIFAR10_TRAIN], int(ours["batch_size"]), bool(ours.get("drop_last")))[0]
     return [Compared(f"{stage}_epochs", abs(int(ours["epochs"]) - epochs), "int"),
             Compared(f"{stage}_global_batch", abs(int(ours["batch_size"]) - processes * int(args.batch_size)), "int",
                      note=f"{args.batch_size} per process x {processes} processes"),
             Compared(f"{stage}_steps_per_epoch", abs(ours_steps - steps), "int",
-                     note=f"ours {ours_steps}, theirs {steps}: their loader drops the last partial batch, ours keeps it"),
+                     note=f"ours {ours_steps}, theirs {steps} (their loader drops the last partial batch; ours with drop_last)"),
             Compared(f"{stage}_lr_per_step", max_abs(lrs, our_lrs), note=f"{epochs * steps} steps of {steps} per epoch"),
             Compared(f"{stage}_momentum_per_step", max_abs(momenta, our_momenta)),
             Compared(f"{stage}_lr_per_epoch", max_abs(lrs[::steps], lr_at_epochs(ours)))]

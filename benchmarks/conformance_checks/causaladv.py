@@ -137,8 +137,10 @@ def check(reference: Path, plugin: str) -> list[Compared]:
             ns["epoch"] = epoch
             body.run(step_statements, ns)
     ours_lr = lr_at_epochs(recipe)
-    out += [Compared("steps_per_epoch", abs(N_TRAIN // args.batch_size - math.ceil(N_TRAIN / int(recipe["batch_size"]))),
-                     "int", note="the official loader drops the last partial batch (390 steps); our trainer keeps it (391)"),
+    from harness.train.batches import epoch_steps
+    ours_steps = epoch_steps([N_TRAIN], int(recipe["batch_size"]), bool(recipe.get("drop_last")))[0]
+    out += [Compared("steps_per_epoch", abs(N_TRAIN // args.batch_size - ours_steps),
+                     "int", note=f"theirs {N_TRAIN // args.batch_size} (DataLoader drop_last=True), ours {ours_steps}"),
             Compared("lr_per_epoch_h", max_abs(theirs_h, ours_lr)),
             Compared("lr_per_epoch_g", max_abs(theirs_g, [lr * g_cfg["lr"] / recipe["optimizer"]["lr"] for lr in ours_lr]))]
 

@@ -41,7 +41,7 @@ from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
 from harness.store import checkpoint_sync
 from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY
-from harness.train.batches import even_batches, reduce_epoch, replicas_in_sync, sync_buffers
+from harness.train.batches import epoch_steps, even_batches, reduce_epoch, replicas_in_sync, sync_buffers
 from harness.train.checkpointing import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from harness.train.device import rank_setup
 from harness.train.ranks import run_ranks
@@ -165,10 +165,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     select = method.select_train_samples(TrainSamples(cfg, device, rank, world_size))
     counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
                           num_workers=int(tcfg.get("num_workers", 0)), select=select) for r in range(world_size)]
-    steps_per_epoch = max(1, math.ceil(max(counts) / per_rank_batch))
-    if min(counts) < steps_per_epoch:
-        raise ValueError(f"too few training samples per rank ({min(counts)}) for {steps_per_epoch} steps; "
-                         f"lower trainer.world_size or trainer.batch_size")
+    steps_per_epoch, used = epoch_steps(counts, per_rank_batch, bool(tcfg.get("drop_last", False)))
     # gradients live in DDP's buckets (no copy in and out each step, one gradient-sized buffer less)
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
               find_unused_parameters=method.find_unused_parameters, gradient_as_bucket_view=True)
@@ -198,7 +195,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                              shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
                              poison=poison.for_epoch(epoch) if poison else None, select=select,
                              pin_memory=use_cuda, prefetch_factor=tcfg.get("prefetch_factor") if use_cuda else None)
-        return even_batches(loader, counts[rank], steps_per_epoch)
+        return even_batches(loader, used[rank], steps_per_epoch, drop=counts[rank] - used[rank])
 
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
