@@ -30,6 +30,8 @@ What a method needs before it can train is declared on the class, read by the pl
 
     Method.upstream(method_cfg, trainer_cfg) -> [Upstream(...)]   # checkpoints it starts from
     Method.runtime_trainer(method_cfg, trainer_cfg) -> {...}       # its own trainer settings
+    Method.runtime_data(method_cfg, data_cfg) -> {...}             # its own data settings (augment,
+                                                                   # shuffle) for its training
     Method.needs_train_data                                        # gets the (poisoned) train split config
 
 Each Upstream is a train node of the plan: the same cell with another method (and trainer
@@ -144,6 +146,14 @@ class Method:
     def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
         """Overrides of the cell's trainer settings for this method's own training (default: none).
         Upstream cells keep the grid's trainer, so a shared prerequisite stays the grid's cell."""
+        return {}
+
+    @classmethod
+    def runtime_data(cls, method_cfg: dict[str, Any], data_cfg: dict[str, Any]) -> dict[str, Any]:
+        """Overrides of the cell's data settings for this method's own training (default: none):
+        `augment` (harness/data/loader.py's BatchTransform keys) and `shuffle` (False: the split's
+        order every epoch). ABL's stages train without augmentation (isolation, unlearning) or with
+        Cutout (fine-tuning), as the official code does. Evaluation keeps the cell's settings."""
         return {}
 
     def __init__(self, **settings: Any) -> None:

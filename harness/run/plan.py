@@ -175,12 +175,20 @@ def planned_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**cfg["trainer"], **method.runtime_trainer(cfg["method"], cfg["trainer"])}
 
 
+def planned_data(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The data settings a cell's own training runs with: the cell's, with the method's
+    `runtime_data` overrides (ABL's stages: no augmentation, or Cutout)."""
+    method = METHODS.get(cfg["method"]["name"])
+    return {**cfg["data"], **method.runtime_data(cfg["method"], cfg["data"])}
+
+
 def run_config(cfg: dict[str, Any], checkpoints: dict[str | None, str]) -> dict[str, Any]:
-    """The config the trainer runs for a train node: its trainer settings, the upstream checkpoints
-    (`checkpoints`: arg -> local path; None -> trainer.init_from), the train split for methods that
-    read it, and the clean subset of post-training defenses (`method.clean_subset`)."""
+    """The config the trainer runs for a train node: its trainer and data settings, the upstream
+    checkpoints (`checkpoints`: arg -> local path; None -> trainer.init_from), the train split for
+    methods that read it, and the clean subset of post-training defenses (`method.clean_subset`)."""
     out = copy.deepcopy(cfg)
     out["trainer"] = planned_trainer(cfg)
+    out["data"] = copy.deepcopy(planned_data(cfg))
     for arg, path in checkpoints.items():
         if arg is None:
             out["trainer"]["init_from"] = path
