@@ -90,7 +90,9 @@ class Upstream:
     """A checkpoint a method starts from: the cell with `method` (and `trainer` overrides) trained.
 
     `arg` is the method keyword that receives the checkpoint's path (CBD's `backdoored_checkpoint`);
-    None: the trainer starts from its weights (`trainer.init_from`, ADML's stage 2)."""
+    None: the trainer starts from its weights (`trainer.init_from`, ADML's stage 2), and, where the
+    method's `runtime_trainer` sets `init_optimizer: true`, from its optimiser's state too (ABL's
+    unlearning continues its fine-tuning's SGD momentum, as the official script's one optimiser)."""
 
     arg: str | None
     method: dict[str, Any]

@@ -8,7 +8,7 @@
 
 A method declares what it trains from through one hook, `Method.upstream` (methods/base.py):
 ADML's base method, CBD's briefly trained backdoored model, FT/FP/NAD's poisoned ERM, ABL's
-isolation model. Each upstream is a train node of the same cell with another method (and trainer
+isolation and fine-tuned models. Each upstream is a train node of the same cell with another method (and trainer
 overrides), an input of the dependent train node. Keys are computed here, once, from configs, so
 an upstream that equals a grid's own cell (FT's ERM is the grid's ERM cell) is the same node.
 
