@@ -33,6 +33,8 @@ What a method needs before it can train is declared on the class, read by the pl
 
     Method.upstream(method_cfg, trainer_cfg) -> [Upstream(...)]   # checkpoints it starts from
     Method.runtime_trainer(method_cfg, trainer_cfg) -> {...}       # its own trainer settings
+    Method.runtime_data(method_cfg, data_cfg) -> {...}             # its own data settings (augment,
+                                                                   # shuffle) for its training
     Method.needs_train_data                                        # gets the (poisoned) train split config
 
 Each Upstream is a train node of the plan: the same cell with another method (and trainer
@@ -91,7 +93,9 @@ class Upstream:
     """A checkpoint a method starts from: the cell with `method` (and `trainer` overrides) trained.
 
     `arg` is the method keyword that receives the checkpoint's path (CBD's `backdoored_checkpoint`);
-    None: the trainer starts from its weights (`trainer.init_from`, ADML's stage 2)."""
+    None: the trainer starts from its weights (`trainer.init_from`, ADML's stage 2), and, where the
+    method's `runtime_trainer` sets `init_optimizer: true`, from its optimiser's state too (ABL's
+    unlearning continues its fine-tuning's SGD momentum, as the official script's one optimiser)."""
 
     arg: str | None
     method: dict[str, Any]
@@ -147,6 +151,14 @@ class Method:
     def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
         """Overrides of the cell's trainer settings for this method's own training (default: none).
         Upstream cells keep the grid's trainer, so a shared prerequisite stays the grid's cell."""
+        return {}
+
+    @classmethod
+    def runtime_data(cls, method_cfg: dict[str, Any], data_cfg: dict[str, Any]) -> dict[str, Any]:
+        """Overrides of the cell's data settings for this method's own training (default: none):
+        `augment` (harness/data/loader.py's BatchTransform keys) and `shuffle` (False: the split's
+        order every epoch). ABL's stages train without augmentation (isolation, unlearning) or with
+        Cutout (fine-tuning), as the official code does. Evaluation keeps the cell's settings."""
         return {}
 
     def __init__(self, **settings: Any) -> None:

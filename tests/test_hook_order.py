@@ -16,8 +16,9 @@ from methods.base import Method
 
 HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "on_epoch_start", "pre_pass",
          "pre_pass_step", "training_step", "after_step", "on_epoch_end", "eval_model", "state_dict", "load_state_dict")
-UPSTREAM_CHECKPOINTS = ("backdoored_checkpoint", "teacher_checkpoint")  # FT, FP, NAD, CBD
+UPSTREAM_CHECKPOINTS = ("backdoored_checkpoint", "teacher_checkpoint", "isolation_checkpoint")  # FT, FP, NAD, CBD, ABL
 EPOCHS, STEPS = 2, 2
+SELECTING = {"abl": 6, "abl_finetune": 122}  # 5% of 128 under the isolation model, and the rest
 
 
 def _recording(method: Method, calls: list[str]) -> Method:
@@ -40,6 +41,8 @@ def _cfg(name: str, data_root: Path, results: Path, upstream: str | None) -> dic
     for part in (cfg["method"], cfg["method"].get("base") or {}):  # fewer attack steps: seconds, not minutes
         if "steps" in (part.get("attack") or {}):
             part["attack"]["steps"] = 2
+    if name in SELECTING:  # 1% would isolate one sample: too few for BatchNorm in train mode
+        cfg["method"]["isolation_ratio"] = 0.05
     if upstream is not None:  # a method that starts from an upstream model gets the tiny ERM
         accepted = inspect.signature(METHODS.get(name).__init__).parameters
         for arg in UPSTREAM_CHECKPOINTS:
@@ -57,10 +60,10 @@ def upstream_erm(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> s
     return str(checkpoint_dir(cfg) / trainer.CHECKPOINT)
 
 
-def _expected(pre_pass: bool = False) -> list[str]:
+def _expected(steps: int = STEPS, pre_pass: bool = False) -> list[str]:
     """methods/base.py's order; the trainer takes `eval_model` once, as train-time attacks' target."""
-    epoch = (["on_epoch_start", "pre_pass"] + ["pre_pass_step"] * (STEPS if pre_pass else 0)
-             + ["training_step", "after_step"] * STEPS + ["on_epoch_end", "state_dict"])
+    epoch = (["on_epoch_start", "pre_pass"] + ["pre_pass_step"] * (steps if pre_pass else 0)
+             + ["training_step", "after_step"] * steps + ["on_epoch_end", "state_dict"])
     return ["build", "param_groups", "extra_optimizers", "eval_model", "select_train_samples"] + epoch * EPOCHS
 
 
@@ -80,9 +83,12 @@ def test_trainer_calls_every_hook_in_the_documented_order(name, data_root, tmp_p
     work = checkpoint_dir(cfg)
     summary = trainer.train(cfg, work)
 
-    assert summary.samples_per_epoch == [128] * EPOCHS
+    selected = summary.n_train  # a method selecting part of the split (ABL's stages) trains on it
+    assert summary.samples_per_epoch == [selected] * EPOCHS
+    assert selected == SELECTING.get(name, 128), f"{name} trained on {selected} of 128 samples"
     assert len(built) == 1
-    assert calls == _expected(), f"{name}: hooks called as {calls}"
+    steps = -(-selected // cfg["trainer"]["batch_size"])
+    assert calls == _expected(steps), f"{name}: hooks called as {calls}"
 
     calls.clear()  # a resumed run restores the method's state after the optimisers', and trains nothing
     trainer.train(cfg, work)

@@ -42,7 +42,8 @@ from harness.data.shards import load_manifest
 from harness.store import checkpoint_sync
 from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY
 from harness.train.batches import epoch_steps, even_batches, reduce_epoch, replicas_in_sync, sync_buffers
-from harness.train.checkpointing import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
+from harness.train.checkpointing import (atomic_write_text, load_checkpoint, load_optimizer_state, load_weights,
+                                         save_checkpoint)
 from harness.train.device import rank_setup
 from harness.train.ranks import run_ranks
 from harness.train.optimizers import build_optimizer, check_trainer_config
@@ -161,6 +162,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         print(f"{cfg.get('label', 'cell')}: resuming from the epoch {start_epoch - 1} checkpoint", flush=True)
     if start_epoch == 0 and tcfg.get("init_from"):  # a later stage starts from an earlier one's weights
         load_weights(tcfg["init_from"], module, device)
+        if tcfg.get("init_optimizer"):  # ... and continues its optimiser (momentum buffers), as a
+            load_optimizer_state(tcfg["init_from"], optimizer, device)  # script keeping one SGD across stages
     # the part of the split the method trains on (None: all; ABL: its isolated 1%), decided again on resume
     select = method.select_train_samples(TrainSamples(cfg, device, rank, world_size))
     counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
@@ -189,7 +192,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     def epoch_batches(epoch: int, seed: int) -> Any:
         """This rank's batches of one pass over the epoch's data, shuffled from `seed`."""
         loader = make_loader(dataset_dir, "train", per_rank_batch, rank=rank, world_size=world_size,
-                             num_workers=int(tcfg.get("num_workers", 0)), shuffle=True,
+                             num_workers=int(tcfg.get("num_workers", 0)), shuffle=bool(dcfg.get("shuffle", True)),
                              seed=seed, epoch=epoch, img_size=dcfg.get("img_size"),
                              augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
                              shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
