@@ -132,7 +132,7 @@ def _ours(base: nn.Module, start: torch.Tensor, x: torch.Tensor, y: torch.Tensor
 
 def check_pgd_at(reference: Path) -> list[Compared]:
     from harness.core.config import compose_config, finalize
-    from harness.train.schedule import lr_at_epochs, lr_factor
+    from harness.train.schedule import lr_at_epochs, lr_factor, schedule_position
     from methods.pgd_at import PGDAT
 
     x, y = tiny_batch(16)
@@ -165,7 +165,8 @@ def check_pgd_at(reference: Path) -> list[Compared]:
     lr_schedule = baseline_ns["lr_schedule"]
     epochs = int(recipe["epochs"])
     theirs_every = [lr_schedule(e + (i + 1) / steps) for e in range(args.epochs) for i in range(steps)]
-    ours_every = [float(recipe["optimizer"]["lr"]) * lr_factor(recipe["schedule"], e + i / ours_steps, epochs)
+    ours_every = [float(recipe["optimizer"]["lr"])
+                  * lr_factor(recipe["schedule"], schedule_position(recipe["schedule"], e, i, ours_steps), epochs)
                   for e in range(epochs) for i in range(ours_steps)]
     differing = [k for k, (a, b) in enumerate(zip(theirs_every, ours_every)) if abs(a - b) > 1e-12]
     where = ", ".join(f"epoch {k // steps} step {k % steps}" for k in differing)
