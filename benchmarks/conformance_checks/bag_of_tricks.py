@@ -37,29 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Variable
 
-from conformance_checks.common import (Compared, Recorder, ScriptBody, cuda_on_cpu, import_file, load_functions,
-                                       max_abs, max_param_diff, our_step, paper_trainers, same_random, tiny_batch,
-                                       tiny_model, train_context)
+from conformance_checks.common import (Compared, cuda_on_cpu, import_file, load_functions, max_abs,
+                                       max_param_diff, NormalisedInput, our_step, paper_trainers, Recorder,
+                                       same_random, ScriptBody, tiny_batch, tiny_model, train_context)
 
 REPOSITORY = "P2333/Bag-of-Tricks-for-AT"
 N_TRAIN = 50_000
 BASELINE = ["--BNeval"]  # the README's baseline command, besides --model WideResNet and --fname auto
-
-
-class NormalisedInput(nn.Module):
-    """What the script's model sees: normalize(x) = (x - mu) / std. Ours behind the inverse map."""
-
-    def __init__(self, model: nn.Module, mu: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mu", mu.detach().clone().view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", std.detach().clone().view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model(self.pixels(z))
-
-    def pixels(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std + self.mu
 
 
 def official_module_level(reference: Path) -> dict[str, Any]:
