@@ -44,6 +44,13 @@ def test_every_checked_plugin_is_registered_and_has_a_row() -> None:
             assert name in rows, f"docs/conformance.md has no row for {name}"
 
 
+def test_every_method_and_poison_has_its_row() -> None:
+    """A plugin in the tables without a conformance row is a claim nobody checked."""
+    rows = doc_rows()
+    missing = sorted((set(METHODS.names()) | set(POISONS.names())) - set(rows))
+    assert not missing, f"docs/conformance.md has no row for {missing}"
+
+
 def test_the_benchmark_lists_its_checks() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conformance.py"), "--list"],
                          capture_output=True, text=True, check=True).stdout
