@@ -12,6 +12,7 @@ import torch
 
 import harness.train.trainer as trainer
 from harness.core.registry import METHODS
+from harness.store.audit import audit_store
 from harness.store.checkpoint_sync import local_work_dir
 from helpers import killed_run, method_cell
 
@@ -39,8 +40,11 @@ def _killed_then_resumed(cfg: dict, work_dir: Path, world_size: int) -> None:
     killed_run(cfg, work_dir, world_size, KILLED_AFTER)
     saved = torch.load(work_dir / trainer.CHECKPOINT, weights_only=False)
     assert saved["epoch"] == KILLED_AFTER, "the kill must come right after that epoch's checkpoint"
+    left = list(work_dir.glob("rg-ranks-*"))  # the killed group's rendezvous folder stays behind ...
+    assert len(left) == 1 and any(left[0].name in m for m in audit_store(cfg["results_dir"]))
     summary = trainer.train(cfg, work_dir)  # the retry: resumes at epoch KILLED_AFTER + 1
     assert [c["epoch"] for c in summary.curve] == list(range(EPOCHS))
+    assert not list(work_dir.glob("rg-ranks-*"))  # ... until the retry removes it
 
 
 @pytest.mark.parametrize("name", METHODS.names())

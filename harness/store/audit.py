@@ -62,7 +62,25 @@ def audit_store(location: str | os.PathLike) -> list[str]:
                                 f"ignored (copy results with their _commits/ markers)")
         elif not name.startswith("."):
             messages.append(f"foreign file {where} in the results store: ignored")
+    messages += [f"leftover rank rendezvous folder {store.uri(rel)} of a killed training: harmless, removed by the "
+                 f"cell's next run (or delete it)" for rel in leftover_rendezvous(store)]
     return messages
+
+
+def leftover_rendezvous(store) -> list[str]:
+    """`checkpoints/<train key>/rg-ranks-*` folders: a killed training's process-group rendezvous
+    (harness/train/ranks.py). They live only in a local store (a URI store's checkpoint folders
+    are node-local caches), found with one walk of `checkpoints/`."""
+    if not store.is_local:
+        return []
+    selector = pafs.FileSelector(store.path("checkpoints"), allow_not_found=True, recursive=True, max_recursion=1)
+    try:
+        infos = store.fs.get_file_info(selector)
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return []
+    root = store.path("")
+    return sorted(info.path[len(root):].lstrip("/") for info in infos
+                  if info.type == pafs.FileType.Directory and info.base_name.startswith("rg-ranks-"))
 
 
 def warn_about_store(location: str | os.PathLike, out: TextIO | None = None) -> int:

@@ -5,10 +5,16 @@ every rank: each rank is set up by `rank_setup` (its threads, its device `cuda:<
 CPU), joined in a group (NCCL on CUDA, gloo on CPU) through a FileStore, and left before it
 exits. One rank runs in this process; more are spawned. Rank 0's return value comes back
 (through a pipe between these processes, never through a file another machine could write).
+
+The group meets in a folder `rg-ranks-<host>-<pid>-*` of the cell's checkpoint folder, removed
+when the ranks end; a run that was killed leaves its folder behind, so each run first removes the
+folders of this host's dead processes (`remove_leftovers`; the store audit names any it finds).
 """
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +24,7 @@ import torch.multiprocessing as mp
 
 from harness.train.device import rank_setup
 
+RANKS_PREFIX = "rg-ranks-"
 RankFn = Callable[..., Any]  # fn(rank, world_size, device, *args) -> anything picklable (rank 0's is returned)
 
 
@@ -27,7 +34,9 @@ def run_ranks(fn: RankFn, world_size: int, cfg: dict[str, Any], *args: Any, stor
     A rank's exception is raised here as torch's ProcessRaisedException (its text names it), a
     killed rank as ProcessExitedException: the caller decides which is a retry.
     """
-    folder = Path(tempfile.mkdtemp(prefix="rg-ranks-", dir=store_dir))
+    if store_dir is not None:
+        remove_leftovers(Path(store_dir))
+    folder = Path(tempfile.mkdtemp(prefix=f"{RANKS_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=store_dir))
     store_file = str(folder / "store")
     try:
         if world_size == 1:
@@ -56,3 +65,30 @@ def _rank_main(rank: int, fn: RankFn, world_size: int, cfg: dict[str, Any], stor
     if results is not None and rank == 0:
         results.put(value)
     return value
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the rendezvous folders in `folder` that no live process of this host owns (a killed
+    run's); folders of other hosts (a shared results folder) and of live processes stay."""
+    removed = []
+    host = socket.gethostname()
+    for path in folder.glob(f"{RANKS_PREFIX}*"):
+        owner_host, _, rest = path.name[len(RANKS_PREFIX):].rpartition("-")[0].rpartition("-")
+        pid = rest if rest.isdigit() else None
+        if owner_host and owner_host != host:
+            continue
+        if pid is not None and _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
