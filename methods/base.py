@@ -79,7 +79,8 @@ class TrainSamples(Protocol):
     poisoned: np.ndarray  # split indices the cell's poison plan poisoned (empty on clean data)
 
     def score(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """(split indices, fn(x, y)'s value per sample) over every training sample, sorted by index."""
+        """(split indices, fn(x, y)'s value per sample) over every training sample, sorted by index;
+        (N, K) values where fn returns one row of K per sample."""
         ...
 
 
