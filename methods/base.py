@@ -167,7 +167,8 @@ class Method:
     def select_train_samples(self, samples: TrainSamples) -> np.ndarray | None:
         """The split indices this method's training streams (None: the whole split), decided once
         before the first epoch and again on resume (so it must be deterministic). ABL unlearns
-        the 1% lowest-loss samples of its isolation model and fine-tunes on the other 99%."""
+        the 1% lowest-loss samples of its isolation model and fine-tunes on the other 99%; FP
+        scores every clean sample to rank and prune channels, and trains on all of them (None)."""
         return None
 
     def on_epoch_start(self, ctx: TrainContext) -> None:
