@@ -278,7 +278,7 @@ def check_fp(reference: Path) -> list[Compared]:
                  f"{len(pairs)} counts compared"),
         Compared("first_count_breaking_the_rule", abs(their_kept - (ours["pruned"] + 1)), "int",
                  f"theirs fine-tunes {their_kept} pruned (prune step {step}), we keep {ours['pruned']}"),
-        Compared("loss", abs(theirs.loss - float(logs["loss"]))),
+        Compared("loss", abs(theirs.loss - float(logs["loss"].detach()))),
         Compared("parameters_after_one_step", params),
         Compared("batchnorm_statistics_after_one_step", buffers),
         Compared("epochs", abs(recipe["fp"]["epochs"] - defense_cfg["epochs"]), "int"),

@@ -140,7 +140,7 @@ def check_nad(reference: Path) -> list[Compared]:
     nad_cfg = paper_cfg("nad")
     return [Compared("attention_map", map_diff),
             Compared("at_loss", loss_diff),
-            Compared("loss", abs(loss_theirs - float(logs["loss"]))),
+            Compared("loss", abs(loss_theirs - float(logs["loss"].detach()))),
             Compared("parameters_after_one_step", max_param_diff(theirs, module.student)),
             Compared("batchnorm_statistics_after_one_step", max_param_diff(theirs, module.student, buffers=True)),
             Compared("epochs", abs(recipe["nad"]["epochs"] - off.opt.epochs), "int"),
@@ -178,7 +178,7 @@ def check_ft(reference: Path) -> list[Compared]:
     theirs_lr = _lrs(off.util["adjust_learning_rate"], range(epochs), off.opt.lr)
     steps = len(torch.utils.data.DataLoader(range(CLEAN_SAMPLES), batch_size=off.opt.batch_size, shuffle=True))
     in_nad = paper_trainers("nad")["ft"]  # NAD's teacher node runs the same trainer as the FT cell
-    return [Compared("loss", abs(loss_theirs - float(logs["loss"]))),
+    return [Compared("loss", abs(loss_theirs - float(logs["loss"].detach()))),
             Compared("parameters_after_one_step", max_param_diff(theirs, module)),
             Compared("batchnorm_statistics_after_one_step", max_param_diff(theirs, module, buffers=True)),
             Compared("lr_per_epoch", max_abs(theirs_lr, lr_at_epochs(recipe["ft"]))),
