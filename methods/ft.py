@@ -9,9 +9,8 @@ Defaults are the fine-tuning that bboylyg/NAD runs to get NAD's teacher (README 
 teacher model?": main.py with every beta 0, 5 to 10 epochs; BackdoorBench's NAD takes 10): batch
 64, SGD momentum 0.9, wd 1e-4, nesterov, lr 0.1 for the first two epochs then 0.01
 (utils/util.py `adjust_learning_rate`: lr if epoch < 2, else 0.01; its 0.0001 from epoch 20 is
-never reached in 10 epochs), 10 epochs, 5% clean data. The early lr of 0.1 is what moves a model
-that already fits its clean 5% (the constant lr 0.01 at batch 32 this file used before left ASR at
-100% on digits). Official differences left: its 5% is a random split of the training set, ours
+never reached in 10 epochs), 10 epochs, 5% clean data (this file used a constant lr 0.01 at batch
+32 with the grid's optimiser before issue 23). Official differences left: its 5% is a random split of the training set, ours
 the first 5% (the data's order is already random); its augmentation adds Cutout(1 hole, 3 px),
 ours is the dataset preset's crop + flip; it keeps the epoch whose test accuracy clears a
 threshold, we keep the last epoch (nothing is chosen on the test split).
