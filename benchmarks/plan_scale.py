@@ -41,7 +41,7 @@ def main() -> None:
     from harness.run.plan import build_plan, pending_plan
 
     results = tempfile.mkdtemp(prefix="rg-plan-")
-    methods = [m for m in METHODS.names() if m not in ("abl_lga",)]
+    methods = [m for m in METHODS.names() if m not in ("abl_lga", "abl_finetune")]  # ABL's stages: nodes of abl
     seeds = max(1, args.composed // (2 * len(methods)))
     prepare_digits(Path(results) / "data")  # prepared data: validation reads its manifest
     t0 = time.perf_counter()

@@ -2,6 +2,13 @@
 under the trigger (RA), mean ± sample std over seeds, one table per (dataset, poisoning attack,
 poison rate, target), rows ranked by ASR (lowest first), then by CA (highest first).
 
+BackdoorBench's defense effectiveness rating, per seed against the undefended cell of the same
+attack and seed (the ERM cell whose config is this cell's with `method: erm`, so the same data,
+poison, architecture and trainer: the model FT/FP/NAD start from):
+    DER = [max(0, dASR) - max(0, dCA) + 1] / 2,   d = undefended - defended,
+then averaged over the seeds that have their undefended cell (BackdoorBench's non-simplified
+helper adds the dCA term by mistake; this is the paper's formula). Undefended rows have none.
+
 A cell's metrics are the same on each of its rows (one per eval attack), so the cell value is
 their average; cells are averaged over seeds only after that. Failed cells are never ranked.
 Lp tables show cells trained on poisoned data as their own rows, `method @attack`
@@ -9,15 +16,29 @@ Lp tables show cells trained on poisoned data as their own rows, `method @attack
 """
 from __future__ import annotations
 
+import json
 import math
+from collections import defaultdict
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from harness.core.config import cell_identity
+from leaderboard.format import base_method
+
+UNDEFENDED = "erm"
+
 _COLUMNS = ["key", "status", "dataset", "arch", "method", "seed", "clean_acc", "backdoor",
             "poison_rate", "target_class", "asr", "backdoor_robust_acc", "n_poisoned", "n_triggered"]
+_CELL_SQL = """
+WITH cell_status AS (SELECT key, bool_and(status = 'ok') AS ok FROM results GROUP BY key)
+SELECT r.key, any_value(method), any_value(config_json), avg(clean_acc), avg(asr)
+FROM results r JOIN cell_status s USING (key)
+WHERE s.ok AND r.backdoor IS NOT NULL AND r.backdoor <> 'none'
+GROUP BY r.key
+"""
 
 _SQL = """
 WITH
@@ -56,8 +77,10 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
         return []
     con = duckdb.connect()
     try:
-        con.register("results", results.select(_COLUMNS))
+        columns = _COLUMNS + (["config_json"] if "config_json" in results.column_names else [])
+        con.register("results", results.select(columns))
         records = con.execute(_SQL).fetchall()
+        der = cell_ders(con.execute(_CELL_SQL).fetchall()) if "config_json" in columns else {}
     finally:
         con.close()
     tables: dict[tuple, dict[str, Any]] = {}
@@ -73,6 +96,7 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
             "asr_mean": _num(asr), "asr_std": _num(asr_sd),
             "ra_mean": _num(ra), "ra_std": _num(ra_sd),
             "n_poisoned": _num(n_poisoned), "n_triggered": _num(n_triggered),
+            **_mean_std("der", [der[k] for k in keys if k in der]),
         })
     for table in tables.values():
         table["rows"].sort(key=lambda r: (r["asr_mean"] is None, r["asr_mean"] or 0.0,
@@ -80,6 +104,57 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
         for rank, row in enumerate(table["rows"], start=1):
             row["rank"] = rank
     return list(tables.values())
+
+
+def der(undefended: tuple[float, float], defended: tuple[float, float]) -> float:
+    """BackdoorBench's DER from (CA, ASR) before and after a defense: [max(0, dASR) - max(0, dCA) + 1] / 2."""
+    (ca0, asr0), (ca1, asr1) = undefended, defended
+    return (max(0.0, asr0 - asr1) - max(0.0, ca0 - ca1) + 1.0) / 2.0
+
+
+def cell_ders(cells: list[tuple[str, str, str | None, float, float]]) -> dict[str, float]:
+    """{defended cell key: DER} for every defended cell whose undefended cell is among `cells`
+    ((key, method, config_json, CA, ASR) per ok backdoor cell).
+
+    The undefended cell is the ERM cell whose config is the defended one's with `method: erm`
+    (same data, poison, architecture, trainer, seed, evaluation); failing that, the one ERM cell
+    that differs in the trainer too (under `recipe=paper` a training-time defense such as CBD
+    runs its own recipe's trainer, while the attacked model keeps the attack's)."""
+    exact: dict[str, tuple[float, float]] = {}
+    loose: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    defended: list[tuple[str, dict[str, Any], tuple[float, float]]] = []
+    for key, method, config_json, ca, asr in cells:
+        try:
+            cfg = json.loads(config_json) if config_json and ca is not None and asr is not None else None
+        except ValueError:
+            cfg = None
+        if not isinstance(cfg, dict):  # a row without a readable config has no twin to compare with
+            continue
+        values = (float(ca), float(asr))
+        if base_method(method) == UNDEFENDED:
+            exact[cell_identity(cfg)] = values
+            loose[cell_identity(_without_trainer(cfg))].append(values)
+        else:
+            defended.append((key, {**cfg, "method": {"name": UNDEFENDED}}, values))
+    out: dict[str, float] = {}
+    for key, twin_cfg, values in defended:
+        twin = exact.get(cell_identity(twin_cfg))
+        if twin is None:
+            candidates = loose.get(cell_identity(_without_trainer(twin_cfg)), [])
+            twin = candidates[0] if len(candidates) == 1 else None
+        if twin is not None:
+            out[key] = der(twin, values)
+    return out
+
+
+def _without_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "trainer"}
+
+
+def _mean_std(name: str, values: list[float]) -> dict[str, Any]:
+    mean = sum(values) / len(values) if values else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {f"{name}_mean": mean, f"{name}_std": std, f"n_{name}": len(values)}
 
 
 def lp_view(results: pa.Table) -> pa.Table:

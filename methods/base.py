@@ -16,6 +16,9 @@ this order (tests/test_hook_order.py records it for every registered method):
                                                  # on every rank (harness/train/selection.py)
     each epoch:
         method.on_epoch_start(ctx)
+        if method.pre_pass(ctx):                 # a pass of the method's own first (CBD's critic):
+            each batch of another shuffle of the epoch's data:
+                logs = method.pre_pass_step(ddp_module, x, y, ctx)  # no trainer optimiser step
         each batch:
             logs = method.training_step(ddp_module, x, y, ctx)  # {'loss': ..., other logged terms}
             the trainer's zero_grad, backward, optimiser step, then the step of every extra
@@ -30,6 +33,8 @@ What a method needs before it can train is declared on the class, read by the pl
 
     Method.upstream(method_cfg, trainer_cfg) -> [Upstream(...)]   # checkpoints it starts from
     Method.runtime_trainer(method_cfg, trainer_cfg) -> {...}       # its own trainer settings
+    Method.runtime_data(method_cfg, data_cfg) -> {...}             # its own data settings (augment,
+                                                                   # shuffle) for its training
     Method.needs_train_data                                        # gets the (poisoned) train split config
 
 Each Upstream is a train node of the plan: the same cell with another method (and trainer
@@ -89,7 +94,9 @@ class Upstream:
     """A checkpoint a method starts from: the cell with `method` (and `trainer` overrides) trained.
 
     `arg` is the method keyword that receives the checkpoint's path (CBD's `backdoored_checkpoint`);
-    None: the trainer starts from its weights (`trainer.init_from`, ADML's stage 2)."""
+    None: the trainer starts from its weights (`trainer.init_from`, ADML's stage 2), and, where the
+    method's `runtime_trainer` sets `init_optimizer: true`, from its optimiser's state too (ABL's
+    unlearning continues its fine-tuning's SGD momentum, as the official script's one optimiser)."""
 
     arg: str | None
     method: dict[str, Any]
@@ -147,6 +154,14 @@ class Method:
         Upstream cells keep the grid's trainer, so a shared prerequisite stays the grid's cell."""
         return {}
 
+    @classmethod
+    def runtime_data(cls, method_cfg: dict[str, Any], data_cfg: dict[str, Any]) -> dict[str, Any]:
+        """Overrides of the cell's data settings for this method's own training (default: none):
+        `augment` (harness/data/loader.py's BatchTransform keys) and `shuffle` (False: the split's
+        order every epoch). ABL's stages train without augmentation (isolation, unlearning) or with
+        Cutout (fine-tuning), as the official code does. Evaluation keeps the cell's settings."""
+        return {}
+
     def __init__(self, **settings: Any) -> None:
         if settings:
             raise ValueError(
@@ -173,6 +188,18 @@ class Method:
 
     def on_epoch_start(self, ctx: TrainContext) -> None:
         """Before the epoch's first batch (CBD decays its critic's lr here)."""
+
+    def pre_pass(self, ctx: TrainContext) -> bool:
+        """Whether the trainer streams this epoch's data once more, before the training pass,
+        calling `pre_pass_step` on each batch (default False). CBD's official loop trains its
+        critic on a full pass of the data before each epoch of the clean model."""
+        return False
+
+    def pre_pass_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """One batch of the pre-pass: the method steps its own optimisers (the trainer's does not
+        step); the values returned are logged as `pre_<name>` (epoch means)."""
+        raise NotImplementedError(f"method '{self.name}' asked for a pre-pass but has no pre_pass_step")
 
     def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:

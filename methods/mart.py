@@ -1,11 +1,15 @@
 """MART (Wang et al. 2020): misclassification-aware adversarial training.
 
 loss = BCE(f(x'), y) + beta * mean_i[ KL(f(x_i) || f(x'_i)) * (1 - p_y(x_i)) ], with
-BCE = CE(f(x'), y) - log(1 - max_{k != y} p_k(x')). As the official code: x' from CE-PGD that
-starts at x + 0.001 N(0, I), 10 steps of 0.007 at eps 0.031, model in eval mode; the clean
-probabilities are NOT detached (the KL and its weight also train the clean branch); the small
-constants (1.0001 - p, +1e-12) keep the logs finite. beta 5 for ResNet-18 (METHODS.md; the
-official script's default is 6).
+BCE = CE(f(x'), y) - log(1 - max_{k != y} p_k(x')). As the official code (YisenWang/MART
+`mart_loss`; docs/conformance.md: loss, x', update and BatchNorm statistics equal it): x' from
+CE-PGD that starts at x + 0.001 N(0, I), NOT clipped to [0, 1] before the first gradient, then 10
+signed steps of 0.007 at eps 0.031 (each projected into the ball and [0, 1]), model in eval mode;
+BatchNorm sees x then x' in train mode; the clean probabilities are NOT detached (the KL and its
+weight also train the clean branch); the small constants (1.0001 - p, +1e-12) keep the logs
+finite. beta 5: train_resnet.py's default, for the ResNet-18 of the paper's tables (6 is
+train_wideresnet.py's, and mart_loss's own keyword default). Recipe (configs/recipes/paper/mart.yaml):
+train_resnet.py's 120 epochs, lr 0.01, wd 3.5e-3.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from methods.base import Method, TrainContext
 
 
 class PGDGaussStart(IterativeAttack):
-    """CE-PGD from a small Gaussian start x + init_std N(0, I) (MART's and AWP's train attack);
+    """CE-PGD from a small Gaussian start x + init_std N(0, I) (MART's train attack), whose first
+    gradient is taken at the start as drawn (not clipped to [0, 1]), as the official code;
     `step_size` defaults to eps * 0.007 / 0.031 as in their code."""
 
     name = "pgd_gauss"
@@ -37,7 +42,8 @@ class PGDGaussStart(IterativeAttack):
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return pgd_linf(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
-                        loss_fn=F.cross_entropy, init=lambda z: z + self.init_std * torch.randn_like(z))
+                        loss_fn=F.cross_entropy, init=lambda z: z + self.init_std * torch.randn_like(z),
+                        project_start=False)
 
 
 def mart_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,

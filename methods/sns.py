@@ -8,6 +8,13 @@ The features come from forward hooks on the raw (unwrapped) classifier that reco
 this method's own forward passes: they are off while the attack runs.
 Our choices (the paper's exact k, lambda and layers were not available to us; all are config):
 CE on the adversarial batch, topk 0.1, lam 1.0, layers = the classifier's feature stages.
+No official training code exists (the authors' group published the metric, in its EvalBox's
+sns.py, which harness/eval/neuron_sensitivity.py follows; not mirrored here), so nothing can be
+compared side by side: tests/test_neuron_sensitivity.py checks the sensitivity and the
+stabilising term against hand computations instead. The PGD-AT part crafts as `pgd_at` does
+(eval mode, uniform start, step eps/4); BatchNorm sees x and x' (SNS's own two forwards), not
+PGD-AT's extra clean logging forwards. recipe=paper (configs/recipes/paper/sns.yaml) is ours:
+PGD-AT's bag-of-tricks recipe.
 """
 from __future__ import annotations
 

@@ -40,3 +40,66 @@ def digits_batch(digits_dir: Path, n: int = 128) -> tuple[torch.Tensor, torch.Te
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
+
+
+UPSTREAM_CHECKPOINTS = ("backdoored_checkpoint", "teacher_checkpoint", "isolation_checkpoint")  # FT, FP, NAD, CBD, ABL
+
+
+def method_cell(name: str, data_root: Path, results: Path, upstream: str | None, epochs: int = 2,
+                extra: tuple[str, ...] = ()) -> dict:
+    """A tiny cell of method `name` (2 steps of 64 per epoch, 2-step attacks) that trains from
+    `upstream` (a checkpoint) wherever the method starts from one (its upstream args, ADML's init)."""
+    import inspect
+
+    from harness.core.config import compose_config, finalize
+    from harness.core.registry import METHODS
+
+    cfg = finalize(compose_config([f"data.root={data_root}", f"results_dir={results}", "trainer=tiny",
+                                   f"trainer.epochs={epochs}", "data.train_limit=128", f"method={name}", *extra]))
+    for part in (cfg["method"], cfg["method"].get("base") or {}):  # fewer attack steps: seconds, not minutes
+        if "steps" in (part.get("attack") or {}):
+            part["attack"]["steps"] = 2
+    if upstream is not None:
+        accepted = inspect.signature(METHODS.get(name).__init__).parameters
+        for arg in UPSTREAM_CHECKPOINTS:
+            if arg in accepted:
+                cfg["method"][arg] = upstream
+        if name.startswith("adml_"):
+            cfg["trainer"]["init_from"] = upstream
+    return cfg
+
+
+def fit_until(rank: int, world_size: int, device: torch.device, cfg: dict, work_dir: Path, last_epoch: int) -> None:
+    """A rank's training that dies right after epoch `last_epoch`'s checkpoint, as a killed
+    process would (every rank leaves at that epoch's closing barrier; nothing is cleaned up)."""
+    import os
+
+    import torch.distributed as dist
+
+    from harness.train import trainer
+
+    real, done = dist.barrier, [0]
+
+    def barrier(*args, **kwargs):
+        real(*args, **kwargs)
+        done[0] += 1
+        if done[0] == last_epoch + 1:  # _fit waits at one barrier per epoch, after its checkpoint
+            os._exit(0)
+
+    dist.barrier = barrier
+    trainer._fit_and_write_summary(rank, world_size, device, cfg, work_dir)
+
+
+def killed_run(cfg: dict, work_dir: Path, world_size: int, last_epoch: int) -> None:
+    """Train `cfg` in a separate process (its ranks under it) that dies after `last_epoch`."""
+    import torch.multiprocessing as mp
+
+    process = mp.get_context("spawn").Process(target=_killed_run_main, args=(cfg, work_dir, world_size, last_epoch))
+    process.start()
+    process.join()
+
+
+def _killed_run_main(cfg: dict, work_dir: Path, world_size: int, last_epoch: int) -> None:
+    from harness.train.ranks import run_ranks
+
+    run_ranks(fit_until, world_size, cfg, cfg, work_dir, last_epoch, store_dir=work_dir)

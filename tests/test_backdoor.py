@@ -53,30 +53,41 @@ def test_badnets_stamps_only_the_bottom_right_patch(h: int, size: int) -> None:
     assert (out[..., h - size:, h - size:] == 1.0).all()
 
 
-def test_badnets_checkerboard_pattern() -> None:
+def test_badnets_checkerboard_is_the_grid_trigger() -> None:
+    """The gridTrigger of the NAD/ABL/CBD code: its top-left pixel stays 0 (not a true checkerboard)."""
     out = BadNets(pattern="checkerboard", patch_size=3).trigger(torch.full((1, 1, 32, 32), 0.5))
-    assert torch.equal(out[0, 0, -3:, -3:], torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]]))
+    assert torch.equal(out[0, 0, -3:, -3:], torch.tensor([[0.0, 0, 1], [0, 1, 0], [1, 0, 1]]))
     assert (out[0, 0, :29] == 0.5).all() and (out[0, 0, :, :29] == 0.5).all()
 
 
-def test_blended_is_a_fixed_alpha_blend() -> None:
-    x = _batch(3, 32)
+def _levels(x: torch.Tensor) -> torch.Tensor:
+    return (x.double() * 255).round()
+
+
+def test_blended_is_backdoorbenchs_uint8_blend() -> None:
+    x = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(1)).float() / 255
     poison = Blended(alpha=0.2)
     p = poison.pattern(3, 32, 32)
-    assert torch.allclose(poison.trigger(x), 0.8 * x + 0.2 * p, atol=1e-6)
+    assert torch.equal(_levels(p), _levels(p).round()) and p.min() >= 0 and p.max() <= 1  # an image
+    out = poison.trigger(x)
+    exact = 0.8 * _levels(x) + 0.2 * _levels(p)
+    assert torch.equal(_levels(out), _levels(out).round()), "the poisoned image is on the uint8 grid"
+    assert ((exact - _levels(out)) >= -1e-6).all() and ((exact - _levels(out)) < 1 + 1e-6).all()  # truncated
     assert torch.equal(p, Blended(alpha=0.2).pattern(3, 32, 32)), "pattern must be fixed by its seed"
     assert not torch.equal(p, Blended(pattern_seed=1).pattern(3, 32, 32))
 
 
-def test_sig_adds_a_column_sinusoid_and_is_clean_label() -> None:
-    x = torch.full((2, 3, 32, 32), 0.5)
+def test_sig_adds_a_column_sinusoid_truncated_to_uint8_and_is_clean_label() -> None:
+    x = torch.full((2, 3, 32, 32), 128 / 255)
     out = SIG().trigger(x)
-    delta = out - x
     j = torch.arange(32, dtype=torch.float64)
-    expected = (20 / 255 * torch.sin(2 * math.pi * j * 6 / 32)).float()
-    assert torch.allclose(delta, expected.expand_as(delta), atol=1e-6)
+    signal = (40 * torch.sin(2 * math.pi * j * 6 / 32)).float().double()  # BackdoorBench's default delta 40
+    assert torch.equal(_levels(out), torch.floor(128 + signal).expand_as(out))
     assert SIG.clean_label and not BadNets.clean_label
     assert SIG().trigger(torch.ones(1, 1, 8, 8)).max() <= 1.0  # clipped, never wrapped
+    assert SIG().trigger(torch.zeros(1, 1, 8, 8)).min() >= 0.0
+    with pytest.raises(ValueError, match="clean-label"):
+        SIG(poisoning="per_batch")
 
 
 def test_wanet_warps_with_one_grid_and_noise_mode_differs() -> None:
@@ -87,15 +98,21 @@ def test_wanet_warps_with_one_grid_and_noise_mode_differs() -> None:
     x = _batch(3, 32, 2)
     warped = poison.trigger(x)
     assert 0 < (warped - x).abs().mean() < 0.2  # a small warp, not a new image
-    cross = poison.cross_variant(x, np.array([0, 1]), epoch=0)
+    cross = poison.cross_variant(x, torch.Generator().manual_seed(0))
     assert not torch.allclose(cross, warped)
-    assert not torch.equal(cross, poison.cross_variant(x, np.array([0, 1]), epoch=1))
+    assert torch.equal(cross, poison.cross_variant(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(cross, poison.cross_variant(x, torch.Generator().manual_seed(1)))
     # the zero warp is the identity (align_corners=True sampling)
     ident = WaNet(s=1e-9).trigger(x)
     assert torch.allclose(ident, x, atol=1e-5)
+    # grid_rescale scales the whole grid (identity included), as the official code: then clamped
+    field = poison.field(32, 32)
+    g1, g98 = poison.grid(32, 32, field), WaNet(grid_rescale=0.98).grid(32, 32, field)
+    inside = g1.abs() < 1  # not clamped at rescale 1
+    assert torch.allclose(g98[inside], 0.98 * g1[inside]) and not torch.equal(g98, g1)
 
 
-def test_poisoned_indices_deterministic_at_rate_and_never_target() -> None:
+def test_poisoned_indices_deterministic_at_rate_and_candidates() -> None:
     labels = np.arange(1000) % 10
     poison = BadNets(target=0, rate=0.1)
     a, cross = select_indices(labels, poison, seed=3)
@@ -103,22 +120,78 @@ def test_poisoned_indices_deterministic_at_rate_and_never_target() -> None:
     c, _ = select_indices(labels, poison, seed=4)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert len(a) == 100 and len(set(a.tolist())) == 100 and len(cross) == 0
-    assert (labels[a] != 0).all()
+    assert (labels[a] == 0).any(), "BackdoorBench draws from every class: target-class samples too"
+    nt, _ = select_indices(labels, BadNets(target=0, rate=0.1, candidates="non_target"), seed=3)
+    assert len(nt) == 100 and (labels[nt] != 0).all()
     sig, _ = select_indices(labels, SIG(target=2, rate=0.05), seed=0)
     assert len(sig) == 50 and (labels[sig] == 2).all()
     capped, _ = select_indices(labels, SIG(target=2, rate=0.5), seed=0)
     assert len(capped) == 100  # clean-label: at most the target class
     with pytest.raises(ValueError, match="backdoor.target 10 is not a class"):
         select_indices(labels, BadNets(target=10), seed=0, num_classes=10)
-    w, wc = select_indices(labels, WaNet(rate=0.1), seed=0)
+    w, wc = select_indices(labels, WaNet(rate=0.1, poisoning="static"), seed=0)
     assert len(wc) == 200 and not set(w.tolist()) & set(wc.tolist())
+    with pytest.raises(ValueError, match="candidates"):
+        BadNets(candidates="others")
+
+
+def test_wanet_per_batch_poisons_the_head_of_every_batch() -> None:
+    """WaNet's training loop: int(B * rate) warped and relabelled (target class included), then
+    int(that * cross_ratio) noise-mode samples with their labels, fresh noise for every batch."""
+    poison = WaNet()
+    assert poison.poisoning == "per_batch"
+    plan = PoisonPlan(poison, "train", seed=7).for_epoch(2)
+    x = torch.rand(37, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(37, dtype=torch.int64)  # all target class: poisoned anyway, label unchanged
+    y[20:] = 3
+    idx = np.arange(100, 137)
+    px, py = plan(x, y, idx, rank=0, batch=4)
+    assert torch.equal(px[:3], poison.trigger(x[:3])) and (py[:3] == 0).all()  # int(3.7) = 3
+    assert not torch.equal(px[3:9], x[3:9]) and not torch.allclose(px[3:9], poison.trigger(x[3:9]))  # 6 cross
+    assert torch.equal(px[9:], x[9:]) and torch.equal(py[3:], y[3:])
+    again = plan(x, y, idx, rank=0, batch=4)
+    assert torch.equal(again[0], px), "deterministic from (seed, epoch, rank, batch)"
+    for other in (plan(x, y, idx, rank=0, batch=5), plan(x, y, idx, rank=1, batch=4),
+                  plan.for_epoch(3)(x, y, idx, rank=0, batch=4)):
+        assert torch.equal(other[0][:3], px[:3]) and not torch.equal(other[0][3:9], px[3:9])
+    assert len(plan.poisoned) == 0 and len(plan.cross) == 0  # no fixed set
+
+
+def test_wanet_per_batch_poisoning_is_the_same_for_any_worker_count(digits_dir, data_root) -> None:
+    cfg = finalize(compose_config(["backdoor=wanet", f"data.root={data_root}"]))
+    plan = train_plan(cfg)
+    assert plan.per_batch and plan.seed == cfg["seed"]
+
+    def epoch(workers: int, e: int) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        return list(make_loader(digits_dir, "train", 64, num_workers=workers, shuffle=True, seed=1, epoch=e,
+                                poison=plan.for_epoch(e), return_keys=True))
+
+    zero, two = epoch(0, 0), epoch(2, 0)
+    assert len(zero) == len(two)
+    for (x0, y0, k0), (x2, y2, k2) in zip(zero, two):
+        assert k0 == k2 and torch.equal(x0, x2) and torch.equal(y0, y2)
+    clean = {int(k): (xi, int(yi)) for x, y, keys in make_loader(digits_dir, "train", 512, return_keys=True)
+             for xi, yi, k in zip(x, y, keys)}
+    poisoned: list[set[int]] = []
+    for e, batches in ((0, zero), (1, epoch(0, 1))):
+        hit = set()
+        for x, y, keys in batches:
+            n_poison = int(len(keys) * 0.1)
+            for pos, (xi, yi, k) in enumerate(zip(x, y, keys)):
+                changed = not torch.equal(xi, clean[int(k)][0])
+                assert changed == (pos < n_poison + int(n_poison * 2.0)), (e, pos)
+                assert yi == (0 if pos < n_poison else clean[int(k)][1])
+                if pos < n_poison:
+                    hit.add(int(k))
+        poisoned.append(hit)
+    assert poisoned[0] != poisoned[1], "every epoch poisons other samples"
 
 
 def test_loader_poisons_exactly_the_planned_indices_on_every_rank(digits_dir, data_root) -> None:
     cfg = finalize(compose_config(["backdoor=badnets", f"data.root={data_root}"]))
     plan = train_plan(cfg)
     labels = split_labels(digits_dir, "train")
-    assert len(plan.poisoned) == round(0.1 * len(labels))
+    assert len(plan.poisoned) == round(0.1 * len(labels)) and not plan.per_batch
     seen: dict[int, tuple[torch.Tensor, int]] = {}
     for rank in range(2):
         for x, y, keys in make_loader(digits_dir, "train", 64, rank=rank, world_size=2, shuffle=True,
@@ -225,16 +298,24 @@ def test_cbd_weights_critic_and_prerequisite() -> None:
         CBD(weight_norm="sample")
     torch.manual_seed(0)  # before the critic is built: power iteration converges slowly for
     critic = MICritic(6, 6)  # ~1% of random inits (close top singular values), so fix the init
-    for p in critic.parameters():
+    exact = MICritic(6, 6)
+    for p, q in zip(critic.parameters(), exact.parameters()):
         p.data.mul_(10)
-    critic.spectral_normalize(iterations=50)
-    for p in critic.parameters():
-        mat = p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(1, -1)
+        q.data.copy_(p.data)
+    sigmas = [torch.linalg.matrix_norm(p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(-1, 1), ord=2).item()
+              for p in critic.parameters()]
+    critic.spectral_normalize(iterations=50)  # official: each parameter divided by sqrt(sigma)
+    exact.spectral_normalize(iterations=50, norm="sigma")  # the option: by sigma itself
+    for p, q, sigma in zip(critic.parameters(), exact.parameters(), sigmas):
+        mat = p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(-1, 1)
+        assert torch.linalg.matrix_norm(mat, ord=2).item() == pytest.approx(sigma ** 0.5, rel=1e-3)
+        mat = q.reshape(q.shape[0], -1) if q.ndim > 1 else q.reshape(-1, 1)
         assert torch.linalg.matrix_norm(mat, ord=2).item() == pytest.approx(1.0, rel=1e-3)
     assert spectral_norm(torch.diag(torch.tensor([3.0, 1.0])), 20).item() == pytest.approx(3.0, rel=1e-4)
     critic.eval()
     z_b, z_c = torch.randn(8, 6), torch.randn(8, 6)
-    manual = critic(z_b, z_c).mean() - critic(z_b, torch.roll(z_c, 1, 0)).mean()
+    shifted = z_c[(torch.arange(8) + 1) % 8]  # sample i paired with sample i + 1, as the official shuffle
+    manual = critic(z_b, z_c).mean() - critic(z_b, shifted).mean()
     assert torch.allclose(critic.bound(z_b, z_c), manual)
     (pre,) = CBD.upstream({"name": "cbd", "backdoored_epochs": 3}, {"epochs": 100})
     assert pre.method == {"name": "erm"} and pre.trainer == {"epochs": 3} and pre.arg == "backdoored_checkpoint"
@@ -247,6 +328,68 @@ def test_cbd_weights_critic_and_prerequisite() -> None:
     assert sgd["lr"] == 0.1  # the cell's own trainer config is untouched
     with pytest.raises(ValueError, match="backdoored_lr"):
         CBD(backdoored_lr=0)
+    for bad in ({"critic_norm": "l2"}, {"critic_pass": "batch"}, {"critic_step_epochs": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CBD(**bad)
+
+
+def test_cbd_critic_lr_is_the_official_steplr_stepped_before_each_epoch() -> None:
+    """StepLR(20, 0.1) stepped at the start of every epoch (the official loop): the lr first drops
+    in epoch index 19; a shortened run scales the step with the run (20% of it) unless it is set."""
+    from methods.cbd import CBD
+
+    paper = CBD(critic_step_epochs=20)
+    lrs = [paper.critic_lr_at(e, 100) for e in range(100)]
+    assert lrs[:19] == [0.2] * 19 and lrs[19] == pytest.approx(0.02) and lrs[38] == pytest.approx(0.02)
+    assert lrs[39] == pytest.approx(0.002) and lrs[99] == pytest.approx(0.2 * 1e-5)
+    torch_lrs, opt = [], torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": the official order
+        for _ in range(100):
+            sched.step()
+            torch_lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx(torch_lrs)
+    short = CBD()  # 40 epochs (trainer=backdoor): step 8, the first decay in epoch index 7
+    assert short.critic_step_size(40) == 8 and short.critic_step_size(100) == 20
+    assert [short.critic_lr_at(e, 40) for e in (6, 7)] == [0.2, pytest.approx(0.02)]
+
+
+def test_cbd_defaults_are_the_official_code(digits_dir) -> None:
+    """--disentangle 0: no MI term (and no critic) by default; with `mi` the critic trains on its
+    own pass before each epoch (pre_pass_step) and only there."""
+    from helpers import digits_batch, digits_classifier
+    from methods.base import TrainContext
+    from methods.cbd import CBD
+
+    method = CBD()
+    assert not method.mi and method.critic_pass == "epoch" and method.critic_norm == "sqrt_sigma"
+    module = method.build(digits_classifier(digits_dir))
+    ctx = TrainContext(0, 1, 0, 1, torch.device("cpu"), 0, 1, method.eval_model(module))
+    assert method.critic is None and method.extra_optimizers(module) == {} and method.state_dict() == {}
+    assert not method.pre_pass(ctx)
+    x, y = digits_batch(digits_dir, 32)
+    assert set(method.training_step(module, x, y, ctx)) == {"loss", "loss_weighted_ce", "weight_min", "train_acc"}
+
+    on = CBD(mi=True)
+    module = on.build(digits_classifier(digits_dir))
+    module.train()
+    assert on.pre_pass(ctx) and set(on.extra_optimizers(module)) == {"critic"}
+    assert not CBD(mi=True, critic_pass="step").pre_pass(ctx)
+    before = [p.detach().clone() for p in on.critic.parameters()]
+    logs = on.training_step(module, x, y, ctx)
+    assert "critic_bound" not in logs and "mi" in logs
+    assert all(torch.equal(a, b) for a, b in zip(before, on.critic.parameters())), "no critic step in the f_C pass"
+    stats = [b.clone() for n, b in module.clean.named_buffers() if n.endswith("running_mean")]
+    pre = on.pre_pass_step(module, x, y, ctx)
+    assert set(pre) == {"critic_bound"}
+    assert any(not torch.equal(a, b) for a, b in zip(stats, [b for n, b in module.clean.named_buffers()
+                                                              if n.endswith("running_mean")])), \
+        "f_C runs in train mode in the pre-pass (its BatchNorm statistics move, as the official forward's)"
+    assert any(not torch.equal(a, b) for a, b in zip(before, on.critic.parameters())), "the pre-pass steps it"
+    assert all(p.grad is None for p in module.clean.parameters()), "the pre-pass takes no gradient of f_C"
 
 
 def test_cbd_step_trains_only_the_clean_model_and_steps_the_critic(digits_dir) -> None:
@@ -254,7 +397,7 @@ def test_cbd_step_trains_only_the_clean_model_and_steps_the_critic(digits_dir) -
     from methods.base import TrainContext
     from methods.cbd import CBD
 
-    method = CBD()
+    method = CBD(mi=True, critic_pass="step")  # the option: a critic step on each batch, before f_C's
     module = method.build(digits_classifier(digits_dir))
     module.train()
     assert not module.backdoored.training, "f_B stays frozen in eval mode"

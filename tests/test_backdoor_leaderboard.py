@@ -30,7 +30,8 @@ def _rows(method: str, backdoor: str | None, seed: int, clean: float, asr, ra) -
     return [{"key": key, "grid": "t", "status": "ok", "dataset": "digits", "arch": "test_resnet",
              "method": method, "seed": seed, "attack": "fgsm", "norm": "linf", "eps": 0.15,
              "clean_acc": clean, "robust_acc": 0.2, "flags": [],
-             "config_json": json.dumps({"method": {"name": method}}), **extra}]
+             "config_json": json.dumps({"method": {"name": method}, "seed": seed, "data": {"name": "digits"},
+                                        "backdoor": {"name": backdoor or "none", "rate": 0.1}}), **extra}]
 
 
 @pytest.fixture()
@@ -67,3 +68,36 @@ def test_site_shows_the_backdoor_table(results: Path, tmp_path: Path) -> None:
     assert "7.00 ± 2.83" in section
     data = json.loads((tmp_path / "site" / "site.json").read_text())
     assert {t["backdoor"] for t in data["backdoor_tables"]} == {"badnets", "blended"}
+
+
+def test_der_against_the_undefended_cell_of_the_same_attack_and_seed(results: Path) -> None:
+    """DER = [max(0, dASR) - max(0, dCA) + 1] / 2 per seed against ERM's cell of that attack and
+    seed (d = undefended - defended), averaged over seeds; undefended rows have none."""
+    from leaderboard.backdoor import der
+
+    assert der((0.99, 1.0), (0.96, 0.05)) == pytest.approx((0.95 - 0.03 + 1) / 2)
+    assert der((0.9, 0.5), (0.95, 0.9)) == pytest.approx(0.5)  # a defense that helps nothing: 0.5, never below for gains
+    board = aggregate(read_results(results))
+    rows = {r["method"]: r for r in next(t for t in board.backdoor_tables if t["backdoor"] == "badnets")["rows"]}
+    cbd_seeds = [der((0.99, 1.0), (0.96, 0.05)), der((0.97, 0.98), (0.98, 0.09))]
+    assert rows["cbd"]["der_mean"] == pytest.approx(sum(cbd_seeds) / 2) and rows["cbd"]["n_der"] == 2
+    assert rows["cbd"]["der_std"] == pytest.approx(abs(cbd_seeds[0] - cbd_seeds[1]) / 2 ** 0.5)
+    assert rows["ft"]["der_mean"] == pytest.approx(der((0.99, 1.0), (0.95, 0.1))) and rows["ft"]["der_std"] is None
+    assert rows["erm"]["der_mean"] is None and rows["erm"]["n_der"] == 0
+    html = build_site(results, results.parent / "site").read_text().split('id="track-backdoor"')[1]
+    assert f"{sum(cbd_seeds) / 2:.3f} ± " in html and ">DER<" in html
+
+
+def test_der_twin_under_a_defense_recipe_is_the_one_erm_cell_with_another_trainer() -> None:
+    """Under recipe=paper CBD trains with its own trainer while the attacked ERM keeps the attack's:
+    the twin is then the single ERM cell equal in all but method and trainer (none if ambiguous)."""
+    from leaderboard.backdoor import cell_ders, der
+
+    def cell(key, method, trainer, ca, asr):
+        cfg = {"method": {"name": method}, "seed": 0, "trainer": {"epochs": trainer}, "backdoor": {"name": "badnets"}}
+        return (key, method, json.dumps(cfg), ca, asr)
+
+    cells = [cell("e", "erm", 100, 0.9, 1.0), cell("c", "cbd", 60, 0.8, 0.1), cell("f", "ft", 100, 0.85, 0.5)]
+    assert cell_ders(cells) == {"c": pytest.approx(der((0.9, 1.0), (0.8, 0.1))),
+                                "f": pytest.approx(der((0.9, 1.0), (0.85, 0.5)))}
+    assert "c" not in cell_ders(cells + [cell("e2", "erm", 200, 0.9, 0.9)])  # two candidates: no guess

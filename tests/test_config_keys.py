@@ -45,7 +45,7 @@ def test_a_plugin_group_may_hold_only_what_its_class_takes() -> None:
     assert {"value", "pattern", "patch_size", "margin", "target", "rate", "seed", "pattern_seed"} <= \
         accepted_keys("backdoor", POISONS.get("badnets"))
     assert accepted_keys("method", METHODS.get("trades")) == {"name", "attack", "beta"}
-    assert accepted_keys("method", METHODS.get("adml_trades")) == {"name", "base", "attack", "finetune"}
+    assert accepted_keys("method", METHODS.get("adml_trades")) == {"name", "base", "attack", "finetune", "beta"}
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -80,7 +80,8 @@ def test_class_settings_follow_kwargs_to_the_base_and_mark_required_ones() -> No
             super().__init__(**common)
 
     settings = plugin_settings("backdoor", Stripe)
-    assert settings == {"width": "???", "rows": [0, 1], "target": 0, "rate": 0.1, "seed": None, "pattern_seed": 0}
+    assert settings == {"width": "???", "rows": [0, 1], "target": 0, "rate": 0.1, "seed": None, "pattern_seed": 0,
+                        "poisoning": "static", "candidates": "all"}
 
     class Tuned(Stripe):
         default_config = {"width": 2}

@@ -349,6 +349,42 @@ def test_resize_and_augment(digits_dir: Path) -> None:
         make_loader(digits_dir, "train", 16, augment={"rotate": 10})
 
 
+def test_cutout_zeroes_one_square_per_sample_in_every_channel() -> None:
+    """Cutout as DeVries & Taylor's code (ABL's fine-tuning: 1 hole, length 3): a centre uniform
+    over the image, rows and columns c - 1 .. c (2 x 2), clipped at the border, seeded."""
+    from harness.data.loader import BatchTransform
+
+    transform = BatchTransform.from_args(None, {"cutout": {"holes": 1, "length": 3}})
+    x = torch.rand(512, 3, 8, 8) + 0.5  # no pixel is zero before
+    out = transform(x, torch.Generator().manual_seed(0))
+    zero = out == 0
+    assert torch.equal(zero[:, 0], zero[:, 1]) and torch.equal(zero[:, 0], zero[:, 2])  # every channel
+    sizes = zero[:, 0].flatten(1).sum(1)
+    assert set(sizes.tolist()) == {1, 2, 4}  # 2 x 2 inside; cut to 2 x 1 or 1 x 1 at the top/left border
+    assert (sizes == 4).float().mean() > 0.6  # centres 1..7 of 0..7 in both axes: 49 / 64 inside
+    for i in range(len(x)):
+        rows, cols = zero[i, 0].nonzero(as_tuple=True)
+        assert rows.max() - rows.min() <= 1 and cols.max() - cols.min() <= 1  # one contiguous square
+    assert torch.equal(torch.where(zero, 0.0, x), out)  # the rest untouched
+    assert torch.equal(out, transform(x, torch.Generator().manual_seed(0)))  # reproducible from the seed
+    centres = torch.Generator().manual_seed(0)  # the documented draws: row centres, then column centres
+    cy, cx = torch.randint(0, 8, (512,), generator=centres), torch.randint(0, 8, (512,), generator=centres)
+    assert all(bool(zero[i, 0, cy[i] - 1 if cy[i] else 0, cx[i] - 1 if cx[i] else 0]) for i in range(512))
+    assert BatchTransform.from_args(None, {"cutout": {"holes": 1, "length": 1}}).cutout is None  # zeroes nothing
+    with pytest.raises(ValueError, match="augment.cutout must be"):
+        BatchTransform.from_args(None, {"cutout": 3})
+
+
+def test_cutout_runs_after_crop_and_flip_in_the_loader(digits_dir: Path) -> None:
+    aug = {"crop_padding": 1, "hflip": True}
+    kw = dict(shuffle=True, seed=5, limit=64)
+    base, _ = next(iter(make_loader(digits_dir, "train", 64, augment=aug, **kw)))
+    cut, _ = next(iter(make_loader(digits_dir, "train", 64, augment={**aug, "cutout": {"holes": 1, "length": 3}}, **kw)))
+    changed = (base != cut).flatten(1).sum(1)
+    assert torch.equal(torch.where(cut == 0, 0.0, base), cut)  # the same crop/flip draws, then squares zeroed
+    assert (changed <= 4).all() and (changed > 0).any()
+
+
 # --- cluster scale: shard partitioning, integrity once per node, bad input ---------------
 
 

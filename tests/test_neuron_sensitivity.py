@@ -28,6 +28,35 @@ def test_per_neuron_distance_layouts() -> None:
     assert torch.equal(per_neuron_distance(tokens, shifted), torch.tensor([0.0, 0.0, 1.0]))
 
 
+def test_sensitivity_formula_against_a_hand_computation() -> None:
+    """sigma_m = (1/N) sum_i (1/dim) |F_m(x_i) - F_m(x'_i)|_1, written out element by element
+    (no official training code exists to compare with: this is SNS's conformance check)."""
+    gen = torch.Generator().manual_seed(0)
+    clean, adv = torch.randn(3, 4, 2, 5, generator=gen), torch.randn(3, 4, 2, 5, generator=gen)
+    expected = []
+    for m in range(4):
+        per_image = [sum(abs(float(clean[i, m, h, w] - adv[i, m, h, w])) for h in range(2) for w in range(5)) / 10
+                     for i in range(3)]
+        expected.append(sum(per_image) / 3)
+    assert torch.allclose(per_neuron_distance(clean, adv), torch.tensor(expected), atol=1e-6)
+
+
+def test_sns_stabilising_loss_is_the_mean_of_each_layers_top_k_sensitivities() -> None:
+    gen = torch.Generator().manual_seed(1)
+    clean = {"a": torch.randn(2, 6, 3, 3, generator=gen), "b": torch.randn(2, 5, 4, generator=gen)}
+    adv = {k: v + torch.randn(v.shape, generator=gen) for k, v in clean.items()}
+    method = SNS(attack={"eps": EPS}, topk=0.5)
+    method.layers = ["a", "b"]
+    expected = 0.0
+    for name in ("a", "b"):  # a conv layer (neuron = channel), a token layer (neuron = feature)
+        sigma = [float((clean[name][:, m] - adv[name][:, m]).abs().mean()) if name == "a"
+                 else float((clean[name][..., m] - adv[name][..., m]).abs().mean())
+                 for m in range(clean[name].shape[1 if name == "a" else 2])]
+        k = round(0.5 * len(sigma))
+        expected += sum(sorted(sigma, reverse=True)[:k]) / k
+    assert abs(float(method.stabilising_loss(clean, adv)) - expected) < 1e-5
+
+
 def test_hooks_are_removed_after_the_analysis(erm_model) -> None:
     before = sum(len(m._forward_hooks) for m in erm_model.modules())
     with recorded_outputs(erm_model, erm_model.layer_names()) as store:

@@ -3,7 +3,6 @@ the code runs: every row (method, stage) is recomputed from the composed config 
 an edit to a recipe, a method's stage settings or the schedule code cannot drift silently."""
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 from harness.core.config import ConfigError, compose_config, finalize
 from harness.core.plugin_config import recipe_methods
 from harness.run.plan import build_plan, planned_trainer
+from harness.train.batches import epoch_steps
 from harness.train.schedule import lr_at_epochs
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
@@ -68,8 +68,8 @@ def test_the_recipe_table_is_what_runs(row: dict[str, str]) -> None:
     assert int(tcfg["batch_size"]) == int(row["batch"])
     assert describe_optimizer(tcfg) == row["optimizer"]
     assert describe_lrs(lr_at_epochs(tcfg)) == row["lr at each epoch's start"].replace("×", "x")
-    assert math.ceil(int(row["train samples (CIFAR-10)"].replace(",", "")) / int(tcfg["batch_size"])) \
-        == int(row["steps/epoch"])
+    n = int(row["train samples (CIFAR-10)"].replace(",", ""))
+    assert epoch_steps([n], int(tcfg["batch_size"]), bool(tcfg.get("drop_last")))[0] == int(row["steps/epoch"])
 
 
 def test_every_paper_recipe_has_rows_and_every_row_a_recipe() -> None:

@@ -95,6 +95,27 @@ def test_even_batches_cuts_exactly() -> None:
     assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(23))
 
 
+def test_drop_last_takes_full_batches_and_leaves_the_rest_out(tiny) -> None:
+    """trainer.drop_last (CausalAdv's and ADML's official loaders): floor(n / batch) full batches per
+    epoch, on every rank the same count, the remainder of each rank's shuffled epoch left out."""
+    from harness.train.batches import epoch_steps
+
+    assert epoch_steps([50_000], 128) == (391, [50_000])
+    assert epoch_steps([50_000], 128, drop_last=True) == (390, [49_920])
+    assert epoch_steps([130, 126], 64, drop_last=True) == (1, [64, 64])
+    with pytest.raises(ValueError, match="drop_last"):
+        epoch_steps([30], 64, drop_last=True)
+    stream = [(torch.arange(i, i + 5).float(), torch.arange(i, i + 5)) for i in range(0, 23, 5)]
+    stream[-1] = (stream[-1][0][:3], stream[-1][1][:3])
+    assert [len(b[1]) for b in even_batches(stream, 20, 4, drop=3)] == [5, 5, 5, 5]
+    for world_size in (1, 2):
+        cfg = _cfg(tiny + ["trainer.epochs=1", "trainer.batch_size=48", "trainer.drop_last=true",
+                           f"trainer.world_size={world_size}"])
+        summary = train(cfg, checkpoint_dir(cfg))
+        per_rank = 48 // world_size
+        assert summary.samples_per_epoch == [256 // 48 * 48 if world_size == 1 else 2 * per_rank * (128 // per_rank)]
+
+
 def test_images_per_second_leaves_out_the_first_step() -> None:
     """The first step alone counts FLOPs and pays warm-up (compilation on a GPU): images/s is the
     steady state after it, and all steps when there is only one."""

@@ -12,7 +12,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -97,6 +97,58 @@ def load_functions(path: Path, names: list[str], namespace: dict[str, Any] | Non
     scope: dict[str, Any] = dict(namespace or {})
     exec(compile(ast.Module(body=wanted, type_ignores=[]), str(path), "exec"), scope)  # noqa: S102 (their code, by design)
     return {name: scope[name] for name in names}
+
+
+def run_statements(path: Path, where: str | None, match: Callable[[ast.stmt, str], bool],
+                   namespace: dict[str, Any]) -> dict[str, Any]:
+    """Run the statements of an official script that `match(node, source)` selects, in order, in
+    `namespace` (returned, with what they assigned): code that lives inside a script's `main()`
+    (`where`: that function's name; None: the module level), such as the line that builds its
+    scheduler or the body of its training loop, run as written rather than transcribed. Nested
+    statements are searched too; a selected statement runs whole."""
+    text = path.read_text()
+    tree = ast.parse(text, str(path))
+    if where is not None:
+        found = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == where]
+        if not found:
+            raise ValueError(f"{path} defines no function {where}()")
+        tree = found[0]
+    selected: list[ast.stmt] = []
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if match(node, ast.get_source_segment(text, node) or ""):
+                selected.append(node)
+                continue
+            for field in ("body", "orelse", "finalbody"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list) and inner and isinstance(inner[0], ast.stmt):
+                    visit(inner)
+
+    visit(tree.body)
+    if not selected:
+        raise ValueError(f"{path}: no statement of {where or 'the module'} matched")
+    code = compile(ast.Module(body=selected, type_ignores=[]), str(path), "exec")
+    exec(code, namespace)  # noqa: S102 (their code, by design)
+    return namespace
+
+
+def assigns(*names: str) -> Callable[[ast.stmt, str], bool]:
+    """A `run_statements` selector: the assignments to any of `names`."""
+    return lambda node, _: isinstance(node, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id in names for t in node.targets)
+
+
+def argparse_defaults(path: Path, where: str | None = None) -> Any:
+    """An official script's argparse defaults (`args` as it runs with no command-line flags): its
+    own `parser = ...` and `parser.add_argument(...)` lines, run and parsed with no arguments."""
+    import argparse
+
+    def building(node: ast.stmt, source: str) -> bool:
+        return source.startswith("parser = ") or source.startswith("parser.add_argument(")
+
+    namespace = run_statements(path, where, building, {"argparse": argparse})
+    return namespace["parser"].parse_args([])
 
 
 @contextlib.contextmanager
@@ -200,3 +252,56 @@ def official_lrs(set_lr: Any, epochs: range, base_lr: float, optimizer_kwargs: d
         set_lr(optimizer, epoch)
         out.append(optimizer.param_groups[0]["lr"])
     return out
+
+
+class ScriptBody:
+    """The statements of one function of an official script (`function=None`: the module level),
+    to run piece by piece: training scripts keep their step inside `main()`, beside argument
+    parsing and data downloads. Statements are picked by what they assign, test or loop over,
+    executed in a namespace the check provides; nothing of them is copied."""
+
+    def __init__(self, path: Path, function: str | None = "main") -> None:
+        tree = ast.parse(path.read_text(), str(path))
+        if function is None:
+            self.body: list[ast.stmt] = tree.body
+        else:
+            found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+            if not found:
+                raise ValueError(f"{path} defines no function {function}()")
+            self.body = found[0].body
+        self.path = path
+
+    def find(self, kind: type, text: str, attribute: str, within: list[ast.stmt] | None = None) -> ast.stmt:
+        """The one statement of `kind` among `within` (default: the body's top level; e.g. a
+        loop's `.body`) whose `attribute` (a loop's 'target', an if's 'test') unparses to `text`."""
+        nodes = [n for n in (within if within is not None else self.body)
+                 if isinstance(n, kind) and ast.unparse(getattr(n, attribute)) == text]
+        if len(nodes) != 1:
+            raise ValueError(f"{self.path}: {len(nodes)} {kind.__name__} statements with {attribute} {text!r}")
+        return nodes[0]
+
+    def assignments(self, *names: str) -> list[ast.stmt]:
+        """The top-level assignments to `names`, in the script's order."""
+        found = [n for n in self.body if isinstance(n, ast.Assign)
+                 and any(ast.unparse(t) in names for t in n.targets)]
+        missing = set(names) - {ast.unparse(t) for n in found for t in n.targets}
+        if missing:
+            raise ValueError(f"{self.path}: no top-level assignment to {sorted(missing)}")
+        return found
+
+    def definitions(self, *names: str) -> list[ast.stmt]:
+        """The functions defined at the top of the body (nested helpers of main, e.g. a schedule)."""
+        found = [n for n in self.body if isinstance(n, ast.FunctionDef) and n.name in names]
+        if {n.name for n in found} != set(names):
+            raise ValueError(f"{self.path}: missing definitions among {sorted(names)}")
+        return found
+
+    def run(self, nodes: list[ast.stmt], namespace: dict[str, Any], in_loop: bool = False) -> dict[str, Any]:
+        """Execute `nodes` in `namespace` and return it (`in_loop`: inside a one-pass loop, so that
+        their `break` is legal and ends them as it ends the script's loop)."""
+        if in_loop:
+            nodes = [ast.For(target=ast.Name("_once", ast.Store()), iter=ast.parse("[0]", mode="eval").body,
+                             body=nodes, orelse=[])]
+        module = ast.fix_missing_locations(ast.Module(body=nodes, type_ignores=[]))
+        exec(compile(module, str(self.path), "exec"), namespace)  # noqa: S102 (their code, by design)
+        return namespace

@@ -102,6 +102,28 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+CRAFT_MODES = ("eval", "train")
+
+
+def craft(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "eval") -> torch.Tensor:
+    """A train-time attack with the model in `mode`. 'eval' is the attack contract (`attack(model,
+    x, y)`: BatchNorm uses and keeps its running statistics). 'train' is how several official
+    training codes craft (fast AT's FGSM-RS, Madry-style PGD-AT scripts): every forward of the
+    attack normalises with the batch's statistics and updates BatchNorm's running statistics.
+    Either way only input gradients are taken and the model's mode is restored."""
+    if mode == "eval":
+        return attack(model, x, y)
+    if mode != "train":
+        raise ValueError(f"craft mode must be one of {', '.join(CRAFT_MODES)}, got {mode!r}")
+    was_training = model.training
+    model.train()
+    try:
+        with torch.enable_grad():
+            return attack.perturb(model, x.detach(), y.detach()).detach()
+    finally:
+        model.train(was_training)
+
+
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
     """d loss / d x only (no parameter gradients); returns (grad, logits)."""
     x = x.detach().requires_grad_(True)

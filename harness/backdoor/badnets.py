@@ -2,8 +2,11 @@
 
 3x3 on 32x32 images; when `patch_size` is null it is scaled to the image: 2x2 on 8x8 digits.
 `margin` pixels are left between the patch and the corner. `pattern`: 'white' (a square of
-`value`, BackdoorBench's CIFAR-10 trigger) or 'checkerboard' (alternating `value` / 0 starting
-with `value` at the patch's top-left: the "gridTrigger" of the NAD/ABL/CBD code).
+`value`: BackdoorBench's CIFAR-10 trigger, resource/badnet/trigger_image.png, stamped by its
+AddMaskPatchTrigger) or 'checkerboard' (the "gridTrigger" of the NAD/ABL/CBD code: value / 0
+alternating from `value` at the corner pixel, except the patch's top-left pixel, which that code
+leaves 0; 3x3: [[0, 0, v], [0, v, 0], [v, 0, v]]). `value` is a pixel level k / 255 (rounded to
+one), so the poisoned image is the uint8 image BackdoorBench stores, byte for byte.
 """
 from __future__ import annotations
 
@@ -39,13 +42,19 @@ class BadNets(Poison):
         return (slice(height - self.margin - s, height - self.margin),
                 slice(width - self.margin - s, width - self.margin))
 
+    def patch(self, size: int) -> torch.Tensor:
+        """The patch (size, size) in [0, 1], on the uint8 grid."""
+        level = round(self.value * 255) / 255
+        patch = torch.full((size, size), level, dtype=torch.float32)
+        if self.pattern == "checkerboard":
+            ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+            on = (size - 1 - ii + size - 1 - jj) % 2 == 0  # alternating, `value` at the corner pixel
+            on[0, 0] = False  # the gridTrigger leaves its top-left pixel 0
+            patch = patch * on.to(patch.dtype)
+        return patch
+
     def _trigger(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.patch_box(x.shape[-2], x.shape[-1])
         out = x.clone()
-        size = rows.stop - rows.start
-        patch = torch.full((size, size), self.value, dtype=x.dtype, device=x.device)
-        if self.pattern == "checkerboard":
-            ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-            patch = patch * ((ii + jj) % 2 == 0).to(x.dtype).to(x.device)
-        out[..., rows, cols] = patch
+        out[..., rows, cols] = self.patch(rows.stop - rows.start).to(x.device, x.dtype)
         return out

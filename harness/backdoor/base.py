@@ -8,10 +8,22 @@ A poisoning attack (registry group `robustgrid.poisons`, config group `backdoor`
 * `clean_label`: whether poisoned training samples keep their label (SIG) or are relabelled to
   the target (BadNets, Blended, WaNet: all-to-one);
 * `train_variant(x, indices)`: what a poisoned training sample looks like (the trigger, unless
-  the attack trains with something else, e.g. WaNet's noise mode), and `cross_ratio`, the share
-  of extra "cross" samples (WaNet's noise samples, label kept) per poisoned sample.
+  the attack trains with something else), and `cross_ratio` with `cross_variant(x, gen)`: the
+  share of extra "cross" samples (WaNet's noise mode, label kept) per poisoned sample, and their
+  image (its randomness drawn from `gen`, a generator the plan seeds per batch);
+* `poisoning`: 'static' (a fixed set of samples, chosen once from the seed: BackdoorBench's and
+  CBD's poisoned datasets) or 'per_batch' (the first `int(rate * B)` samples of every batch, fresh
+  each batch: WaNet's official training loop); `candidates`: which samples a static plan draws
+  from, 'all' (BackdoorBench and CBD: a target-class sample may be drawn, its label then unchanged)
+  or 'non_target'.
 
 Which samples are poisoned is decided by `harness.backdoor.plan` from the seed, not here.
+
+Pixel grid. The loader decodes uint8 images (x = k / 255). An attack that BackdoorBench stores
+as a uint8 image (BadNets, Blended, SIG: `np.clip(v, 0, 255).astype(np.uint8)`, which truncates)
+computes in pixel levels with `to_levels` and returns `from_levels(v)` = floor(clip(v)) / 255,
+so its poisoned images are the bytes BackdoorBench's are (benchmarks/conformance_checks/
+backdoorbench.py); WaNet warps float images on the fly, as its official code, and is not rounded.
 """
 from __future__ import annotations
 
@@ -22,6 +34,9 @@ import torch
 
 from harness.core.registry import POISONS
 
+POISONINGS = ("static", "per_batch")
+CANDIDATES = ("all", "non_target")
+
 
 class Poison:
     """Base class: subclasses set `name` and implement `_trigger`."""
@@ -30,15 +45,24 @@ class Poison:
     clean_label: ClassVar[bool] = False
 
     def __init__(self, target: int = 0, rate: float = 0.1, seed: int | None = None,
-                 pattern_seed: int = 0) -> None:
+                 pattern_seed: int = 0, poisoning: str = "static", candidates: str = "all") -> None:
         if not 0.0 <= float(rate) <= 1.0:
             raise ValueError(f"backdoor.rate must be in [0, 1], got {rate}")
         if int(target) < 0:
             raise ValueError(f"backdoor.target must be a class index >= 0, got {target}")
+        if poisoning not in POISONINGS:
+            raise ValueError(f"backdoor.poisoning must be one of {', '.join(POISONINGS)}, got {poisoning!r}")
+        if poisoning == "per_batch" and self.clean_label:
+            raise ValueError(f"backdoor.poisoning=per_batch relabels the first samples of each batch; "
+                             f"{self.name} is clean-label: use backdoor.poisoning=static")
+        if candidates not in CANDIDATES:
+            raise ValueError(f"backdoor.candidates must be one of {', '.join(CANDIDATES)}, got {candidates!r}")
         self.target = int(target)
         self.rate = float(rate)
         self.seed = seed  # None: the cell's seed decides which samples are poisoned
         self.pattern_seed = int(pattern_seed)
+        self.poisoning = poisoning
+        self.candidates = candidates
 
     cross_ratio: float = 0.0
 
@@ -55,8 +79,9 @@ class Poison:
         """A poisoned training sample: by default exactly the test-time trigger."""
         return self.trigger(x)
 
-    def cross_variant(self, x: torch.Tensor, indices: np.ndarray, epoch: int = 0) -> torch.Tensor:
-        """A cross sample (label kept); only attacks with cross_ratio > 0 have them."""
+    def cross_variant(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Cross samples (label kept), their randomness drawn from `gen`; only attacks with
+        cross_ratio > 0 have them."""
         raise NotImplementedError(f"{self.name} has no cross samples")
 
     def describe(self) -> dict[str, Any]:
@@ -67,6 +92,17 @@ def pattern_generator(*words: int) -> torch.Generator:
     """A torch generator seeded from integer words (pattern seed, image shape, ...)."""
     ss = np.random.SeedSequence([int(w) & 0xFFFF_FFFF for w in words])
     return torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0]))
+
+
+def to_levels(x: torch.Tensor) -> torch.Tensor:
+    """An image on the loader's grid (k / 255, float) as float64 pixel levels k (exact)."""
+    return (x.double() * 255.0).round()
+
+
+def from_levels(v: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pixel levels (float64) back to [0, 1] as BackdoorBench stores a poisoned image:
+    np.clip(v, 0, 255).astype(np.uint8) truncates, so floor(clip(v)), then / 255."""
+    return (torch.floor(v.clamp(0.0, 255.0)).to(torch.float32) / 255.0).to(dtype)
 
 
 def auto_size(value: int | None, height: int, at32: float, minimum: int = 1) -> int:

@@ -55,7 +55,7 @@ _ORDER_TAG = 0  # separate seed streams: shard order, augmentation, in-shard ord
 _AUGMENT_TAG = 1
 _SHARD_TAG = 2
 _BUFFER_TAG = 3
-AUGMENT_KEYS = frozenset({"crop_padding", "hflip", "random_resized_crop"})
+AUGMENT_KEYS = frozenset({"crop_padding", "hflip", "random_resized_crop", "cutout"})
 DEFAULT_SHUFFLE_BUFFER = 4096
 
 
@@ -88,7 +88,7 @@ def make_loader(
     augment: dict | None = None,
     return_keys: bool = False,
     limit: int | None = None,
-    poison: Callable[[torch.Tensor, torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    poison: Callable[[torch.Tensor, torch.Tensor, np.ndarray, int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     shuffle_buffer: int | None = None,
     cache_dir: str | None = None,
     pin_memory: bool = False,
@@ -100,8 +100,9 @@ def make_loader(
     x: float32 (B, C, H, W) in [0, 1]; y: int64 (B,); keys: list of "%06d" split indices.
     Shards are checked first (sizes always, hashes once per node: harness.data.integrity), so a
     missing or corrupt shard raises DataError here. `dataset_dir` is a folder or a URI.
-    `poison(x, y, split indices) -> (x, y)` (harness.backdoor.plan) is applied to each decoded
-    batch at native resolution, before resize and augmentation.
+    `poison(x, y, split indices, rank, batch index) -> (x, y)` (harness.backdoor.plan) is applied
+    to each decoded batch at native resolution, before resize and augmentation, in the rank's main
+    process: like the batches, it does not depend on `num_workers`.
     `len(loader)` is this rank's number of batches. Make a new loader for each epoch.
     `pin_memory` / `prefetch_factor` (batches each worker keeps ready; workers only): for a CUDA
     trainer, so the copy to the GPU overlaps compute.
@@ -315,7 +316,7 @@ class EpochLoader:
         x8, y, idx = batch
         x = x8.to(torch.float32).div_(255.0)
         if self.poison is not None:
-            x, y = self.poison(x, y, idx)
+            x, y = self.poison(x, y, idx, self.plan.rank, batch_index)
         x = self.transform(x, self.plan.augment_generator(batch_index))
         if self.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()
@@ -367,16 +368,22 @@ def _decode(png: bytes, shard: str, index: int, loc: DataLocation) -> np.ndarray
 
 @dataclass(frozen=True)
 class BatchTransform:
-    """Random-resized-crop or resize to `img_size` (bilinear), then random crop (zero padding), flip.
+    """Random-resized-crop or resize to `img_size` (bilinear), then random crop (zero padding), flip,
+    Cutout.
 
     `random_resized_crop: [min_scale, max_scale]` is the ImageNet recipe (area fraction in that
     range, aspect ratio in [3/4, 4/3], log-uniform), cropped per sample and resized to `img_size`.
+    `cutout: {holes, length}` zeroes `holes` squares per sample, every channel, as the Cutout of
+    DeVries & Taylor's code (ABL's fine-tuning uses holes 1, length 3): each centre uniform over
+    the image, the square its rows and columns c - length//2 .. c + length//2 - 1, clipped to
+    the image (so an odd length zeroes length - 1 pixels a side: 3 -> 2 x 2).
     """
 
     img_size: int | None = None
     crop_padding: int = 0
     hflip: bool = False
     rrc_scale: tuple[float, float] | None = None
+    cutout: tuple[int, int] | None = None  # (holes, length)
 
     @classmethod
     def from_args(cls, img_size: int | None, augment: dict | None) -> "BatchTransform":
@@ -394,7 +401,7 @@ class BatchTransform:
             rrc = tuple(float(v) for v in rrc)
             if len(rrc) != 2 or not 0.0 < rrc[0] <= rrc[1] <= 1.0:
                 raise ValueError(f"augment.random_resized_crop must be [min_scale, max_scale] in (0, 1], got {rrc}")
-        return cls(img_size, crop, bool(augment.get("hflip", False)), rrc)
+        return cls(img_size, crop, bool(augment.get("hflip", False)), rrc, _cutout_setting(augment.get("cutout")))
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         s = self.img_size
@@ -408,7 +415,37 @@ class BatchTransform:
         if self.hflip:
             flip = torch.rand(x.shape[0], generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.cutout is not None:
+            x = _cutout(x, *self.cutout, gen)
         return x
+
+
+def _cutout_setting(value: Any) -> tuple[int, int] | None:
+    """`augment.cutout` ({holes, length}; null: none) as (holes, length)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"holes", "length"}:
+        raise ValueError(f"augment.cutout must be {{holes: <int>, length: <int>}} or null, got {value!r}")
+    holes, length = int(value["holes"]), int(value["length"])
+    if holes < 0 or length < 0:
+        raise ValueError(f"augment.cutout holes and length must be >= 0, got {value!r}")
+    return (holes, length) if holes and length >= 2 else None  # length 0 or 1 zeroes nothing
+
+
+def _cutout(x: torch.Tensor, holes: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero `holes` squares of side `length` per sample (BatchTransform's docstring); per hole the
+    row centres of the batch are drawn first, then the column centres."""
+    b, _, h, w = x.shape
+    half = length // 2
+    rows, cols = torch.arange(h), torch.arange(w)
+    keep = torch.ones(b, h, w, dtype=x.dtype)
+    for _ in range(holes):
+        cy = torch.randint(0, h, (b,), generator=gen)[:, None]
+        cx = torch.randint(0, w, (b,), generator=gen)[:, None]
+        in_rows = (rows >= cy - half) & (rows < cy + half)  # B, H
+        in_cols = (cols >= cx - half) & (cols < cx + half)  # B, W
+        keep[in_rows[:, :, None] & in_cols[:, None, :]] = 0
+    return x * keep[:, None]
 
 
 def _random_resized_crop(x: torch.Tensor, scale: tuple[float, float], size: int,

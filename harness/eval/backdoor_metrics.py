@@ -92,12 +92,12 @@ def backdoor_columns(cfg: dict[str, Any], model: nn.Module, num_classes: int,
     ecfg = cfg.get("eval", {})
     result = evaluate_backdoor(model, cfg, num_classes=num_classes, batch_size=int(ecfg.get("batch_size", 256)),
                                limit=ecfg.get("limit"), device=device)
-    indices = [int(i) for i in plan.poisoned]
+    indices = [int(i) for i in plan.poisoned]  # per-batch poisoning (WaNet's) has no fixed set: empty
     return {
         "backdoor": plan.poison.name,
         "poison_rate": plan.poison.rate,
         "target_class": plan.poison.target,
-        "n_poisoned": len(indices),
+        "n_poisoned": None if plan.per_batch else len(indices),
         "poison_indices": indices,
         "poison_indices_sha256": hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest(),
         "asr": result.asr,

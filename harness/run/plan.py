@@ -8,7 +8,7 @@
 
 A method declares what it trains from through one hook, `Method.upstream` (methods/base.py):
 ADML's base method, CBD's briefly trained backdoored model, FT/FP/NAD's poisoned ERM, ABL's
-isolation model. Each upstream is a train node of the same cell with another method (and trainer
+isolation and fine-tuned models. Each upstream is a train node of the same cell with another method (and trainer
 overrides), an input of the dependent train node. Keys are computed here, once, from configs, so
 an upstream that equals a grid's own cell (FT's ERM is the grid's ERM cell) is the same node.
 
@@ -175,12 +175,20 @@ def planned_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**cfg["trainer"], **method.runtime_trainer(cfg["method"], cfg["trainer"])}
 
 
+def planned_data(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The data settings a cell's own training runs with: the cell's, with the method's
+    `runtime_data` overrides (ABL's stages: no augmentation, or Cutout)."""
+    method = METHODS.get(cfg["method"]["name"])
+    return {**cfg["data"], **method.runtime_data(cfg["method"], cfg["data"])}
+
+
 def run_config(cfg: dict[str, Any], checkpoints: dict[str | None, str]) -> dict[str, Any]:
-    """The config the trainer runs for a train node: its trainer settings, the upstream checkpoints
-    (`checkpoints`: arg -> local path; None -> trainer.init_from), the train split for methods that
-    read it, and the clean subset of post-training defenses (`method.clean_subset`)."""
+    """The config the trainer runs for a train node: its trainer and data settings, the upstream
+    checkpoints (`checkpoints`: arg -> local path; None -> trainer.init_from), the train split for
+    methods that read it, and the clean subset of post-training defenses (`method.clean_subset`)."""
     out = copy.deepcopy(cfg)
     out["trainer"] = planned_trainer(cfg)
+    out["data"] = copy.deepcopy(planned_data(cfg))
     for arg, path in checkpoints.items():
         if arg is None:
             out["trainer"]["init_from"] = path

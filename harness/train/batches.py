@@ -2,6 +2,7 @@
 the end-of-training check that every rank holds the same weights."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Iterator
 
 import torch
@@ -9,11 +10,33 @@ import torch.distributed as dist
 from torch import nn
 
 
-def even_batches(loader: Iterable, n_samples: int, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def epoch_steps(counts: list[int], per_rank_batch: int, drop_last: bool = False) -> tuple[int, list[int]]:
+    """(steps per epoch, samples each rank uses) for ranks holding `counts` samples.
+
+    Default: ceil(largest count / batch) steps and every sample once (smaller batches on the
+    smaller ranks). `drop_last` (torch's DataLoader(drop_last=True), as CausalAdv's and ADML's
+    official loaders): floor(smallest count / batch) full batches; the rest of each rank's
+    shuffled epoch is left out, other samples each epoch."""
+    if drop_last:
+        steps = min(counts) // per_rank_batch
+        if steps < 1:
+            raise ValueError(f"trainer.drop_last: a rank holds {min(counts)} samples, fewer than one batch of "
+                             f"{per_rank_batch}; lower trainer.batch_size or set trainer.drop_last=false")
+        return steps, [steps * per_rank_batch] * len(counts)
+    steps = max(1, math.ceil(max(counts) / per_rank_batch))
+    if min(counts) < steps:
+        raise ValueError(f"too few training samples per rank ({min(counts)}) for {steps} steps; "
+                         f"lower trainer.world_size or trainer.batch_size")
+    return steps, list(counts)
+
+
+def even_batches(loader: Iterable, n_samples: int, n_batches: int,
+                 drop: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Re-cut a rank's stream of batches into exactly `n_batches` batches of near-equal size.
 
     Every rank then runs the same number of DDP steps (no rank waits on another that ran out),
-    while every sample of the epoch is still used exactly once.
+    while every sample of the epoch is still used exactly once; with `drop` the stream's last
+    `drop` samples are left out (`epoch_steps(drop_last=True)`).
     """
     sizes = [n_samples // n_batches + (1 if i < n_samples % n_batches else 0) for i in range(n_batches)]
     buf_x: list[torch.Tensor] = []
@@ -30,9 +53,10 @@ def even_batches(loader: Iterable, n_samples: int, n_batches: int) -> Iterator[t
         yield xs[:size], ys[:size]
         buf_x, buf_y = [xs[size:]], [ys[size:]]
         buffered -= size
-    leftover = sum(1 for _ in it)
-    if buffered or leftover:
-        raise RuntimeError(f"data loader gave more samples than the {n_samples} planned for this rank")
+    leftover = buffered + sum(int(batch[1].shape[0]) for batch in it)
+    if leftover != drop:
+        raise RuntimeError(f"data loader gave {n_samples + leftover} samples where {n_samples} + {drop} dropped "
+                           f"were planned for this rank")
 
 
 def reduce_epoch(sums: dict[str, float], seen: int, device: torch.device) -> dict[str, float]:
@@ -56,3 +80,15 @@ def replicas_in_sync(module: nn.Module) -> bool:
         gathered = [torch.zeros_like(probe) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, probe)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics), as a resumed run does
+    from rank 0's checkpoint. DDP broadcasts them before each forward through its wrapper, but a
+    train-mode forward then updates each rank's copy with its own batch, and train-time attacks
+    run in eval mode on the unwrapped model with those per-rank statistics: called at every
+    epoch start, this makes an uninterrupted epoch start where a resumed one does."""
+    if dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)

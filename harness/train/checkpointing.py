@@ -53,6 +53,19 @@ def load_weights(path: Path | str, module: nn.Module, device: torch.device | str
     return module
 
 
+def load_optimizer_state(path: Path | str, optimizer: torch.optim.Optimizer,
+                         device: torch.device | str = "cpu") -> None:
+    """Continue an earlier stage's optimiser: its per-parameter state (SGD's momentum buffers) from
+    the checkpoint at `path`, for the same parameters in the same order. The groups' settings (lr,
+    momentum, weight decay) stay this run's: its schedule sets the lr from the next step on."""
+    saved = load_file(path, map_location=device)["optimizer"]
+    current = optimizer.state_dict()
+    if [len(g["params"]) for g in saved["param_groups"]] != [len(g["params"]) for g in current["param_groups"]]:
+        raise ValueError(f"{path}: its optimiser holds other parameter groups than this run's; trainer.init_optimizer "
+                         f"continues only a stage of the same model and method parameters (set it false)")
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": current["param_groups"]})
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)

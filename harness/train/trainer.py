@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,8 +41,9 @@ from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
 from harness.store import checkpoint_sync
 from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY
-from harness.train.batches import even_batches, reduce_epoch, replicas_in_sync
-from harness.train.checkpointing import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
+from harness.train.batches import epoch_steps, even_batches, reduce_epoch, replicas_in_sync, sync_buffers
+from harness.train.checkpointing import (atomic_write_text, load_checkpoint, load_optimizer_state, load_weights,
+                                         save_checkpoint)
 from harness.train.device import rank_setup
 from harness.train.ranks import run_ranks
 from harness.train.optimizers import build_optimizer, check_trainer_config
@@ -51,6 +54,9 @@ from methods.base import ExtraOptimizer, Method, TrainContext, build_method
 
 __all__ = ["CHECKPOINT", "SUMMARY", "NonFiniteLossError", "TrainSummary", "check_trainer_config",
            "even_batches", "load_trained_classifier", "train", "train_in_process_group"]
+
+
+PRE_PASS_SEED = 0x5EED  # a method's pre-pass reads the epoch in another order: seed + this
 
 
 class NonFiniteLossError(RuntimeError):
@@ -156,18 +162,16 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         print(f"{cfg.get('label', 'cell')}: resuming from the epoch {start_epoch - 1} checkpoint", flush=True)
     if start_epoch == 0 and tcfg.get("init_from"):  # a later stage starts from an earlier one's weights
         load_weights(tcfg["init_from"], module, device)
+        if tcfg.get("init_optimizer"):  # ... and continues its optimiser (momentum buffers), as a
+            load_optimizer_state(tcfg["init_from"], optimizer, device)  # script keeping one SGD across stages
     # the part of the split the method trains on (None: all; ABL: its isolated 1%), decided again on resume
     select = method.select_train_samples(TrainSamples(cfg, device, rank, world_size))
     counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
                           num_workers=int(tcfg.get("num_workers", 0)), select=select) for r in range(world_size)]
-    steps_per_epoch = max(1, math.ceil(max(counts) / per_rank_batch))
-    if min(counts) < steps_per_epoch:
-        raise ValueError(f"too few training samples per rank ({min(counts)}) for {steps_per_epoch} steps; "
-                         f"lower trainer.world_size or trainer.batch_size")
+    steps_per_epoch, used = epoch_steps(counts, per_rank_batch, bool(tcfg.get("drop_last", False)))
     # gradients live in DDP's buckets (no copy in and out each step, one gradient-sized buffer less)
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
               find_unused_parameters=method.find_unused_parameters, gradient_as_bucket_view=True)
-    torch.manual_seed(int(cfg["seed"]) * 1000 + rank + 7919 * start_epoch)  # attack/augment randomness
     curve: list[dict[str, float]] = state.get("curve", [])
     train_seconds = float(state.get("train_seconds", 0.0))
     samples_per_epoch: list[int] = state.get("samples_per_epoch", [])
@@ -185,20 +189,35 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     sync_every = 50 if use_cuda else 1  # reading a GPU value waits for the GPU: only now and then
     bar = progress_bar(total=(epochs - start_epoch) * steps_per_epoch, desc=cfg.get("label", "train"),
                        enabled=rank == 0 and bool(tcfg.get("progress", True)))
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        ddp.train()
+    def epoch_batches(epoch: int, seed: int) -> Any:
+        """This rank's batches of one pass over the epoch's data, shuffled from `seed`."""
         loader = make_loader(dataset_dir, "train", per_rank_batch, rank=rank, world_size=world_size,
-                             num_workers=int(tcfg.get("num_workers", 0)), shuffle=True,
-                             seed=int(cfg["seed"]), epoch=epoch, img_size=dcfg.get("img_size"),
+                             num_workers=int(tcfg.get("num_workers", 0)), shuffle=bool(dcfg.get("shuffle", True)),
+                             seed=seed, epoch=epoch, img_size=dcfg.get("img_size"),
                              augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
                              shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
                              poison=poison.for_epoch(epoch) if poison else None, select=select,
                              pin_memory=use_cuda, prefetch_factor=tcfg.get("prefetch_factor") if use_cuda else None)
+        return even_batches(loader, used[rank], steps_per_epoch, drop=counts[rank] - used[rank])
+
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        seed_epoch(int(cfg["seed"]), rank, epoch)  # a resumed epoch draws what the uninterrupted run drew
+        sync_buffers(module)  # ... and starts from rank 0's BatchNorm statistics, as a resume does
+        ddp.train()
         method.on_epoch_start(context(epoch, 0))
         sums: dict[str, torch.Tensor] = {}
         seen = 0
-        for step_in_epoch, (x, y) in enumerate(even_batches(loader, counts[rank], steps_per_epoch)):
+        if method.pre_pass(context(epoch, 0)):  # the method's own pass first (CBD's critic): another shuffle
+            for step_in_epoch, (x, y) in enumerate(epoch_batches(epoch, int(cfg["seed"]) + PRE_PASS_SEED)):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device, precision):
+                    pre_logs = method.pre_pass_step(ddp, x, y, context(epoch, step_in_epoch))
+                for name, value in pre_logs.items():
+                    sums[f"pre_{name}"] = sums.get(f"pre_{name}", 0) + value.detach().float() * y.shape[0]
+        for step_in_epoch, (x, y) in enumerate(epoch_batches(epoch, int(cfg["seed"]))):
             ctx = context(epoch, step_in_epoch)
             momentum = momentum_at(tcfg["schedule"], epoch + step_in_epoch / steps_per_epoch, epochs)
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -260,6 +279,29 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         train_flops=step_flops_per_image * total_samples if step_flops_per_image is not None else None,
         peak_memory_bytes=peak_memory_bytes(device), compile=backend,
     )
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed every global generator a step may draw from (torch on the CPU and every CUDA device:
+    attack starts, dropout, a method's noise; numpy; Python's random) from (seed, rank, epoch).
+
+    The data order and augmentation are pure functions of (seed, epoch, rank) already
+    (harness/data/loader.py), and everything else a step reads (weights, optimiser and method
+    state, BatchNorm statistics, the schedule) is in the epoch checkpoint; so an epoch resumed
+    after a crash computes exactly what the uninterrupted run computed: bitwise-equal weights
+    (tests/test_resume_determinism.py). A method that keeps a generator of its own must seed it
+    from its context or save it in `state_dict`."""
+    words = np.random.SeedSequence([_u32(seed), _u32(rank), _u32(epoch), _EPOCH_SEED_TAG]).generate_state(3)
+    torch.manual_seed(int(words[0]))
+    np.random.seed(int(words[1]))
+    random.seed(int(words[2]))
+
+
+_EPOCH_SEED_TAG = 0x7E50
+
+
+def _u32(value: int) -> int:
+    return int(value) & 0xFFFF_FFFF
 
 
 def steady_images_per_second(samples: int, seconds: float, warmup_seconds: float, warmup_samples: int) -> float:
