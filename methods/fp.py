@@ -139,7 +139,7 @@ class FinePruning(FineTuning):
                  max_acc_drop: float = 0.1, max_ratio: float = 1.0,
                  backdoored_checkpoint: str | None = None) -> None:
         super().__init__(clean_subset, epochs, batch_size, lr, lr_schedule, lr_milestones, lr_gamma, momentum,
-                         weight_decay, nesterov, backdoored_checkpoint)
+                         weight_decay, nesterov, cutout_length=0, backdoored_checkpoint=backdoored_checkpoint)
         if not 0 <= float(max_acc_drop) < 1 or not 0 < float(max_ratio) <= 1:
             raise ValueError(f"fp needs 0 <= max_acc_drop < 1 and 0 < max_ratio <= 1; got {max_acc_drop}, {max_ratio}")
         self.max_acc_drop, self.max_ratio = float(max_acc_drop), float(max_ratio)

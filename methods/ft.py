@@ -11,9 +11,10 @@ teacher model?": main.py with every beta 0, 5 to 10 epochs; BackdoorBench's NAD 
 (utils/util.py `adjust_learning_rate`: lr if epoch < 2, else 0.01; its 0.0001 from epoch 20 is
 never reached in 10 epochs), 10 epochs, 5% clean data (this file used a constant lr 0.01 at batch
 32 with the grid's optimiser before issue 23). Official differences left: its 5% is a random split of the training set, ours
-the first 5% (the data's order is already random); its augmentation adds Cutout(1 hole, 3 px),
-ours is the dataset preset's crop + flip; it keeps the epoch whose test accuracy clears a
-threshold, we keep the last epoch (nothing is chosen on the test split).
+the first 5% (the data's order is already random); it keeps the epoch whose test accuracy clears
+a threshold, we keep the last epoch (nothing is chosen on the test split). Its training loader's
+crop + flip + Cutout(1 hole, length 3) is the dataset preset's augmentation plus `cutout_length`
+(3; 0: off).
 """
 from __future__ import annotations
 
@@ -70,6 +71,16 @@ def finetune_trainer(method_cls: type, method_cfg: dict[str, Any], trainer_cfg: 
     }
 
 
+def cutout_data(method_cls: type, method_cfg: dict[str, Any], data_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Data overrides of a stage that adds Cutout(1 hole, `cutout_length`) after the cell's crop and
+    flip, as bboylyg/NAD's training loader (data_loader.py `get_train_loader`); 0 or a class
+    without the setting: the cell's augmentation as it is."""
+    length = int(method_cfg.get("cutout_length", method_defaults(method_cls).get("cutout_length", 0)) or 0)
+    if not length:
+        return {}
+    return {"augment": {**(data_cfg.get("augment") or {}), "cutout": {"holes": 1, "length": length}}}
+
+
 def load_weights(model: nn.Module, checkpoint: str | None) -> nn.Module:
     """Load a prerequisite cell's final weights into `model` (no-op without a checkpoint)."""
     if checkpoint:
@@ -85,7 +96,7 @@ class FineTuning(Method):
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 10, batch_size: int = 64, lr: float = 0.1,
                  lr_schedule: str = "multistep", lr_milestones: list[int] = (2,), lr_gamma: float = 0.1,
-                 momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = True,
+                 momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = True, cutout_length: int = 3,
                  backdoored_checkpoint: str | None = None) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -93,6 +104,7 @@ class FineTuning(Method):
         self.clean_subset, self.epochs, self.batch_size = float(clean_subset), int(epochs), int(batch_size)
         self.lr, self.lr_schedule, self.lr_milestones, self.lr_gamma = float(lr), lr_schedule, list(lr_milestones), float(lr_gamma)
         self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
+        self.cutout_length = int(cutout_length)
         self.backdoored_checkpoint = backdoored_checkpoint
 
     @classmethod
@@ -102,6 +114,10 @@ class FineTuning(Method):
     @classmethod
     def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
         return finetune_trainer(cls, method_cfg, trainer_cfg)
+
+    @classmethod
+    def runtime_data(cls, method_cfg: dict[str, Any], data_cfg: dict[str, Any]) -> dict[str, Any]:
+        return cutout_data(cls, method_cfg, data_cfg)
 
     def build(self, model: Classifier) -> nn.Module:
         return load_weights(model, self.backdoored_checkpoint)

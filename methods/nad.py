@@ -12,9 +12,9 @@ The teacher is frozen in eval mode; the student trains in train mode.
 
 Stage recipe (config.py, main.py, utils/util.py): 20 epochs, batch 64, SGD momentum 0.9, wd 1e-4,
 nesterov, lr 0.1 for epochs 0 and 1 then 0.01 (`adjust_learning_rate`; its 0.0001 from epoch 20 is
-never reached), 5% clean data. Official differences left: the official keeps the epoch whose test
-accuracy clears a threshold (we keep the last); its 5% is a random split (ours the first 5%); its
-training augmentation adds Cutout(1 hole, 3 px) to crop + flip.
+never reached), 5% clean data, crop + flip + Cutout(1 hole, length 3) (`cutout_length`, added to
+the dataset preset's augmentation). Official differences left: the official keeps the epoch whose
+test accuracy clears a threshold (we keep the last); its 5% is a random split (ours the first 5%).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch import nn
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
 from methods.base import Method, TrainContext, Upstream
-from methods.ft import LR_SCHEDULES, FineTuning, finetune_trainer, load_weights, method_defaults
+from methods.ft import LR_SCHEDULES, FineTuning, cutout_data, finetune_trainer, load_weights, method_defaults
 
 AT_EPS = 1e-6  # added to the map's norm (at.py)
 
@@ -94,7 +94,7 @@ class NAD(Method):
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 20, batch_size: int = 64, lr: float = 0.1,
                  lr_schedule: str = "multistep", lr_milestones: list[int] = (2,), lr_gamma: float = 0.1,
-                 momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = True,
+                 momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = True, cutout_length: int = 3,
                  betas: list[float] = (500.0, 1000.0, 1000.0), p: float = 2.0, teacher: dict[str, Any] | None = None,
                  backdoored_checkpoint: str | None = None, teacher_checkpoint: str | None = None) -> None:
         super().__init__()
@@ -119,6 +119,10 @@ class NAD(Method):
     @classmethod
     def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
         return finetune_trainer(cls, method_cfg, trainer_cfg)
+
+    @classmethod
+    def runtime_data(cls, method_cfg: dict[str, Any], data_cfg: dict[str, Any]) -> dict[str, Any]:
+        return cutout_data(cls, method_cfg, data_cfg)
 
     def build(self, model: Classifier) -> nn.Module:
         load_weights(model, self.backdoored_checkpoint)

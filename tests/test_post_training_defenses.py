@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import harness.train.trainer as trainer
 from harness.core.config import compose_config, finalize
 from harness.data.loader import make_loader
-from harness.run.plan import build_plan, planned_trainer, train_node_id
+from harness.run.plan import build_plan, planned_data, planned_trainer, train_node_id
 from harness.store.checkpoint_sync import local_work_dir
 from harness.store.checkpoints import save_checkpoint
 from harness.train.schedule import lr_at_epochs
@@ -36,6 +36,13 @@ def test_each_stage_runs_its_official_optimiser_and_lr_whatever_the_grid_trainer
     lrs = lr_at_epochs(fp)  # BackdoorBench's CosineAnnealingLR(T_max 100), stepped per epoch
     assert lrs[0] == 0.01 and lrs[50] == pytest.approx(0.005) and all(a > b for a, b in zip(lrs, lrs[1:]))
     assert _trainer_of("ft", "method.lr_schedule=constant", "method.lr=0.01")["schedule"]["name"] == "constant"
+    # FT and NAD train with the preset's crop + flip and bboylyg/NAD's Cutout(1, 3); FP as BackdoorBench
+    for method in ("ft", "nad"):
+        augment = planned_data(finalize(compose_config([f"method={method}", "data=cifar10"])))["augment"]
+        assert augment["cutout"] == {"holes": 1, "length": 3} and augment["crop_padding"] == 4 and augment["hflip"]
+    assert "cutout" not in planned_data(finalize(compose_config(["method=fp", "data=cifar10"])))["augment"]
+    assert planned_data(finalize(compose_config(["method=nad", "data=cifar10", "method.cutout_length=0"]))) \
+        == finalize(compose_config(["method=nad", "data=cifar10"]))["data"]
     with pytest.raises(ValueError, match="lr_schedule"):
         _trainer_of("ft", "method.lr_schedule=step")
 

@@ -18,6 +18,8 @@ CPU as it is (`opt.cuda = 0`).
   settings                  config.py's batch, clean ratio, betas, p, momentum, wd vs the recipe
   steps per epoch           a DataLoader of 2,500 samples at config.py's batch vs our trainer's
                             ceil(samples / batch)
+  cutout                    data_loader.py's Cutout(1, 3) (its training loader's last transform)
+                            at the centres our loader draws vs our loader's Cutout for the stage
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -154,7 +157,30 @@ def check_nad(reference: Path) -> list[Compared]:
             Compared("betas_and_p", max_abs(list(nad_cfg["betas"]) + [nad_cfg["p"]], list(betas) + [off.opt.p])),
             Compared("upstream_erm_epochs", abs(recipe["erm"]["epochs"] - len(erm_epochs)), "int"),
             Compared("upstream_erm_lr_per_epoch", max_abs(erm_lr, lr_at_epochs(recipe["erm"]))),
-            Compared("upstream_erm_batch_size", abs(recipe["erm"]["batch_size"] - off.opt.batch_size), "int")]
+            Compared("upstream_erm_batch_size", abs(recipe["erm"]["batch_size"] - off.opt.batch_size), "int"),
+            Compared("cutout", cutout_difference(reference, "nad"), "image", "Cutout(1, 3) at the same centres")]
+
+
+def cutout_difference(reference: Path, method: str) -> float:
+    """Their data_loader.py `Cutout(1, 3)` on each image at the centres our augmentation draws
+    (its numpy draws replaced by ours, in this process), against our loader's Cutout from the
+    stage's `runtime_data`."""
+    from harness.core.config import compose_config
+    from harness.data.loader import BatchTransform
+    from harness.run.plan import planned_data
+
+    cfg = compose_config([f"method={method}", "recipe=paper", "data=cifar10", "arch=resnet18"])
+    augment = planned_data(cfg)["augment"]  # the preset's crop + flip, and the stage's Cutout
+    images = torch.rand(64, 3, 32, 32) + 0.5  # no zero pixel: every zero is Cutout's
+    ours = BatchTransform.from_args(None, {"cutout": augment["cutout"]})(images, torch.Generator().manual_seed(3))
+    replay = torch.Generator().manual_seed(3)
+    cy, cx = torch.randint(0, 32, (64,), generator=replay), torch.randint(0, 32, (64,), generator=replay)
+    queue = [int(v) for pair in zip(cy, cx) for v in pair]
+    draws = SimpleNamespace(ones=np.ones, float32=np.float32, clip=np.clip,
+                            random=SimpleNamespace(randint=lambda n: queue.pop(0)))
+    cutout = load_functions(reference / "data_loader.py", ["Cutout"], {"np": draws, "torch": torch})["Cutout"](1, 3)
+    theirs = torch.stack([cutout(img) for img in images])
+    return max_abs(theirs, ours)
 
 
 def check_ft(reference: Path) -> list[Compared]:
@@ -184,7 +210,8 @@ def check_ft(reference: Path) -> list[Compared]:
             Compared("lr_per_epoch", max_abs(theirs_lr, lr_at_epochs(recipe["ft"]))),
             Compared("nad_teacher_lr_per_epoch", max_abs(theirs_lr, lr_at_epochs(in_nad))),
             Compared("batch_size", abs(recipe["ft"]["batch_size"] - off.opt.batch_size), "int"),
-            Compared("steps_per_epoch_2500", abs(math.ceil(CLEAN_SAMPLES / recipe["ft"]["batch_size"]) - steps), "int")]
+            Compared("steps_per_epoch_2500", abs(math.ceil(CLEAN_SAMPLES / recipe["ft"]["batch_size"]) - steps), "int"),
+            Compared("cutout", cutout_difference(reference, "ft"), "image", "Cutout(1, 3) at the same centres")]
 
 
 def paper_cfg(method: str) -> dict:
