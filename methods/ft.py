@@ -9,12 +9,12 @@ Defaults are the fine-tuning that bboylyg/NAD runs to get NAD's teacher (README 
 teacher model?": main.py with every beta 0, 5 to 10 epochs; BackdoorBench's NAD takes 10): batch
 64, SGD momentum 0.9, wd 1e-4, nesterov, lr 0.1 for the first two epochs then 0.01
 (utils/util.py `adjust_learning_rate`: lr if epoch < 2, else 0.01; its 0.0001 from epoch 20 is
-never reached in 10 epochs), 10 epochs, 5% clean data (this file used a constant lr 0.01 at batch
-32 with the grid's optimiser before issue 23). Official differences left: its 5% is a random split of the training set, ours
-the first 5% (the data's order is already random); it keeps the epoch whose test accuracy clears
-a threshold, we keep the last epoch (nothing is chosen on the test split). Its training loader's
-crop + flip + Cutout(1 hole, length 3) is the dataset preset's augmentation plus `cutout_length`
-(3; 0: off).
+never reached in 10 epochs), 10 epochs, 5% clean data; its training loader's crop + flip +
+Cutout(1 hole, length 3) is the dataset preset's augmentation plus `cutout_length` (3; 0: off).
+Before issue 23 this file ran a constant lr 0.01 at batch 32 with the grid's optimiser.
+Official differences left: its 5% is a random split of the training set, ours the first 5% (the
+data's order is already random); it keeps the epoch whose test accuracy clears a threshold, we
+keep the last epoch (nothing is chosen on the test split).
 """
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ class FineTuning(Method):
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"method.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
         self.clean_subset, self.epochs, self.batch_size = float(clean_subset), int(epochs), int(batch_size)
-        self.lr, self.lr_schedule, self.lr_milestones, self.lr_gamma = float(lr), lr_schedule, list(lr_milestones), float(lr_gamma)
+        self.lr, self.lr_schedule, self.lr_gamma = float(lr), lr_schedule, float(lr_gamma)
+        self.lr_milestones = list(lr_milestones)
         self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
         self.cutout_length = int(cutout_length)
         self.backdoored_checkpoint = backdoored_checkpoint

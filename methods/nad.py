@@ -100,7 +100,8 @@ class NAD(Method):
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"method.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
-        self.clean_subset, self.epochs, self.batch_size, self.lr = float(clean_subset), int(epochs), int(batch_size), float(lr)
+        self.clean_subset, self.epochs, self.batch_size = float(clean_subset), int(epochs), int(batch_size)
+        self.lr = float(lr)
         self.betas, self.p = [float(b) for b in betas], float(p)
         self.backdoored_checkpoint, self.teacher_checkpoint = backdoored_checkpoint, teacher_checkpoint
 
