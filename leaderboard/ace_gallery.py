@@ -39,6 +39,7 @@ class Explained:
     label: str
     model: str
     summary: dict[str, Any]
+    setting: str = ""   # which refinement ran and the settings departing from the official ACE
     samples: list[dict[str, Any]] = field(default_factory=list)
     png_error: str | None = None
 
@@ -52,6 +53,15 @@ def ace_analyses(cell: Cell) -> dict[str, dict[str, Any]]:
     if not isinstance(blob, dict):
         return {}
     return {k: v for k, v in blob.items() if isinstance(v, dict) and v.get("analysis") == "ace"}
+
+
+def setting_text(summary: dict[str, Any]) -> str:
+    """'refine=repaint; official' or 'refine=paired; early_stop=true eta=0 ...' from the summary.
+    Summaries written before the official algorithm became the default (no `ace_departures`) say so."""
+    if "ace_departures" in summary:
+        return f"refine={summary.get('ace_refine', '?')}; {summary['ace_departures']}"
+    config = summary.get("ace_config") if isinstance(summary.get("ace_config"), dict) else {}
+    return f"refine={config.get('refine', '?')}; measured before the official algorithm (early stop, filtered x')"
 
 
 def png_uri(image: np.ndarray, scale: int = 8) -> Markup:
@@ -88,7 +98,7 @@ def collect(cells: dict[str, Cell], results_dir: Path, n_shown: int = N_SHOWN) -
     for cell in cells.values():
         for label, summary in ace_analyses(cell).items():
             model = f"{cell.first('arch') or '?'} / {cell.first('method') or '?'} / seed {cell.first('seed')}"
-            item = Explained(cell.key, label, model, summary)
+            item = Explained(cell.key, label, model, summary, setting_text(summary))
             npz = results_dir / "analysis" / cell.key / label / "counterfactuals.npz"
             try:
                 item.samples = _samples(npz, list(cell.first("class_names") or []), n_shown)

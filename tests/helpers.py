@@ -59,8 +59,10 @@ def method_cell(name: str, data_root: Path, results: Path, upstream: str | None,
     for part in (cfg["method"], cfg["method"].get("base") or {}):  # fewer attack steps: seconds, not minutes
         if "steps" in (part.get("attack") or {}):
             part["attack"]["steps"] = 2
+    accepted = inspect.signature(METHODS.get(name).__init__).parameters
+    if "isolation_ratio" in accepted:  # ABL's 1% of 128 would isolate one sample: too few for train-mode BatchNorm
+        cfg["method"]["isolation_ratio"] = 0.05
     if upstream is not None:
-        accepted = inspect.signature(METHODS.get(name).__init__).parameters
         for arg in UPSTREAM_CHECKPOINTS:
             if arg in accepted:
                 cfg["method"][arg] = upstream

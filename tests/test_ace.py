@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from harness.eval.analysis import cf_metrics as M
-from harness.eval.analysis.ace import ACEConfig, ace, plain_pgd, refinement_mask, runner_up_target
+from harness.eval.analysis import ace as ace_module
+from harness.eval.analysis.ace import (ACEConfig, ace, describe_departures, plain_pgd, refinement_mask,
+                                       runner_up_target)
 from harness.eval.analysis.diffusion import (DDPMConfig, denoise_from, load_split, respaced_timesteps,
                                         train_ddpm)
 
@@ -48,6 +50,9 @@ def test_respacing_and_tau_zero_is_identity(tiny_ddpm, digits) -> None:
     ts = respaced_timesteps(1000, 50, 0.3)
     assert ts == sorted(ts, reverse=True) and max(ts) <= 0.3 * 999 and len(ts) == 15
     assert len(respaced_timesteps(1000, 50, 1.0)) == 50
+    # the official count: int(fraction * respacing) lowest steps of improved-diffusion's respacing
+    assert respaced_timesteps(500, 50, 0.1) == [41, 31, 20, 10, 0]     # CelebA: T 500, 50, 0.1
+    assert respaced_timesteps(1000, 10, 0.25) == [111, 0]               # int(2.5) = 2, not t <= 250
     x = digits[0][:8]
     assert torch.equal(denoise_from(tiny_ddpm, x, 0.0, 50), x)
     out = denoise_from(tiny_ddpm, x, 0.3, 50)
@@ -85,7 +90,71 @@ def test_ace_flips_a_tiny_model_and_keeps_pixels_outside_the_mask(tiny_ddpm, lin
     assert outside.any() and torch.equal(res.cf[outside], x[outside])
     base = plain_pgd(linear_model, x, target, cfg)
     assert bool(M.flipped(linear_model, base.cf, target).all())
-    assert (base.iterations < cfg.iterations).all()
+    assert (base.iterations == cfg.iterations).all() and torch.equal(base.cf, base.pre)
+
+
+class Counting(torch.nn.Module):
+    """A classifier that counts its calls and the rows it saw."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls, self.rows = model, 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls, self.rows = self.calls + 1, self.rows + len(x)
+        return self.model(x)
+
+
+def test_defaults_are_the_official_settings() -> None:
+    cfg = ACEConfig()
+    assert (cfg.iterations, cfg.step_size, cfg.dist_weight, cfg.distance) == (50, 1 / 255, 0.001, "l1")
+    assert (cfg.tau, cfg.sampling_steps, cfg.eta) == (0.1, 50, 1.0)
+    assert (cfg.mask_threshold, cfg.mask_dilation, cfg.refine, cfg.early_stop) == (0.15, 15, "repaint", False)
+    assert describe_departures(cfg) == "official" and cfg.departures() == {}
+    paired = ACEConfig(refine="paired", early_stop=True, eta=0.0, seed=3)
+    assert describe_departures(paired) == "eta=0 refine=paired early_stop=true"   # seed is not a departure
+
+
+def test_official_attack_runs_every_iteration_and_keeps_the_raw_pre_explanation(tiny_ddpm, linear_model,
+                                                                                 digits) -> None:
+    """No early stop (every sample takes all iterations, even one the filter flips at once), the
+    pre-explanation is the attacked x' (x plus whole steps, clamped), never F_tau(x'), the mask is
+    computed from |x - x'|, fresh filter noise every iteration and one inpainting pass."""
+    x = digits[0][:6]
+    target = runner_up_target(linear_model, x)
+    cfg = ACEConfig(tau=0.1, sampling_steps=20, iterations=12, step_size=0.05, mask_dilation=3)
+    draws: list[torch.Tensor] = []
+    stream = ace_module.NoiseStream.__call__
+    model = Counting(linear_model)
+    try:
+        ace_module.NoiseStream.__call__ = lambda self, like: draws.append(stream(self, like)) or draws[-1]
+        res = ace(model, tiny_ddpm, x, target, cfg)
+    finally:
+        ace_module.NoiseStream.__call__ = stream
+    assert (res.iterations == cfg.iterations).all()
+    assert model.calls == cfg.iterations and model.rows == cfg.iterations * len(x)   # whole batch, no extra pass
+    # x' itself, not filtered: every pixel is whole steps from x, or from 0 or 1 (after a clamp)
+    off_lattice = torch.stack([((res.pre - o) / cfg.step_size - ((res.pre - o) / cfg.step_size).round()).abs()
+                               for o in (x, torch.zeros_like(x), torch.ones_like(x))]).amin(0)
+    assert off_lattice.max() < 1e-3 and not torch.equal(res.pre, x)
+    assert torch.equal(res.mask, refinement_mask(x, res.pre, cfg.mask_threshold, cfg.mask_dilation))
+    # 2 filter steps: 2 draws per iteration (forward + 1 step), then inpainting 1 + 2 + 1
+    assert len(draws) == 2 * cfg.iterations + 4
+    assert all(not torch.equal(draws[0], d) for d in draws[2::2])                   # fresh each iteration
+    # the same flip early in the attack does not stop it: a sample the filter flips at once
+    early = ACEConfig(tau=0.1, sampling_steps=20, iterations=12, step_size=0.05, mask_dilation=3, early_stop=True)
+    stopped = ace(linear_model, tiny_ddpm, x, target, early)
+    assert (stopped.iterations < cfg.iterations).any()
+
+
+def test_seeded_runs_repeat_and_the_seed_matters(tiny_ddpm, linear_model, digits) -> None:
+    x = digits[0][:3]
+    target = runner_up_target(linear_model, x)
+    cfg = ACEConfig(tau=0.1, sampling_steps=20, iterations=3, step_size=0.05, mask_dilation=1)
+    a, b = ace(linear_model, tiny_ddpm, x, target, cfg), ace(linear_model, tiny_ddpm, x, target, cfg)
+    assert torch.equal(a.cf, b.cf) and torch.equal(a.pre, b.pre)
+    other = ace(linear_model, tiny_ddpm, x, target, ACEConfig(**{**cfg.describe(), "seed": 1}))
+    assert not torch.equal(a.cf, other.cf)
 
 
 @pytest.mark.parametrize("refine", ["repaint", "paired"])
@@ -112,6 +181,10 @@ def test_refinement_mask_dilates_the_largest_change() -> None:
     m = refinement_mask(x, pre, 0.15, 3)
     assert m.sum() == 9 and m[0, 0, 3:6, 3:6].all() and m[0, 0, 0, 0] == 0
     assert refinement_mask(x, pre, 0.15, 1).sum() == 1
+    pre[0, 0, 0, 0] = 0.15     # at the threshold: in the mask (the official keeps x only below it)
+    assert refinement_mask(x, pre, 0.15, 1).sum() == 2
+    # the official kernel 15 at 8x8: any change marks the whole image
+    assert refinement_mask(x, pre, 0.15, 15).sum() == 64
 
 
 def test_metrics_on_hand_made_changes() -> None:
@@ -166,7 +239,8 @@ def _fake_cell(results_dir: Path, key: str, method: str, n: int = 3) -> None:
     from harness.store.results import SCHEMA_VERSION, write_cell_result
 
     summary = {"analysis": "ace", "n_explained": n, "ace_flip_rate": 1.0, "pgd_flip_rate": 1.0,
-               "ace_hf_share": 0.2, "pgd_hf_share": 0.4, "ace_l2": 1.0, "pgd_l2": 1.5}
+               "ace_hf_share": 0.2, "pgd_hf_share": 0.4, "ace_l2": 1.0, "pgd_l2": 1.5,
+               "ace_refine": "paired", "ace_departures": "eta=0 refine=paired early_stop=true"}
     row = {"schema_version": SCHEMA_VERSION, "key": key, "status": "ok", "dataset": "digits",
            "arch": "test_resnet", "method": method, "seed": 0, "attack": "pgd", "norm": "linf",
            "eps": 0.15, "clean_acc": 0.9, "robust_acc": 0.5, "class_names": [str(c) for c in range(10)],
@@ -193,6 +267,7 @@ def test_gallery_page_renders_escaped_and_linked(tmp_path: Path) -> None:
     assert page.count("data:image/png;base64,") == 3 * 5
     assert "100.00" in page and "0.2" in page and "0.4" in page
     assert page.count("not flipped ✗") == 1 and "oracle says 3" in page
+    assert page.count("refine=paired; eta=0 refine=paired early_stop=true") == 2   # table row and section
     assert 'href="ace.html"' in index.read_text()
     cell_page = next((tmp_path / "site" / "cells").glob("*.html")).read_text()
     assert 'href="../ace.html"' in cell_page
@@ -220,6 +295,9 @@ def test_cell_with_ace_reuses_the_checkpoint_and_commits_the_summary(tiny) -> No
     rows = [r for r in read_results(cfg["results_dir"]).to_pylist() if r["key"] == cfg["key"]]
     summary = json.loads(rows[0]["analysis_json"])["ace"]
     assert summary["n_explained"] == 4 and 0 <= summary["ace_flip_rate"] <= 1
+    assert summary["ace_refine"] == "repaint" and summary["ace_departures"] == "tau=0.3 sampling_steps=10 " \
+        "iterations=3 step_size=0.02 mask_dilation=3"     # ace.yaml's small-image values and this test's
+    assert summary["ace_mean_iterations"] == 3                                  # no early stop
     folder = Path(cfg["results_dir"]) / "analysis" / cfg["key"] / "ace"
     assert {"summary.json", "counterfactuals.npz", "gallery.png"} <= {p.name for p in folder.iterdir()}
     bad = finalize(compose_config(tiny + ["analysis=[ace]", "analysis.ace.ace.tau=2"]))

@@ -1,4 +1,5 @@
-"""Every method and poison has its conformance row, and the benchmark that measures it runs.
+"""Every method, poison and analysis checked has its conformance row, and the benchmark that
+measures it runs.
 
 The measurement itself needs the official repositories (fetched outside this repository, never
 committed; CI has no GitHub): set CONFORMANCE_REFS to a folder of checkouts named like
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.core.registry import METHODS, POISONS
+from harness.core.registry import ANALYSES, METHODS, POISONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "conformance.md"
@@ -39,8 +40,15 @@ def test_every_checked_plugin_is_registered_and_has_a_row() -> None:
     for module in modules():
         assert "/" in module.REPOSITORY
         for name in module.CHECKS:
-            assert name in METHODS.names() or name in POISONS.names(), name
+            assert name in METHODS.names() or name in POISONS.names() or name in ANALYSES.names(), name
             assert name in rows, f"docs/conformance.md has no row for {name}"
+
+
+def test_every_method_and_poison_has_its_row() -> None:
+    """A plugin in the tables without a conformance row is a claim nobody checked."""
+    rows = doc_rows()
+    missing = sorted((set(METHODS.names()) | set(POISONS.names())) - set(rows))
+    assert not missing, f"docs/conformance.md has no row for {missing}"
 
 
 def test_the_benchmark_lists_its_checks() -> None:

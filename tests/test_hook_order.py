@@ -2,21 +2,19 @@
 documented order, for every registered method (2 epochs x 2 steps, world size 1)."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import harness.train.trainer as trainer
-from harness.core.config import compose_config, finalize
 from harness.core.registry import METHODS
 from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
 from methods.base import Method
+from helpers import method_cell
 
 HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "on_epoch_start", "pre_pass",
          "pre_pass_step", "training_step", "after_step", "on_epoch_end", "eval_model", "state_dict", "load_state_dict")
-UPSTREAM_CHECKPOINTS = ("backdoored_checkpoint", "teacher_checkpoint", "isolation_checkpoint")  # FT, FP, NAD, CBD, ABL
 EPOCHS, STEPS = 2, 2
 SELECTING = {"abl": 6, "abl_finetune": 122}  # 5% of 128 under the isolation model, and the rest
 
@@ -35,21 +33,8 @@ def _recording(method: Method, calls: list[str]) -> Method:
 
 
 def _cfg(name: str, data_root: Path, results: Path, upstream: str | None) -> dict[str, Any]:
-    cfg = finalize(compose_config([f"data.root={data_root}", f"results_dir={results}", "trainer=tiny",
-                                   f"trainer.epochs={EPOCHS}", "data.train_limit=128", f"method={name}"]))
+    cfg = method_cell(name, data_root, results, upstream, epochs=EPOCHS)
     assert cfg["trainer"]["batch_size"] * STEPS == 128
-    for part in (cfg["method"], cfg["method"].get("base") or {}):  # fewer attack steps: seconds, not minutes
-        if "steps" in (part.get("attack") or {}):
-            part["attack"]["steps"] = 2
-    if name in SELECTING:  # 1% would isolate one sample: too few for BatchNorm in train mode
-        cfg["method"]["isolation_ratio"] = 0.05
-    if upstream is not None:  # a method that starts from an upstream model gets the tiny ERM
-        accepted = inspect.signature(METHODS.get(name).__init__).parameters
-        for arg in UPSTREAM_CHECKPOINTS:
-            if arg in accepted:
-                cfg["method"][arg] = upstream
-        if name.startswith("adml_"):
-            cfg["trainer"]["init_from"] = upstream
     return cfg
 
 

@@ -85,3 +85,23 @@ def test_the_trainer_sets_the_cycled_momentum(data_root, tmp_path) -> None:
     last = 2 - 1 / 2  # 2 epochs of 2 steps: the last step starts at epoch 1.5
     assert group["momentum"] == pytest.approx(momentum_at(cfg["trainer"]["schedule"], last, 2))
     assert group["momentum"] != pytest.approx(0.9)
+    assert group["lr"] == pytest.approx(cfg["trainer"]["optimizer"]["lr"] * lr_factor(cfg["trainer"]["schedule"], last, 2))
+
+    cfg["trainer"]["schedule"]["step_lr_at"] = "end"  # the same run, each step's lr taken at its end
+    cfg["results_dir"] = str(tmp_path / "end")
+    trainer.train(cfg, local_work_dir(cfg))
+    group = torch.load(local_work_dir(cfg) / trainer.CHECKPOINT, weights_only=False)["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(0.0)  # the cyclic schedule's value at the run's end
+
+
+def test_step_lr_at_end_sets_each_step_where_it_ends() -> None:
+    """Scripts computing step i's lr from epoch + (i + 1) / steps (bag-of-tricks PGD-AT, AT-AWP):
+    the last step before a milestone already runs at the lower lr; every other step agrees."""
+    from harness.train.schedule import schedule_position
+
+    cfg = {"name": "multistep", "milestones": [2], "gamma": 0.1}
+    at_start = [lr_factor(cfg, schedule_position(cfg, e, i, 4), 3) for e in range(3) for i in range(4)]
+    at_end = [lr_factor(cfg, schedule_position({**cfg, "step_lr_at": "end"}, e, i, 4), 3) for e in range(3) for i in range(4)]
+    assert [k for k, (a, b) in enumerate(zip(at_start, at_end)) if a != b] == [7]  # epoch 1's last step
+    with pytest.raises(ValueError, match="step_lr_at"):
+        schedule_position({"step_lr_at": "middle"}, 0, 0, 4)

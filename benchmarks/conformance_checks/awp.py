@@ -118,15 +118,18 @@ def check_awp(reference: Path) -> list[Compared]:
     logs = our_step(method, ours, opt_ours, x, y, train_context(ours))
 
     recipe = paper_trainers("awp")["awp"]
-    from harness.train.schedule import lr_at_epochs
+    from harness.train.schedule import lr_at_epochs, lr_factor, schedule_position
 
     steps = 391  # 50,000 / 128, rounded up: their Batches keep the last partial batch, as ours
     theirs_lr = [float(ns["lr_schedule"](epoch + 1 / steps)) for epoch in range(int(args.epochs))]
+    theirs_every = [float(ns["lr_schedule"](e + (i + 1) / steps)) for e in range(int(args.epochs)) for i in range(steps)]
+    ours_every = [float(recipe["optimizer"]["lr"]) * lr_factor(recipe["schedule"], schedule_position(
+        recipe["schedule"], e, i, steps), int(recipe["epochs"])) for e in range(int(recipe["epochs"])) for i in range(steps)]
     return [Compared("epochs", abs(recipe["epochs"] - int(args.epochs)), "int"),
             Compared("batch_size", abs(recipe["batch_size"] - int(args.batch_size)), "int"),
-            Compared("lr_per_epoch", max_abs(theirs_lr, lr_at_epochs(recipe)),
-                     note="their rule reads t = epoch + (i + 1) / steps: the last step of epochs 99 and 149 "
-                          "already runs at the lower lr (2 of 78,200 steps)"),
+            Compared("lr_per_epoch", max_abs(theirs_lr, lr_at_epochs(recipe))),
+            Compared("lr_every_step", max_abs(theirs_every, ours_every),
+                     note=f"{len(theirs_every)} steps; their rule reads t = epoch + (i + 1) / steps: step_lr_at end"),
             Compared("adversarial_example", max_abs(ns["X_adv"], crafted[0])),
             Compared("weight_perturbation", perturbation_diff(theirs, kept[0], float(args.awp_gamma), ours, perturbations[0])),
             Compared("loss_at_perturbed_weights", max_abs(ns["robust_loss"], logs["loss"])),

@@ -37,29 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Variable
 
-from conformance_checks.common import (Compared, Recorder, ScriptBody, cuda_on_cpu, import_file, load_functions,
-                                       max_abs, max_param_diff, our_step, paper_trainers, same_random, tiny_batch,
-                                       tiny_model, train_context)
+from conformance_checks.common import (Compared, cuda_on_cpu, import_file, load_functions, max_abs,
+                                       max_param_diff, NormalisedInput, our_step, paper_trainers, Recorder,
+                                       same_random, ScriptBody, tiny_batch, tiny_model, train_context)
 
 REPOSITORY = "P2333/Bag-of-Tricks-for-AT"
 N_TRAIN = 50_000
 BASELINE = ["--BNeval"]  # the README's baseline command, besides --model WideResNet and --fname auto
-
-
-class NormalisedInput(nn.Module):
-    """What the script's model sees: normalize(x) = (x - mu) / std. Ours behind the inverse map."""
-
-    def __init__(self, model: nn.Module, mu: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mu", mu.detach().clone().view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", std.detach().clone().view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model(self.pixels(z))
-
-    def pixels(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std + self.mu
 
 
 def official_module_level(reference: Path) -> dict[str, Any]:
@@ -132,7 +116,7 @@ def _ours(base: nn.Module, start: torch.Tensor, x: torch.Tensor, y: torch.Tensor
 
 def check_pgd_at(reference: Path) -> list[Compared]:
     from harness.core.config import compose_config, finalize
-    from harness.train.schedule import lr_at_epochs, lr_factor
+    from harness.train.schedule import lr_at_epochs, lr_factor, schedule_position
     from methods.pgd_at import PGDAT
 
     x, y = tiny_batch(16)
@@ -165,7 +149,8 @@ def check_pgd_at(reference: Path) -> list[Compared]:
     lr_schedule = baseline_ns["lr_schedule"]
     epochs = int(recipe["epochs"])
     theirs_every = [lr_schedule(e + (i + 1) / steps) for e in range(args.epochs) for i in range(steps)]
-    ours_every = [float(recipe["optimizer"]["lr"]) * lr_factor(recipe["schedule"], e + i / ours_steps, epochs)
+    ours_every = [float(recipe["optimizer"]["lr"])
+                  * lr_factor(recipe["schedule"], schedule_position(recipe["schedule"], e, i, ours_steps), epochs)
                   for e in range(epochs) for i in range(ours_steps)]
     differing = [k for k, (a, b) in enumerate(zip(theirs_every, ours_every)) if abs(a - b) > 1e-12]
     where = ", ".join(f"epoch {k // steps} step {k % steps}" for k in differing)

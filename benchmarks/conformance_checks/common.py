@@ -305,3 +305,23 @@ class ScriptBody:
         module = ast.fix_missing_locations(ast.Module(body=nodes, type_ignores=[]))
         exec(compile(module, str(self.path), "exec"), namespace)  # noqa: S102 (their code, by design)
         return namespace
+
+
+class NormalisedInput(nn.Module):
+    """What a script whose data pipeline normalises sees: its model takes (x - mu) / std; ours
+    (normalisation inside, [0, 1] in) sits behind the inverse map, so both share one set of weights."""
+
+    def __init__(self, model: nn.Module, mu: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mu", mu.detach().clone().view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.detach().clone().view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(self.pixels(z))
+
+    def pixels(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mu
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mu) / self.std

@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conformance_checks.common import (Compared, Recorder, ScriptBody, cuda_on_cpu, import_file, load_functions,
-                                       max_abs, max_param_diff, our_step, paper_trainers, same_random, tiny_batch,
-                                       tiny_model, train_context, twins)
+from conformance_checks.common import (Compared, cuda_on_cpu, import_file, load_functions, max_abs,
+                                       max_param_diff, NormalisedInput, our_step, paper_trainers, Recorder,
+                                       same_random, ScriptBody, tiny_batch, tiny_model, train_context, twins)
 
 REPOSITORY = "locuslab/fast_adversarial"
 N_TRAIN = 50_000  # CIFAR-10's training split, what len(train_loader) counts
@@ -96,25 +96,6 @@ def script_args(path: Path, argv: list[str] | None = None) -> SimpleNamespace:
         return get_args()
     finally:
         sys.argv = saved
-
-
-class NormalisedInput(nn.Module):
-    """What the scripts' model sees: (x - mu) / std. Ours behind the inverse map."""
-
-    def __init__(self, model: nn.Module, mu: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mu", mu.detach().clone().view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", std.detach().clone().view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model(self.pixels(z))
-
-    def pixels(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std + self.mu
-
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mu) / self.std
 
 
 def _namespace(utils: types.ModuleType, args: SimpleNamespace, model: nn.Module) -> dict[str, Any]:

@@ -54,6 +54,17 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
     raise AssertionError(name)
 
 
+def schedule_position(scfg: dict[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The fractional epoch at which the schedule sets step `step` of `epoch`: its start (default),
+    or with `step_lr_at: end` its end, as scripts that compute the lr of step i from
+    `epoch + (i + 1) / len(loader)` do (the bag-of-tricks PGD-AT, AT-AWP): only the last step
+    before a milestone differs."""
+    at = scfg.get("step_lr_at", "start")
+    if at not in ("start", "end"):
+        raise ValueError(f"trainer.schedule.step_lr_at must be start or end, got {at!r}")
+    return epoch + (step + (1 if at == "end" else 0)) / steps_per_epoch
+
+
 def cyclic_peak(scfg: dict[str, Any], epochs: int) -> float:
     """The epoch where a cyclic schedule peaks: `peak_epoch`, else `peak_fraction` (0.5) of the run."""
     if scfg.get("peak_epoch") is not None:

@@ -48,7 +48,7 @@ from harness.train.device import rank_setup
 from harness.train.ranks import run_ranks
 from harness.train.optimizers import build_optimizer, check_trainer_config
 from harness.train.compile import FIX as COMPILE_FIX, check_compile, compile_backend, compile_classifier
-from harness.train.schedule import lr_factor, momentum_at
+from harness.train.schedule import lr_factor, momentum_at, schedule_position
 from harness.train.selection import TrainSamples
 from methods.base import ExtraOptimizer, Method, TrainContext, build_method
 
@@ -177,7 +177,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     samples_per_epoch: list[int] = state.get("samples_per_epoch", [])
 
     def context(epoch: int, step_in_epoch: int) -> TrainContext:
-        lr_scale = lr_factor(tcfg["schedule"], epoch + step_in_epoch / steps_per_epoch, epochs)
+        lr_scale = lr_factor(tcfg["schedule"], schedule_position(tcfg["schedule"], epoch, step_in_epoch,
+                                                                 steps_per_epoch), epochs)
         return TrainContext(epoch=epoch, epochs=epochs, step=epoch * steps_per_epoch + step_in_epoch,
                             steps_per_epoch=steps_per_epoch, device=device, rank=rank, world_size=world_size,
                             classifier=attack_target, lr_scale=lr_scale)
@@ -219,7 +220,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                     sums[f"pre_{name}"] = sums.get(f"pre_{name}", 0) + value.detach().float() * y.shape[0]
         for step_in_epoch, (x, y) in enumerate(epoch_batches(epoch, int(cfg["seed"]))):
             ctx = context(epoch, step_in_epoch)
-            momentum = momentum_at(tcfg["schedule"], epoch + step_in_epoch / steps_per_epoch, epochs)
+            momentum = momentum_at(tcfg["schedule"], schedule_position(tcfg["schedule"], epoch, step_in_epoch,
+                                                                       steps_per_epoch), epochs)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * ctx.lr_scale
                 if momentum is not None:  # a cyclic schedule cycling momentum (torch's CyclicLR)

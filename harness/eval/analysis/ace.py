@@ -1,17 +1,41 @@
 """ACE: adversarial counterfactual explanations through a DDPM (Jeanneret et al., CVPR 2023).
 
-1. Pre-explanation: PGD (signed steps, effectively unbounded, clamp [0, 1]) on
-   L_cls(C(F_tau(x')), target) + lambda * d(x, x'), where F_tau noises x' to tau*T and denoises it
-   with the DDPM; the gradient flows through the whole denoising chain (gradient checkpointing)
-   and every iteration draws fresh noise. A sample stops once C(F_tau(x')) says `target`; its
-   pre-explanation is that filtered image x~.
-2. Refinement: mask = channel-sum |x - x~| / max, dilated by a max-pool, thresholded; F_tau is
-   re-run on x~ while q_sample(x, t) is re-injected outside the mask (RePaint inpainting), so
-   pixels outside the mask equal x exactly.
+The default settings run the official algorithm (guillaumejs2403/ACE: main.py `filter_fn`,
+core/attacks_and_models.py `PGD` and `JointClassifierDDPM`; settings of scripts/celeba-attack.sh):
 
-Both terms of the loss are summed per sample (never CE averaged over the batch against an L1
-summed over it, the official code's trap that makes lambda grow with the batch size).
-`plain_pgd` is the baseline: the same loss, steps and stopping rule, with no diffusion filter.
+1. Pre-explanation x': `iterations` (50) signed-gradient steps of `step_size` (1/255) from x' = x
+   on CE(C(F_tau(x')), target) + lambda d(x, x'), clamped to [0, 1] (the official eps 255/255
+   bounds nothing more). F_tau noises x' to the top of the int(tau * sampling_steps) lowest steps
+   of a `sampling_steps` respacing and denoises through them (clipped x0 estimate, posterior
+   variance); the gradient flows through the whole chain (gradient checkpointing) and every
+   iteration draws fresh noise. Every sample runs every iteration (no early stop) and the
+   pre-explanation is x' itself, not F_tau(x').
+2. Refinement (`refine: repaint`): mask = channel-sum |x - x'| / its max, max-pooled with kernel
+   `mask_dilation` (15), >= `mask_threshold` (0.15). ONE inpainting pass: x' is noised to the top
+   step and, before every denoising step, the pixels outside the mask are replaced by
+   q_sample(x, t); the result is composited with x outside the mask.
+
+Noise: one generator seeded with `seed` draws every random tensor of a call in the official
+order (per attack iteration: the forward noise, then one per stochastic step; the inpainting
+pass: the forward noise of x', then per step q_sample(x, t)'s noise and the step's noise), so
+the official code run after torch.manual_seed(seed) draws the very same numbers
+(benchmarks/conformance_checks/ace.py).
+
+Where it departs (each a setting whose non-default value is listed in the summary's
+`ace_departures` and shown beside the analysis label on the leaderboard's ACE page):
+* lambda is per sample: CE and d are both summed per sample. The official code averages CE over
+  the batch but sums d over it, so its effective lambda grows with the batch size; it equals
+  ours run with lambda = its dist_l1 * batch size (METHODS.md's trap).
+* `early_stop: true` (ours): a sample stops at the first iteration whose refined counterfactual
+  the model classifies as the target (checked when C(F_tau(x')) says the target).
+* `refine: paired` (ours): cf = x + mask * (F_tau(x') - F_tau(x)), both filtered under the same
+  noise, mask from |F_tau(x) - F_tau(x')|: the filter's own reconstruction error of x is not part
+  of the change. `refine: none`: cf = F_tau(x') (the official `sampling_inpaint 0`).
+* `eta` < 1: DDIM(eta) steps (eta 0 is not the official `sampling_stochastic False`, which noises
+  with zeros and takes posterior means).
+* The DDPM's variance is the fixed posterior one (the official DDPMs learn sigma).
+`plain_pgd` is the baseline (the official `attack_joint False`): the same loss, steps and stopping
+rule with no diffusion filter.
 """
 from __future__ import annotations
 
@@ -21,25 +45,29 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.eval.analysis.diffusion import DDPM, denoise_from, filter_noise_draws
+from harness.eval.analysis.diffusion import DDPM, Draw, denoise_from
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 REFINE = ("repaint", "paired", "none")
+NOT_SETTINGS = ("seed", "grad_checkpoint")   # how it runs, not what it computes
 
 
 @dataclass(frozen=True)
 class ACEConfig:
-    tau: float = 0.3              # noise level of the filter, as a fraction of T
-    sampling_steps: int = 50      # respacing of [0, T); the filter runs the tau * steps lowest ones
-    eta: float = 1.0              # 1: stochastic DDPM steps (the paper); 0: deterministic DDIM
-    iterations: int = 50
-    step_size: float = 0.02       # signed-gradient step on [0, 1] images
-    distance: str = "l1"          # l1 (ACE-l1) or l2 (ACE-l2)
-    dist_weight: float = 0.001    # lambda, per sample
-    mask_threshold: float = 0.15
-    mask_dilation: int = 3        # max-pool kernel (odd); 1 = no dilation
-    refine: str = "repaint"       # repaint (the paper), paired (see module doc) or none
-    seed: int = 0                 # noise of the filter: iteration i of the attack uses seed + i
+    """ACE's settings; the defaults are the official ones (scripts/celeba-attack.sh + main.py)."""
+
+    tau: float = 0.1              # sampling_time_fraction: the filter runs int(tau * sampling_steps) steps
+    sampling_steps: int = 50      # timestep_respacing
+    eta: float = 1.0              # 1: stochastic DDPM steps (official); < 1: DDIM(eta), ours
+    iterations: int = 50          # attack_iterations
+    step_size: float = 1 / 255    # attack_step / 255, signed-gradient step on [0, 1] images
+    distance: str = "l1"          # l1 (ACE-l1, dist_l1) or l2 (ACE-l2, dist_l2)
+    dist_weight: float = 0.001    # lambda, per sample (see the module doc)
+    mask_threshold: float = 0.15  # sampling_inpaint
+    mask_dilation: int = 15       # sampling_dilation: max-pool kernel (odd); 1 = no dilation
+    refine: str = "repaint"       # repaint (official), paired (ours) or none
+    early_stop: bool = False      # official: every sample runs every iteration
+    seed: int = 0                 # the generator of every noise draw
     grad_checkpoint: bool = True
 
     @classmethod
@@ -66,13 +94,26 @@ class ACEConfig:
     def describe(self) -> dict[str, Any]:
         return asdict(self)
 
+    def departures(self) -> dict[str, Any]:
+        """The settings that differ from the official ones (what the leaderboard shows)."""
+        official = ACEConfig()
+        return {k: v for k, v in asdict(self).items()
+                if k not in NOT_SETTINGS and v != getattr(official, k)}
+
+
+def describe_departures(cfg: ACEConfig) -> str:
+    """'refine=paired early_stop=true ...' or 'official' (for the leaderboard label)."""
+    dep = cfg.departures()
+    text = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:.4g}" if isinstance(v, float) else str(v)
+    return " ".join(f"{k}={text(v)}" for k, v in dep.items()) or "official"
+
 
 @dataclass
 class Counterfactuals:
     cf: torch.Tensor          # (N, C, H, W) final counterfactuals in [0, 1]
-    pre: torch.Tensor         # pre-explanations (ACE) / equal to cf (plain PGD)
-    mask: torch.Tensor        # (N, 1, H, W) refinement mask (ones for plain PGD)
-    iterations: torch.Tensor  # (N,) attack iterations used until the flip (== max if never)
+    pre: torch.Tensor         # pre-explanations: the attacked x' (equal to cf for plain PGD)
+    mask: torch.Tensor        # (N, 1, H, W) refinement mask (ones for plain PGD and refine none)
+    iterations: torch.Tensor  # (N,) attack iterations run (cfg.iterations unless early_stop)
 
 
 def distance(x: torch.Tensor, x_ref: torch.Tensor, kind: str) -> torch.Tensor:
@@ -87,18 +128,68 @@ def runner_up_target(model: Classifier, x: torch.Tensor) -> torch.Tensor:
         return model(x).topk(2, dim=1).indices[:, 1]
 
 
-Finish = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+class NoiseStream:
+    """Standard normal tensors shaped like the one given, in call order, from one seeded generator
+    (what torch.randn_like draws from the global generator after torch.manual_seed(seed))."""
+
+    def __init__(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.gen, dtype=like.dtype).to(like.device)
 
 
-def _signed_pgd(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig,
-                view: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
-                finish: Finish | None = None) -> Counterfactuals:
-    """PGD on CE(model(view(x')), target) + lambda d(x, x'); per sample, stop once it flips.
+class Bank:
+    """One filter pass's noise for the whole batch, drawn from the stream on first use, then
+    replayed: the same noise can filter two images (paired) or the still-active rows (early stop)."""
 
-    `view(x'[idx], idx, iteration)` sees the still-active rows. With `finish(pre, idx, iteration)
-    -> (cf, mask)` (the refinement), a sample stops only when its refined counterfactual flips
-    (the attack goes on otherwise); without it, when view(x') flips. A sample never flipped
-    keeps its last iteration's result; `iterations` is then cfg.iterations."""
+    def __init__(self, stream: NoiseStream, like: torch.Tensor) -> None:
+        self.stream, self.like, self.draws = stream, like, []
+
+    def replay(self, idx: torch.Tensor) -> Draw:
+        k = 0
+
+        def draw(_: torch.Tensor) -> torch.Tensor:
+            nonlocal k
+            if k == len(self.draws):
+                self.draws.append(self.stream(self.like))
+            k += 1
+            return self.draws[k - 1][idx]
+        return draw
+
+
+# view(x'[idx], idx, bank) -> what the classifier sees; finish(x'[idx], idx, bank) -> (cf, mask)
+View = Callable[[torch.Tensor, torch.Tensor, "Bank | None"], torch.Tensor]
+Finish = Callable[[torch.Tensor, torch.Tensor, "Bank | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _gradient(model: Classifier, view: View, xi: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
+              idx: torch.Tensor, bank: Bank | None, cfg: ACEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of view(x'), gradient of CE(logits, target) + lambda d(x, x') per sample, summed)."""
+    xi = xi.detach().requires_grad_(True)
+    logits = model(view(xi, idx, bank))
+    loss = F.cross_entropy(logits, target, reduction="none") + cfg.dist_weight * distance(xi, x0, cfg.distance)
+    grad, = torch.autograd.grad(loss.sum(), xi)
+    return logits.detach(), grad
+
+
+def _attack(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig, view: View,
+            finish: Finish, bank: Callable[[], Bank | None]) -> Counterfactuals:
+    """The official loop: every sample takes all `iterations` signed steps; then one refinement."""
+    everyone = torch.arange(len(x), device=x.device)
+    xa = x.clone()
+    for _ in range(cfg.iterations):
+        _, grad = _gradient(model, view, xa, x, target, everyone, bank(), cfg)
+        xa = (xa - cfg.step_size * grad.sign()).clamp(0, 1)
+    with torch.no_grad():
+        cf, mask = finish(xa, everyone, None)
+    return Counterfactuals(cf, xa, mask, torch.full((len(x),), cfg.iterations, device=x.device))
+
+
+def _attack_early_stop(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig, view: View,
+                       finish: Finish, bank: Callable[[], Bank | None]) -> Counterfactuals:
+    """`early_stop` (ours): a sample stops once view(x') and its refined counterfactual both say
+    `target`; one never flipped keeps its last iteration's refinement (iterations = cfg.iterations)."""
     pre, cf = x.clone(), x.clone()
     mask = torch.ones_like(x[:, :1])
     xa = x.clone()
@@ -108,29 +199,23 @@ def _signed_pgd(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: A
         idx = active.nonzero().flatten()
         if len(idx) == 0:
             break
-        last = it == cfg.iterations
-        xi = xa[idx].detach().requires_grad_(not last)
-        with torch.set_grad_enabled(not last):
-            seen = view(xi, idx, it)
-            logits = model(seen)
-        hit = logits.argmax(1) == target[idx]
-        pre[idx] = seen.detach()
-        if finish is None:
-            cf[idx] = seen.detach()
+        last, noise = it == cfg.iterations, bank()
+        if last:
+            with torch.no_grad():
+                logits = model(view(xa[idx], idx, noise))
         else:
-            sel = hit | last
-            if sel.any():
-                with torch.no_grad():
-                    c, m = finish(seen.detach()[sel], idx[sel], it)
-                    cf[idx[sel]], mask[idx[sel]] = c, m
-                    ok = torch.zeros_like(hit)
-                    ok[sel] = model(c).argmax(1) == target[idx[sel]]
-                hit = hit & ok
+            logits, grad = _gradient(model, view, xa[idx], x[idx], target[idx], idx, noise, cfg)
+        hit = logits.argmax(1) == target[idx]
+        sel = hit | last
+        if sel.any():
+            with torch.no_grad():
+                c, m = finish(xa[idx[sel]], idx[sel], noise)
+                cf[idx[sel]], mask[idx[sel]], pre[idx[sel]] = c, m, xa[idx[sel]]
+                ok = torch.zeros_like(hit)
+                ok[sel] = model(c).argmax(1) == target[idx[sel]]
+            hit = hit & ok
         if last:
             break
-        loss = F.cross_entropy(logits, target[idx], reduction="none") + \
-            cfg.dist_weight * distance(xi, x[idx], cfg.distance)
-        grad, = torch.autograd.grad(loss.sum(), xi)
         step = (xa[idx] - cfg.step_size * grad.sign()).clamp(0, 1)
         xa[idx] = torch.where(hit.view(-1, 1, 1, 1), xa[idx], step)
         used[idx[hit]] = it
@@ -138,46 +223,48 @@ def _signed_pgd(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: A
     return Counterfactuals(cf, pre, mask, used)
 
 
+def _run(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig, view: View, finish: Finish,
+         bank: Callable[[], Bank | None]) -> Counterfactuals:
+    loop = _attack_early_stop if cfg.early_stop else _attack
+    return loop(model, x, target, cfg, view, finish, bank)
+
+
 def plain_pgd(model: Classifier, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig) -> Counterfactuals:
-    """The baseline: ACE's attack with no diffusion filter (same loss, step, stopping rule)."""
-    return _signed_pgd(model, x, target, cfg, view=lambda z, idx, it: z)
+    """The baseline: ACE's attack with no diffusion filter (same loss, steps, stopping rule)."""
+    return _run(model, x, target, cfg, view=lambda z, idx, bank: z,
+                finish=lambda z, idx, bank: (z.clone(), torch.ones_like(z[:, :1])), bank=lambda: None)
 
 
 def refinement_mask(x: torch.Tensor, pre: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
-    """Binary (N, 1, H, W) mask of the largest changes: channel-sum |x - pre| / max, dilated, thresholded."""
+    """Binary (N, 1, H, W) mask of the largest changes: channel-sum |x - pre| / max, max-pooled
+    (kernel `dilation`), >= threshold (the official keeps x where the dilated map is < threshold)."""
     diff = (x - pre).abs().sum(1, keepdim=True)
     diff = diff / diff.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1, 1)
     if dilation > 1:
         diff = F.max_pool2d(diff, dilation, stride=1, padding=dilation // 2)
-    return (diff > threshold).to(x.dtype)
-
-
-def _noise_bank(ddpm: DDPM, cfg: ACEConfig, x: torch.Tensor, it: int) -> torch.Tensor:
-    """The filter's noise for attack iteration `it`, for the whole batch: (K, N, C, H, W)."""
-    k = filter_noise_draws(ddpm, cfg.sampling_steps, cfg.tau)
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
-    return torch.randn((k, *x.shape), generator=gen).to(x.device)
+    return (diff >= threshold).to(x.dtype)
 
 
 def ace(model: Classifier, ddpm: DDPM, x: torch.Tensor, target: torch.Tensor, cfg: ACEConfig) -> Counterfactuals:
     """ACE counterfactuals of `x` ([0, 1]) towards `target` for `model`."""
-    def filt(z: torch.Tensor, idx: torch.Tensor, it: int) -> torch.Tensor:
+    stream = NoiseStream(cfg.seed)
+
+    def filt(z: torch.Tensor, idx: torch.Tensor, bank: Bank | None) -> torch.Tensor:
+        bank = bank or Bank(stream, x)
         return denoise_from(ddpm, z, cfg.tau, cfg.sampling_steps, eta=cfg.eta,
-                            grad_checkpoint=cfg.grad_checkpoint, noise=_noise_bank(ddpm, cfg, x, it)[:, idx])
+                            grad_checkpoint=cfg.grad_checkpoint, draw=bank.replay(idx))
 
-    if cfg.refine == "none":
-        return _signed_pgd(model, x, target, cfg, view=filt)
-
-    def finish(pre: torch.Tensor, idx: torch.Tensor, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(pre: torch.Tensor, idx: torch.Tensor, bank: Bank | None) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = x[idx]
+        if cfg.refine == "none":
+            return filt(pre, idx, bank), torch.ones_like(pre[:, :1])
         if cfg.refine == "paired":
-            # F_tau(x) under the very noise that produced the pre-explanation: their difference
-            # is what the attack changed, without the filter's own reconstruction error of x.
-            ref = filt(x0, idx, it)
-            mask = refinement_mask(ref, pre, cfg.mask_threshold, cfg.mask_dilation)
-            return (x0 + mask * (pre - ref)).clamp(0, 1), mask
+            bank = bank or Bank(stream, x)
+            fx, ref = filt(pre, idx, bank), filt(x0, idx, bank)
+            mask = refinement_mask(ref, fx, cfg.mask_threshold, cfg.mask_dilation)
+            return (x0 + mask * (fx - ref)).clamp(0, 1), mask
         mask = refinement_mask(x0, pre, cfg.mask_threshold, cfg.mask_dilation)
-        cf = denoise_from(ddpm, pre, cfg.tau, cfg.sampling_steps, eta=cfg.eta, known=(x0, mask))
-        return mask * cf + (1 - mask) * x0, mask   # exact outside the mask
+        cf = denoise_from(ddpm, pre, cfg.tau, cfg.sampling_steps, eta=cfg.eta, known=(x0, mask), draw=stream)
+        return cf, mask
 
-    return _signed_pgd(model, x, target, cfg, view=filt, finish=finish)
+    return _run(model, x, target, cfg, view=filt, finish=finish, bank=lambda: Bank(stream, x))

@@ -218,23 +218,35 @@ def ensure_ddpm(data_dir: Path, results_dir: Path, cfg: DDPMConfig,
     return load_ddpm(folder).to(device), folder
 
 
+def respacing(T: int, steps: int) -> list[int]:
+    """The `steps` timesteps of [0, T) a respaced chain keeps, ascending: a fractional stride of
+    (T - 1) / (steps - 1) from 0, each rounded (improved-diffusion's `space_timesteps` with one
+    section, which the official ACE code uses)."""
+    if steps < 1 or steps > T:
+        raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
+    stride = (T - 1) / (steps - 1) if steps > 1 else 1.0
+    out, at = [], 0.0
+    for _ in range(steps):
+        out.append(round(at))
+        at += stride
+    return out
+
+
 def respaced_timesteps(T: int, steps: int, tau: float) -> list[int]:
-    """The descending timesteps of a `steps`-step respacing of [0, T) that lie at or below tau*T.
+    """The descending timesteps the filter F_tau runs: the int(tau * steps) lowest of a `steps`
+    respacing (the official `respaced_steps = int(sampling_time_fraction * timestep_respacing)`).
 
     tau=0 gives no step (the filter is then the identity); tau=1 gives all `steps` steps."""
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must be in [0, 1], got {tau}")
-    if steps < 1 or steps > T:
-        raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
-    grid = [round(i * (T - 1) / max(1, steps - 1)) for i in range(steps)] if steps > 1 else [T - 1]
-    top = tau * (T - 1)
-    return sorted({t for t in grid if t <= top + 1e-9 and tau > 0}, reverse=True)
+    return respacing(T, steps)[:int(tau * steps)][::-1]
 
 
 def denoise_step(ddpm: DDPM, xt: torch.Tensor, t: int, t_prev: int, eta: float,
                  noise: torch.Tensor | None) -> torch.Tensor:
-    """One respaced DDIM(eta) step x_t -> x_{t_prev} ([-1, 1] scale); eta=1 is ancestral DDPM,
-    eta=0 deterministic DDIM. t_prev=-1 returns the clipped x0 estimate."""
+    """One respaced DDIM(eta) step x_t -> x_{t_prev} ([-1, 1] scale); eta=1 is the ancestral DDPM
+    step (the posterior mean given the clipped x0 estimate, plus the posterior standard deviation
+    times `noise`), eta=0 deterministic DDIM. t_prev=-1 returns the clipped x0 estimate."""
     ab = ddpm.alphas_cumprod[t]
     tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
     eps = ddpm.unet(xt, tt).sample
@@ -250,45 +262,43 @@ def denoise_step(ddpm: DDPM, xt: torch.Tensor, t: int, t_prev: int, eta: float,
     return out
 
 
+Draw = Callable[[torch.Tensor], torch.Tensor]   # draw(like): a standard normal tensor shaped like `like`
+
+
 def denoise_from(ddpm: DDPM, x01: torch.Tensor, tau: float, steps: int, *, eta: float = 1.0,
                  grad_checkpoint: bool = False,
                  known: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-    """The filter F_tau: noise `x01` to tau*T, denoise with the respaced chain; [0, 1] in and out.
+                 draw: Draw | None = None) -> torch.Tensor:
+    """The filter F_tau: noise `x01` to the top filter step, denoise with the respaced chain;
+    [0, 1] in and out.
 
-    `known=(x_known01, mask)` is RePaint-style inpainting: after every step, the pixels where
-    mask == 0 are replaced by q_sample(x_known, t_prev), so only the masked region is generated.
+    `known=(x_known01, mask)` is the official ACE inpainting: before every step t, the pixels
+    where mask == 0 are replaced by q_sample(x_known, t), so only the masked region is generated;
+    the output is composited with x_known outside the mask.
     `grad_checkpoint` recomputes each UNet call in the backward pass (memory O(1) in steps).
-    `noise` (K >= filter_noise_draws(...) stacked like x01) fixes every random draw, so the same
-    noise can filter two images (common random numbers); None draws fresh noise.
+    `draw` gives every random tensor, in this order: the forward noise, then per step the noise of
+    q_sample(x_known, t) (with `known`) and the step's noise (all but the last step, eta > 0);
+    None draws them with torch.randn_like.
     """
     ts = respaced_timesteps(ddpm.T, steps, tau)
     if not ts:
         return x01
-    if noise is not None and noise.shape[0] < len(ts) + 1:
-        raise ValueError(f"denoise_from needs {len(ts) + 1} noise draws, got {noise.shape[0]}")
-    draw = (lambda k: noise[k]) if noise is not None else (lambda k: torch.randn_like(x01))
-    x = ddpm.q_sample(x01, ts[0], draw(0))
+    draw = draw or torch.randn_like
+    x = ddpm.q_sample(x01, ts[0], draw(x01))
     for i, t in enumerate(ts):
+        if known is not None:
+            x_known, mask = known
+            x = mask * x + (1 - mask) * ddpm.q_sample(x_known, t, draw(x))
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        z = draw(i + 1) if eta > 0 and t_prev >= 0 else None
+        z = draw(x) if eta > 0 and t_prev >= 0 else None
         if grad_checkpoint and torch.is_grad_enabled():
             x = checkpoint(denoise_step, ddpm, x, t, t_prev, eta, z, use_reentrant=False)
         else:
             x = denoise_step(ddpm, x, t, t_prev, eta, z)
-        if known is not None and t_prev >= 0:
-            x_known, mask = known
-            x = mask * x + (1 - mask) * ddpm.q_sample(x_known, t_prev)
     out = ((x + 1) / 2).clamp(0, 1)
     if known is not None:   # composite in [0, 1]: pixels outside the mask are exactly x_known
         out = known[1] * out + (1 - known[1]) * known[0]
     return out
-
-
-def filter_noise_draws(ddpm: DDPM, steps: int, tau: float) -> int:
-    """How many noise tensors one filter pass draws (forward noising + one per stochastic step)."""
-    n = len(respaced_timesteps(ddpm.T, steps, tau))
-    return n + 1 if n else 0
 
 
 def sample(ddpm: DDPM, n: int, shape: tuple[int, int, int], steps: int = 100, eta: float = 1.0,

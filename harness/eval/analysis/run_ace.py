@@ -1,7 +1,9 @@
 """Run ACE and its plain-PGD baseline on one trained model; write the artifacts and a summary.
 
 Explained images: the first `n_explain` test images the model classifies correctly; the target is
-the model's runner-up class. Metrics compare ACE with plain PGD on the images BOTH flip (matched
+the model's runner-up class. The summary names the refinement (`ace_refine`) and every setting
+that departs from the official ACE (`ace_departures`, 'official' when none): the leaderboard's
+ACE page shows them beside the analysis label. Metrics compare ACE with plain PGD on the images BOTH flip (matched
 flip), so neither side's closeness or frequency numbers are averaged over failures.
 
 Artifacts in `out_dir`: summary.json, counterfactuals.npz (x, ACE cf/pre/mask, PGD cf, targets,
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from harness.eval.analysis import cf_metrics as M
-from harness.eval.analysis.ace import ACEConfig, ace, plain_pgd, runner_up_target
+from harness.eval.analysis.ace import ACEConfig, ace, describe_departures, plain_pgd, runner_up_target
 from harness.eval.analysis.aux_models import aux_folder, ensure_aux
 from harness.eval.analysis.diffusion import DDPMConfig, ddpm_folder, ensure_ddpm, load_split
 from harness.core.registry import ANALYSES
@@ -98,6 +100,7 @@ def run_ace(model: torch.nn.Module, data_dir: Path, results_dir: Path, out_dir: 
         "ace_mean_iterations": float(cat["it"].float().mean()),
         "pgd_mean_iterations": float(cat["pgd_it"].float().mean()),
         "ace_mask_fraction": float(cat["mask"].mean()),
+        "ace_refine": ace_cfg.refine, "ace_departures": describe_departures(ace_cfg),
         "ace_config": ace_cfg.describe(), "ddpm_config": asdict(ddpm_cfg), "ddpm_dir": str(ddpm_dir),
         "ddpm_train_seconds": ddpm.meta.get("train_seconds"), "ddpm_final_loss": ddpm.meta.get("final_loss"),
         "oracle_test_acc": oracle_meta["test_acc"], "features_test_acc": feats_meta["test_acc"],
