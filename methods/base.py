@@ -84,7 +84,8 @@ class TrainSamples(Protocol):
     poisoned: np.ndarray  # split indices the cell's poison plan poisoned (empty on clean data)
 
     def score(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """(split indices, fn(x, y)'s value per sample) over every training sample, sorted by index."""
+        """(split indices, fn(x, y)'s value per sample) over every training sample, sorted by index;
+        (N, K) values where fn returns one row of K per sample."""
         ...
 
 
@@ -181,7 +182,8 @@ class Method:
     def select_train_samples(self, samples: TrainSamples) -> np.ndarray | None:
         """The split indices this method's training streams (None: the whole split), decided once
         before the first epoch and again on resume (so it must be deterministic). ABL unlearns
-        the 1% lowest-loss samples of its isolation model and fine-tunes on the other 99%."""
+        the 1% lowest-loss samples of its isolation model and fine-tunes on the other 99%; FP
+        scores every clean sample to rank and prune channels, and trains on all of them (None)."""
         return None
 
     def on_epoch_start(self, ctx: TrainContext) -> None:

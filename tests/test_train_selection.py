@@ -72,3 +72,17 @@ def test_scores_are_gathered_from_every_rank(data_root: Path, tmp_path: Path) ->
     np.testing.assert_allclose(one[1], two[1], rtol=1e-12)
     poisoned = TrainSamples(cfg, torch.device("cpu"), 0, 1).poisoned
     assert len(poisoned) == round(0.1 * 256)  # the scores are of the poisoned data the cell trains on
+
+
+def test_a_score_may_be_one_row_per_sample(data_root: Path, tmp_path: Path) -> None:
+    """FP scores each sample's channel means: rows come back (N, K), sorted by index like values."""
+    import pytest
+
+    cfg = _cfg(data_root, tmp_path)
+    samples = TrainSamples(cfg, torch.device("cpu"), 0, 1)
+    idx, one = samples.score(lambda x, y: x.flatten(1).sum(1))
+    idx2, rows = samples.score(lambda x, y: torch.stack([x.flatten(1).sum(1), y.double()], 1))
+    assert rows.shape == (256, 2) and idx.tolist() == idx2.tolist()
+    np.testing.assert_allclose(rows[:, 0], one)
+    with pytest.raises(ValueError, match="one value \\(or one row\\) per sample"):
+        samples.score(lambda x, y: x.sum())

@@ -10,7 +10,8 @@ same selection, and the trainer then streams only the selected samples (harness/
 "Selection"), with the epoch length they imply.
 
 At scale: one forward pass over the split, 1/W of it per rank (ImageNet: 1.28 M images over 64
-GPUs, about 20 k each); what is gathered is one int64 and one float64 per sample (20 MB).
+GPUs, about 20 k each); what is gathered is one int64 and one float64 per sample (20 MB), or K
+float64 per sample where `fn` returns a row (FP's per-channel activations of its clean 5%).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class TrainSamples:
         self.poisoned: np.ndarray = plan.poisoned if plan is not None else np.zeros(0, dtype=np.int64)
 
     def score(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """(split indices, fn's value per sample) over the whole training split, sorted by index."""
+        """(split indices, fn's value per sample) over the whole training split, sorted by index.
+        `fn` returns one value per sample (B,) or one row per sample (B, K): then (N, K) values."""
         dcfg = self.cfg["data"]
         indices, values = [], []
         loader = make_loader(Path(dcfg["dir"]), "train", self.batch_size, rank=self.rank, world_size=self.world_size,
@@ -46,8 +48,11 @@ class TrainSamples:
                              poison=self.poison.for_epoch(0) if self.poison is not None else None)
         with torch.no_grad():
             for x, y, keys in loader:
-                out = fn(x.to(self.device), y.to(self.device))
-                values.append(out.detach().double().cpu().numpy().reshape(-1))
+                out = fn(x.to(self.device), y.to(self.device)).detach().double().cpu().numpy()
+                if out.ndim == 0 or out.shape[0] != len(keys):
+                    raise ValueError(f"a score function returns one value (or one row) per sample: got shape "
+                                     f"{tuple(out.shape)} for a batch of {len(keys)}")
+                values.append(out.reshape(len(keys), -1) if out.ndim > 2 else out)
                 indices.append(np.asarray([int(k) for k in keys], dtype=np.int64))
         mine = (np.concatenate(indices) if indices else np.zeros(0, np.int64),
                 np.concatenate(values) if values else np.zeros(0, np.float64))
