@@ -73,14 +73,15 @@ def leftover_rendezvous(store) -> list[str]:
     are node-local caches), found with one walk of `checkpoints/`."""
     if not store.is_local:
         return []
-    selector = pafs.FileSelector(store.path("checkpoints"), allow_not_found=True, recursive=True, max_recursion=1)
+    selector = pafs.FileSelector(store.path("checkpoints"), allow_not_found=True, recursive=True)
     try:
         infos = store.fs.get_file_info(selector)
     except (FileNotFoundError, NotADirectoryError, OSError):
         return []
     root = store.path("")
-    return sorted(info.path[len(root):].lstrip("/") for info in infos
-                  if info.type == pafs.FileType.Directory and info.base_name.startswith("rg-ranks-"))
+    found = (info.path[len(root):].lstrip("/") for info in infos
+             if info.type == pafs.FileType.Directory and info.base_name.startswith("rg-ranks-"))
+    return sorted(rel for rel in found if rel.count("/") == 2)  # checkpoints/<train key>/rg-ranks-*
 
 
 def warn_about_store(location: str | os.PathLike, out: TextIO | None = None) -> int:
