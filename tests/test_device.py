@@ -84,9 +84,10 @@ def test_every_stage_gets_the_cell_device_and_rows_carry_the_cost(tiny, device_l
     assert row["eval_seconds"] == pytest.approx(sum(stages.values()), abs=1e-4)
     assert row["peak_memory_bytes"] > 10 ** 7 and row["device_hours"] > 0
     # PGD-AT with 2 steps: 2 x (forward + input gradient) + forward + backward ~ 7 forwards per
-    # image (a bit less: no gradient flows into the image in the update's backward)
+    # image (a bit less: no gradient flows into the image in the update's backward), plus the
+    # official loop's two clean train-mode forwards (one in the step, one in after_step): ~ 9
     ratio = row["train_flops"] / (row["n_train"] * row["flops_per_image"])
-    assert 6.0 < ratio <= 7.0 + 1e-6, ratio
+    assert 8.0 < ratio <= 9.0 + 1e-6, ratio
 
 
 def _conv_records() -> tuple[list, object]:

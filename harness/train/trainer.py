@@ -234,20 +234,21 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             first_step = step_flops_per_image is None and step_in_epoch == 0
             step_t0 = time.perf_counter()
             try:
-                if first_step:  # count the FLOPs of one whole step (train-time attack included), once
+                if first_step:  # count the FLOPs of one whole step (attack and after_step included), once
                     box: dict[str, Any] = {}
                     flops = count_flops(lambda: box.update(logs=_step(method, ddp, optimizer, extras, x, y, ctx,
-                                                                      device, precision)))
+                                                                      device, precision))
+                                        or method.after_step(module, ctx))
                     logs = box["logs"]
                     step_flops_per_image = flops / y.shape[0]
                 else:
                     logs = _step(method, ddp, optimizer, extras, x, y, ctx, device, precision)
+                    method.after_step(module, ctx)
             except Exception as err:
                 if backend is not None and first_step and not isinstance(err, NonFiniteLossError):
                     raise RuntimeError(f"torch.compile (backend {backend}) failed on the first training step: "
                                        f"{type(err).__name__}: {err}; {COMPILE_FIX}") from err
                 raise
-            method.after_step(module, ctx)
             seen += y.shape[0]
             for name, value in logs.items():
                 sums[name] = sums.get(name, 0) + value.detach().float() * y.shape[0]
