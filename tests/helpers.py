@@ -86,6 +86,10 @@ def fit_until(rank: int, world_size: int, device: torch.device, cfg: dict, work_
         real(*args, **kwargs)
         done[0] += 1
         if done[0] == last_epoch + 1:  # _fit waits at one barrier per epoch, after its checkpoint
+            if world_size > 1 and rank == 0:  # spawned ranks: their parent (run_ranks) dies too
+                import signal
+
+                os.kill(os.getppid(), signal.SIGKILL)
             os._exit(0)
 
     dist.barrier = barrier
