@@ -102,7 +102,8 @@ def _grid_parser() -> argparse.ArgumentParser:
 
 def _status_parser() -> argparse.ArgumentParser:
     parser = _sub("status", "done/failed/running/pending cells of a grid, from its results store.")
-    parser.add_argument("overrides", nargs="*", help="the grid's overrides, as given to `robustgrid grid`")
+    parser.add_argument("overrides", nargs="*", help="the grid's arguments, as given to `robustgrid grid`")
+    parser.add_argument("-m", "--multirun", action="store_true", help="the grid was a Hydra sweep (`grid -m ...`)")
     parser.add_argument("--results", help="results folder or URI (alone: every cell the store holds)")
     parser.add_argument("--list", action="store_true", help="also print each cell's state")
     return parser
@@ -305,7 +306,7 @@ def _duration(seconds: float) -> str:
 def _cmd_status(args: argparse.Namespace) -> int:
     from harness.run.status_report import status_command
 
-    return status_command(args.overrides, args.results, args.list)
+    return status_command(_cells(args) if args.overrides else None, args.results, args.list)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -54,7 +54,7 @@ def test_a_clean_store_has_no_warnings(tmp_path: Path) -> None:
 def test_status_ignores_stray_markers_with_a_warning(tampered: Path, capsys: pytest.CaptureFixture) -> None:
     status = grid_status(str(tampered))
     assert status.done == ["a" * 20] and status.pending == ["b" * 20]  # b's file was replaced: rerun
-    assert status_command([], str(tampered), True) == 0
+    assert status_command(None, str(tampered), True) == 0
     out = capsys.readouterr()
     assert "garbage" not in out.out and "copied" not in out.out
     assert "stray commit marker" in out.err and str(tampered / COMMITS / "garbage.json") in " ".join(out.err.split())

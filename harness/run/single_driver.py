@@ -21,11 +21,10 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from harness.run.status import HEARTBEAT_SECONDS, STALE_AFTER_SECONDS
+from harness.run.status import DRIVERS, HEARTBEAT_SECONDS, STALE_AFTER_SECONDS, ray_job_id
 from harness.store.heartbeat import HeartbeatMarker
 from harness.store.storage import open_store
 
-DRIVERS = "_drivers"
 SETTLE_SECONDS = 1.0  # between writing our marker and reading it back (catches a driver starting with us)
 
 
@@ -83,7 +82,8 @@ class _DriverMarker:
                 f"a killed driver's marker {self.store.uri(self.rel)} expires after {STALE_AFTER_SECONDS:.0f} s")
 
     def _info(self) -> dict[str, Any]:
-        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started_at": self._started}
+        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started_at": self._started,
+                "job": ray_job_id()}  # the Ray job the nodes' run markers name (None before ray.init)
 
 
 def _alive(info: dict[str, Any]) -> bool:

@@ -3,8 +3,10 @@
 done / failed come from verified commit markers (harness.store.storage). While a node runs, its
 task keeps `_running/<key>.json` fresh (a heartbeat every few seconds; a train node's key is
 `train-<train key>`) and logs each start in `_attempts/<key>/<attempt>.json`; a marker whose
-heartbeat stopped (killed worker, lost node, killed driver) no longer counts as running, so the
-cell shows as pending until a grid reruns it. A cell with no result under its key, but an 'ok'
+heartbeat is older than its interval plus slack (FRESH_SECONDS) is `stale-running`: its process
+stopped beating (killed worker, lost node, killed driver) and a grid will rerun it. Each marker
+names the Ray job (the driver) that submitted it; a stale-running cell whose driver holds no
+fresh driver marker (harness/run/single_driver.py) was left by a dead driver, and status says so. A cell with no result under its key, but an 'ok'
 result of the same cell computed by other code (same `cell_id`, another code version), is stale:
 the old result is kept, and the next grid run recomputes it under the new key.
 No driver or Ray connection is needed: any machine that can read the store can ask.
@@ -26,8 +28,10 @@ from harness.store.storage import COMMITS, open_store
 
 RUNNING = "_running"
 ATTEMPTS = "_attempts"
+DRIVERS = "_drivers"  # the drivers' markers (harness/run/single_driver.py)
 HEARTBEAT_SECONDS = 5.0
-STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
+FRESH_SECONDS = 2 * HEARTBEAT_SECONDS  # a beat is due every HEARTBEAT_SECONDS; one late beat is slack
+STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a driver's marker this old frees its grid for another driver
 
 
 @dataclass
@@ -35,6 +39,8 @@ class GridStatus:
     done: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     running: list[str] = field(default_factory=list)
+    stale_running: list[str] = field(default_factory=list)  # a run marker whose heartbeat stopped
+    dead_driver: list[str] = field(default_factory=list)  # of those, the ones whose driver is gone
     stale: list[str] = field(default_factory=list)  # an 'ok' result exists, from older code
     pending: list[str] = field(default_factory=list)
     attempts: dict[str, int] = field(default_factory=dict)  # starts per key (retries show as > 1)
@@ -42,7 +48,7 @@ class GridStatus:
 
     def counts(self) -> dict[str, int]:
         return {"done": len(self.done), "failed": len(self.failed), "running": len(self.running),
-                "stale": len(self.stale), "pending": len(self.pending)}
+                "stale-running": len(self.stale_running), "stale": len(self.stale), "pending": len(self.pending)}
 
 
 class RunningMarker:
@@ -67,22 +73,42 @@ class RunningMarker:
 
     def _info(self) -> dict[str, Any]:
         return {"key": self.key, "attempt": self.attempt, "host": socket.gethostname(), "pid": os.getpid(),
-                "node": _node_id(), "started_at": _stamp()}
+                "node": _node_id(), "driver": ray_job_id(), "started_at": _stamp()}
 
 
-def running_cells(location: str) -> dict[str, dict[str, Any]]:
-    """Keys whose running marker has a fresh heartbeat, with the marker (host, pid, node)."""
+def run_markers(location: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(fresh, stale) run markers by key: a heartbeat within FRESH_SECONDS, or older."""
     store = open_store(location)
     now = time.time()
-    out = {}
+    fresh: dict[str, dict[str, Any]] = {}
+    stale: dict[str, dict[str, Any]] = {}
     for name in store.list(RUNNING):
         raw = store.read_bytes(f"{RUNNING}/{name}")
         try:
             info = json.loads(raw) if raw else None
         except ValueError:
             continue
-        if info and now - float(info.get("heartbeat", 0)) < STALE_AFTER_SECONDS:
-            out[info["key"]] = info
+        if isinstance(info, dict) and "key" in info:
+            (fresh if now - float(info.get("heartbeat", 0)) < FRESH_SECONDS else stale)[info["key"]] = info
+    return fresh, stale
+
+
+def running_cells(location: str) -> dict[str, dict[str, Any]]:
+    """Keys whose running marker has a fresh heartbeat, with the marker (host, pid, node, driver)."""
+    return run_markers(location)[0]
+
+
+def live_drivers(location: str) -> set[str]:
+    """Ray job ids of the drivers whose marker in this store has a fresh heartbeat."""
+    store = open_store(location)
+    out = set()
+    for name in store.list(DRIVERS):
+        try:
+            info = json.loads(store.read_bytes(f"{DRIVERS}/{name}") or b"null")
+        except ValueError:
+            continue
+        if isinstance(info, dict) and time.time() - float(info.get("heartbeat", 0)) < FRESH_SECONDS and info.get("job"):
+            out.add(str(info["job"]))
     return out
 
 
@@ -117,18 +143,25 @@ def grid_status(location: str, keys: Iterable[str] | None = None,
     `identities` (key -> cell_id) finds stale cells; `train_keys` (key -> train key) counts a cell
     whose model is training as running."""
     store = open_store(location)
-    running = running_cells(location)
+    running, stale_markers = run_markers(location)
+    drivers = live_drivers(location) if stale_markers else set()
     committed = {name[: -len(".json")] for name in store.list(COMMITS) if name.endswith(".json")}
     committed = {key for key in committed if store.read_marker(key) is not None}  # stray markers: no cell
     status = GridStatus(grid_known=keys is not None)
-    wanted = list(keys) if keys is not None else sorted(committed | {k for k in running if not k.startswith("train-")})
+    markers = set(running) | set(stale_markers)
+    wanted = list(keys) if keys is not None else sorted(committed | {k for k in markers if not k.startswith("train-")})
     for key in wanted:
         state = store.committed_status(key) if key in committed else None
-        training = f"train-{(train_keys or {}).get(key)}" in running
+        train_marker = f"train-{(train_keys or {}).get(key)}"
         if state == "ok":
             status.done.append(key)
-        elif key in running or training:
+        elif key in running or train_marker in running:
             status.running.append(key)
+        elif key in stale_markers or train_marker in stale_markers:
+            status.stale_running.append(key)
+            marker = stale_markers.get(key) or stale_markers[train_marker]
+            if marker.get("driver") not in drivers:
+                status.dead_driver.append(key)
         elif state == "failed":
             status.failed.append(key)
         elif identities and identities.get(key) and older_results(location, identities[key], key):
@@ -137,6 +170,16 @@ def grid_status(location: str, keys: Iterable[str] | None = None,
             status.pending.append(key)
         status.attempts[key] = attempt_count(location, key)
     return status
+
+
+def ray_job_id() -> str | None:
+    """The Ray job (driver) this process belongs to, when Ray is running."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    except Exception:
+        return None
 
 
 def _node_id() -> str | None:

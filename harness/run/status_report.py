@@ -1,13 +1,16 @@
 """`robustgrid status`: a grid's (or a store's) cells by state, printed from the results store alone."""
 from __future__ import annotations
 
-from harness.run.grid import expand_grid
-from harness.run.status import grid_status
+from typing import Any
+
+from harness.run.status import FRESH_SECONDS, grid_status
 from harness.store.audit import warn_about_store
 
 
-def status_command(overrides: list[str], results: str | None, show_keys: bool) -> int:
-    """`robustgrid status`: print counts (and with show_keys, each cell) for a grid or a store."""
+def status_command(cells: list[dict[str, Any]] | None, results: str | None, show_keys: bool) -> int:
+    """`robustgrid status`: print counts (and with show_keys, each cell) for the cells a grid's own
+    arguments select (`cells`: the same overrides, -m sweeps included, as `robustgrid grid`), or
+    for every cell a store holds (`cells` None, `results` given)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -15,8 +18,7 @@ def status_command(overrides: list[str], results: str | None, show_keys: bool) -
     identities: dict[str, str] = {}
     train_keys: dict[str, str] = {}
     keys: list[str] | None = None
-    if any(o.startswith("grid=") for o in overrides):
-        cells = expand_grid(overrides)
+    if cells:
         labels = {c["key"]: c["label"] for c in cells}
         identities = {c["key"]: c["cell_id"] for c in cells}
         train_keys = {c["key"]: c["train_key"] for c in cells}
@@ -28,7 +30,8 @@ def status_command(overrides: list[str], results: str | None, show_keys: bool) -
     elif results is not None:
         location = results
     else:
-        raise ValueError("say which cells: `robustgrid status grid=<name> [overrides]` or `--results DIR|URI`")
+        raise ValueError("say which cells: the arguments the grid was started with (`robustgrid status grid=<name> "
+                         "[overrides]`, `robustgrid status -m method=erm,pgd_at seed=0,1`) or `--results DIR|URI`")
     warn_about_store(location)  # foreign / unverifiable files, each named (harness.store.audit)
     status = grid_status(location, keys, identities, train_keys)
     out = Console()
@@ -43,8 +46,15 @@ def status_command(overrides: list[str], results: str | None, show_keys: bool) -
         out.print(f"{len(status.stale)} cells have results from older code only (kept; the next grid run recomputes them)")
     if retried:
         out.print(f"{len(retried)} cells needed more than one attempt (worker/node/driver died)")
+    if status.stale_running:
+        dead = len(status.dead_driver)
+        out.print(f"{len(status.stale_running)} cells were running in a process that stopped (no heartbeat for "
+                  f"{FRESH_SECONDS:.0f} s): {dead} left by a driver that is gone (rerun the grid to finish them), "
+                  f"{len(status.stale_running) - dead} under a live driver (Ray retries them)")
     if show_keys:
-        for state in ("done", "failed", "running", "stale", "pending"):
+        for state in ("done", "failed", "running", "stale_running", "stale", "pending"):
             for key in getattr(status, state):
-                out.print(f"{state:8} {key} {labels.get(key, '')} attempts={status.attempts.get(key, 0)}")
+                note = " (its driver is gone)" if key in status.dead_driver else ""
+                out.print(f"{state.replace('_', '-'):13} {key} {labels.get(key, '')} "
+                          f"attempts={status.attempts.get(key, 0)}{note}")
     return 0
