@@ -22,10 +22,22 @@ import pytest
 
 from harness.store.results import read_results
 from harness.run.status import ATTEMPTS, running_cells
+from harness.run.submit import QUEUE_SLACK
 from harness.store.storage import COMMITS, open_store
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
+# what a row says about the model (the rest is where, when and how long)
+COMPARED = ("clean_acc", "robust_acc", "per_class_clean_acc", "per_class_robust_acc", "flags", "flag_details",
+            "checkpoint_sha256", "final_train_loss", "neuron_sensitivity", "n_eval", "n_train")
+
+
+def _stamp_seconds(name: str) -> float:
+    """An attempt file's start stamp (`20261207T043012.123456Z-<attempt>.json`) in epoch seconds."""
+    import datetime as dt
+
+    stamp = name.split("-", 1)[0]
+    return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
 
 
 def _wait(predicate, timeout: float, what: str, driver: subprocess.Popen | None = None, log: Path | None = None):
@@ -62,13 +74,13 @@ def test_grid_survives_killed_workers_node_and_driver(data_root: Path, tmp_path:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         node = cluster.add_node(num_cpus=1)
-        overrides = [
+        grid = [
             "grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm,pgd_at,trades]",
-            "grid.axes.seed=[0,1]", f"data.root={data_root}", f"results_dir={results}", "trainer=tiny",
+            "grid.axes.seed=[0,1]", f"data.root={data_root}", "trainer=tiny",
             "trainer.epochs=3", "data.train_limit=384", "eval.limit=64", "attack.pgd.steps=3",
             "resources.max_retries=4", f"ray.address={cluster.address}",
         ]
-        cmd = [sys.executable, "-m", "harness.cli", "grid", "--no-leaderboard", *overrides]
+        cmd = [sys.executable, "-m", "harness.cli", "grid", "--no-leaderboard", *grid, f"results_dir={results}"]
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "ROBUSTGRID_CACHE": str(tmp_path / "cache")}
         store = open_store(results)
         log1 = tmp_path / "driver1.log"
@@ -80,6 +92,7 @@ def test_grid_survives_killed_workers_node_and_driver(data_root: Path, tmp_path:
             victim = _wait(lambda: next(iter(running_cells(results).values()), None), 240, "a running cell",
                            driver, log1)
             os.kill(int(victim["pid"]), signal.SIGKILL)
+            killed_at = time.time()
             # 2. the second node dies with whatever runs on it; a fresh node joins
             _wait(lambda: len(_committed(store)) >= 1, 240, "a first commit", driver, log1)
             cluster.remove_node(node, allow_graceful=False)
@@ -102,6 +115,12 @@ def test_grid_survives_killed_workers_node_and_driver(data_root: Path, tmp_path:
         assert rerun.returncode == 0, text[-3000:]
         match = re.search(r"grid: 6 cells, (\d+) already committed, (\d+) to run", text)
         assert match and int(match.group(1)) == len(before), text[-3000:]
+
+        # 5. the same grid, uninterrupted, into another store: the reference the faults must not move
+        baseline = f"file://{tmp_path / 'baseline'}"
+        clean = subprocess.run([*cmd[:-1], f"results_dir={baseline}"], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=420)
+        assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
     finally:
         cluster.shutdown()
 
@@ -123,7 +142,21 @@ def test_grid_survives_killed_workers_node_and_driver(data_root: Path, tmp_path:
     nodes = [d.name for d in (root / ATTEMPTS).iterdir() if d.is_dir()]
     retried = {k: len(v) for k, v in _attempts(store, nodes).items() if len(v) > 1}
     assert retried, "the killed worker's node must have been retried"
-    print(f"chaos: {len(before)} cells committed before the driver restart, attempts per retried cell {retried}")
+    # the retry of the killed node is not starved: few nodes start between the kill and the retry
+    victim_key = victim["key"]
+    starts = {k: sorted(_stamp_seconds(name) for name in v) for k, v in _attempts(store, nodes).items()}
+    retry_at = next(t for t in starts[victim_key][1:] if t >= killed_at - 1)
+    overtook = sorted(k for k, ts in starts.items() if k != victim_key and killed_at <= ts[0] < retry_at)
+    assert len(overtook) <= 2 * 2 + QUEUE_SLACK, f"{len(overtook)} nodes started before the retry: {overtook}"
+    print(f"chaos: {len(before)} cells committed before the driver restart, attempts per retried cell {retried}; "
+          f"the killed node's retry started {retry_at - killed_at:.1f} s after the kill, "
+          f"after {len(overtook)} newer node(s)")
+    # 6. the faults changed no number: every row equals the uninterrupted run's (bitwise, CPU)
+    clean_rows = {(r["key"], r["attack"]): r for r in read_results(baseline).to_pylist()}
+    for row in table.to_pylist():
+        ref = clean_rows[(row["key"], row["attack"])]
+        differ = [c for c in COMPARED if row.get(c) != ref.get(c)]
+        assert not differ, f"{row['key']} {row['attack']} differs from the uninterrupted run in {differ}"
 
 
 def test_a_killed_ddp_rank_makes_ray_retry_the_cell_which_resumes(tiny, tmp_path: Path, ray_session) -> None:

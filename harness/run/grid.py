@@ -8,7 +8,9 @@ re-running a finished grid trains nothing and does not even start Ray.
 
 Each node of the plan is one Ray task: a train node asks for its cell's training resources (every
 DDP rank's CPUs/GPUs/memory), an eval or artifact node for one rank's; each has its own retries,
-and its inputs are ObjectRefs, so Ray starts it only when the nodes it needs are done.
+and its inputs are the ObjectRefs of the nodes it needs. The driver submits a node once those are
+done, a bounded window at a time (harness/run/submit.py), so a task Ray retries is not starved
+behind every newer one.
 
 Locally Ray runs embedded (no setup); `ray.address=auto` (or an address) joins a cluster.
 """
@@ -44,6 +46,7 @@ from harness.run.nodes import CellOutcome, NodeOutcome
 from harness.run.plan import Node, Plan, committed_ok, pending_plan, planned_trainer
 from harness.run.resources import cell_resources, rank_options, task_options
 from harness.run.status import running_cells
+from harness.run.submit import Window
 from harness.store.results import committed_status, write_cell_result
 from harness.store.rows import failed_row
 from harness.train.trainer import check_trainer_config
@@ -206,25 +209,28 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
         # (ray.init(None) would silently join it); ray.address=auto|host:port joins a cluster.
         ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
                  include_dashboard=False, log_to_driver=True, configure_logging=False)
-    refs: dict[str, Any] = {}
+    remote = ray.remote(_node_task)
+    window = Window(plan, lambda node, inputs: remote.options(**node_options(node), name=node.id).remote(node, *inputs),
+                    node_options)
+    cells = {node.id: node.cfg for node in plan if node.kind == "eval"}
     nodes_by_ref: dict[Any, Node] = {}
-    for node in plan:  # topological order: every input's ref exists already
-        task = ray.remote(_node_task).options(**node_options(node), name=node.id)
-        ref = task.remote(node, *(refs[i] for i in node.inputs))
-        refs[node.id] = ref
-        nodes_by_ref[ref] = node
-    cells = {ref: node.cfg for ref, node in nodes_by_ref.items() if node.kind == "eval"}
     outcomes: list[CellOutcome] = []
     columns = (TextColumn("[bold]grid"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("grid", total=len(cells), status="")
-        waiting = list(nodes_by_ref)
-        while waiting:
+        waiting: list[Any] = []
+        while not window.exhausted:
+            for ref, node in window.fill(ray.cluster_resources()):  # runnable nodes, a bounded window of them
+                nodes_by_ref[ref] = node
+                waiting.append(ref)
+            if not waiting:  # nothing runs and nothing could start: an input no node produces
+                raise RuntimeError(f"plan nodes wait on inputs that never run: {[n.id for n in window.unsubmitted][:5]}")
             # everything finished within the timeout, in one call: O(nodes) per round, not per node
             done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=2.0)
             for ref in done:
-                node = nodes_by_ref[ref]
+                node = nodes_by_ref.pop(ref)
+                window.finished(node.id)
                 outcome = _get_outcome(ray, ref, node)
                 if node.kind != "eval":
                     if outcome.status != "ok":
@@ -235,7 +241,7 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
                 mark = "[green]ok[/]" if outcome.status == "ok" else "[red]FAILED[/]"
                 progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s"
                                        f"{first_line(outcome.error)}", highlight=False)
-            progress.update(bar, status=_live_status(cells, waiting, outcomes))
+            progress.update(bar, status=_live_status(cells, window, outcomes))
     return outcomes
 
 
@@ -253,9 +259,11 @@ def _get_outcome(ray: Any, ref: Any, node: Node) -> CellOutcome | NodeOutcome:
         return CellOutcome(cfg["key"], cfg["label"], status, None if status == "ok" else error, str(path), 0.0)
 
 
-def _live_status(cells: dict[Any, dict[str, Any]], waiting: list[Any], outcomes: list[CellOutcome]) -> str:
-    """'running R, queued Q, failed F': R from fresh heartbeats in the results store(s)."""
-    keys = {cells[ref]["key"] for ref in waiting if ref in cells}
+def _live_status(cells: dict[str, dict[str, Any]], window: Window, outcomes: list[CellOutcome]) -> str:
+    """'running R, queued Q, failed F': R from fresh heartbeats in the results store(s); Q every
+    other cell not finished (submitted and waiting, or not yet submitted)."""
+    open_ids = window.in_flight | {n.id for n in window.unsubmitted}
+    keys = {cfg["key"] for node_id, cfg in cells.items() if node_id in open_ids}
     running = set().union(*(running_cells(d) for d in {cfg["results_dir"] for cfg in cells.values()})) & keys
     return f"running {len(running)}, queued {len(keys) - len(running)}, failed {sum(o.status != 'ok' for o in outcomes)}"
 
