@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -59,3 +61,28 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[str]:
+    """A moto S3 server on a free local port with bucket `bkt`; yields the URI query to reach it."""
+    moto_server = pytest.importorskip("moto.server")
+    import pyarrow.fs as pafs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http"
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                      allow_bucket_creation=True).create_dir("bkt")
+    yield query
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

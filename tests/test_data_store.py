@@ -19,28 +19,6 @@ from harness.data.shards import DataError, load_manifest
 moto_server = pytest.importorskip("moto.server")
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    """A moto S3 server on a free local port with bucket `bkt`; yields the URI query to reach it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    query = f"endpoint_override=127.0.0.1:{port}&scheme=http"
-    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                      allow_bucket_creation=True).create_dir("bkt")
-    yield query
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

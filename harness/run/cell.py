@@ -2,12 +2,14 @@
 evaluation) executed node by node in this process: the same nodes a grid runs on Ray."""
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
-from harness.run.nodes import CellOutcome, NodeOutcome, run_artifact_node, run_eval_node, run_train_node
+from harness.run.nodes import BUSY, CellOutcome, NodeOutcome, run_artifact_node, run_eval_node, run_train_node
 from harness.run.plan import Plan, eval_node_id, pending_plan
 from harness.store.results import result_path
 
+BUSY_WAIT_S = 5.0
 RUNNERS: dict[str, Callable[..., Any]] = {"train": run_train_node, "artifact": run_artifact_node,
                                          "eval": run_eval_node}
 
@@ -17,6 +19,9 @@ def run_plan_here(plan: Plan, on_done: Callable[[Any], None] | None = None) -> d
     outcomes: dict[str, NodeOutcome | CellOutcome] = {}
     for node in plan:
         outcome = RUNNERS[node.kind](node, *(outcomes[i] for i in node.inputs))
+        while outcome.status == BUSY:  # another process trains this key: wait for it (nothing else to do here)
+            time.sleep(BUSY_WAIT_S)
+            outcome = RUNNERS[node.kind](node, *(outcomes[i] for i in node.inputs))
         outcomes[node.id] = outcome
         if on_done is not None:
             on_done(outcome)

@@ -42,7 +42,7 @@ from harness.data.ensure import ensure_prepared
 from harness.eval.external_model import check_model_spec
 from harness.eval.stage import check_analyses
 from harness.run.cell import RUNNERS
-from harness.run.nodes import CellOutcome, NodeOutcome
+from harness.run.nodes import BUSY, CellOutcome, NodeOutcome
 from harness.run.plan import Node, Plan, committed_ok, pending_plan, planned_trainer
 from harness.run.resources import cell_resources, rank_options, task_options
 from harness.run.status import running_cells
@@ -53,6 +53,7 @@ from harness.train.trainer import check_trainer_config
 from methods.base import build_method
 
 console = Console(stderr=True)
+BUSY_RETRY_S = 10.0  # a train node whose key another driver holds is submitted again after this
 
 
 @dataclass
@@ -224,14 +225,20 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
             for ref, node in window.fill(ray.cluster_resources()):  # runnable nodes, a bounded window of them
                 nodes_by_ref[ref] = node
                 waiting.append(ref)
-            if not waiting:  # nothing runs and nothing could start: an input no node produces
+            if not waiting:
+                if window.not_before:  # only nodes another driver is training remain: wait for their turn
+                    time.sleep(1.0)
+                    continue
                 raise RuntimeError(f"plan nodes wait on inputs that never run: {[n.id for n in window.unsubmitted][:5]}")
             # everything finished within the timeout, in one call: O(nodes) per round, not per node
             done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=2.0)
             for ref in done:
                 node = nodes_by_ref.pop(ref)
-                window.finished(node.id)
                 outcome = _get_outcome(ray, ref, node)
+                if outcome.status == BUSY:  # another driver trains this key now: ask again later
+                    window.again_later(node, BUSY_RETRY_S)
+                    continue
+                window.finished(node.id)
                 if node.kind != "eval":
                     if outcome.status != "ok":
                         progress.console.print(f"[red]FAILED[/] {node.label}{first_line(outcome.error)}", highlight=False)

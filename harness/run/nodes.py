@@ -32,7 +32,8 @@ from harness.eval.stage import EvalContext, cell_analyses
 from harness.run.plan import Node, run_config
 from harness.run.resources import cell_resources, worker_death_exceptions
 from harness.run.status import RunningMarker, record_identity
-from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY, local_work_dir, pull
+from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY, local_work_dir, pull, trained
+from harness.store.lease import Lease
 from harness.store.provenance import file_sha256
 from harness.store.results import write_cell_result
 from harness.store.rows import base_row, failed_row, now
@@ -88,12 +89,32 @@ def _failed_inputs(inputs: tuple[NodeOutcome, ...]) -> str | None:
 # ------------------------------------------------------------------------------------------- train
 
 
+BUSY = "busy"  # a train node's outcome when another process holds its train key's lease
+
+
 def run_train_node(node: Node, *inputs: NodeOutcome) -> TrainOutcome:
-    """Train the node's model into its checkpoint folder (resuming a partial one)."""
+    """Train the node's model into its checkpoint folder (resuming a partial one), once across
+    every driver on the store: under the train key's lease (harness/store/lease.py). A node whose
+    key another process is training returns `busy` (its driver tries again later); one whose model
+    is already trained returns its summary without training."""
     cfg, t0 = node.cfg, time.perf_counter()
     upstream_error = _failed_inputs(inputs)
     if upstream_error:
         return TrainOutcome(node.id, "failed", upstream_error)
+    lease = Lease(open_store(cfg["results_dir"]), f"train-{cfg['train_key']}")
+    try:
+        if not lease.acquire():
+            holder = lease.holder() or {}
+            return TrainOutcome(node.id, BUSY, f"train key {cfg['train_key']} is being trained by pid "
+                                f"{holder.get('pid')} on {holder.get('host')}", time.perf_counter() - t0)
+        if trained(cfg):  # another driver finished it while this node waited
+            return TrainOutcome(node.id, "ok", None, time.perf_counter() - t0, summary=trained_summary(cfg).__dict__)
+        return _train_under_lease(node, cfg, t0)
+    finally:
+        lease.release()
+
+
+def _train_under_lease(node: Node, cfg: dict[str, Any], t0: float) -> TrainOutcome:
     try:
         with RunningMarker(cfg["results_dir"], f"train-{cfg['train_key']}"):
             _log_train_run(cfg)

@@ -14,6 +14,7 @@ every training, only not all of them at once.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, Iterable
 
 from harness.run.plan import Node, Plan
@@ -46,16 +47,20 @@ class Window:
         self.refs: dict[str, Any] = {}
         self.done: set[str] = set()
         self.in_flight: set[str] = set()
+        self.not_before: dict[str, float] = {}  # node id -> monotonic time it may be submitted again
 
     def fill(self, totals: dict[str, float]) -> list[tuple[Any, Node]]:
         """Submit runnable nodes while fewer than the window are unfinished; (ref, node) of each."""
-        runnable = [n for n in self.unsubmitted if all(i in self.done for i in n.inputs)]
+        now = time.monotonic()
+        runnable = [n for n in self.unsubmitted if all(i in self.done for i in n.inputs)
+                    and self.not_before.get(n.id, 0.0) <= now]
         sample = (runnable or self.unsubmitted)[:SIZING_SAMPLE]  # requests read per round: bounded at scale
         window = 2 * capacity(totals, (self._options(n) for n in sample)) + QUEUE_SLACK
         started = []
         for node in runnable:
             if len(self.in_flight) >= window:
                 break
+            self.not_before.pop(node.id, None)
             ref = self._submit(node, [self.refs[i] for i in node.inputs])
             self.refs[node.id] = ref
             self.in_flight.add(node.id)
@@ -67,6 +72,15 @@ class Window:
     def finished(self, node_id: str) -> None:
         self.in_flight.discard(node_id)
         self.done.add(node_id)
+
+    def again_later(self, node: Node, delay_s: float) -> None:
+        """The node could not run now (another driver holds its train key's lease): it leaves the
+        window and is submitted again, in its place in the order, once `delay_s` has passed."""
+        self.in_flight.discard(node.id)
+        self.refs.pop(node.id, None)
+        self.not_before[node.id] = time.monotonic() + delay_s
+        order = {n.id: i for i, n in enumerate(self.plan)}
+        self.unsubmitted = sorted([*self.unsubmitted, node], key=lambda n: order[n.id])
 
     @property
     def exhausted(self) -> bool:

@@ -20,7 +20,7 @@ from harness.store.storage import COMMITS, STAGING, Commit, open_store
 
 # folders the harness itself writes into a results store
 OWN_FOLDERS = {COMMITS, STAGING, "_running", "_attempts", "_drivers", "_cells", "_train_runs", "_ray_train",
-               "checkpoints", "artifacts", "samples", "analysis"}
+               "_leases", "checkpoints", "artifacts", "samples", "analysis"}
 
 
 def audit_store(location: str | os.PathLike) -> list[str]:

@@ -17,8 +17,11 @@ from harness.store.storage import Store
 
 class HeartbeatMarker:
     def __init__(self, store: Store, rel: str, payload: Callable[[], dict[str, Any]], owner: tuple[str, str],
-                 every: float, name: str) -> None:
+                 every: float, name: str, exclusive: bool = False) -> None:
+        """`exclusive`: beat only while the marker still names its owner (a lease taken over by
+        another process after this one was presumed dead is never overwritten by its late beat)."""
         self.store, self.rel, self.payload, self.owner, self.every, self.name = store, rel, payload, owner, every, name
+        self.exclusive = exclusive
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -52,6 +55,8 @@ class HeartbeatMarker:
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             try:
+                if self.exclusive and (self.read() or {}).get(self.owner[0]) != self.owner[1]:
+                    return  # no longer ours: stop beating, never overwrite the new holder's marker
                 self.beat()
             except Exception:  # a flaky store must not kill the process; the marker just goes stale
                 pass
