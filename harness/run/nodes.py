@@ -35,7 +35,7 @@ from harness.run.status import RunningMarker, record_identity
 from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY, local_work_dir, pull, trained
 from harness.store.lease import Lease
 from harness.store.provenance import file_sha256
-from harness.store.results import write_cell_result
+from harness.store.results import committed_status, result_path, write_cell_result
 from harness.store.rows import base_row, failed_row, now
 from harness.store.storage import open_store
 from harness.eval.cost import StageClock, cost_columns
@@ -189,8 +189,21 @@ def run_artifact_node(node: Node) -> NodeOutcome:
 
 
 def run_eval_node(node: Node, *inputs: NodeOutcome) -> CellOutcome:
-    """Evaluate the cell's trained model (clean, attacks, then each analysis) and commit its rows."""
-    cfg, started, t0 = node.cfg, now(), time.perf_counter()
+    """Evaluate the cell's trained model (clean, attacks, then each analysis) and commit its rows,
+    under the cell's lease: a cell another driver is evaluating is `busy` (tried again later, when
+    its committed result makes this node return at once)."""
+    cfg, t0 = node.cfg, time.perf_counter()
+    with Lease(open_store(cfg["results_dir"]), f"eval-{cfg['key']}") as lease:
+        if not lease.acquire():
+            return CellOutcome(cfg["key"], cfg.get("label", cfg["key"]), BUSY, None, "", time.perf_counter() - t0)
+        if committed_status(cfg["results_dir"], cfg["key"]) == "ok":  # another driver committed it meanwhile
+            return CellOutcome(cfg["key"], cfg.get("label", cfg["key"]), "ok", None,
+                               str(result_path(cfg["results_dir"], cfg["key"])), time.perf_counter() - t0)
+        return _evaluate_under_lease(cfg, t0, inputs)
+
+
+def _evaluate_under_lease(cfg: dict[str, Any], t0: float, inputs: tuple[NodeOutcome, ...]) -> CellOutcome:
+    started = now()
     with RunningMarker(cfg["results_dir"], cfg["key"]):
         try:
             upstream_error = _failed_inputs(inputs)
