@@ -105,32 +105,12 @@ def run_statements(path: Path, where: str | None, match: Callable[[ast.stmt, str
     `namespace` (returned, with what they assigned): code that lives inside a script's `main()`
     (`where`: that function's name; None: the module level), such as the line that builds its
     scheduler or the body of its training loop, run as written rather than transcribed. Nested
-    statements are searched too; a selected statement runs whole."""
-    text = path.read_text()
-    tree = ast.parse(text, str(path))
-    if where is not None:
-        found = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == where]
-        if not found:
-            raise ValueError(f"{path} defines no function {where}()")
-        tree = found[0]
-    selected: list[ast.stmt] = []
-
-    def visit(body: list[ast.stmt]) -> None:
-        for node in body:
-            if match(node, ast.get_source_segment(text, node) or ""):
-                selected.append(node)
-                continue
-            for field in ("body", "orelse", "finalbody"):
-                inner = getattr(node, field, None)
-                if isinstance(inner, list) and inner and isinstance(inner[0], ast.stmt):
-                    visit(inner)
-
-    visit(tree.body)
+    statements are searched too; a selected statement runs whole (ScriptBody.select)."""
+    body = ScriptBody(path, where)
+    selected = body.select(match)
     if not selected:
         raise ValueError(f"{path}: no statement of {where or 'the module'} matched")
-    code = compile(ast.Module(body=selected, type_ignores=[]), str(path), "exec")
-    exec(code, namespace)  # noqa: S102 (their code, by design)
-    return namespace
+    return body.run(selected, namespace)
 
 
 def assigns(*names: str) -> Callable[[ast.stmt, str], bool]:
@@ -257,19 +237,39 @@ def official_lrs(set_lr: Any, epochs: range, base_lr: float, optimizer_kwargs: d
 class ScriptBody:
     """The statements of one function of an official script (`function=None`: the module level),
     to run piece by piece: training scripts keep their step inside `main()`, beside argument
-    parsing and data downloads. Statements are picked by what they assign, test or loop over,
+    parsing and data downloads. Statements are picked by what they assign, test or loop over
+    (`find`, `assignments`, `definitions`) or by a predicate (`select`, `run_statements`), and
     executed in a namespace the check provides; nothing of them is copied."""
 
     def __init__(self, path: Path, function: str | None = "main") -> None:
-        tree = ast.parse(path.read_text(), str(path))
+        self.text = path.read_text()
+        tree = ast.parse(self.text, str(path))
         if function is None:
             self.body: list[ast.stmt] = tree.body
         else:
-            found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+            found = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function]
             if not found:
                 raise ValueError(f"{path} defines no function {function}()")
             self.body = found[0].body
         self.path = path
+
+    def select(self, match: Callable[[ast.stmt, str], bool]) -> list[ast.stmt]:
+        """The statements `match(node, source)` selects, searched into nested blocks (a selected
+        statement is taken whole, its own blocks not searched), in the script's order."""
+        selected: list[ast.stmt] = []
+
+        def visit(body: list[ast.stmt]) -> None:
+            for node in body:
+                if match(node, ast.get_source_segment(self.text, node) or ""):
+                    selected.append(node)
+                    continue
+                for name in ("body", "orelse", "finalbody"):
+                    inner = getattr(node, name, None)
+                    if isinstance(inner, list) and inner and isinstance(inner[0], ast.stmt):
+                        visit(inner)
+
+        visit(self.body)
+        return selected
 
     def find(self, kind: type, text: str, attribute: str, within: list[ast.stmt] | None = None) -> ast.stmt:
         """The one statement of `kind` among `within` (default: the body's top level; e.g. a
