@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from typing import TextIO
 
@@ -67,6 +68,32 @@ def audit_store(location: str | os.PathLike) -> list[str]:
     return messages
 
 
+RANKS_PREFIX = "rg-ranks-"  # harness/train/ranks.py: rg-ranks-<host>-<pid>-<random>
+
+
+def rendezvous_owner(name: str) -> tuple[str, int | None]:
+    """(host, pid) a rank rendezvous folder's name records; ("", None) for an unnamed (old) one."""
+    host, _, pid = name[len(RANKS_PREFIX):].rpartition("-")[0].rpartition("-")
+    return host, int(pid) if pid.isdigit() else None
+
+
+def owner_alive(name: str) -> bool:
+    """Whether a rendezvous folder may still be in use: its process lives on this host, or it
+    belongs to another host (whose processes this one cannot see)."""
+    host, pid = rendezvous_owner(name)
+    if host and host != socket.gethostname():
+        return True
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def leftover_rendezvous(store) -> list[str]:
     """`checkpoints/<train key>/rg-ranks-*` folders: a killed training's process-group rendezvous
     (harness/train/ranks.py). They live only in a local store (a URI store's checkpoint folders
@@ -79,8 +106,8 @@ def leftover_rendezvous(store) -> list[str]:
     except (FileNotFoundError, NotADirectoryError, OSError):
         return []
     root = store.path("")
-    found = (info.path[len(root):].lstrip("/") for info in infos
-             if info.type == pafs.FileType.Directory and info.base_name.startswith("rg-ranks-"))
+    found = (info.path[len(root):].lstrip("/") for info in infos if info.type == pafs.FileType.Directory
+             and info.base_name.startswith(RANKS_PREFIX) and not owner_alive(info.base_name))
     return sorted(rel for rel in found if rel.count("/") == 2)  # checkpoints/<train key>/rg-ranks-*
 
 
