@@ -250,12 +250,16 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     cells = _cells(args)
     if args.cfg == "job":
         return _print_configs(cells)
-    if args.dry_run:
+    if args.dry_run:  # every check a run makes, then the plan: nothing trains, Ray does not start
+        from harness.run.grid import preflight_grid
+
+        preflight_grid(cells, prepare=False, leaderboard=not args.no_leaderboard)
         return _print_plan(cells)
     from harness.run.grid import run_grid
 
     first = cells[0]
-    report = run_grid(cells, ray_address=first["ray"].get("address"), num_cpus=first["ray"].get("num_cpus"))
+    report = run_grid(cells, ray_address=first["ray"].get("address"), num_cpus=first["ray"].get("num_cpus"),
+                      leaderboard=not args.no_leaderboard)
     n_ok = len(report.skipped) + len(report.outcomes) - len(report.failed)
     console.print(f"grid done in {report.seconds:.1f}s: {n_ok} ok, {len(report.failed)} failed, "
                   f"{len(report.skipped)} reused")

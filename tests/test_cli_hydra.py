@@ -76,3 +76,18 @@ def test_status_flag_between_overrides(capsys: pytest.CaptureFixture[str], tmp_p
     assert main(["status", "grid=demo", "--list", f"results_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert sum(line.startswith("pending ") for line in out.splitlines()) == 6
+
+
+@pytest.mark.parametrize("bad,named", [
+    ("trainer.epochs=0", "trainer.epochs"),
+    ("trainer.optimizer.lr=-1", "lr"),
+    ("results_dir=/proc/robustgrid-results", "results_dir=/proc/robustgrid-results"),
+    ("leaderboard_dir=/proc/robustgrid-site", "leaderboard_dir=/proc/robustgrid-site"),
+])
+def test_dry_run_makes_every_check_a_run_makes(bad: str, named: str, capsys: pytest.CaptureFixture[str],
+                                               tmp_path) -> None:
+    """A dry run fails as the run would, before showing any plan (issue 24, item 7)."""
+    args = ["grid", "--dry-run", "method=erm", f"results_dir={tmp_path / 'r'}", f"leaderboard_dir={tmp_path / 's'}", bad]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert named in err and "dry run" not in err

@@ -37,7 +37,7 @@ from harness.core.validate import validate_numbers
 from harness.run.labels import distinguish_labels, first_line
 from harness.run.ray_connect import check_ray_address
 from harness.run.single_driver import single_driver
-from harness.run.preflight import check_results_writable, train_split_size
+from harness.run.preflight import check_folder_writable, check_results_writable, train_split_size
 from harness.data.ensure import ensure_prepared
 from harness.eval.external_model import check_model_spec
 from harness.eval.stage import check_analyses
@@ -168,13 +168,25 @@ def validate_cell(cfg: dict[str, Any]) -> None:
     check_analyses(cfg)
 
 
-def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num_cpus: int | None = None) -> GridReport:
-    """Run every not-yet-committed cell's nodes as Ray tasks, with one progress view of the grid."""
-    t0 = time.perf_counter()
+def preflight_grid(cells: list[dict[str, Any]], *, prepare: bool, leaderboard: bool = True) -> None:
+    """Every check a grid makes before any work, for a run and for `--dry-run` alike: each cell's
+    settings, the results stores and the leaderboard folder writable, and (`prepare`) each dataset
+    prepared where it lives; a dry run checks the numbers against the data when it is prepared."""
     for cfg in cells:
         validate_cell(cfg)
-    for data_cfg in {c["data"]["dir"]: c["data"] for c in cells}.values():
-        ensure_prepared(data_cfg)
+    if leaderboard:
+        for folder in sorted({c["leaderboard_dir"] for c in cells if c.get("leaderboard_dir")}):
+            check_folder_writable(folder, "leaderboard_dir")
+    if prepare:
+        for data_cfg in {c["data"]["dir"]: c["data"] for c in cells}.values():
+            ensure_prepared(data_cfg)
+
+
+def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num_cpus: int | None = None,
+             leaderboard: bool = True) -> GridReport:
+    """Run every not-yet-committed cell's nodes as Ray tasks, with one progress view of the grid."""
+    t0 = time.perf_counter()
+    preflight_grid(cells, prepare=True, leaderboard=leaderboard)
     report = GridReport(cells=cells)
     done = committed_ok(cells)
     report.skipped = [c["key"] for c in cells if c["key"] in done]

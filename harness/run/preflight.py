@@ -6,6 +6,7 @@ pure config checks of harness.core.validate.
 from __future__ import annotations
 
 import functools
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,3 +52,16 @@ def check_results_writable(location: str) -> None:
     except Exception as err:  # any store (local, NFS, s3://) says "no" in its own way
         raise ConfigError(f"results_dir={location} is not writable ({type(err).__name__}: {err}); "
                           f"set results_dir to a folder or bucket you can write to") from None
+
+
+def check_folder_writable(folder: str | os.PathLike, what: str) -> None:
+    """Create `folder` and a probe file in it; ConfigError naming it (and `what` sets it) if that fails."""
+    path = Path(folder).expanduser()
+    probe = path / f".robustgrid-probe-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"robustgrid write probe")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{what}={folder} is not writable ({type(err).__name__}: {err}); "
+                          f"set {what} to a folder you can write to") from None
