@@ -54,3 +54,15 @@ def test_status_takes_the_grid_s_own_arguments_sweeps_included(data_root: Path, 
     assert sum(line.startswith("pending") for line in out.splitlines()) == 3
     assert main(["status", *args[1:]]) == 2  # a sweep without -m: refused, as `grid` refuses it
     assert "-m" in capsys.readouterr().err
+
+
+def test_status_on_a_wrong_bucket_or_endpoint_fails_naming_it(s3: str, capsys: pytest.CaptureFixture) -> None:
+    """Not "0 cells" with exit 0: the URI and the reason, in seconds (issue 24, item 3)."""
+    started = time.monotonic()
+    assert main(["status", "--results", f"s3://no-such-bucket/results?{s3}"]) == 2
+    assert "no bucket 'no-such-bucket'" in "".join(capsys.readouterr().err.splitlines())
+    assert main(["status", "--results", "s3://bkt/results?endpoint_override=127.0.0.1:1&scheme=http"]) == 2
+    err = "".join(capsys.readouterr().err.splitlines())  # the console wraps long lines
+    assert "cannot read the results store s3://bkt/results?endpoint_override=127.0.0.1:1" in err
+    assert time.monotonic() - started < 20
+    assert main(["status", "--results", f"s3://bkt/not-yet-written?{s3}"]) == 0  # an empty store is fine

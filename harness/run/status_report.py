@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from harness.data.location import DataLocation, is_uri
 from harness.run.status import FRESH_SECONDS, grid_status
 from harness.store.audit import warn_about_store
 
@@ -32,6 +36,7 @@ def status_command(cells: list[dict[str, Any]] | None, results: str | None, show
     else:
         raise ValueError("say which cells: the arguments the grid was started with (`robustgrid status grid=<name> "
                          "[overrides]`, `robustgrid status -m method=erm,pgd_at seed=0,1`) or `--results DIR|URI`")
+    check_store_reachable(location)  # a wrong bucket or endpoint fails here, naming it, in seconds
     warn_about_store(location)  # foreign / unverifiable files, each named (harness.store.audit)
     status = grid_status(location, keys, identities, train_keys)
     out = Console()
@@ -58,3 +63,22 @@ def status_command(cells: list[dict[str, Any]] | None, results: str | None, show
                 out.print(f"{state.replace('_', '-'):13} {key} {labels.get(key, '')} "
                           f"attempts={status.attempts.get(key, 0)}{note}")
     return 0
+
+
+def check_store_reachable(location: str) -> None:
+    """ValueError naming the store and the reason when an object store cannot be reached or its
+    bucket does not exist (read with short timeouts and bounded retries: seconds, not the SDK's
+    minute of retries). A store that exists but holds nothing yet is fine: its cells are pending."""
+    if not is_uri(location) or location.startswith("file://"):
+        return
+    loc = DataLocation(location)
+    bucket = loc.root.split("/", 1)[0]
+    try:
+        info = loc.fs.get_file_info(bucket)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"cannot read the results store {location}: {str(err).strip().splitlines()[0]}. Check "
+                         f"the endpoint (?endpoint_override=HOST:PORT&scheme=http for an S3-compatible server) "
+                         f"and the credentials") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ValueError(f"the results store {location} does not exist: no bucket '{bucket}' at its endpoint. Fix "
+                         f"results_dir (or --results) to the bucket the grid wrote to")
