@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from harness.core.code_version import code_version
 from harness.core.plugin_config import (PLUGIN_GROUPS, accepted_keys, config_options, plugin_options,
                                         recipe_methods, register_plugin_configs, setting_types, type_problem)
-from harness.core.locations import normalize_location
+from harness.core.locations import child, is_uri, normalize_location
 
 __all__ = ["ConfigError", "compose_config", "config_options", "finalize", "cell_key", "train_key",
            "training_setup", "trains_on_poison", "PLUGIN_GROUPS"]
@@ -375,9 +375,8 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = json.loads(json.dumps(cfg))  # a deep, plain copy
     data = cfg["data"]
     root = str(data["root"])  # a folder or a URI (s3://bucket/prefix): harness.data.location
-    if "://" in root:  # the dataset folder goes before a query string (?endpoint_override=...)
-        head, _, query = root.partition("?")
-        data["dir"] = f"{head.rstrip('/')}/{data['name']}" + (f"?{query}" if query else "")
+    if is_uri(root):  # the dataset folder goes before a query string (?endpoint_override=...)
+        data["dir"] = child(root, data["name"])
     else:
         data["dir"] = str((Path(root).expanduser() / data["name"]).resolve())
     if data.get("source"):

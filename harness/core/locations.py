@@ -15,3 +15,24 @@ def normalize_location(location: str | os.PathLike) -> str:
     if is_uri(text):
         return text.rstrip("/")
     return str(Path(text).expanduser().resolve())
+
+
+def child(location: str | os.PathLike, *names: str) -> str:
+    """`location/name/...` for a local path or a URI, a URI's query string kept at the end
+    (s3://b/data?endpoint_override=h:9000 -> s3://b/data/digits?endpoint_override=h:9000)."""
+    if not is_uri(location):
+        return str(Path(location, *names))
+    head, sep, query = str(location).partition("?")
+    return "/".join([head.rstrip("/"), *(n.strip("/") for n in names)]) + sep + query
+
+
+def parent(location: str | os.PathLike) -> str:
+    """The folder holding `location` (a URI keeps its query string)."""
+    if not is_uri(location):
+        return str(Path(location).parent)
+    head, sep, query = str(location).partition("?")
+    return head.rstrip("/").rsplit("/", 1)[0] + sep + query
+
+
+def basename(location: str | os.PathLike) -> str:
+    return str(location).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]

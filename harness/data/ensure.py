@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from harness.core.locations import parent as location_parent
 from harness.core.registry import DATASETS
 from harness.data.location import DataLocation
 from harness.data.shards import MANIFEST, DataError, load_manifest, verify_shards
@@ -23,7 +24,7 @@ def ensure_prepared(data_cfg: dict[str, Any]) -> Path | str:
         return data_cfg["dir"]
     plugin = DATASETS.get(data_cfg["name"])()
     source = data_cfg.get("source")
-    parent = loc.uri.rstrip("/").rsplit("/", 1)[0]
+    parent = location_parent(loc.uri)  # a URI keeps its query (?endpoint_override=...): same server
     if getattr(plugin, "needs_source", False) and not source:
         raise DataError(
             f"dataset '{data_cfg['name']}' is not prepared at {loc.uri}. Fix: run "

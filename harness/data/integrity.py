@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 from filelock import FileLock
 
 from harness.core.errors import DataError
+from harness.core.locations import basename, parent
 from harness.data.location import DataLocation
 
 MARKER_ENV = "ROBUSTGRID_VERIFIED_DIR"
@@ -38,10 +39,8 @@ def marker_dir() -> Path:
 
 def prepare_hint(dataset_dir: Path | str) -> str:
     """The fix to print in errors: re-create the dataset with the CLI (it replaces an invalid one)."""
-    loc = str(dataset_dir).rstrip("/").split("?")[0]
-    name = loc.rsplit("/", 1)[-1]
-    parent = loc[: -len(name) - 1] or "/"
-    return f"re-run `robustgrid data prepare {name} --out {parent}` (add --source ARCHIVE if it needs one)"
+    return (f"re-run `robustgrid data prepare {basename(dataset_dir)} --out {parent(dataset_dir)}` "
+            f"(add --source ARCHIVE if it needs one)")
 
 
 def dataset_sha256(manifest: dict[str, Any]) -> str:

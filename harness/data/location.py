@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from harness.core.errors import DataError
+from harness.core.locations import child, is_uri
 
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 30.0
@@ -31,10 +32,6 @@ READ_BUFFER_BYTES = 8 << 20  # one ranged GET per 8 MiB, not per tar header
 CACHE_ENV = "ROBUSTGRID_DATA_CACHE"
 _S3_QUERY_KEYS = {"region": str, "endpoint_override": str, "scheme": str, "access_key": str,
                   "secret_key": str, "session_token": str, "allow_bucket_creation": None}
-
-
-def is_uri(location: str | os.PathLike) -> bool:
-    return "://" in str(location)
 
 
 _COLLAPSED_URI = re.compile(r"^([a-z][a-z0-9+.-]*):/(?!/)")
@@ -51,10 +48,7 @@ def restore_uri(text: str) -> str:
 
 def join(location: str, name: str) -> str:
     """`location/name` for a local path or a URI (a URI's query string stays at the end)."""
-    if not is_uri(location):
-        return str(Path(location) / name)
-    head, _, query = str(location).partition("?")
-    return head.rstrip("/") + "/" + name + (f"?{query}" if query else "")
+    return child(location, name)
 
 
 def _open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

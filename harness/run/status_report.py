@@ -6,7 +6,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from harness.data.location import DataLocation, is_uri
+from harness.core.locations import is_uri
+from harness.data.location import DataLocation
 from harness.run.status import FRESH_SECONDS, grid_status
 from harness.store.audit import warn_about_store
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from harness.core.locations import is_uri, normalize_location  # noqa: F401  (re-exported: the store's callers use them)
+from harness.core.locations import child, is_uri, normalize_location  # noqa: F401  (is_uri, normalize_location: re-exported for the store's callers)
 
 COMMITS = "_commits"
 STAGING = "_staging"
@@ -119,7 +119,7 @@ class Store:
         """A location string for a file in the store (local path or URI), for messages and rows."""
         if self.is_local:
             return str(Path(self.root, *parts))
-        return "/".join([self.location, *parts])
+        return child(self.location, *parts)  # the query (?endpoint_override=...) stays at the end
 
     def read_bytes(self, rel: str) -> bytes | None:
         try:
