@@ -234,6 +234,38 @@ def test_corrupt_shard_raises(digits_dir: Path, tmp_path: Path) -> None:
         verify_shards(copy, load_manifest(copy))
 
 
+def test_an_image_of_another_shape_than_the_manifest_is_named_before_training(digits_dir: Path, tmp_path: Path) -> None:
+    """A shard re-packed with one RGB image (its manifest forged to match its bytes and hash): the
+    per-node check and the loader name the shard and sample, not a bare torch.stack error mid-training
+    (issue 24, item 4)."""
+    import hashlib
+    import json
+
+    from harness.data.shards import content_sha256, encode_png
+
+    copy = _copy(digits_dir, tmp_path)
+    shard = copy / "train-000001.tar"
+    out = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for member in src:
+            data = src.extractfile(member).read()
+            if member.name == "000070.png":
+                data = encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    shard.write_bytes(out.getvalue())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = next(e for e in manifest["splits"]["train"]["shards"] if e["file"] == shard.name)
+    entry.update(size=len(out.getvalue()), sha256=hashlib.sha256(out.getvalue()).hexdigest())
+    manifest["content_sha256"] = content_sha256(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"train-000001.tar: sample 000070 has 3 channel\(s\) of 8x8, the manifest "
+                                        r"says 1 channel\(s\) of 8x8"):
+        verify_shards(copy, load_manifest(copy))
+    with pytest.raises(DataError, match="sample 000070 has 3 channel"):
+        list(make_loader(copy, "train", 32))
+
+
 def test_missing_or_invalid_manifest_raises(digits_dir: Path, tmp_path: Path) -> None:
     copy = _copy(digits_dir, tmp_path)
     (copy / "manifest.json").write_text("{not json")

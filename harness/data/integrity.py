@@ -75,9 +75,10 @@ class _CountingReader:
 
 def read_shard(
     loc: DataLocation, shard: dict[str, Any], first_index: int, num_classes: int, version: str,
-    digest: Any = None,
+    digest: Any = None, shape: tuple[int, int, int] | None = None,
 ) -> Iterator[tuple[int, bytes, int]]:
-    """Stream one shard as `(split index, png bytes, label)` with the cheap checks of the module doc."""
+    """Stream one shard as `(split index, png bytes, label)` with the cheap checks of the module doc;
+    `shape` (channels, height, width): each image's PNG header must say the manifest's shape."""
     name = shard["file"]
     fix = _fix(loc)
     tmp = loc.cache_tmp(name, version)
@@ -94,13 +95,13 @@ def read_shard(
                             continue
                         key, _, ext = member.name.partition(".")
                         if pending and key != pending["key"]:
-                            yield _sample(pending, loc, name, expected, num_classes, fix)
+                            yield _sample(pending, loc, name, expected, num_classes, fix, shape)
                             expected += 1
                             pending = {}
                         pending["key"] = key
                         pending[ext] = tar.extractfile(member).read()
                 if pending:
-                    yield _sample(pending, loc, name, expected, num_classes, fix)
+                    yield _sample(pending, loc, name, expected, num_classes, fix, shape)
                     expected += 1
                 reader.drain()
             except (tarfile.TarError, EOFError, OSError, pa.ArrowException) as err:
@@ -123,8 +124,25 @@ def read_shard(
             tmp.unlink(missing_ok=True)
 
 
+def manifest_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) every image of the dataset has, per its manifest."""
+    height, width = manifest["image_size"]
+    return int(manifest["channels"]), int(height), int(width)
+
+
+PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> channels (3, a palette, is not ours)
+
+
+def png_shape(data: bytes) -> tuple[int, int, int] | None:
+    """(channels, height, width) from a PNG's header alone (no pixel decoded); None: not a PNG."""
+    if len(data) < 26 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return PNG_CHANNELS.get(data[25], -1), height, width
+
+
 def _sample(pending: dict[str, Any], loc: DataLocation, name: str, expected: int, num_classes: int,
-            fix: str) -> tuple[int, bytes, int]:
+            fix: str, shape: tuple[int, int, int] | None = None) -> tuple[int, bytes, int]:
     key = pending["key"]
     if not key.isdigit() or int(key) != expected or "png" not in pending or "cls" not in pending:
         raise DataError(f"shard {name} holds entry {key!r} where sample {expected:06d} (png + cls) was "
@@ -136,6 +154,13 @@ def _sample(pending: dict[str, Any], loc: DataLocation, name: str, expected: int
     if not 0 <= label < num_classes:
         raise DataError(f"shard {name}: sample {key} has label {pending['cls']!r}, outside the manifest's "
                         f"{num_classes} classes ({loc.display(name)}); {fix}")
+    if shape is not None:
+        found = png_shape(pending["png"])
+        if found != shape:
+            what = "is not a PNG" if found is None else (
+                f"is a palette PNG" if found[0] == -1 else f"has {found[0]} channel(s) of {found[1]}x{found[2]}")
+            raise DataError(f"shard {name}: sample {key} {what}, the manifest says {shape[0]} channel(s) of "
+                            f"{shape[1]}x{shape[2]} ({loc.display(name)}); {fix}")
     return expected, pending["png"], label
 
 
@@ -187,7 +212,8 @@ def _full_check(loc: DataLocation, manifest: dict[str, Any], split: str, version
     first = 0
     for shard in entry["shards"]:
         digest = hashlib.sha256()
-        for _, _, label in read_shard(loc, shard, first, manifest["num_classes"], version, digest):
+        for _, _, label in read_shard(loc, shard, first, manifest["num_classes"], version, digest,
+                                      manifest_shape(manifest)):
             counts[label] += 1
         if digest.hexdigest() != shard["sha256"]:
             raise DataError(f"shard {shard['file']} is corrupt: its sha256 differs from the manifest "

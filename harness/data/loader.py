@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from harness.data.integrity import dataset_version, read_shard
+from harness.data.integrity import dataset_version, manifest_shape, read_shard
 from harness.data.location import DataLocation
 from harness.data.shards import DataError, decode_png, load_manifest, prepare_hint, verify_shards
 
@@ -124,7 +124,7 @@ def make_loader(
     plan = _plan(manifest, loc.uri, split, limit, rank, world_size, num_workers, shuffle, seed, epoch, select)
     verify_shards(loc, manifest, (split,))
     source = BlockSource(loc, manifest["splits"][split]["shards"], plan, manifest["num_classes"],
-                         dataset_version(manifest))
+                         dataset_version(manifest), manifest_shape(manifest))
     loader = EpochLoader(source, plan, batch_size, num_workers, buffer if shuffle else 0, transform,
                          return_keys, poison)
     loader.pin_memory, loader.prefetch_factor = pin_memory, prefetch_factor
@@ -235,10 +235,10 @@ class BlockSource(IterableDataset):
     """
 
     def __init__(self, loc: DataLocation, shards: list[dict[str, Any]], plan: EpochPlan, num_classes: int,
-                 version: str) -> None:
+                 version: str, shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         self.loc, self.shards, self.plan = loc, shards, plan
-        self.num_classes, self.version = num_classes, version
+        self.num_classes, self.version, self.shape = num_classes, version, shape
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -254,7 +254,7 @@ class BlockSource(IterableDataset):
         wanted = set((start + positions).tolist()) if self.plan.selected is not None else None
         end = start + int(positions[-1]) + 1  # the shard is read up to its last used sample
         images, labels = [], []
-        stream = read_shard(self.loc, entry, start, self.num_classes, self.version)
+        stream = read_shard(self.loc, entry, start, self.num_classes, self.version, shape=self.shape)
         try:
             for index, png, label in stream:
                 if index >= end:
