@@ -311,8 +311,8 @@ def test_selection_reads_exactly_the_selected_samples(digits_dir: Path, world_si
     chosen = np.array([3, 70, 71, 400, 401, 402, 1436])  # shards 0, 1, 6 and the last (64 per shard)
     opened: list[int] = []
     real = loader_module.read_shard
-    monkeypatch.setattr(loader_module, "read_shard", lambda loc, entry, start, *a: opened.append(start)
-                        or real(loc, entry, start, *a))
+    monkeypatch.setattr(loader_module, "read_shard", lambda loc, entry, start, *a, **k: opened.append(start)
+                        or real(loc, entry, start, *a, **k))
     for epoch in (0, 1):
         per_rank = _epoch_keys(digits_dir, world_size, num_workers, shuffle=True, seed=2, epoch=epoch, select=chosen)
         assert sorted(k for keys in per_rank for k in keys) == [f"{i:06d}" for i in chosen]
