@@ -200,16 +200,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.cfg == "job":
         return _print_configs(cells)
 
-    from harness.data.ensure import ensure_prepared
     from harness.run.cell import run_cell
-    from harness.run.grid import validate_cell
+    from harness.run.grid import preflight_grid
     from harness.store.results import read_cell_result, result_path
 
-    for cfg in cells:
-        validate_cell(cfg)
+    preflight_grid(cells, prepare=True, leaderboard=False)  # every check, the data prepared and checked too
     failed = 0
     for cfg in cells:
-        ensure_prepared(cfg["data"])
         console.print(f"cell {cfg['label']} key={cfg['key']}")
         outcome = run_cell(cfg)
         table = read_cell_result(result_path(cfg["results_dir"], cfg["key"]))

@@ -106,3 +106,17 @@ def test_attack_constructors_refuse_non_finite_settings(cfg: dict, word: str) ->
 
     with pytest.raises(ValueError, match=word):
         build_attack(cfg)
+
+
+@pytest.mark.parametrize("where", ["a fresh folder", "s3"])
+def test_data_dependent_checks_run_wherever_the_data_lives(where: str, tmp_path: Path,
+                                                            request: pytest.FixtureRequest) -> None:
+    """digits not prepared yet (a fresh folder, or an S3 root): `run` prepares it, then refuses a
+    batch larger than its training split before any training (issue 24, item 6)."""
+    root = str(tmp_path / "fresh") if where == "a fresh folder" else f"s3://bkt/fresh-{os.getpid()}?{request.getfixturevalue('s3')}"
+    results = tmp_path / "results"
+    proc = _run_cli([f"data.root='{root}'", f"results_dir={results}", "trainer.batch_size=5000", "trainer.epochs=1"],
+                    tmp_path)
+    message = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 2 and "trainer.batch_size=5000" in message and "1437 images" in message, message
+    assert _nothing_written(results)

@@ -169,9 +169,11 @@ def validate_cell(cfg: dict[str, Any]) -> None:
 
 
 def preflight_grid(cells: list[dict[str, Any]], *, prepare: bool, leaderboard: bool = True) -> None:
-    """Every check a grid makes before any work, for a run and for `--dry-run` alike: each cell's
-    settings, the results stores and the leaderboard folder writable, and (`prepare`) each dataset
-    prepared where it lives; a dry run checks the numbers against the data when it is prepared."""
+    """Every check a grid (or `run`) makes before any work, for a run and for `--dry-run` alike:
+    each cell's settings, the results stores and the leaderboard folder writable; then (`prepare`)
+    each dataset prepared where it lives, and the numbers that depend on the data (a batch larger
+    than the training split, ...) checked against its manifest, local or remote (a dry run: when
+    the data is prepared already)."""
     for cfg in cells:
         validate_cell(cfg)
     if leaderboard:
@@ -180,6 +182,8 @@ def preflight_grid(cells: list[dict[str, Any]], *, prepare: bool, leaderboard: b
     if prepare:
         for data_cfg in {c["data"]["dir"]: c["data"] for c in cells}.values():
             ensure_prepared(data_cfg)
+    for cfg in cells:
+        validate_numbers(cfg, train_split_size(cfg))
 
 
 def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num_cpus: int | None = None,

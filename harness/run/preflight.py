@@ -12,19 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.config import ConfigError
-from harness.data.shards import MANIFEST
+from harness.core.errors import DataError
+from harness.core.locations import is_uri
+from harness.data.shards import MANIFEST, load_manifest
 from harness.data.loader import split_count
 from harness.store.storage import STAGING, open_store
 
 
 def train_split_size(cfg: dict[str, Any]) -> int | None:
-    """Images one epoch of the cell trains on (data.train_limit applied); None until the data is prepared.
-    Counted once per (dataset, limit, manifest version): a 10,000-cell grid reads each manifest once."""
+    """Images one epoch of the cell trains on (data.train_limit applied), wherever the dataset
+    lives (a folder or a URI); None until it is prepared. Counted once per (dataset, limit, manifest
+    version): a 10,000-cell grid reads each manifest once (a remote one once per process)."""
     data = cfg.get("data") or {}
-    data_dir = Path(data.get("dir", ""))
-    manifest = data_dir / MANIFEST
-    if not manifest.is_file():
-        return None
     limit = data.get("train_limit")
     try:
         limit = None if limit is None else int(limit)
@@ -32,12 +31,32 @@ def train_split_size(cfg: dict[str, Any]) -> int | None:
         return None  # validate_numbers names the bad data.train_limit
     if limit is not None and limit < 1:
         return None  # validate_numbers names the bad data.train_limit
-    return _train_split_size(str(data_dir), limit, manifest.stat().st_mtime_ns)
+    location = str(data.get("dir", ""))
+    if is_uri(location):
+        return _remote_train_split_size(location, limit)
+    manifest = Path(location) / MANIFEST
+    if not manifest.is_file():
+        return None
+    return _train_split_size(location, limit, manifest.stat().st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1024)
 def _train_split_size(data_dir: str, limit: int | None, manifest_mtime_ns: int) -> int:
     return split_count(data_dir, "train", 0, 1, limit=limit)
+
+
+_REMOTE_SIZES: dict[tuple[str, int | None], int] = {}
+
+
+def _remote_train_split_size(location: str, limit: int | None) -> int | None:
+    """Cached once known (a manifest not there yet is looked for again after preparing)."""
+    if (location, limit) not in _REMOTE_SIZES:
+        try:
+            load_manifest(location)
+        except DataError:
+            return None  # not prepared there (yet): the numbers that need it are checked after preparing
+        _REMOTE_SIZES[(location, limit)] = split_count(location, "train", 0, 1, limit=limit)
+    return _REMOTE_SIZES[(location, limit)]
 
 
 @functools.lru_cache(maxsize=None)
