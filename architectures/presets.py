@@ -105,6 +105,41 @@ ARCHITECTURES.add("test_vit", TimmArchitecture("test_vit", vit_patch=_VIT_PATCH)
 ARCHITECTURES.add("test_convnext", TimmArchitecture("test_convnext", convnext_patch=_CONVNEXT_PATCH))
 
 
+SET_BY_THE_HARNESS = {"num_classes": "the dataset sets it", "in_chans": "the dataset sets it",
+                      "pretrained": "nothing is downloaded: weights come from training here, or model=... for eval"}
+
+
+def check_architecture(arch_cfg: dict[str, Any], *, num_classes: int, in_chans: int, img_size: int) -> None:
+    """Build the architecture on the meta device (no memory, no compute): a timm keyword the model
+    does not take (`+arch.kwargs.drop_rat=0.1`) or one the harness sets fails here, before any
+    work, naming the closest keyword the model takes."""
+    import difflib
+
+    import torch
+
+    kwargs = dict(arch_cfg.get("kwargs") or {})
+    for key, why in SET_BY_THE_HARNESS.items():
+        if key in kwargs:
+            raise ValueError(f"arch.kwargs.{key} cannot be set: {why}. Fix: remove +arch.kwargs.{key}")
+    with torch.device("meta"):
+        try:
+            build_classifier(arch_cfg, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                             mean=[0.5] * in_chans, std=[0.5] * in_chans)
+        except TypeError as err:
+            if not kwargs:
+                raise
+            bare = build_classifier({k: v for k, v in arch_cfg.items() if k != "kwargs"}, num_classes=num_classes,
+                                    in_chans=in_chans, img_size=img_size, mean=[0.5] * in_chans, std=[0.5] * in_chans)
+            import inspect
+
+            known = sorted(p for p in inspect.signature(type(bare.body).__init__).parameters if p != "self")
+            unknown = [k for k in kwargs if k not in known] or list(kwargs)
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+            hint = f" Did you mean +arch.kwargs.{close[0]}?" if close else ""
+            raise ValueError(f"arch.kwargs.{unknown[0]} is not a setting of timm's {type(bare.body).__name__} "
+                             f"({err}).{hint}") from None
+
+
 def build_classifier(arch_cfg: dict[str, Any], *, num_classes: int, in_chans: int, img_size: int,
                      mean: Sequence[float], std: Sequence[float]) -> Classifier:
     """Build the classifier an `arch` config names (`name` + optional `model`, `kwargs`)."""

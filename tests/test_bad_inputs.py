@@ -38,6 +38,11 @@ CASES: list[tuple[list[str], str]] = [
     (["resources.gpus=-1"], "resources.gpus"),
     (["method=trades", "method.attack.steps=0"], "method.attack.steps"),
     (["method=trades", "method.beta=inf"], "method.beta"),
+    # open dictionaries: every key checked against what receives it (issue 24, item 5)
+    (["+trainer.schedule.warmup_epoch=2"], "Did you mean trainer.schedule.warmup_epochs?"),
+    (["+trainer.optimizer.beta=0.9"], "Did you mean trainer.optimizer.betas?"),
+    (["+arch.kwargs.drop_rat=0.1"], "Did you mean +arch.kwargs.drop_rate?"),
+    (["+arch.kwargs.num_classes=5"], "arch.kwargs.num_classes cannot be set: the dataset sets it"),
 ]
 
 

@@ -37,7 +37,7 @@ from harness.core.validate import validate_numbers
 from harness.run.labels import distinguish_labels, first_line
 from harness.run.ray_connect import check_ray_address
 from harness.run.single_driver import single_driver
-from harness.run.preflight import check_folder_writable, check_results_writable, train_split_size
+from harness.run.preflight import check_arch, check_folder_writable, check_results_writable, train_split_size
 from harness.data.ensure import ensure_prepared
 from harness.eval.external_model import check_model_spec
 from harness.eval.stage import check_analyses
@@ -157,6 +157,8 @@ def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
     validate_numbers(cfg, train_split_size(cfg))
     check_results_writable(cfg["results_dir"])
+    if not cfg.get("model"):  # trained here: its architecture builds with these settings (on the meta device)
+        check_arch(cfg)
     check_trainer_config(planned_trainer(cfg))
     cell_resources(cfg)
     build_method(cfg["method"])

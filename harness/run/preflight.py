@@ -6,6 +6,7 @@ pure config checks of harness.core.validate.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import uuid
 from pathlib import Path
@@ -84,3 +85,37 @@ def check_folder_writable(folder: str | os.PathLike, what: str) -> None:
     except OSError as err:
         raise ConfigError(f"{what}={folder} is not writable ({type(err).__name__}: {err}); "
                           f"set {what} to a folder you can write to") from None
+
+
+def check_arch(cfg: dict[str, Any]) -> None:
+    """The cell's architecture builds with its settings (architectures.presets.check_architecture),
+    for the dataset's shape when its manifest is at hand (else a CIFAR-like placeholder); once per
+    distinct (architecture, shape): a 10,000-cell grid builds each architecture once."""
+    channels, classes, size = _dataset_shape(str((cfg.get("data") or {}).get("dir", "")))
+    size = int((cfg.get("data") or {}).get("img_size") or size)
+    _check_arch(json.dumps(cfg["arch"], sort_keys=True), classes, channels, size)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_arch(arch_json: str, classes: int, channels: int, size: int) -> None:
+    from architectures.presets import check_architecture
+
+    try:
+        check_architecture(json.loads(arch_json), num_classes=classes, in_chans=channels, img_size=size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _dataset_shape(data_dir: str) -> tuple[int, int, int]:
+    """(channels, classes, image size) from the manifest; (3, 10, 32) before the data exists."""
+    if (data_dir, None) in _SHAPES:
+        return _SHAPES[(data_dir, None)]
+    try:
+        manifest = load_manifest(data_dir)
+    except DataError:
+        return 3, 10, 32
+    _SHAPES[(data_dir, None)] = (int(manifest["channels"]), int(manifest["num_classes"]), int(manifest["image_size"][0]))
+    return _SHAPES[(data_dir, None)]
+
+
+_SHAPES: dict[tuple[str, None], tuple[int, int, int]] = {}

@@ -1,12 +1,14 @@
 """The trainer's optimiser, built from `trainer.optimizer`, and the up-front check of trainer settings."""
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any
 
 import torch
 
 from harness.train.compile import compile_backend
-from harness.train.schedule import lr_factor
+from harness.train.schedule import check_schedule
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
@@ -20,7 +22,11 @@ def build_optimizer(ocfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch
     try:
         return OPTIMIZERS[name](groups, **ocfg)
     except TypeError as err:
-        raise ValueError(f"bad settings for optimizer '{name}': {err}") from None
+        known = sorted(p for p in inspect.signature(OPTIMIZERS[name]).parameters if p != "params")
+        typo = [k for k in ocfg if k not in known]
+        close = difflib.get_close_matches(typo[0], known, n=1, cutoff=0.6) if typo else []
+        hint = f" Did you mean trainer.optimizer.{close[0]}?" if close else ""
+        raise ValueError(f"bad settings for optimizer '{name}': {err}.{hint} It takes: {', '.join(known)}") from None
 
 
 def check_trainer_config(tcfg: dict[str, Any]) -> None:
@@ -36,4 +42,4 @@ def check_trainer_config(tcfg: dict[str, Any]) -> None:
         raise ValueError(f"trainer.precision must be fp32 or bf16, got {tcfg.get('precision')!r}")
     compile_backend(tcfg.get("compile", False))
     build_optimizer(tcfg["optimizer"], [{"params": [torch.zeros(1, requires_grad=True)]}])
-    lr_factor(tcfg["schedule"], 0.0, epochs)
+    check_schedule(tcfg["schedule"], epochs)

@@ -16,6 +16,25 @@ from typing import Any
 
 SCHEDULES = ("constant", "cosine", "cyclic", "multistep")
 GRANULARITIES = ("step", "epoch")
+# every key some schedule reads: a key none reads is a typo (`warmup_epoch`), refused before work;
+# another schedule's key is not (a recipe that switches a preset's multistep to cyclic leaves its
+# milestones behind, unread)
+SCHEDULE_KEYS = {"name", "warmup_epochs", "granularity", "step_lr_at", "milestones", "gamma",
+                 "peak_epoch", "peak_fraction", "cycle_momentum", "base_momentum", "max_momentum"}
+
+
+def check_schedule(scfg: dict[str, Any], epochs: int) -> None:
+    """ValueError naming an unknown key (with the closest known one) or a bad value, before work."""
+    import difflib
+
+    for key in scfg:
+        if key not in SCHEDULE_KEYS:
+            close = difflib.get_close_matches(key, sorted(SCHEDULE_KEYS), n=1, cutoff=0.6)
+            hint = f" Did you mean trainer.schedule.{close[0]}?" if close else ""
+            raise ValueError(f"unknown key trainer.schedule.{key}: no schedule reads it.{hint} "
+                             f"Known keys: {', '.join(sorted(SCHEDULE_KEYS))}")
+    lr_factor(scfg, 0.0, epochs)
+    schedule_position(scfg, 0, 0, 1)
 
 
 def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
