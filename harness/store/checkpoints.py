@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from harness.core.errors import DataError
+from harness.store.storage import out_of_space
 
 
 class UnsafeCheckpointError(DataError):
@@ -50,11 +51,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write `state` atomically (temp file + rename), so a crash never leaves half a checkpoint."""
+    """Write `state` atomically (temp file + rename), so a crash never leaves half a checkpoint; a
+    failed write leaves no temp file, and a full disk is named with the bytes it needed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise out_of_space(err, str(path), _state_bytes(state), tmp) or err
     os.replace(tmp, path)
+
+
+def _state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: about what its checkpoint needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
 
 
 def _first_reason(message: str) -> str:

@@ -19,11 +19,13 @@ Nothing here ever deletes a committed result.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
 import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -58,6 +60,23 @@ def parquet_from_bytes(data: bytes) -> pa.Table:
 
 class StorageError(ValueError):
     """A storage URI that cannot be used; the message says how to fix it."""
+
+
+def out_of_space(err: BaseException, where: str, nbytes: int, local: str | os.PathLike | None = None
+                 ) -> "StorageError | None":
+    """A StorageError naming the place, the bytes and the fix when `err` means a full disk (ENOSPC,
+    or a write failing on a local disk with less free space than it needed); None otherwise."""
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+    if not full and local is not None:
+        try:
+            full = shutil.disk_usage(Path(local).parent).free < nbytes
+        except OSError:
+            pass
+    if not full:
+        return None
+    return StorageError(f"no space left to write {where} ({nbytes:,} bytes needed): free space on that disk, or "
+                        f"set results_dir (checkpoints of a URI store: ROBUSTGRID_CACHE) to a larger one; "
+                        f"nothing was half-written and committed results are intact")
 
 
 def local_path(location: str | os.PathLike) -> Path | None:
@@ -157,15 +176,21 @@ class Store:
         self._delete_quietly(self.path(rel))
 
     def _write_new(self, full: str, data: bytes, durable: bool = True) -> None:
+        """Write a new file; on failure nothing of it stays, and a full disk is named (out_of_space)."""
         self.fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
-        if self.is_local and durable:  # fsync, so a machine crash cannot leave a renamed-but-empty file
-            with open(full, "wb") as fh:
+        try:
+            if self.is_local and durable:  # fsync, so a machine crash cannot leave a renamed-but-empty file
+                with open(full, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                return
+            with self.fs.open_output_stream(full) as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            return
-        with self.fs.open_output_stream(full) as fh:
-            fh.write(data)
+        except (OSError, pa.ArrowException) as err:
+            self._delete_quietly(full)
+            raise out_of_space(err, self.uri(full[len(self.root):].lstrip("/")), len(data),
+                               full if self.is_local else None) or err
 
     def _delete_quietly(self, full: str) -> None:
         try:
