@@ -125,3 +125,40 @@ def test_data_dependent_checks_run_wherever_the_data_lives(where: str, tmp_path:
     message = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode == 2 and "trainer.batch_size=5000" in message and "1437 images" in message, message
     assert _nothing_written(results)
+
+
+@pytest.mark.parametrize("bad,named", [(["grid=demoo", "seed=1"], "unknown grid 'demoo'"),
+                                       (["trainer=nosuch", "trainer.epochs=1"], "unknown trainer 'nosuch'")])
+def test_an_unknown_group_option_is_named_first(bad: list[str], named: str) -> None:
+    """Not "unknown config key 'seed'": the option that made the keys unknown (issue 24, item 10)."""
+    from harness.core.config import ConfigError, compose_config
+
+    with pytest.raises(ConfigError, match=named):
+        compose_config(bad)
+
+
+def test_a_killed_prepare_s_temp_folder_is_removed_by_the_next(tmp_path: Path, monkeypatch) -> None:
+    """A `.digits.tmp*` folder nothing wrote to for an hour is a killed prepare's; one being written
+    now (another prepare) is left alone (issue 24, item 10)."""
+    import harness.data.shards as shards
+    from harness.data.prepare import prepare_digits
+
+    old = tmp_path / ".digits.tmpdead"
+    old.mkdir()
+    (old / "train-000000.tar").write_bytes(b"half")
+    live = tmp_path / ".digits.tmplive"
+    live.mkdir()
+    hour_ago = os.stat(old).st_mtime - 2 * shards.LEFTOVER_AFTER_S
+    for path in (old, old / "train-000000.tar"):
+        os.utime(path, (hour_ago, hour_ago))
+    prepare_digits(tmp_path)
+    assert not old.exists() and live.exists() and (tmp_path / "digits" / "manifest.json").is_file()
+
+
+def test_a_py_model_module_that_exits_at_import_is_reported(tmp_path: Path, monkeypatch) -> None:
+    from harness.eval.external_model import ExternalModelError, check_model_spec
+
+    (tmp_path / "exits_mod.py").write_text("import sys\nsys.exit(3)\ndef build(num_classes):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ExternalModelError, match=r"importing 'exits_mod' called sys.exit\(3\)"):
+        check_model_spec({"id": "py:exits_mod:build"})

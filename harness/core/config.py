@@ -59,6 +59,7 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     overrides = _eval_overrides(overrides)
     parsed = _parse(overrides)
     _check_plugin_names(parsed)
+    _check_group_options(parsed)
     register_plugin_configs()
     _refuse_closed_additions(parsed)
     try:
@@ -183,6 +184,20 @@ def _check_plugin_names(parsed: list[Override]) -> None:
                     f"Fix: {group}={'[<names>]' if group == 'attack' else '<one of these>'}, or install a "
                     f"package that registers '{name}' under the '{registry.group}' entry-point group."
                 )
+
+
+def _check_group_options(parsed: list[Override]) -> None:
+    """`trainer=`, `grid=`, `recipe=` (groups of YAML presets only) must name a preset: said first,
+    so `grid=demoo seed=1` names the grid, not the keys it would have defined."""
+    for override in parsed:
+        group = override.key_or_group
+        if group not in ("trainer", "grid", "recipe") or override.is_delete():
+            continue
+        value, known = override.value(), config_options(group)
+        if isinstance(value, str) and value not in known:
+            close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+            hint = f" Did you mean {group}={close[0]}?" if close else ""
+            raise ConfigError(f"unknown {group} '{value}'. Known {group}s: {', '.join(known)}.{hint}")
 
 
 @functools.lru_cache(maxsize=1)

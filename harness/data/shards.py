@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -142,6 +143,19 @@ def write_split(
     return {"count": index, "shards": shards, "labels": labels}
 
 
+def _remove_leftovers(out_root: Path, name: str) -> None:
+    """Remove the temp folders of killed prepares of `name`: those nothing has written to for
+    LEFTOVER_AFTER_S (a prepare running now, here or on another node, writes shards all along)."""
+    now = time.time()
+    for folder in out_root.glob(f".{name}.tmp*"):
+        try:
+            newest = max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.iterdir())])
+        except OSError:
+            continue
+        if now - newest > LEFTOVER_AFTER_S:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_dataset(
     out_root: Path | str,
     name: str,
@@ -167,10 +181,14 @@ def write_dataset(
     return _write_local(Path(out_root), name, splits, info, samples_per_shard)
 
 
+LEFTOVER_AFTER_S = 3600.0  # a `.<name>.tmp*` folder untouched this long is a killed prepare's
+
+
 def _write_local(out_root: Path, name: str, splits: dict[str, Callable[[], Iterator[tuple[np.ndarray, int]]]],
                  info: dict[str, Any], samples_per_shard: int) -> Path:
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / name
+    _remove_leftovers(out_root, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=out_root))
     try:
         stats = _ChannelStats()

@@ -215,6 +215,9 @@ def _import_function(target: str):
     module_name, _, function = target.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as err:  # a script-style module that exits when imported: never the harness's exit
+        raise ExternalModelError(f"model=py:{target}: importing {module_name!r} called sys.exit({err.code!r}). "
+                                 f"Fix: move the module's script code under `if __name__ == \"__main__\":`") from None
     except Exception as err:  # ImportError, or any error the module raises while importing
         raise ExternalModelError(f"model=py:{target}: cannot import {module_name!r} ({type(err).__name__}: "
                                  f"{err}). Fix: make it importable on every node that runs cells (PYTHONPATH or pip install)") from None

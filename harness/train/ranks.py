@@ -22,9 +22,9 @@ from typing import Any, Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from harness.store.audit import RANKS_PREFIX, owner_alive
 from harness.train.device import rank_setup
 
-RANKS_PREFIX = "rg-ranks-"
 RankFn = Callable[..., Any]  # fn(rank, world_size, device, *args) -> anything picklable (rank 0's is returned)
 
 
@@ -71,24 +71,8 @@ def remove_leftovers(folder: Path) -> list[Path]:
     """Remove the rendezvous folders in `folder` that no live process of this host owns (a killed
     run's); folders of other hosts (a shared results folder) and of live processes stay."""
     removed = []
-    host = socket.gethostname()
     for path in folder.glob(f"{RANKS_PREFIX}*"):
-        owner_host, _, rest = path.name[len(RANKS_PREFIX):].rpartition("-")[0].rpartition("-")
-        pid = rest if rest.isdigit() else None
-        if owner_host and owner_host != host:
-            continue
-        if pid is not None and _alive(int(pid)):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+        if not owner_alive(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
