@@ -25,19 +25,22 @@ import hashlib
 import io
 import json
 import os
+import random
+import re
 import shutil
 import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from harness.core.locations import child, is_uri, normalize_location  # noqa: F401  (is_uri, normalize_location: re-exported for the store's callers)
+from harness.core.locations import child, is_uri, normalize_location
+from harness.store.faulty import SCHEME, faulty_filesystem  # noqa: F401  (is_uri, normalize_location: re-exported for the store's callers)
 
 COMMITS = "_commits"
 STAGING = "_staging"
@@ -60,6 +63,25 @@ def parquet_from_bytes(data: bytes) -> pa.Table:
 
 class StorageError(ValueError):
     """A storage URI that cannot be used; the message says how to fix it."""
+
+
+RETRY_ATTEMPTS = 10
+RETRY_BASE_S = 0.1  # backoff: up to base x 2^attempt seconds (full jitter), capped
+RETRY_CAP_S = 5.0
+_TRANSIENT = re.compile(r"\b50[0-4]\b|SlowDown|Throttl|Service Unavailable|InternalError|RequestTimeout|timed out|"
+                        r"Timeout|Connection (reset|refused|aborted)|Temporarily|Broken pipe|injected by a faulty",
+                        re.IGNORECASE)
+T = TypeVar("T")
+
+
+def transient(err: BaseException) -> bool:
+    """Whether a store error is worth retrying (a flaky or throttling server), not a verdict
+    (missing file, denied access, full disk)."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if getattr(err, "errno", None) == errno.ENOSPC:
+        return False
+    return bool(_TRANSIENT.search(str(err)))
 
 
 def out_of_space(err: BaseException, where: str, nbytes: int, local: str | os.PathLike | None = None
@@ -118,7 +140,9 @@ class Store:
         self.location = normalize_location(location)
         local = local_path(self.location)
         try:
-            if local is not None:
+            if self.location.startswith(SCHEME):  # a store that fails on purpose (harness/store/faulty.py)
+                self.fs, self.root = faulty_filesystem(self.location)
+            elif local is not None:
                 self.fs: pafs.FileSystem = pafs.LocalFileSystem()
                 self.root = str(local)
             else:
@@ -141,9 +165,13 @@ class Store:
         return child(self.location, *parts)  # the query (?endpoint_override=...) stays at the end
 
     def read_bytes(self, rel: str) -> bytes | None:
-        try:
+        """A file's bytes; None when it is missing (or unreadable for good); transient store errors
+        are retried, and a store that keeps failing raises StorageError naming it."""
+        def read() -> bytes:
             with self.fs.open_input_stream(self.path(rel)) as fh:
                 return fh.read()
+        try:
+            return self._retried(f"reading {self.uri(rel)}", read)
         except (FileNotFoundError, OSError, pa.ArrowException):
             return None
 
@@ -151,26 +179,47 @@ class Store:
         """Write a whole file atomically: to a unique temp name, then moved into place.
         `durable=False` skips fsync (heartbeats: losing one to a machine crash is harmless)."""
         final = self.path(rel)
-        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        tmp = self.path(STAGING, f"{uuid.uuid4().hex}.tmp")
-        self._write_new(tmp, data, durable)
-        try:
-            self.fs.move(tmp, final)
-        except Exception:
-            self._delete_quietly(tmp)
-            raise
+
+        def write() -> None:
+            self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+            tmp = self.path(STAGING, f"{uuid.uuid4().hex}.tmp")
+            self._write_new(tmp, data, durable)
+            try:
+                self.fs.move(tmp, final)
+            except Exception:
+                self._delete_quietly(tmp)
+                raise
+        self._retried(f"writing {self.uri(rel)}", write)
 
     def list(self, rel: str = "") -> list[str]:
         """Names of the files directly inside a folder of the store ([] if it does not exist)."""
         selector = pafs.FileSelector(self.path(rel) if rel else self.root, allow_not_found=True)
         try:
-            infos = self.fs.get_file_info(selector)
+            infos = self._retried(f"listing {self.uri(rel)}", lambda: self.fs.get_file_info(selector))
         except (FileNotFoundError, OSError):
             return []
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
     def exists(self, rel: str) -> bool:
-        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+        return self._retried(f"looking for {self.uri(rel)}",
+                             lambda: self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File)
+
+    def _retried(self, what: str, op: Callable[[], T]) -> T:
+        """`op()`, retried with exponential backoff and full jitter while the store answers with
+        transient errors (HTTP 5xx, throttling, timeouts, injected faults); StorageError naming
+        the store when it keeps failing; any other error at once."""
+        for attempt in range(RETRY_ATTEMPTS):
+            try:
+                return op()
+            except (OSError, pa.ArrowException) as err:
+                if not transient(err):
+                    raise
+                if attempt == RETRY_ATTEMPTS - 1:
+                    raise StorageError(f"{what}: the store kept failing after {RETRY_ATTEMPTS} attempts "
+                                       f"({str(err).strip().splitlines()[0]}); check {self.location} is "
+                                       f"reachable, then rerun: committed cells are kept") from None
+                time.sleep(random.uniform(0.0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** attempt)))
+        raise AssertionError("unreachable")
 
     def delete(self, rel: str) -> None:
         self._delete_quietly(self.path(rel))
@@ -258,6 +307,11 @@ class Store:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         data = buf.getvalue()
+        # retried whole: the marker is written last, once, so a retry after an ambiguous failure
+        # (the move happened, the answer was lost) commits the same bytes, never a second marker
+        return self._retried(f"committing {key} to {self.location}", lambda: self._commit_once(key, data, status))
+
+    def _commit_once(self, key: str, data: bytes, status: str) -> CommitResult:
         attempt = uuid.uuid4().hex
         staged = self.path(STAGING, f"{key}-{attempt}.parquet")
         self._write_new(staged, data)
