@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, UnknownPluginError, ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/] {err}", markup=True, highlight=False)
         return 2
+    except KeyboardInterrupt:  # one line and the way back, not a traceback: committed cells are kept
+        rerun = " ".join(["robustgrid", *argv])
+        console.print(f"interrupted: cells committed so far are kept; `{rerun}` continues where this stopped",
+                      highlight=False, soft_wrap=True)
+        return 130
 
 
 def config_groups_help() -> str:
@@ -326,6 +331,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from harness.core.registry import DATASETS
 
     plugin = DATASETS.get(args.name)()
+    if "://" not in str(args.root):  # a local --out: writable, said before the conversion starts
+        from harness.run.preflight import check_folder_writable
+
+        check_folder_writable(args.root, "--out")
     options = {k: v for k, v in (("size", args.size), ("samples_per_shard", args.samples_per_shard)) if v}
     out = plugin.prepare(args.root, args.source, **options)
     print(out)
@@ -337,6 +346,9 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if not args.results.is_dir():
         raise ValueError(f"results folder {args.results} does not exist; run a grid first or pass --results DIR")
+    from harness.run.preflight import check_folder_writable
+
+    check_folder_writable(args.out, "--out")
     print(build_site(args.results, args.out).resolve())
     return 0
 
@@ -346,6 +358,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     if not args.results.is_dir():
         raise ValueError(f"results folder {args.results} does not exist; run a grid first or pass --results DIR")
+    if args.out:
+        from harness.run.preflight import check_folder_writable
+
+        check_folder_writable(Path(args.out).parent, "--out")
     text = report(args.results, args.format)
     if args.out:
         args.out.write_text(text, encoding="utf-8")

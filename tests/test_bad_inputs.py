@@ -162,3 +162,29 @@ def test_a_py_model_module_that_exits_at_import_is_reported(tmp_path: Path, monk
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ExternalModelError, match=r"importing 'exits_mod' called sys.exit\(3\)"):
         check_model_spec({"id": "py:exits_mod:build"})
+
+
+@pytest.mark.parametrize("command", [["leaderboard", "--results", "{results}", "--out", "/proc/rg-site"],
+                                     ["report", "--results", "{results}", "--out", "/proc/rg/report.md"],
+                                     ["data", "prepare", "digits", "--out", "/proc/rg-data"]])
+def test_an_unwritable_output_is_named_before_work(command: list[str], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from harness.cli import main
+
+    (tmp_path / "results").mkdir()
+    args = [a.replace("{results}", str(tmp_path / "results")) for a in command]
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--out=/proc/rg" in err and "not writable" in err and "Traceback" not in err
+
+
+def test_sigint_ends_with_one_line_and_the_rerun_command(tmp_path: Path, monkeypatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    import harness.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_commands", lambda: {"status": (cli._status_parser, interrupted)})
+    assert cli.main(["status", "grid=demo"]) == 130
+    out = " ".join(capsys.readouterr().err.split())
+    assert "interrupted: cells committed so far are kept; `robustgrid status grid=demo` continues" in out

@@ -71,3 +71,24 @@ def test_grid_with_a_dead_address_exits_2_before_ray(tiny: list[str], tmp_path: 
     assert "ray.address=127.0.0.1:1" in message and "Traceback" not in message
     assert seconds < 60, f"took {seconds:.0f}s"  # interpreter + config start-up on a busy machine; the probe is < 1 s
     assert not list((tmp_path / "results").glob("*.parquet"))
+
+
+def test_a_port_that_answers_but_is_not_ray_fails_fast() -> None:
+    """ray.address at a live web server (the dashboard's 8265, say): named in seconds, not a hang of
+    ray.init (issue 24, item 10)."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match="something answers there, but not a Ray cluster's GCS"):
+            check_ray_address(f"127.0.0.1:{server.server_address[1]}")
+        assert time.perf_counter() - t0 < 10
+    finally:
+        server.shutdown()
+
+
+def test_a_real_gcs_passes(ray_session) -> None:
+    check_ray_address(ray_session.get_runtime_context().gcs_address)

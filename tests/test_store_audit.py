@@ -65,3 +65,29 @@ def test_leaderboard_reader_warns_and_keeps_the_good_rows(tampered: Path, capsys
     assert table.column("key").to_pylist() == ["a" * 20]
     err = " ".join(capsys.readouterr().err.split())
     assert str(tampered / "orphan.parquet") in err and str(tampered / "notes.txt") in err
+
+
+def test_status_reads_cells_as_the_leaderboard_does(tmp_path: Path) -> None:
+    """A forged commit marker over a foreign parquet file (its checksum matching) is not a done
+    cell: status, like the leaderboard, counts only result files of the schema, of this key
+    (issue 24, item 10)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from harness.store.storage import Commit
+
+    root = tmp_path / "results"
+    write_cell_result(str(root), "a" * 20, _rows("a" * 20))
+    for key, table in (("f" * 20, pa.table({"x": [1, 2]})),                       # a foreign schema
+                       ("g" * 20, pa.table({"key": ["a" * 20], "status": ["ok"]}))):  # another key's rows
+        path = root / f"{key}.parquet"
+        pq.write_table(table, path)
+        data = path.read_bytes()
+        marker = Commit(key=key, status="ok", sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+                        file=path.name, committed_at="now", host="h", pid=1, attempt="x")
+        (root / COMMITS / f"{key}.json").write_text(json.dumps(marker.__dict__))
+    status = grid_status(str(root), ["a" * 20, "f" * 20, "g" * 20])
+    assert status.done == ["a" * 20] and status.pending == ["f" * 20, "g" * 20]
+    assert read_results(str(root)).column("key").to_pylist() == ["a" * 20]

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 
 from harness.store.audit import warn_about_store
 from harness.store.heartbeat import HeartbeatMarker
+from harness.store.results import result_status
 from harness.store.storage import COMMITS, open_store
 
 RUNNING = "_running"
@@ -151,7 +152,7 @@ def grid_status(location: str, keys: Iterable[str] | None = None,
     markers = set(running) | set(stale_markers)
     wanted = list(keys) if keys is not None else sorted(committed | {k for k in markers if not k.startswith("train-")})
     for key in wanted:
-        state = store.committed_status(key) if key in committed else None
+        state = result_status(location, key) if key in committed else None  # as the leaderboard reads it
         train_marker = f"train-{(train_keys or {}).get(key)}"
         if state == "ok":
             status.done.append(key)

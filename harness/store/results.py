@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from harness.store.audit import warn_about_store
-from harness.store.storage import open_store
+from harness.store.storage import open_store, parquet_from_bytes
 
 SCHEMA_VERSION = 1
 
@@ -152,6 +152,34 @@ def committed_status(results_dir: str | os.PathLike, key: str) -> str | None:
     return open_store(results_dir).committed_status(key)
 
 
+def conform(table: pa.Table) -> pa.Table | str:
+    """The table cast to RESULT_SCHEMA (absent columns null), or why it is not a result file."""
+    if "key" not in table.column_names or "status" not in table.column_names:
+        return "has no key/status columns: not a result file"
+    for name in (n for n in COLUMNS if n not in table.column_names):
+        table = table.append_column(RESULT_SCHEMA.field(name), pa.nulls(table.num_rows, RESULT_SCHEMA.field(name).type))
+    try:
+        return table.select(COLUMNS).cast(RESULT_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
+        return f"does not fit the result schema ({err})"
+
+
+def result_status(results_dir: str | os.PathLike, key: str) -> str | None:
+    """'ok' / 'failed' of a cell as the leaderboard reads it: committed, checksum-verified, a result
+    file (RESULT_SCHEMA) whose rows are this key's; None otherwise (a forged marker over a foreign
+    file counts as nothing)."""
+    found = open_store(results_dir).verified(key)  # one read of the marker and of the file
+    if found is None:
+        return None
+    try:
+        conformed = conform(parquet_from_bytes(found[1]))
+    except (OSError, pa.ArrowException):
+        return None
+    if isinstance(conformed, str) or set(conformed.column("key").to_pylist()) != {key}:
+        return None
+    return found[0].status
+
+
 def read_results(results_dir: str | os.PathLike) -> pa.Table:
     """All committed, checksum-verified rows of a store, cast to RESULT_SCHEMA; every other file is
     skipped with a warning naming it (harness.store.audit), so nothing is left out silently."""
@@ -159,21 +187,11 @@ def read_results(results_dir: str | os.PathLike) -> pa.Table:
     store = open_store(results_dir)
     warn_about_store(results_dir)
     for commit, table in store.committed():
-        if "key" not in table.column_names or "status" not in table.column_names:
-            print(f"warning: {store.uri(commit.file)} has no key/status columns: not a result file, ignored",
-                  file=sys.stderr)
+        conformed = conform(table)
+        if isinstance(conformed, str):
+            print(f"warning: {store.uri(commit.file)} {conformed}: ignored", file=sys.stderr)
             continue
-        missing = [n for n in COLUMNS if n not in table.column_names]
-        for name in missing:
-            table = table.append_column(
-                RESULT_SCHEMA.field(name), pa.nulls(table.num_rows, RESULT_SCHEMA.field(name).type)
-            )
-        try:
-            tables.append(table.select(COLUMNS).cast(RESULT_SCHEMA))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
-            print(f"warning: {store.uri(commit.file)} does not fit the result schema ({err}): ignored",
-                  file=sys.stderr)
-            continue
+        tables.append(conformed)
     if not tables:
         return RESULT_SCHEMA.empty_table()
     return pa.concat_tables(tables)
