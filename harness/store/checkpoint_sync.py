@@ -37,7 +37,8 @@ def local_work_dir(cfg: dict[str, Any]) -> Path:
     if not synced(cfg):
         return Path(cfg["results_dir"]) / "checkpoints" / cfg["train_key"]
     root = Path(os.environ.get("ROBUSTGRID_CACHE") or Path(tempfile.gettempdir()) / "robustgrid-cache")
-    return root / _node_tag() / cfg["train_key"]
+    store = hashlib.sha256(str(cfg["results_dir"]).encode()).hexdigest()[:12]  # two stores never share a copy
+    return root / _node_tag() / store / cfg["train_key"]
 
 
 def _node_tag() -> str:
@@ -75,16 +76,23 @@ def pull(cfg: dict[str, Any], work_dir: Path) -> int:
         return local_epoch(work_dir)
     meta = json.loads(raw)
     if int(meta["epoch"]) <= local_epoch(work_dir):
+        if not (work_dir / SUMMARY).exists():  # the same checkpoint here: its summary may still be missing
+            _pull_summary(store, prefix, work_dir, int(meta["epoch"]))
         return local_epoch(work_dir)
     data = store.read_bytes(f"{prefix}/{CHECKPOINT}")
     if data is None or hashlib.sha256(data).hexdigest() != meta["sha256"]:
         return local_epoch(work_dir)  # mid-upload or corrupt: train from what we have
     _atomic_write(work_dir / CHECKPOINT, data)
     _atomic_write(work_dir / META, raw)
-    summary = store.read_bytes(f"{prefix}/{SUMMARY}")
-    if summary is not None and int(json.loads(summary).get("epochs", -1)) == int(meta["epoch"]) + 1:
-        _atomic_write(work_dir / SUMMARY, summary)  # the summary of this very checkpoint: training is done
+    _pull_summary(store, prefix, work_dir, int(meta["epoch"]))
     return int(meta["epoch"])
+
+
+def _pull_summary(store: Any, prefix: str, work_dir: Path, epoch: int) -> None:
+    """The store's training summary, when it is the summary of the checkpoint at `epoch` (training done)."""
+    summary = store.read_bytes(f"{prefix}/{SUMMARY}")
+    if summary is not None and int(json.loads(summary).get("epochs", -1)) == epoch + 1:
+        _atomic_write(work_dir / SUMMARY, summary)
 
 
 def record_epoch(cfg: dict[str, Any], work_dir: Path, epoch: int) -> None:
