@@ -29,7 +29,7 @@ ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
 # what a row says about the model (the rest is where, when and how long)
 COMPARED = ("clean_acc", "robust_acc", "per_class_clean_acc", "per_class_robust_acc", "flags", "flag_details",
-            "checkpoint_sha256", "final_train_loss", "neuron_sensitivity", "n_eval", "n_train")
+            "final_train_loss", "neuron_sensitivity", "n_eval", "n_train")  # not checkpoint_sha256: the file holds timings
 
 
 def _stamp_seconds(name: str) -> float:
@@ -153,9 +153,13 @@ def test_grid_survives_killed_workers_node_and_driver(data_root: Path, tmp_path:
           f"after {len(overtook)} newer node(s)")
     # 6. the faults changed no number: every row equals the uninterrupted run's (bitwise, CPU)
     clean_rows = {(r["key"], r["attack"]): r for r in read_results(baseline).to_pylist()}
+    def losses(row: dict) -> list:  # every epoch's mean loss and lr (the curve's other entries are timings)
+        return [(e["loss"], e["lr"]) for e in json.loads(row["train_curve"])]
+
     for row in table.to_pylist():
         ref = clean_rows[(row["key"], row["attack"])]
         differ = [c for c in COMPARED if row.get(c) != ref.get(c)]
+        differ += ["train_curve losses"] if losses(row) != losses(ref) else []
         assert not differ, f"{row['key']} {row['attack']} differs from the uninterrupted run in {differ}"
 
 
