@@ -16,6 +16,7 @@ import timm
 from torch import nn
 
 from architectures.classifier import Classifier
+from harness.core.errors import did_you_mean
 from harness.core.registry import ARCHITECTURES
 
 
@@ -113,8 +114,6 @@ def check_architecture(arch_cfg: dict[str, Any], *, num_classes: int, in_chans: 
     """Build the architecture on the meta device (no memory, no compute): a timm keyword the model
     does not take (`+arch.kwargs.drop_rat=0.1`) or one the harness sets fails here, before any
     work, naming the closest keyword the model takes."""
-    import difflib
-
     import torch
 
     kwargs = dict(arch_cfg.get("kwargs") or {})
@@ -134,8 +133,7 @@ def check_architecture(arch_cfg: dict[str, Any], *, num_classes: int, in_chans: 
 
             known = sorted(p for p in inspect.signature(type(bare.body).__init__).parameters if p != "self")
             unknown = [k for k in kwargs if k not in known] or list(kwargs)
-            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
-            hint = f" Did you mean +arch.kwargs.{close[0]}?" if close else ""
+            hint = did_you_mean(unknown[0], known, "+arch.kwargs.")
             raise ValueError(f"arch.kwargs.{unknown[0]} is not a setting of timm's {type(bare.body).__name__} "
                              f"({err}).{hint}") from None
 

@@ -31,6 +31,7 @@ from hydra.core.override_parser.types import Override
 from omegaconf import OmegaConf
 
 from harness.core.code_version import code_version
+from harness.core.errors import did_you_mean
 from harness.core.plugin_config import (PLUGIN_GROUPS, accepted_keys, config_options, plugin_options,
                                         recipe_methods, register_plugin_configs, setting_types, type_problem)
 from harness.core.locations import child, is_uri, normalize_location
@@ -195,9 +196,8 @@ def _check_group_options(parsed: list[Override]) -> None:
             continue
         value, known = override.value(), config_options(group)
         if isinstance(value, str) and value not in known:
-            close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
-            hint = f" Did you mean {group}={close[0]}?" if close else ""
-            raise ConfigError(f"unknown {group} '{value}'. Known {group}s: {', '.join(known)}.{hint}")
+            raise ConfigError(f"unknown {group} '{value}'. Known {group}s: {', '.join(known)}."
+                              f"{did_you_mean(value, known, f'{group}=')}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -324,8 +324,7 @@ def _check_plugin_settings(cfg: dict[str, Any]) -> None:
             allowed = accepted_keys(group, plugin)
             for key in block:
                 if key not in allowed:
-                    close = difflib.get_close_matches(key, sorted(allowed), n=3, cutoff=0.6)
-                    hint = f" Did you mean {' or '.join(f'{where}.{c}' for c in close)}?" if close else ""
+                    hint = did_you_mean(key, allowed, f"{where}.", n=3)
                     raise ConfigError(f"unknown config key '{where}.{key}': {registry.kind} '{block['name']}' "
                                       f"takes {', '.join(sorted(allowed - {'name'}))}.{hint}")
             for key, types_ in setting_types(group, plugin).items():

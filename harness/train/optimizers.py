@@ -1,12 +1,12 @@
 """The trainer's optimiser, built from `trainer.optimizer`, and the up-front check of trainer settings."""
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
 import torch
 
+from harness.core.errors import did_you_mean
 from harness.train.compile import compile_backend
 from harness.train.schedule import check_schedule
 
@@ -24,8 +24,7 @@ def build_optimizer(ocfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch
     except TypeError as err:
         known = sorted(p for p in inspect.signature(OPTIMIZERS[name]).parameters if p != "params")
         typo = [k for k in ocfg if k not in known]
-        close = difflib.get_close_matches(typo[0], known, n=1, cutoff=0.6) if typo else []
-        hint = f" Did you mean trainer.optimizer.{close[0]}?" if close else ""
+        hint = did_you_mean(typo[0], known, "trainer.optimizer.") if typo else ""
         raise ValueError(f"bad settings for optimizer '{name}': {err}.{hint} It takes: {', '.join(known)}") from None
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from harness.core.errors import did_you_mean
+
 
 SCHEDULES = ("constant", "cosine", "cyclic", "multistep")
 GRANULARITIES = ("step", "epoch")
@@ -25,13 +27,10 @@ SCHEDULE_KEYS = {"name", "warmup_epochs", "granularity", "step_lr_at", "mileston
 
 def check_schedule(scfg: dict[str, Any], epochs: int) -> None:
     """ValueError naming an unknown key (with the closest known one) or a bad value, before work."""
-    import difflib
-
     for key in scfg:
         if key not in SCHEDULE_KEYS:
-            close = difflib.get_close_matches(key, sorted(SCHEDULE_KEYS), n=1, cutoff=0.6)
-            hint = f" Did you mean trainer.schedule.{close[0]}?" if close else ""
-            raise ValueError(f"unknown key trainer.schedule.{key}: no schedule reads it.{hint} "
+            raise ValueError(f"unknown key trainer.schedule.{key}: no schedule reads it."
+                             f"{did_you_mean(key, SCHEDULE_KEYS, 'trainer.schedule.')} "
                              f"Known keys: {', '.join(sorted(SCHEDULE_KEYS))}")
     lr_factor(scfg, 0.0, epochs)
     schedule_position(scfg, 0, 0, 1)
