@@ -118,13 +118,15 @@ def test_status_counts_from_the_store(tmp_path: Path) -> None:
     write_cell_result(store, "b", [{"key": "b", "status": "failed", "error": "x"}])
     with RunningMarker(store, "c"):
         status = grid_status(store, ["a", "b", "c", "d"])
-        assert status.counts() == {"done": 1, "failed": 1, "running": 1, "stale": 0, "pending": 1}
+        assert status.counts() == {"done": 1, "failed": 1, "running": 1, "stale-running": 0, "stale": 0,
+                                   "pending": 1}
         assert status.attempts["c"] == 1
     assert not (Path(store) / RUNNING / "c.json").exists()
-    # a marker whose heartbeat stopped (its worker was killed) is pending, not running
+    # a marker whose heartbeat stopped (its worker was killed) is stale-running, not running
     (Path(store) / RUNNING / "c.json").write_text(json.dumps({"key": "c", "heartbeat": 0}))
-    assert grid_status(store, ["c"]).pending == ["c"]
-    assert grid_status(store).counts() == {"done": 1, "failed": 1, "running": 0, "stale": 0, "pending": 0}
+    assert grid_status(store, ["c"]).stale_running == ["c"]
+    assert grid_status(store).counts() == {"done": 1, "failed": 1, "running": 0, "stale-running": 1, "stale": 0,
+                                           "pending": 0}
 
 
 def test_status_cli(tiny, capsys) -> None:
@@ -132,7 +134,7 @@ def test_status_cli(tiny, capsys) -> None:
 
     assert main(["status", "--list", "grid=demo", *tiny]) == 0
     out = capsys.readouterr().out
-    assert out.count("pending  ") == 6 and "test_vit/trades/s0" in out
+    assert sum(line.startswith("pending ") for line in out.splitlines()) == 6 and "test_vit/trades/s0" in out
     assert main(["status"]) == 2
     assert "grid=<name>" in capsys.readouterr().err
 
