@@ -20,7 +20,11 @@ this order (tests/test_hook_order.py records it for every registered method):
             each batch of another shuffle of the epoch's data:
                 logs = method.pre_pass_step(ddp_module, x, y, ctx)  # no trainer optimiser step
         each batch:
-            logs = method.training_step(ddp_module, x, y, ctx)  # {'loss': ..., other logged terms}
+            logs = method.training_step(ddp_module, x, y, ctx)  # {'loss': ..., other logged terms;
+                                                 # a method with a train-time attack logs
+                                                 # 'train_robust_acc', its accuracy on its own
+                                                 # adversarial batch: the training-health flags
+                                                 # compare it with the validation probe}
             the trainer's zero_grad, backward, optimiser step, then the step of every extra
             optimiser with `stepped_by_trainer`
             method.after_step(module, ctx)

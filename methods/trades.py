@@ -74,4 +74,5 @@ class TRADES(Method):
             module(x)          # (its KL target is a third forward of x: the same values and gradient)
         loss, natural, robust = trades_loss(logits_clean, logits_adv, y, self.beta)
         return {"loss": loss, "loss_natural": natural.detach(), "loss_robust": robust.detach(),
-                "train_acc": (logits_clean.argmax(1) == y).float().mean()}
+                "train_acc": (logits_clean.argmax(1) == y).float().mean(),
+                "train_robust_acc": (logits_adv.argmax(1) == y).float().mean()}

@@ -44,6 +44,7 @@ NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "labe
                      "train_key", "code_version", "cell_id")
 EVAL_ONLY_KEYS = ("attack", "eval", "analysis")
 NON_SEMANTIC_TRAINER_KEYS = ("progress", "num_workers", "threads_per_rank", "device")
+TRAINER_EVAL_KEYS = ("flags",)  # trainer settings read by the eval node only (harness/train/health.py)
 NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source", "cache")
 # Groups open by design besides plugins' `open_config_keys`: a grid's axes may sweep any key, and an
 # optimizer's or schedule's settings depend on its `name` (the trainer checks them before any work).
@@ -347,18 +348,25 @@ def cell_identity(cfg: dict[str, Any]) -> str:
 
 def train_key(cfg: dict[str, Any]) -> str:
     """Hash of what a cell trains (no eval settings): cells that differ only in their eval
-    attacks share one checkpoint, so adding an attack to a grid re-evaluates but never retrains."""
-    semantic = _semantic(cfg)
+    attacks share one checkpoint, so adding an attack to a grid re-evaluates but never retrains.
+    The training-flag thresholds (`trainer.flags`) are read off the train curve by the eval node:
+    changing one re-evaluates, never retrains."""
+    return _hash(_trained(_semantic(cfg)))
+
+
+def _trained(semantic: dict[str, Any]) -> dict[str, Any]:
+    """A semantic config reduced to what shapes the trained model."""
     for name in EVAL_ONLY_KEYS:
         semantic.pop(name, None)
-    return _hash(semantic)
+    semantic["trainer"] = {k: v for k, v in semantic["trainer"].items() if k not in TRAINER_EVAL_KEYS}
+    return semantic
 
 
 def training_setup(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(id, config) of how a cell's model was trained, seed and code version left out: the
     leaderboard averages seeds of one setup and never across setups (leaderboard/setups.py)."""
-    semantic = _semantic(cfg, with_code=False)
-    for name in (*EVAL_ONLY_KEYS, "seed", "code_version"):
+    semantic = _trained(_semantic(cfg, with_code=False))
+    for name in ("seed", "code_version"):
         semantic.pop(name, None)
     return _hash(semantic), semantic
 

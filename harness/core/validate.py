@@ -26,6 +26,13 @@ RULES: dict[str, tuple[str, float, bool, bool]] = {
     "trainer.optimizer.weight_decay": ("float", 0, True, True),
     "trainer.optimizer.momentum": ("float", 0, True, True),
     "trainer.schedule.warmup_epochs": ("float", 0, True, True),
+    "trainer.validation.fraction": ("float", 0, True, True),
+    "trainer.validation.max": ("int", 0, True, True),
+    "trainer.probe_every": ("int", 1, True, False),
+    "trainer.probe_budget": ("float", 0, True, False),
+    **{f"trainer.flags.{name}": ("float", 0, True, False) for name in (
+        "catastrophic_drop", "robust_overfit_gap", "collapse_share", "chance_margin", "weak_attack_gap", "z")},
+    "trainer.flags.min_images": ("int", 0, True, False),
     "data.eps": ("float", 0, True, True),
     "data.eps_l2": ("float", 0, True, True),
     "data.train_limit": ("int", 1, True, True),

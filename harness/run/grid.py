@@ -37,7 +37,8 @@ from harness.core.validate import validate_numbers
 from harness.run.labels import distinguish_labels, first_line
 from harness.run.ray_connect import check_ray_address
 from harness.run.single_driver import single_driver
-from harness.run.preflight import check_arch, check_folder_writable, check_results_writable, train_split_size
+from harness.run.preflight import (check_arch, check_folder_writable, check_results_writable, check_validation,
+                                   train_split_size)
 from harness.data.ensure import ensure_prepared
 from harness.eval.external_model import check_model_spec
 from harness.eval.stage import check_analyses
@@ -156,6 +157,7 @@ def _override_value(value: Any) -> str:
 def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
     validate_numbers(cfg, train_split_size(cfg))
+    check_validation(cfg)
     check_results_writable(cfg["results_dir"])
     if not cfg.get("model"):  # trained here: its architecture builds with these settings (on the meta device)
         check_arch(cfg)
@@ -186,6 +188,7 @@ def preflight_grid(cells: list[dict[str, Any]], *, prepare: bool, leaderboard: b
             ensure_prepared(data_cfg)
     for cfg in cells:
         validate_numbers(cfg, train_split_size(cfg))
+        check_validation(cfg)
 
 
 def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num_cpus: int | None = None,

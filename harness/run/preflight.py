@@ -12,18 +12,59 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from harness.core.config import ConfigError
+from harness.backdoor.plan import split_labels
+from harness.core.config import ConfigError, trains_on_poison
 from harness.core.errors import DataError
 from harness.core.locations import is_uri
 from harness.data.shards import MANIFEST, load_manifest
 from harness.data.loader import split_count
+from harness.data.validation import carve, emptied_classes, empty_class_message, validation_settings, validation_size
 from harness.store.storage import STAGING, open_store
+from harness.train.best_epoch import check_select
 
 
 def train_split_size(cfg: dict[str, Any]) -> int | None:
-    """Images one epoch of the cell trains on (data.train_limit applied), wherever the dataset
-    lives (a folder or a URI); None until it is prepared. Counted once per (dataset, limit, manifest
-    version): a 10,000-cell grid reads each manifest once (a remote one once per process)."""
+    """Images one epoch of the cell trains on (data.train_limit applied, the validation split held
+    out), wherever the dataset lives (a folder or a URI); None until it is prepared. Counted once per
+    (dataset, limit, manifest version): a 10,000-cell grid reads each manifest once (a remote one
+    once per process)."""
+    n_split = _split_size(cfg)
+    if n_split is None:
+        return None
+    try:
+        fraction, cap = validation_settings(cfg.get("trainer") or {})
+    except (TypeError, ValueError):
+        return n_split  # check_trainer_config names the bad trainer.validation
+    return n_split - min(validation_size(n_split, fraction, cap), n_split - 1)
+
+
+def check_validation(cfg: dict[str, Any]) -> None:
+    """The validation split fits the training split and leaves every class in it, and a selection
+    rule has the probes it needs: ConfigError with the numbers and the fix. Labels are read only
+    when a class could be emptied (a class no larger than the split, or data.train_limit set) and
+    the data is local; otherwise the trainer checks before its first step."""
+    tcfg = cfg.get("trainer") or {}
+    n_split = _split_size(cfg)
+    try:
+        check_select(tcfg, validation_size(max(n_split or 1, 1), *validation_settings(tcfg)) > 0,
+                     trains_on_poison(cfg))
+        held = carve(n_split, tcfg, int(cfg["seed"])) if n_split is not None else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    data = cfg.get("data") or {}
+    location = str(data.get("dir", ""))
+    if held is None or is_uri(location):
+        return
+    counts = load_manifest(location)["splits"]["train"].get("label_counts")
+    if data.get("train_limit") is None and counts and min(c for c in counts if c > 0) > held.size:
+        return  # no class is small enough to be held out whole
+    emptied = emptied_classes(split_labels(Path(location), "train")[:n_split], held)
+    if emptied:
+        raise ConfigError(empty_class_message(emptied, held))
+
+
+def _split_size(cfg: dict[str, Any]) -> int | None:
+    """Images of the training split after data.train_limit (before the validation split)."""
     data = cfg.get("data") or {}
     limit = data.get("train_limit")
     try:

@@ -19,6 +19,7 @@ from typing import Any
 from harness.store.storage import is_uri, open_store
 
 CHECKPOINT = "checkpoint.pt"  # the trainer's names (harness.train.trainer imports this module)
+BEST = "checkpoint_best.pt"  # the best probed epoch's weights (trainer.select; harness/train/best_epoch.py)
 SUMMARY = "train_summary.json"
 META = "checkpoint.json"
 
@@ -84,6 +85,9 @@ def pull(cfg: dict[str, Any], work_dir: Path) -> int:
         return local_epoch(work_dir)  # mid-upload or corrupt: train from what we have
     _atomic_write(work_dir / CHECKPOINT, data)
     _atomic_write(work_dir / META, raw)
+    best = store.read_bytes(f"{prefix}/{BEST}")  # pushed before its epoch's checkpoint: never older than it
+    if best is not None:
+        _atomic_write(work_dir / BEST, best)
     _pull_summary(store, prefix, work_dir, int(meta["epoch"]))
     return int(meta["epoch"])
 
@@ -104,6 +108,12 @@ def record_epoch(cfg: dict[str, Any], work_dir: Path, epoch: int) -> None:
         store = open_store(cfg["results_dir"])
         store.write_bytes(f"{store_prefix(cfg)}/{CHECKPOINT}", data)
         store.write_bytes(f"{store_prefix(cfg)}/{META}", meta)  # after the data: it names a complete file
+
+
+def record_best(cfg: dict[str, Any], work_dir: Path) -> None:
+    """After rank 0 saved `checkpoint_best.pt`: push it to the store (before the epoch's checkpoint)."""
+    if synced(cfg):
+        open_store(cfg["results_dir"]).write_bytes(f"{store_prefix(cfg)}/{BEST}", (work_dir / BEST).read_bytes())
 
 
 def trained(cfg: dict[str, Any]) -> bool:

@@ -7,7 +7,11 @@ from typing import Any
 import torch
 
 from harness.core.errors import did_you_mean
+from harness.data.validation import check_validation_settings
+from harness.train.best_epoch import select_rule
 from harness.train.compile import compile_backend
+from harness.train.health import Thresholds
+from harness.train.probes import probe_budget, probe_every
 from harness.train.schedule import check_schedule
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
@@ -42,3 +46,8 @@ def check_trainer_config(tcfg: dict[str, Any]) -> None:
     compile_backend(tcfg.get("compile", False))
     build_optimizer(tcfg["optimizer"], [{"params": [torch.zeros(1, requires_grad=True)]}])
     check_schedule(tcfg["schedule"], epochs)
+    check_validation_settings(tcfg)
+    probe_every(tcfg)
+    probe_budget(tcfg)
+    select_rule(tcfg)
+    Thresholds.from_config(tcfg)

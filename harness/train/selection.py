@@ -4,7 +4,8 @@ A method that trains on part of the split (ABL unlearns its isolated 1% and fine
 other 99%) declares it with `Method.select_train_samples(samples)`, where `samples` is a
 `TrainSamples`: `score(fn)` runs `fn(x, y) -> one value per sample` over every training sample,
 as the cell's data holds it (poisoned when the cell is, at native resolution resized to the
-cell's size, no augmentation, not shuffled), each rank over its own shards on its own device,
+cell's size, no augmentation, not shuffled; the validation split left out: no training decision
+sees it, harness/data/validation.py), each rank over its own shards on its own device,
 and gathers `(split indices, values)` on every rank, sorted by index. So every rank decides the
 same selection, and the trainer then streams only the selected samples (harness/data/loader.py,
 "Selection"), with the epoch length they imply.
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from harness.backdoor.plan import train_plan
 from harness.data.loader import make_loader
+from harness.data.validation import validation_split
 
 
 class TrainSamples:
@@ -38,13 +40,16 @@ class TrainSamples:
         self.poisoned: np.ndarray = plan.poisoned if plan is not None else np.zeros(0, dtype=np.int64)
 
     def score(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """(split indices, fn's value per sample) over the whole training split, sorted by index.
+        """(split indices, fn's value per sample) over the training split (the validation split
+        left out), sorted by index.
         `fn` returns one value per sample (B,) or one row per sample (B, K): then (N, K) values."""
         dcfg = self.cfg["data"]
         indices, values = [], []
+        held = validation_split(self.cfg)
         loader = make_loader(Path(dcfg["dir"]), "train", self.batch_size, rank=self.rank, world_size=self.world_size,
                              img_size=dcfg.get("img_size"), limit=dcfg.get("train_limit"),
                              cache_dir=dcfg.get("cache"), return_keys=True,
+                             select=held.train_indices() if held is not None else None,
                              poison=self.poison.for_epoch(0) if self.poison is not None else None)
         with torch.no_grad():
             for x, y, keys in loader:

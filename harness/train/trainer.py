@@ -9,6 +9,12 @@ from the last finished epoch), the speed options (`trainer.precision=bf16` autoc
 `channels_last`, `compile`: CPU and CUDA alike; pinned memory and prefetch on CUDA), and the
 cell's wall time, images/s, FLOPs and peak memory.
 
+Training you can trust: a validation split carved from train (harness/data/validation.py) is
+never streamed; after every `probe_every` epochs the probe (harness/train/probes.py) measures it
+(clean, PGD-10 or ASR) into the curve; `trainer.select` keeps the best probed epoch's weights
+(harness/train/best_epoch.py); the training-integrity flags are read off the curve
+(harness/train/health.py). The test split is never opened here.
+
 World size > 1 on one machine spawns processes (harness/train/ranks.py); every rank sees a
 disjoint part of each epoch (harness/data/loader.py) and runs the same number of batches, so
 DDP never waits on a rank that ran out of data.
@@ -39,14 +45,17 @@ from harness.core.progress import progress_bar
 from harness.eval.cost import count_flops, flops_per_image, peak_memory_bytes, reset_peak_memory
 from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
+from harness.data.validation import validation_split
 from harness.store import checkpoint_sync
 from harness.store.checkpoint_sync import CHECKPOINT, SUMMARY
+from harness.train.best_epoch import check_select, improved, restore_selected, save_best, select_rule, selection
 from harness.train.batches import epoch_steps, even_batches, reduce_epoch, replicas_in_sync, sync_buffers
 from harness.train.checkpointing import (atomic_write_text, load_checkpoint, load_optimizer_state, load_weights,
                                          save_checkpoint)
 from harness.train.device import rank_setup
 from harness.train.ranks import run_ranks
 from harness.train.optimizers import build_optimizer, check_trainer_config
+from harness.train.probes import ValidationProbe
 from harness.train.compile import FIX as COMPILE_FIX, check_compile, compile_backend, compile_classifier
 from harness.train.schedule import lr_factor, momentum_at, schedule_position
 from harness.train.selection import TrainSamples
@@ -81,6 +90,10 @@ class TrainSummary:
     train_flops: float | None = None  # FLOPs of the first step per image (attack included) x images seen
     peak_memory_bytes: int | None = None  # rank 0
     compile: str | None = None  # torch.compile backend, None: eager
+    num_classes: int | None = None
+    validation: dict[str, Any] | None = None  # the held-out split: n, n_split, fraction, max, sha256 (None: off)
+    selection: dict[str, Any] | None = None  # trainer.select: rule, epoch, metric, value, reason
+    probe_seconds: float = 0.0  # validation probes, inside train_seconds (not in images/s)
 
 
 def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
@@ -164,8 +177,17 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         load_weights(tcfg["init_from"], module, device)
         if tcfg.get("init_optimizer"):  # ... and continues its optimiser (momentum buffers), as a
             load_optimizer_state(tcfg["init_from"], optimizer, device)  # script keeping one SGD across stages
-    # the part of the split the method trains on (None: all; ABL: its isolated 1%), decided again on resume
+    # the part of the split the method trains on (None: all; ABL: its isolated 1%), decided again on resume,
+    # never the validation split (TrainSamples does not show it either)
     select = method.select_train_samples(TrainSamples(cfg, device, rank, world_size))
+    held = validation_split(cfg)  # None: trainer.validation off
+    if held is not None:
+        select = held.train_indices(select)
+    rule = select_rule(tcfg)
+    check_select(tcfg, held is not None, train_plan(cfg) is not None)
+    probe = ValidationProbe.load(cfg, held, device, rank, world_size, precision) if held is not None else None
+    if probe is not None and state.get("probe_robust_n") is not None:  # sized by the first run: the same images
+        probe.set_robust_n(int(state["probe_robust_n"]))
     counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
                           num_workers=int(tcfg.get("num_workers", 0)), select=select) for r in range(world_size)]
     steps_per_epoch, used = epoch_steps(counts, per_rank_batch, bool(tcfg.get("drop_last", False)))
@@ -184,6 +206,11 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                             classifier=attack_target, lr_scale=lr_scale)
 
     poison = train_plan(cfg)  # None unless the cell trains on poisoned data
+
+    def running() -> dict[str, Any]:
+        """The trainer's running state a checkpoint keeps beside the weights and optimisers."""
+        return {"curve": curve, "train_seconds": train_seconds, "samples_per_epoch": samples_per_epoch,
+                "probe_robust_n": None if probe is None else probe.robust_n}
     step_flops_per_image: float | None = None
     warmup = (0.0, 0)  # (seconds, samples) of this run's first step, left out of images/s
     reset_peak_memory(device)
@@ -258,29 +285,43 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                 bar.set_postfix(epoch=epoch, loss=f"{float(logs['loss'].detach()):.3f}")
             if first_step:  # the finite check above waited for the device: the step is done
                 warmup = (time.perf_counter() - step_t0, int(y.shape[0]) * world_size)  # ranks step together
+                if probe is not None and probe.robust_n is None:  # the probe's share of these FLOPs: its budget
+                    probe.size_robust(step_flops_per_image, forward_flops, sum(used))
         method.on_epoch_end(ctx)
         epoch_stats = reduce_epoch({k: float(v) for k, v in sums.items()}, seen, device)
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         samples_per_epoch.append(int(epoch_stats["samples"]))
-        curve.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_seconds, **epoch_stats})
+        entry = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_seconds, **epoch_stats}
+        if probe is not None and probe.due(epoch, epochs):  # on every rank: they split the batches
+            entry.update(probe.run(attack_target, module, epoch))
+            train_seconds += entry["probe_seconds"]
+        curve.append(entry)
         if rank == 0:
-            save_checkpoint(work_dir / CHECKPOINT, epoch, module, optimizer, extras, method,
-                            {"curve": curve, "train_seconds": train_seconds, "samples_per_epoch": samples_per_epoch})
+            if improved(curve, rule):  # before the epoch's checkpoint: a resume always finds the best so far
+                save_best(work_dir, epoch, module)
+                checkpoint_sync.record_best(cfg, work_dir)
+            save_checkpoint(work_dir / CHECKPOINT, epoch, module, optimizer, extras, method, running())
             checkpoint_sync.record_epoch(cfg, work_dir, epoch)  # pushed to the store for a URI results_dir
         dist.barrier()
     bar.close()
 
+    chosen = selection(curve, rule, epochs)
+    if restore_selected(work_dir, module, chosen, rank, device) and rank == 0:  # the selected weights are the model
+        save_checkpoint(work_dir / CHECKPOINT, epochs - 1, module, optimizer, extras, method, running())
+        checkpoint_sync.record_epoch(cfg, work_dir, epochs - 1)
+    probe_seconds = sum(float(c.get("probe_seconds", 0.0)) for c in curve)
     total_samples = sum(samples_per_epoch)
     return TrainSummary(
         epochs=epochs, world_size=world_size, n_train=sum(counts), train_seconds=train_seconds,
-        images_per_second=steady_images_per_second(total_samples, train_seconds, *warmup),
+        images_per_second=steady_images_per_second(total_samples, train_seconds - probe_seconds, *warmup),
         final_train_loss=curve[-1]["loss"] if curve else float("nan"),
         samples_per_epoch=samples_per_epoch, replicas_in_sync=replicas_in_sync(module),
         device=str(device.type), precision=precision, curve=curve, device_name=device_name(device),
         flops_per_image=forward_flops,
         train_flops=step_flops_per_image * total_samples if step_flops_per_image is not None else None,
-        peak_memory_bytes=peak_memory_bytes(device), compile=backend,
+        peak_memory_bytes=peak_memory_bytes(device), compile=backend, num_classes=int(manifest["num_classes"]),
+        validation=held.describe() if held is not None else None, selection=chosen, probe_seconds=probe_seconds,
     )
 
 
