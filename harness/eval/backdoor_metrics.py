@@ -21,6 +21,7 @@ from torch import nn
 
 from harness.backdoor.plan import test_plan, train_plan
 from harness.data.loader import make_loader
+from harness.data.validation import validation_split
 from harness.core.registry import ANALYSES
 from harness.eval.stage import Analysis, EvalContext
 
@@ -92,7 +93,11 @@ def backdoor_columns(cfg: dict[str, Any], model: nn.Module, num_classes: int,
     ecfg = cfg.get("eval", {})
     result = evaluate_backdoor(model, cfg, num_classes=num_classes, batch_size=int(ecfg.get("batch_size", 256)),
                                limit=ecfg.get("limit"), device=device)
-    indices = [int(i) for i in plan.poisoned]  # per-batch poisoning (WaNet's) has no fixed set: empty
+    # the samples trained on poisoned (per-batch poisoning, WaNet's, has no fixed set: empty): the plan's,
+    # less the validation split's, which training never streams (its probes read them clean)
+    held = validation_split(cfg)
+    poisoned = plan.poisoned if held is None else np.intersect1d(plan.poisoned, held.train_indices())
+    indices = [int(i) for i in poisoned]
     return {
         "backdoor": plan.poison.name,
         "poison_rate": plan.poison.rate,

@@ -42,6 +42,7 @@ from harness.eval.cost import StageClock, cost_columns
 from harness.train.device import cell_device
 from harness.train.ranks import run_ranks
 from harness.train.trainer import TrainSummary, load_trained_classifier, train
+from harness.run.health_columns import diverged_columns, health_columns
 
 TRAIN_RUNS = "_train_runs"  # one small file per training actually run: who trained what, where
 
@@ -169,7 +170,8 @@ def _train_columns(cfg: dict[str, Any], summary: TrainSummary) -> dict[str, Any]
             "replicas_in_sync": summary.replicas_in_sync, "train_seconds": summary.train_seconds,
             "images_per_second": summary.images_per_second, "final_train_loss": summary.final_train_loss,
             "train_curve": json.dumps(summary.curve),
-            "checkpoint_sha256": file_sha256(local_work_dir(cfg) / CHECKPOINT), "device": summary.device}
+            "checkpoint_sha256": file_sha256(local_work_dir(cfg) / CHECKPOINT), "device": summary.device,
+            **health_columns(cfg, summary)}
 
 
 # ---------------------------------------------------------------------------------------- artifact
@@ -215,7 +217,7 @@ def _evaluate_under_lease(cfg: dict[str, Any], t0: float, inputs: tuple[NodeOutc
             if _retry(err, cfg):
                 raise
             status, error = "failed", _error_text(err)
-            rows = [failed_row(cfg, error, started)]
+            rows = [failed_row(cfg, error, started) | diverged_columns(error)]
         path = write_cell_result(cfg["results_dir"], cfg["key"], rows)
         record_identity(cfg["results_dir"], cfg.get("cell_id"), cfg["key"], status, cfg.get("code_version"))
     return CellOutcome(cfg["key"], cfg.get("label", cfg["key"]), status, error, str(path), time.perf_counter() - t0)

@@ -94,6 +94,17 @@ RESULT_SCHEMA = pa.schema(
         pa.field("mfu", pa.float64()),  # training's model FLOPs utilisation; null on a CPU
         pa.field("source", pa.string()),  # 'trained' here, or 'eval-only': a model trained elsewhere (robustgrid eval)
         pa.field("model_id", pa.string()),  # eval-only rows: timm:<name> | py:<module>:<fn> | robustgrid:<key>
+        # training health (harness/train/probes.py, health.py, best_epoch.py): null where nothing was trained here
+        pa.field("train_flags", pa.list_(pa.string())),  # training-integrity flags (ranked last, as `flags`)
+        pa.field("train_flag_details", pa.string()),  # JSON {flag: evidence, with the epoch it fired at}
+        pa.field("validation_n", pa.int64()),  # images held out of training for the probes (0: none)
+        pa.field("validation_sha256", pa.string()),  # hash of the held-out samples' keys
+        pa.field("selection", pa.string()),  # trainer.select: last | best_val_robust | best_val_clean
+        pa.field("selected_epoch", pa.int32()),  # whose weights were evaluated
+        pa.field("selection_reason", pa.string()),
+        pa.field("val_clean_acc", pa.float64()),  # the validation probe at the selected epoch
+        pa.field("val_robust_acc", pa.float64()),  # PGD-10 at data.eps (clean cells)
+        pa.field("val_asr", pa.float64()),  # triggered validation copy (backdoor cells)
     ]
 )
 
