@@ -10,7 +10,8 @@ attacks of several threat models (e.g. PGD-Linf and PGD-L2) appears in each of t
 and its worst case is taken only over the attacks of that setting. Its headline is the attack
 named "autoattack" when every row was evaluated with it, else the worst case over attacks.
 Rows are ranked by headline, numerically (floats from Parquet to the sort), with every row that
-carries an integrity flag ranked after all unflagged rows. Failed cells (any row with
+carries an integrity flag, evaluation or training (harness/train/health.py: a row's cell whose
+training collapsed, overfitted or diverged), ranked after all unflagged rows. Failed cells (any row with
 status != 'ok') are kept apart and never ranked. std is the sample std over seeds; None for
 one seed. Cost = (train_seconds + eval_seconds) * world_size / 3600 hours per cell.
 
@@ -32,6 +33,7 @@ import pyarrow.compute as pc
 from leaderboard.backdoor import backdoor_tables, lp_view
 from leaderboard.cells import Cell, group_cells
 from leaderboard.format import cost_unit, finite, setting_file, wilson
+from leaderboard.health import health
 from leaderboard.setups import label_setups
 
 HEADLINE_ATTACK = "autoattack"
@@ -45,7 +47,11 @@ _COLUMNS = [
     "train_seconds", "eval_seconds", "world_size", "device", "images_per_second", "checkpoint_sha256",
     "neuron_sensitivity", "n_eval", "model_id",
 ]
-# Cost columns written by the GPU path (issue 15); whichever a store lacks read as null.
+# Training-health columns (issue 25) and cost columns written by the GPU path (issue 15); whichever
+# a store lacks read as null.
+HEALTH_COLUMNS: dict[str, pa.DataType] = {
+    "train_flags": pa.list_(pa.string()), "selection": pa.string(), "validation_n": pa.int64(),
+}
 COST_COLUMNS: dict[str, pa.DataType] = {
     "device_name": pa.string(), "device_count": pa.int64(), "flops_per_image": pa.float64(),
     "train_flops": pa.float64(), "device_hours": pa.float64(), "peak_memory_bytes": pa.float64(),
@@ -77,6 +83,9 @@ cells AS (
            any_value(arch) AS arch, any_value(method) AS method, any_value(seed) AS seed,
            avg(clean_acc) AS clean,
            list_sort(list_distinct(flatten(coalesce(list(flags) FILTER (WHERE flags IS NOT NULL), [])))) AS flags,
+           list_sort(list_distinct(flatten(coalesce(list(train_flags) FILTER (WHERE train_flags IS NOT NULL), []))))
+               AS train_flags,
+           any_value(selection) AS selection, max(validation_n) AS validation_n,
            CASE WHEN max(train_seconds) IS NULL AND max(eval_seconds) IS NULL THEN NULL
                 ELSE (coalesce(max(train_seconds), 0) + coalesce(max(eval_seconds), 0))
                      * coalesce(max(world_size), 1) / 3600.0 END AS hours,
@@ -102,6 +111,9 @@ SELECT c.dataset, c.norm, c.eps, c.arch, c.method,
        count(*) AS n_seeds,
        list(c.key ORDER BY c.seed, c.key) AS keys,
        list(c.flags ORDER BY c.seed, c.key) AS flags,
+       list(c.train_flags ORDER BY c.seed, c.key) AS train_flags,
+       list(c.validation_n ORDER BY c.seed, c.key) AS validation_ns,
+       list_sort(list_distinct(list(c.selection) FILTER (WHERE c.selection IS NOT NULL))) AS selections,
        flatten(list(c.model_keys ORDER BY c.seed, c.key)) AS all_keys,
        avg(c.clean) AS clean_mean, stddev_samp(c.clean) AS clean_std,
        avg(w.worst) AS worst_mean, stddev_samp(w.worst) AS worst_std,
@@ -136,7 +148,8 @@ _FAILED_SQL = """
 WITH cell_status AS (SELECT key, bool_and(status = 'ok') AS ok FROM results GROUP BY key)
 SELECT r.key, any_value(grid), any_value(dataset), any_value(arch), any_value(method),
        any_value(seed), any_value(norm), any_value(eps),
-       string_agg(DISTINCT error, chr(10)) FILTER (WHERE error IS NOT NULL)
+       string_agg(DISTINCT error, chr(10)) FILTER (WHERE error IS NOT NULL),
+       list_sort(list_distinct(flatten(coalesce(list(train_flags) FILTER (WHERE train_flags IS NOT NULL), []))))
 FROM results r JOIN cell_status s USING (key) WHERE NOT s.ok
 GROUP BY r.key
 ORDER BY any_value(dataset) NULLS LAST, any_value(arch) NULLS LAST,
@@ -229,8 +242,8 @@ def _records(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict[str, Any]]:
 
 
 def _with_cost_columns(results: pa.Table) -> pa.Table:
-    """Add the issue-15 cost columns a store does not have yet, as nulls."""
-    for name, kind in COST_COLUMNS.items():
+    """Add the issue-15 cost and issue-25 health columns a store does not have yet, as nulls."""
+    for name, kind in {**HEALTH_COLUMNS, **COST_COLUMNS}.items():
         if name not in results.column_names:
             results = results.append_column(pa.field(name, kind), pa.nulls(results.num_rows, kind))
     return results
@@ -257,7 +270,8 @@ def aggregate(results: pa.Table) -> Leaderboard:
     results = label_setups(newest_code_only(results))  # once, for the Lp and the backdoor tables
     con = duckdb.connect()
     try:
-        con.register("results", _with_cost_columns(lp_view(results)).select(_COLUMNS + list(COST_COLUMNS)))
+        con.register("results", _with_cost_columns(lp_view(results)).select(_COLUMNS + list(HEALTH_COLUMNS)
+                                                                            + list(COST_COLUMNS)))
         row_records = _records(con, _ROWS_SQL)
         attack_records = _records(con, _ATTACKS_SQL)
         failed_records = con.execute(_FAILED_SQL).fetchall()
@@ -283,6 +297,7 @@ def aggregate(results: pa.Table) -> Leaderboard:
                 "attacks": [], "headline": {}, "rows": [], "failed_keys": [],
             }
         cell_flags = {k: list(f) for k, f in zip(r["keys"], r["flags"]) if f}
+        cell_train_flags = {k: list(f) for k, f in zip(r["keys"], r["train_flags"]) if f}
         devices = list(r["devices"] or [])
         units = sorted({cost_unit(d) for d in devices})
         table["rows"].append({
@@ -299,8 +314,12 @@ def aggregate(results: pa.Table) -> Leaderboard:
             "worst_robust_std": _num(r["worst_std"]),
             "worst_robust_ci": wilson(_num(r["worst_pooled"]), r["n_eval_total"]),
             "flags": sorted({f for fs in cell_flags.values() for f in fs}),
-            "flagged": bool(cell_flags),
+            "flagged": bool(cell_flags or cell_train_flags),  # evaluation or training flags: ranked last
             "cell_flags": cell_flags,
+            "train_flags": sorted({f for fs in cell_train_flags.values() for f in fs}),
+            "cell_train_flags": cell_train_flags,
+            "health": health(cell_train_flags, list(r["validation_ns"])),
+            "selections": [s for s in r["selections"] if s != "last"],  # best-epoch selection used (labelled)
             "cost_hours_mean": _num(r["hours_mean"]),
             "cost_hours_std": _num(r["hours_std"]),
             "cost_hours_total": _num(r["hours_total"]),
@@ -332,9 +351,9 @@ def aggregate(results: pa.Table) -> Leaderboard:
         {
             "key": key, "grid": grid, "dataset": dataset, "arch": arch, "method": method,
             "seed": seed, "norm": norm, "eps": _num(eps),
-            "error": error, "error_first_line": first_line(error),
+            "error": error, "error_first_line": first_line(error), "train_flags": list(train_flags or []),
         }
-        for key, grid, dataset, arch, method, seed, norm, eps, error in failed_records
+        for key, grid, dataset, arch, method, seed, norm, eps, error, train_flags in failed_records
     ]
     for cell in failed:
         table = tables.get((cell["dataset"], cell["norm"], cell["eps"]))

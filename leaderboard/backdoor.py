@@ -1,6 +1,7 @@
 """The backdoor track's tables: clean accuracy (CA), attack success rate (ASR) and robust accuracy
 under the trigger (RA), mean ± sample std over seeds, one table per (dataset, poisoning attack,
-poison rate, target), rows ranked by ASR (lowest first), then by CA (highest first).
+poison rate, target), rows ranked by ASR (lowest first), then by CA (highest first), every row with a
+training flag (leaderboard/health.py) after the unflagged ones.
 
 BackdoorBench's defense effectiveness rating, per seed against the undefended cell of the same
 attack and seed (the ERM cell whose config is this cell's with `method: erm`, so the same data,
@@ -27,11 +28,13 @@ import pyarrow.compute as pc
 
 from harness.core.config import cell_identity
 from leaderboard.format import base_method
+from leaderboard.health import health
 
 UNDEFENDED = "erm"
 
 _COLUMNS = ["key", "status", "dataset", "arch", "method", "seed", "clean_acc", "backdoor",
             "poison_rate", "target_class", "asr", "backdoor_robust_acc", "n_poisoned", "n_triggered"]
+_OPTIONAL = {"train_flags": pa.list_(pa.string()), "validation_n": pa.int64()}  # issue 25: null where absent
 _CELL_SQL = """
 WITH cell_status AS (SELECT key, bool_and(status = 'ok') AS ok FROM results GROUP BY key)
 SELECT r.key, any_value(method), any_value(config_json), avg(clean_acc), avg(asr)
@@ -48,7 +51,10 @@ cells AS (
            any_value(seed) AS seed, any_value(backdoor) AS backdoor, any_value(poison_rate) AS rate,
            any_value(target_class) AS target, avg(clean_acc) AS ca, avg(asr) AS asr,
            avg(backdoor_robust_acc) AS ra, any_value(n_poisoned) AS n_poisoned,
-           any_value(n_triggered) AS n_triggered
+           any_value(n_triggered) AS n_triggered,
+           list_sort(list_distinct(flatten(coalesce(list(train_flags) FILTER (WHERE train_flags IS NOT NULL), []))))
+               AS train_flags,
+           max(validation_n) AS validation_n
     FROM results r JOIN cell_status s USING (key)
     WHERE s.ok AND r.backdoor IS NOT NULL AND r.backdoor <> 'none'
     GROUP BY r.key
@@ -56,7 +62,8 @@ cells AS (
 SELECT dataset, backdoor, rate, target, arch, method, count(*) AS n_seeds,
        list(key ORDER BY seed, key) AS keys,
        avg(ca), stddev_samp(ca), avg(asr), stddev_samp(asr), avg(ra), stddev_samp(ra),
-       avg(n_poisoned), avg(n_triggered)
+       avg(n_poisoned), avg(n_triggered),
+       list(train_flags ORDER BY seed, key), list(validation_n ORDER BY seed, key)
 FROM cells
 GROUP BY dataset, backdoor, rate, target, arch, method
 ORDER BY dataset, backdoor, rate, target
@@ -77,7 +84,10 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
         return []
     con = duckdb.connect()
     try:
-        columns = _COLUMNS + (["config_json"] if "config_json" in results.column_names else [])
+        for name, kind in _OPTIONAL.items():
+            if name not in results.column_names:
+                results = results.append_column(pa.field(name, kind), pa.nulls(results.num_rows, kind))
+        columns = _COLUMNS + list(_OPTIONAL) + (["config_json"] if "config_json" in results.column_names else [])
         con.register("results", results.select(columns))
         records = con.execute(_SQL).fetchall()
         der = cell_ders(con.execute(_CELL_SQL).fetchall()) if "config_json" in columns else {}
@@ -85,7 +95,7 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
         con.close()
     tables: dict[tuple, dict[str, Any]] = {}
     for (dataset, backdoor, rate, target, arch, method, n_seeds, keys, ca, ca_sd, asr, asr_sd,
-         ra, ra_sd, n_poisoned, n_triggered) in records:
+         ra, ra_sd, n_poisoned, n_triggered, train_flags, validation_ns) in records:
         table = tables.setdefault((dataset, backdoor, rate, target), {
             "track": "backdoor", "dataset": dataset, "backdoor": backdoor, "poison_rate": _num(rate),
             "target_class": target, "rows": [],
@@ -96,14 +106,23 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
             "asr_mean": _num(asr), "asr_std": _num(asr_sd),
             "ra_mean": _num(ra), "ra_std": _num(ra_sd),
             "n_poisoned": _num(n_poisoned), "n_triggered": _num(n_triggered),
+            **_health(list(keys), list(train_flags), list(validation_ns)),
             **_mean_std("der", [der[k] for k in keys if k in der]),
         })
     for table in tables.values():
-        table["rows"].sort(key=lambda r: (r["asr_mean"] is None, r["asr_mean"] or 0.0,
+        table["rows"].sort(key=lambda r: (r["flagged"], r["asr_mean"] is None, r["asr_mean"] or 0.0,
                                           -(r["clean_acc_mean"] or 0.0), str(r["arch"]), str(r["method"])))
         for rank, row in enumerate(table["rows"], start=1):
             row["rank"] = rank
     return list(tables.values())
+
+
+def _health(keys: list[str], train_flags: list[Any], validation_ns: list[Any]) -> dict[str, Any]:
+    """A row's training flags (per cell and together) and health word; flagged rows rank last."""
+    cell_train_flags = {k: list(f) for k, f in zip(keys, train_flags) if f}
+    return {"train_flags": sorted({f for fs in cell_train_flags.values() for f in fs}),
+            "cell_train_flags": cell_train_flags, "flagged": bool(cell_train_flags),
+            "health": health(cell_train_flags, validation_ns)}
 
 
 def der(undefended: tuple[float, float], defended: tuple[float, float]) -> float:

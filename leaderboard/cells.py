@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from leaderboard.format import cell_file
+from leaderboard.health import evidence, flag_epochs
 
 # Cell-level fields shown as provenance (same on every row of a cell; the first non-null wins).
 PROVENANCE = [
@@ -20,6 +21,8 @@ PROVENANCE = [
     "replicas_in_sync", "n_train", "n_eval", "epochs", "final_train_loss", "train_seconds",
     "eval_seconds", "images_per_second", "started_at", "finished_at",
     "neuron_sensitivity", "neuron_sensitivity_layers",
+    "validation_n", "validation_sha256", "selection", "selected_epoch", "selection_reason",
+    "val_clean_acc", "val_robust_acc", "val_asr",
 ]
 # Cost of the cell (issue 15's columns, written by the GPU path): (column, label, formatter name).
 COST_FIELDS = [
@@ -77,6 +80,28 @@ class Cell:
             for flag, evidence in details.items():
                 text = evidence if isinstance(evidence, str) else json.dumps(evidence, sort_keys=True)
                 out.setdefault(flag, f"{flag}: {text}")
+        return out
+
+    @property
+    def train_flags(self) -> list[str]:
+        return sorted({f for r in self.rows for f in (r.get("train_flags") or [])})
+
+    @property
+    def train_flag_details(self) -> dict[str, str]:
+        """Each training flag's epoch, meaning and evidence (leaderboard/health.py), for tooltips."""
+        out: dict[str, str] = {}
+        for row in self.rows:
+            for flag, text in evidence(row.get("train_flag_details")).items():
+                out.setdefault(flag, text)
+        return out
+
+    @property
+    def train_flag_epochs(self) -> dict[str, int]:
+        """{training flag: the epoch it fired at}, to mark on the validation curves."""
+        out: dict[str, int] = {}
+        for row in self.rows:
+            for flag, epoch in flag_epochs(row.get("train_flag_details")).items():
+                out.setdefault(flag, epoch)
         return out
 
     @property

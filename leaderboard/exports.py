@@ -57,14 +57,14 @@ CSV_COLUMNS = [
     "track", "dataset", "norm", "eps", "rank", "arch", "method", "n_seeds", "keys",
     "clean_acc_mean", "clean_acc_std", "attack", "robust_mean", "robust_std", "robust_n",
     "worst_robust_mean", "worst_robust_std", "headline_kind", "headline_mean", "headline_std",
-    "flags", "cost_hours_mean", "cost_hours_std", "cost_unit",
+    "flags", "train_flags", "health", "cost_hours_mean", "cost_hours_std", "cost_unit",
     "images_per_second_mean", "images_per_second_std",
     "neuron_sensitivity_mean", "neuron_sensitivity_std",
 ]
 
 
 def to_csv(board: Leaderboard) -> str:
-    """data.csv in long form: one line per (table, row, attack); keys and flags are ';'-joined."""
+    """data.csv in long form: one line per (table, row, attack); keys and (training) flags are ';'-joined."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -73,8 +73,9 @@ def to_csv(board: Leaderboard) -> str:
             base = {
                 "track": table["track"], "dataset": table["dataset"], "norm": table["norm"],
                 "eps": table["eps"], "headline_kind": table["headline"]["kind"],
-                **{k: row[k] for k in CSV_COLUMNS if k in row and k not in ("keys", "flags")},
+                **{k: row[k] for k in CSV_COLUMNS if k in row and k not in ("keys", "flags", "train_flags")},
                 "keys": ";".join(row["keys"]), "flags": ";".join(row["flags"]),
+                "train_flags": ";".join(row.get("train_flags", [])),
             }
             attacks = row["robust"] or {None: {"mean": None, "std": None, "n": 0}}
             for attack, stats in attacks.items():

@@ -169,7 +169,8 @@ def training_curves(cell: Cell) -> Figure | None:
     groups = [
         ({k: series(k) for k in keys if k.startswith("loss")}, "loss"),
         ({"lr": series("lr")}, "learning rate"),
-        ({k: series(k) for k in keys if k.endswith("acc")}, "accuracy (fraction)"),
+        ({k: series(k) for k in keys if k.endswith("acc") and not k.startswith(VALIDATION_PREFIX)},
+         "accuracy (fraction)"),
     ]
     svgs = [line_chart({k: v for k, v in group.items() if v}, "epoch", label)
             for group, label in groups if any(group.values())]
@@ -177,6 +178,33 @@ def training_curves(cell: Cell) -> Figure | None:
         return None
     return Figure("training-curves", "Training curves",
                   "Per-epoch values from the cell's train_curve (loss averaged over the epoch).", svgs)
+
+
+VALIDATION_PREFIX = "val_"
+VALIDATION_SERIES = ("val_clean_acc", "val_robust_acc", "val_asr", "train_robust_acc")
+
+
+def validation_curves(cell: Cell) -> Figure | None:
+    """The per-epoch validation probes (clean, PGD-10 or ASR) against epochs, with the train-time
+    attack's accuracy beside them, each training flag marked at the epoch it fired and the
+    selected epoch marked when trainer.select chose one."""
+    curve = cell.train_curve
+    series = {name: [(float(p.get("epoch", i)), float(p[name])) for i, p in enumerate(curve)
+                     if isinstance(p.get(name), (int, float)) and not isinstance(p.get(name), bool)]
+              for name in VALIDATION_SERIES}
+    if not any(series[name] for name in VALIDATION_SERIES[:3]):
+        return None
+    events = [(float(epoch), flag, True) for flag, epoch in sorted(cell.train_flag_epochs.items())]
+    selected, rule = cell.first("selected_epoch"), cell.first("selection")
+    if selected is not None and rule not in (None, "last"):
+        events.append((float(selected), f"selected ({rule})", False))
+    svg = line_chart({k: v for k, v in series.items() if v}, "epoch", "accuracy (fraction)", events=events)
+    flagged = ", ".join(f"{f} at epoch {e}" for f, e in sorted(cell.train_flag_epochs.items()))
+    return Figure("validation-curves", "Validation probes",
+                  "Accuracy on the validation split carved from train (never trained on, never the test split) "
+                  "after each probed epoch: clean, PGD-10 at the cell's eps (or ASR on a triggered copy), and the "
+                  "train-time attack's accuracy on its own batches. "
+                  + (f"Training flags (red lines): {flagged}." if flagged else "No training flag fired."), [svg])
 
 
 def per_class_cell(cell: Cell) -> Figure | None:
@@ -201,7 +229,7 @@ def per_class_cell(cell: Cell) -> Figure | None:
 
 
 SETTING_FIGURES: list[SettingFigure] = [robust_vs_clean, per_class_robust, robust_vs_compute]
-CELL_FIGURES: list[CellFigure] = [training_curves, per_class_cell]
+CELL_FIGURES: list[CellFigure] = [validation_curves, training_curves, per_class_cell]
 
 
 def _safely(make: Callable[..., Figure | None], subject: str, problems: list[dict[str, str]] | None,

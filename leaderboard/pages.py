@@ -32,6 +32,7 @@ from leaderboard.format import (
     si,
     sig,
 )
+from leaderboard.health import explain
 from leaderboard.reproduce import reproduce_command
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -72,7 +73,8 @@ def _environment() -> jinja2.Environment:
     env.filters.update(pct=pct, mean_std=mean_std, sig=sig, raw=raw, ci_text=ci_text, display=display, si=si)
     env.globals.update(eps_label=eps_label, table_heading=table_heading, cell_file=cell_file,
                        method_file=method_file, paper_title=paper_title, method_paper=method_paper,
-                       cost_unit=cost_unit, track_titles=TRACK_TITLES, ace_keys=frozenset())
+                       cost_unit=cost_unit, track_titles=TRACK_TITLES, ace_keys=frozenset(),
+                       explain_train_flag=explain)
     return env
 
 

@@ -46,7 +46,8 @@ def _rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _footnote(table: dict[str, Any]) -> str:
     note = table["headline"]["note"] + " Accuracies in %; 95% CI: Wilson interval over the test images, seeds pooled; = marks ranks whose intervals overlap."
     if any(r["flagged"] for r in table["rows"]):
-        note += " † integrity flag: the evaluation is untrustworthy (ranked last)."
+        note += (" † integrity flag (the evaluation is untrustworthy) or training flag (the training is: "
+                 "docs/training_health.md); ranked last.")
     return note
 
 

@@ -340,9 +340,11 @@ DASHES = ["", "6 3", "2 3", "8 3 2 3"]
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
-               width: float = 400, height: float = 250, y_range: tuple[float, float] | None = None) -> Markup:
+               width: float = 400, height: float = 250, y_range: tuple[float, float] | None = None,
+               events: Sequence[tuple[float, str, bool]] = ()) -> Markup:
     """Lines with point markers, legend above the plot. Series i gets colour i mod 10 and, past
-    the 10th, a dash pattern and marker shape of its own, so no two series look alike."""
+    the 10th, a dash pattern and marker shape of its own, so no two series look alike. `events`
+    (x, label, alarm) draw a labelled vertical line at x (red when `alarm`: a flag fired there)."""
     series = {k: [(x, y) for x, y in pts if _finite(x) and _finite(y)] for k, pts in series.items()}
     series = {k: pts for k, pts in series.items() if pts}
     if not series:
@@ -374,4 +376,12 @@ def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_lab
         ly = 14 + 18 * (i // 2)
         body.append(f'<line x1="{lx:.1f}" y1="{ly - 4}" x2="{lx + 18:.1f}" y2="{ly - 4}" stroke="{color}" stroke-width="3"{dash_attr}/>')
         body.append(f'<text x="{lx + 24:.1f}" y="{ly}"><title>{esc(name)}</title>{esc(short(name, 26))}</text>')
+    for k, (x, label, alarm) in enumerate(e for e in events if _finite(e[0]) and x0 <= e[0] <= x1):
+        color = FLAG_COLOR if alarm else "#555"
+        px = ax.x(x)
+        body.append(f'<g class="event"><title>{esc(label)} at {esc(x_label)} {esc(tick_text(x))}</title>'
+                    f'<line x1="{px:.1f}" y1="{ax.top:.1f}" x2="{px:.1f}" y2="{ax.top + ax.height:.1f}" '
+                    f'stroke="{color}" stroke-width="1.5" stroke-dasharray="4 3"/>'
+                    f'<text x="{px + 3:.1f}" y="{ax.top + 12 + 12 * (k % 4):.1f}" fill="{color}" font-size="10.5">'
+                    f'{esc(short(label, 24))}</text></g>')
     return _svg(width, height, body, f"{y_label} per {x_label}")
