@@ -156,8 +156,9 @@ def _override_value(value: Any) -> str:
 
 def validate_cell(cfg: dict[str, Any]) -> None:
     """Build the method and attacks from the config: bad settings fail before any training."""
+    validate_numbers(cfg)  # the numbers alone, then the validation split against the data, then the
+    check_validation(cfg)  # batch against what that leaves to train on
     validate_numbers(cfg, train_split_size(cfg))
-    check_validation(cfg)
     check_results_writable(cfg["results_dir"])
     if not cfg.get("model"):  # trained here: its architecture builds with these settings (on the meta device)
         check_arch(cfg)
@@ -187,8 +188,8 @@ def preflight_grid(cells: list[dict[str, Any]], *, prepare: bool, leaderboard: b
         for data_cfg in {c["data"]["dir"]: c["data"] for c in cells}.values():
             ensure_prepared(data_cfg)
     for cfg in cells:
-        validate_numbers(cfg, train_split_size(cfg))
         check_validation(cfg)
+        validate_numbers(cfg, train_split_size(cfg))
 
 
 def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num_cpus: int | None = None,

@@ -18,7 +18,8 @@ from harness.core.errors import DataError
 from harness.core.locations import is_uri
 from harness.data.shards import MANIFEST, load_manifest
 from harness.data.loader import split_count
-from harness.data.validation import carve, emptied_classes, empty_class_message, validation_settings, validation_size
+from harness.data.validation import (carve, check_validation_settings, emptied_classes, empty_class_message,
+                                     validation_settings, validation_size)
 from harness.store.storage import STAGING, open_store
 from harness.train.best_epoch import check_select
 
@@ -46,6 +47,7 @@ def check_validation(cfg: dict[str, Any]) -> None:
     tcfg = cfg.get("trainer") or {}
     n_split = _split_size(cfg)
     try:
+        check_validation_settings(tcfg)
         check_select(tcfg, validation_size(max(n_split or 1, 1), *validation_settings(tcfg)) > 0,
                      trains_on_poison(cfg))
         held = carve(n_split, tcfg, int(cfg["seed"])) if n_split is not None else None
