@@ -12,13 +12,16 @@ T = Thresholds()
 
 
 def curve(robust: list[float], train: list[float] | None = None, n: int = 500, clean: float = 0.9,
-          share: float = 0.12) -> list[dict]:
+          share: float = 0.12, pgd: list[float] | None = None) -> list[dict]:
+    """Probes at `robust` (validation PGD-10), `train` (the train-time attack's accuracy) and `pgd`
+    (PGD-10 on trained images; default: as on the validation split)."""
     out = []
     for epoch, r in enumerate(robust):
         e = {"epoch": epoch, "loss": 1.0, "samples": 20000, "val_n": n, "val_robust_n": n,
              "val_clean_acc": clean, "val_robust_acc": r, "val_top_class": 3, "val_top_class_share": share}
         if train is not None:
             e["train_robust_acc"] = train[epoch]
+            e["train_pgd_acc"], e["train_pgd_n"] = (r if pgd is None else pgd[epoch]), n
         out.append(e)
     return out
 
@@ -62,6 +65,10 @@ def test_weak_train_attack_fires_when_the_gap_holds_at_most_probes() -> None:
     assert fired["weak_train_attack"]["probes_over"] == 5 and fired["weak_train_attack"]["epoch"] == 0
     late = curve([0.4, 0.45, 0.45, 0.4, 0.4], [0.4, 0.45, 0.5, 0.75, 0.8])  # a gap in 2 of 5 probes only
     assert "weak_train_attack" not in training_flags(late, T, 10)[0]
+    # memorised, not weak: the train-time attack's accuracy is far above the validation split's, but
+    # PGD-10 on trained images agrees with it (robust overfitting is not a weak attack)
+    memorised = curve([0.5, 0.55, 0.55, 0.5, 0.48], [0.6, 0.8, 0.9, 0.95, 0.97], pgd=[0.6, 0.78, 0.88, 0.95, 0.96])
+    assert "weak_train_attack" not in training_flags(memorised, T, 10)[0]
 
 
 def test_a_small_validation_split_does_not_flag_noise() -> None:

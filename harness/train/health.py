@@ -16,8 +16,10 @@ the test that builds its failure on purpose):
 - `collapsed`: one class takes more than `collapse_share` of the validation predictions, or clean
   accuracy is within `chance_margin` of chance (1 / classes), at the last probe.
 - `weak_train_attack`: at most probes the train-time robust accuracy is more than
-  `weak_attack_gap` above validation PGD-10 accuracy (the training attack is weaker than the
-  evaluation's).
+  `weak_attack_gap` above PGD-10 accuracy on a fixed sample of trained images (`train_pgd_acc`):
+  the training attack is weaker than the evaluation's. Both are measured on images training
+  streams, so a model that memorised its training set (robust overfitting: train-time accuracy
+  far above the validation split's) does not read as a weak attack.
 - `diverged`: a non-finite loss. The cell fails (NonFiniteLossError names the epoch and step);
   its failed row carries the flag (`diverged_details`).
 
@@ -37,6 +39,7 @@ from typing import Any
 
 FLAGS = ("catastrophic_overfitting", "robust_overfitting", "collapsed", "weak_train_attack", "diverged")
 TRAIN_ROBUST = "train_robust_acc"  # what a method with a train-time attack logs (methods/base.py)
+TRAIN_PGD = "train_pgd_acc"  # the probe's PGD-10 accuracy on trained images (harness/train/probes.py)
 
 
 @dataclass(frozen=True)
@@ -101,14 +104,16 @@ def training_flags(curve: list[dict[str, Any]], thresholds: Thresholds, num_clas
     few = f"fewer than trainer.flags.min_images={thresholds.min_images} validation images"
     robust = [e for e in probed if isinstance(e.get("val_robust_acc"), (int, float))]
     trained_robust = [e for e in robust if isinstance(e.get(TRAIN_ROBUST), (int, float))]
-    for name, rule, needs in (("catastrophic_overfitting", _catastrophic, trained_robust),
-                              ("robust_overfitting", _robust_overfitting, robust),
-                              ("weak_train_attack", _weak_attack, trained_robust)):
+    both = [e for e in trained_robust if isinstance(e.get(TRAIN_PGD), (int, float))]
+    for name, rule, needs, count in (("catastrophic_overfitting", _catastrophic, trained_robust, _robust_n),
+                                     ("robust_overfitting", _robust_overfitting, robust, _robust_n),
+                                     ("weak_train_attack", _weak_attack, both, _trained_n)):
         if not needs:
             skipped[name] = ("no robust probe (a backdoor cell probes C-Acc and ASR; trainer.probe_budget 0)"
-                             if not robust else f"the method logs no {TRAIN_ROBUST} (no train-time attack)")
-        elif _robust_n(needs[-1]) < thresholds.min_images:
-            skipped[name] = f"the PGD probe attacked {_robust_n(needs[-1])} images, {few}"
+                             if not robust else f"the method logs no {TRAIN_ROBUST} (no train-time attack)"
+                             if not trained_robust else "the probe attacked no trained images (trainer.probe_budget)")
+        elif count(needs[-1]) < thresholds.min_images:
+            skipped[name] = f"the PGD probe attacked {count(needs[-1])} images, {few}"
         else:
             evidence = rule(needs, thresholds)
             if evidence is not None:
@@ -125,6 +130,11 @@ def training_flags(curve: list[dict[str, Any]], thresholds: Thresholds, num_clas
 def _robust_n(entry: dict[str, Any]) -> int:
     """Images the entry's PGD probe attacked (val_n before the probe budget existed)."""
     return int(entry.get("val_robust_n", entry["val_n"]))
+
+
+def _trained_n(entry: dict[str, Any]) -> int:
+    """Trained images the entry's PGD probe attacked."""
+    return int(entry.get("train_pgd_n", 0))
 
 
 def _catastrophic(entries: list[dict[str, Any]], t: Thresholds) -> dict[str, Any] | None:
@@ -151,14 +161,14 @@ def _robust_overfitting(entries: list[dict[str, Any]], t: Thresholds) -> dict[st
 
 
 def _weak_attack(entries: list[dict[str, Any]], t: Thresholds) -> dict[str, Any] | None:
-    gaps = [e[TRAIN_ROBUST] - e["val_robust_acc"] for e in entries]
+    gaps = [e[TRAIN_ROBUST] - e[TRAIN_PGD] for e in entries]
     over = [e for e, gap in zip(entries, gaps) if gap > t.weak_attack_gap
-            and z_two(e[TRAIN_ROBUST], int(e.get("samples") or 0), e["val_robust_acc"], _robust_n(e)) >= t.z]
-    if 2 * len(over) <= len(entries):  # at most probes, so one odd epoch (or late overfitting) does not fire it
+            and z_two(e[TRAIN_ROBUST], int(e.get("samples") or 0), e[TRAIN_PGD], _trained_n(e)) >= t.z]
+    if 2 * len(over) <= len(entries):  # at most probes, so one odd epoch does not fire it
         return None
     return {"epoch": int(over[0]["epoch"]), "probes_over": len(over), "probes": len(entries),
             "median_gap": sorted(gaps)[len(gaps) // 2], "train_robust_last": entries[-1][TRAIN_ROBUST],
-            "val_robust_last": entries[-1]["val_robust_acc"], "threshold": t.weak_attack_gap}
+            "train_pgd_last": entries[-1][TRAIN_PGD], "threshold": t.weak_attack_gap}
 
 
 def _collapsed(last: dict[str, Any], t: Thresholds, num_classes: int) -> dict[str, Any] | None:

@@ -5,7 +5,12 @@ What a probe measures, on the validation split (harness/data/validation.py), on 
 - clean cells: PGD-10 robust accuracy at the cell's `data.eps` (L-inf, step eps/4, uniform start;
   harness/attacks/pgd.py), counted as the evaluation counts (clean-correct and still correct);
 - backdoor cells: C-Acc and the attack success rate on a triggered copy of the non-target images
-  (the trigger applied at native resolution, as the evaluation's test-mode poison plan does).
+  (the trigger applied at native resolution, as the evaluation's test-mode poison plan does);
+- methods with a train-time attack (they log `train_robust_acc`): PGD-10 accuracy on a fixed sample
+  of images training DOES stream (`train_pgd_acc`), so the train-time attack is compared with PGD-10
+  on the same kind of images. Compared with the validation split instead, a model that memorised
+  its training set (robust overfitting) would read as a weak attack. The sample is, for each held-out
+  index, the next index training streams: the same shards the validation read opens, no extra I/O.
 
 The probe runs on the unwrapped model the evaluation attacks (`method.eval_model`), in eval mode
 (BatchNorm's running statistics used, never updated), under the trainer's precision, with
@@ -24,9 +29,11 @@ FLOPs between two probes. Clean accuracy (one forward per image) runs on the who
 costs about 21 forwards' worth per image (each step a forward and an input-gradient backward,
 then the scoring forward), so it runs on the first `robust_n` images of a fixed, seeded order of
 the split, as many as the budget pays for: all of them under PGD-AT's 10-step training, about a
-quarter under FGSM-RS's, a few under ERM's (where no flag needs them). `robust_n` is computed
-once, from the FLOPs of the run's first training step, and kept in the checkpoint, so a resumed
-run probes the same images (benchmarks/probe_cost.py measures the share in seconds).
+quarter under FGSM-RS's, a few under ERM's (where no flag needs them). With a train-time attack
+the attacked images are shared between the validation split and the trained sample (half each,
+the validation split first when it is smaller). The counts are computed once, from the FLOPs of
+the run's first training step, and kept in the checkpoint, so a resumed run probes the same images
+(benchmarks/probe_cost.py measures the share in seconds).
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ ROBUST_FORWARDS = 2 * PROBE_STEPS + 1  # an attacked image's cost in forwards (m
 DEFAULT_BUDGET = 0.05
 PROBE_BATCH = 128  # fixed (not the trainer's batch): the batches, hence the results, do not depend on W
 _PROBE_TAG = 0x9208E
+_TRAINED_BATCHES = 1 << 20  # the trained sample's batches draw their PGD starts from seeds of their own
 
 
 def probe_every(tcfg: dict[str, Any]) -> int:
@@ -77,13 +85,30 @@ def probe_budget(tcfg: dict[str, Any]) -> float:
 
 
 def robust_count(budget: float, every: int, step_flops: float | None, forward_flops: float | None,
-                 epoch_samples: int, n_val: int, triggered: bool) -> int:
-    """How many validation images the PGD-10 probe can attack within `budget` of the training FLOPs
-    of `every` epochs (all of them when the FLOPs are unknown)."""
+                 epoch_samples: int, n_val: int, triggered: bool, cap: int | None = None) -> int:
+    """How many images (at most `cap`, default `n_val`) the PGD-10 probe can attack within `budget`
+    of the training FLOPs of `every` epochs, after the clean pass over the `n_val` validation images
+    (all `cap` when the FLOPs are unknown)."""
+    cap = n_val if cap is None else cap
     if not step_flops or not forward_flops:
-        return n_val
+        return cap
     allowed = budget * every * step_flops * epoch_samples - n_val * forward_flops * (2 if triggered else 1)
-    return int(min(n_val, max(0.0, allowed // (ROBUST_FORWARDS * forward_flops))))
+    return int(min(cap, max(0.0, allowed // (ROBUST_FORWARDS * forward_flops))))
+
+
+def share_attacked(total: int, n_val: int, n_trained: int) -> tuple[int, int]:
+    """(validation, trained-sample) images of `total` attacked ones: half each, the rest to the other."""
+    val = min(n_val, max(total - total // 2, total - n_trained))
+    return val, min(n_trained, total - val)
+
+
+def trained_sample(held: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """For each held-out index, the first index training streams after it (wrapping), distinct,
+    sorted: a fixed sample of trained images lying in the shards the validation read opens."""
+    if len(trained) == 0:
+        return np.zeros(0, dtype=np.int64)
+    at = np.searchsorted(trained, held) % len(trained)
+    return np.unique(trained[at]).astype(np.int64)
 
 
 class ValidationProbe:
@@ -91,13 +116,14 @@ class ValidationProbe:
 
     def __init__(self, cfg: dict[str, Any], held: ValidationSplit, images: torch.Tensor, labels: torch.Tensor,
                  keys: torch.Tensor, device: torch.device, rank: int, world_size: int, num_classes: int,
-                 precision: str) -> None:
+                 precision: str, trained: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         self.held, self.device, self.rank, self.world_size = held, device, rank, world_size
         self.num_classes, self.precision, self.seed = num_classes, precision, int(cfg["seed"])
         self.every = probe_every(cfg["trainer"])
         self.eps = parse_number(cfg["data"].get("eps") or 0.0)
         self.budget = probe_budget(cfg["trainer"])
         self.robust_n: int | None = None  # set once: `size_robust`, or the checkpoint's
+        self.trained_robust_n = 0  # trained-sample images PGD-10 attacks (a method with a train-time attack)
         self.order = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFF_FFFF, _PROBE_TAG])
                                            ).permutation(held.size)  # robust subset: a seeded order's head
         self.transform = BatchTransform.from_args(cfg["data"].get("img_size"), None)
@@ -106,25 +132,44 @@ class ValidationProbe:
         self.batches = [(b, s, images[s:s + PROBE_BATCH], labels[s:s + PROBE_BATCH], keys[s:s + PROBE_BATCH])
                         for b, s in enumerate(starts) if b % world_size == rank]
         self.robust_mask = torch.zeros(held.size, dtype=torch.bool)
+        t_images, t_labels, t_keys = trained if trained is not None else (images[:0], labels[:0], keys[:0])
+        self.n_trained = int(len(t_labels))
+        self.trained_batches = [(b, s, t_images[s:s + PROBE_BATCH], t_labels[s:s + PROBE_BATCH])
+                                for b, s in enumerate(range(0, self.n_trained, PROBE_BATCH))
+                                if (b + len(starts)) % world_size == rank]  # continue the round-robin
+        self.trained_order = np.random.default_rng(np.random.SeedSequence(
+            [self.seed & 0xFFFF_FFFF, _PROBE_TAG, 1])).permutation(self.n_trained)
+        self.trained_mask = torch.zeros(self.n_trained, dtype=torch.bool)
 
-    def size_robust(self, step_flops: float | None, forward_flops: float | None, epoch_samples: int) -> int:
-        """Fix `robust_n` from the training step's FLOPs (module doc); returns it."""
-        self.set_robust_n(robust_count(self.budget, self.every, step_flops, forward_flops, epoch_samples,
-                                       self.held.size, self.poison is not None))
-        return int(self.robust_n)  # type: ignore[arg-type]
+    def size_robust(self, step_flops: float | None, forward_flops: float | None, epoch_samples: int,
+                    train_attack: bool) -> tuple[int, int]:
+        """Fix the attacked counts from the training step's FLOPs (module doc); returns
+        (validation, trained sample). `train_attack`: the method logs `train_robust_acc`."""
+        capacity = self.held.size + (self.n_trained if train_attack and self.poison is None else 0)
+        total = robust_count(self.budget, self.every, step_flops, forward_flops, epoch_samples,
+                             self.held.size, self.poison is not None, cap=capacity)
+        val, trained = share_attacked(total, self.held.size, capacity - self.held.size)
+        self.set_robust_n(val, trained)
+        return val, trained
 
-    def set_robust_n(self, n: int) -> None:
-        self.robust_n = int(n)
+    def set_robust_n(self, n: int, trained: int = 0) -> None:
+        self.robust_n, self.trained_robust_n = int(n), int(trained)
         self.robust_mask = torch.zeros(self.held.size, dtype=torch.bool)
         self.robust_mask[torch.from_numpy(self.order[: self.robust_n])] = True
+        self.trained_mask = torch.zeros(self.n_trained, dtype=torch.bool)
+        self.trained_mask[torch.from_numpy(self.trained_order[: self.trained_robust_n])] = True
 
     @classmethod
     def load(cls, cfg: dict[str, Any], held: ValidationSplit, device: torch.device, rank: int, world_size: int,
-             precision: str) -> "ValidationProbe":
-        """Read the validation images (this rank's share of their shards, then gathered on every
-        rank), in split-index order; refuse a split that takes a whole class out of training."""
+             precision: str, trained: np.ndarray | None = None) -> "ValidationProbe":
+        """Read the validation images and the trained sample (`trained`: the split indices training
+        streams; this rank's share of their shards, then gathered on every rank), in split-index
+        order; refuse a split that takes a whole class out of training."""
         data = cfg["data"]
-        part = read_selected(data["dir"], "train", held.indices, rank, world_size, limit=data.get("train_limit"),
+        sample = trained_sample(held.indices, np.asarray(trained, dtype=np.int64)) if trained is not None \
+            else np.zeros(0, dtype=np.int64)
+        wanted = np.union1d(held.indices, sample)
+        part = read_selected(data["dir"], "train", wanted, rank, world_size, limit=data.get("train_limit"),
                              cache_dir=data.get("cache"))
         if world_size > 1:
             parts: list[Any] = [None] * world_size
@@ -133,11 +178,14 @@ class ValidationProbe:
         images, labels, keys = part
         order = torch.argsort(keys)
         images, labels, keys = images[order], labels[order], keys[order]
-        if not torch.equal(keys, torch.from_numpy(held.indices)):
-            raise RuntimeError(f"the validation read gave {len(keys)} samples where {held.size} were held out")
+        if not torch.equal(keys, torch.from_numpy(wanted)):
+            raise RuntimeError(f"the validation read gave {len(keys)} samples where {len(wanted)} were asked for")
+        is_held = torch.from_numpy(np.isin(wanted, held.indices))
         manifest = load_manifest(data["dir"])
-        _refuse_emptied_class(_train_label_counts(data, manifest), labels, held)
-        return cls(cfg, held, images, labels, keys, device, rank, world_size, int(manifest["num_classes"]), precision)
+        _refuse_emptied_class(_train_label_counts(data, manifest), labels[is_held], held)
+        return cls(cfg, held, images[is_held], labels[is_held], keys[is_held], device, rank, world_size,
+                   int(manifest["num_classes"]), precision,
+                   trained=(images[~is_held], labels[~is_held], keys[~is_held]))
 
     def due(self, epoch: int, epochs: int) -> bool:
         """Probe after this epoch: every `probe_every` epochs and always after the last."""
@@ -151,39 +199,52 @@ class ValidationProbe:
         if dist.is_available() and dist.is_initialized():
             sync_buffers(module)  # every rank probes rank 0's BatchNorm statistics, as the checkpoint holds
         k = self.num_classes
-        counts = torch.zeros(4 + k, dtype=torch.float64)  # clean, robust, asr hits, asr images, predictions/class
+        counts = torch.zeros(5 + k, dtype=torch.float64)  # clean, robust, asr hits, asr images, trained PGD, preds
         if self.robust_n is None:
-            self.set_robust_n(self.held.size)  # no FLOP count: every image
+            self.set_robust_n(self.held.size)  # no FLOP count: every validation image
         with attack_mode(model), autocast(self.device, self.precision):
             for batch, start, x8, y, keys in self.batches:
-                counts += self._batch(model, batch, epoch, x8, y, keys, self.robust_mask[start:start + len(y)])
+                counts[:4] += self._batch(model, batch, epoch, x8, y, keys, self.robust_mask[start:start + len(y)],
+                                          counts[5:])
+            for batch, start, x8, y in self.trained_batches:
+                chosen = self.trained_mask[start:start + len(y)]
+                if bool(chosen.any()):
+                    x = self.transform(x8[chosen].float().div_(255.0), torch.Generator()).to(self.device)
+                    yc = y[chosen].to(self.device)
+                    with torch.no_grad():
+                        correct = model(x).argmax(1) == yc
+                    counts[4] += float(self._robust(model, x[correct], yc[correct], _TRAINED_BATCHES + batch, epoch).sum())
         if self.world_size > 1:
             reduce_on = counts.to(self.device) if self.device.type == "cuda" else counts
             dist.all_reduce(reduce_on)
             counts = reduce_on.cpu()
         n = self.held.size
-        hist = counts[4:]
+        hist = counts[5:]
         out = {"val_n": float(n), "val_clean_acc": float(counts[0]) / n,
                "val_top_class": float(int(hist.argmax())), "val_top_class_share": float(hist.max()) / n}
         if self.poison is None and self.robust_n:
             out["val_robust_acc"] = float(counts[1]) / self.robust_n
             out["val_robust_n"] = float(self.robust_n)
+        if self.poison is None and self.trained_robust_n:
+            out["train_pgd_acc"] = float(counts[4]) / self.trained_robust_n
+            out["train_pgd_n"] = float(self.trained_robust_n)
         elif self.poison is not None:
             out["val_asr"] = float(counts[2]) / max(float(counts[3]), 1.0)
         out["probe_seconds"] = time.perf_counter() - t0
         return out
 
     def _batch(self, model: nn.Module, batch: int, epoch: int, x8: torch.Tensor, y: torch.Tensor,
-               keys: torch.Tensor, attacked: torch.Tensor) -> torch.Tensor:
-        """Counts of one probe batch (module doc), as float64 on the CPU."""
-        out = torch.zeros(4 + self.num_classes, dtype=torch.float64)
+               keys: torch.Tensor, attacked: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+        """Counts of one probe batch (clean, robust, ASR hits, ASR images), float64 on the CPU;
+        its predictions per class are added to `predictions`."""
+        out = torch.zeros(4, dtype=torch.float64)
         x = self.transform(x8.float().div_(255.0), torch.Generator()).to(self.device)
         y = y.to(self.device)
         with torch.no_grad():
             pred = model(x).argmax(1)
         correct = pred == y
         out[0] = float(correct.sum())
-        out[4:] = torch.bincount(pred.cpu(), minlength=self.num_classes)[: self.num_classes].double()
+        predictions += torch.bincount(pred.cpu(), minlength=self.num_classes)[: self.num_classes].double()
         if self.poison is None:
             chosen = correct & attacked.to(self.device)  # robust: in the attacked subset, correct, still correct
             out[1] = float(self._robust(model, x[chosen], y[chosen], batch, epoch).sum())

@@ -55,6 +55,7 @@ from harness.train.checkpointing import (atomic_write_text, load_checkpoint, loa
 from harness.train.device import rank_setup
 from harness.train.ranks import run_ranks
 from harness.train.optimizers import build_optimizer, check_trainer_config
+from harness.train.health import TRAIN_ROBUST
 from harness.train.probes import ValidationProbe
 from harness.train.compile import FIX as COMPILE_FIX, check_compile, compile_backend, compile_classifier
 from harness.train.schedule import lr_factor, momentum_at, schedule_position
@@ -185,9 +186,10 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         select = held.train_indices(select)
     rule = select_rule(tcfg)
     check_select(tcfg, held is not None, train_plan(cfg) is not None)
-    probe = ValidationProbe.load(cfg, held, device, rank, world_size, precision) if held is not None else None
+    probe = ValidationProbe.load(cfg, held, device, rank, world_size, precision, trained=select) \
+        if held is not None else None
     if probe is not None and state.get("probe_robust_n") is not None:  # sized by the first run: the same images
-        probe.set_robust_n(int(state["probe_robust_n"]))
+        probe.set_robust_n(int(state["probe_robust_n"]), int(state.get("probe_trained_robust_n") or 0))
     counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
                           num_workers=int(tcfg.get("num_workers", 0)), select=select) for r in range(world_size)]
     steps_per_epoch, used = epoch_steps(counts, per_rank_batch, bool(tcfg.get("drop_last", False)))
@@ -210,7 +212,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     def running() -> dict[str, Any]:
         """The trainer's running state a checkpoint keeps beside the weights and optimisers."""
         return {"curve": curve, "train_seconds": train_seconds, "samples_per_epoch": samples_per_epoch,
-                "probe_robust_n": None if probe is None else probe.robust_n}
+                "probe_robust_n": None if probe is None else probe.robust_n,
+                "probe_trained_robust_n": None if probe is None else probe.trained_robust_n}
     step_flops_per_image: float | None = None
     warmup = (0.0, 0)  # (seconds, samples) of this run's first step, left out of images/s
     reset_peak_memory(device)
@@ -286,7 +289,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             if first_step:  # the finite check above waited for the device: the step is done
                 warmup = (time.perf_counter() - step_t0, int(y.shape[0]) * world_size)  # ranks step together
                 if probe is not None and probe.robust_n is None:  # the probe's share of these FLOPs: its budget
-                    probe.size_robust(step_flops_per_image, forward_flops, sum(used))
+                    probe.size_robust(step_flops_per_image, forward_flops, sum(used), TRAIN_ROBUST in logs)
         method.on_epoch_end(ctx)
         epoch_stats = reduce_epoch({k: float(v) for k, v in sums.items()}, seen, device)
         epoch_seconds = time.perf_counter() - t0
