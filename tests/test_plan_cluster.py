@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +27,7 @@ def _grid(overrides: list[str], env: dict[str, str], tmp_path: Path, name: str) 
     return " ".join((done.stdout + done.stderr).split())  # rich may wrap lines
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: CI runs it after the default suite
 def test_two_node_grid_trains_each_prerequisite_once_and_new_attacks_train_nothing(data_root, tmp_path) -> None:
     from ray.cluster_utils import Cluster
 

@@ -2,7 +2,11 @@
 checkpoint ends with bitwise the same weights as the uninterrupted run, for every registered
 method (world size 1) and for a 2-rank cell. Every random draw of an epoch comes from generators
 seeded from (seed, rank, epoch) (harness/train/trainer.py `seed_epoch`), the data order and
-augmentation are pure functions of (seed, epoch, rank), and the rest is in the checkpoint."""
+augmentation are pure functions of (seed, epoch, rank), and the rest is in the checkpoint.
+
+The cells hold out a validation split and select their best probed epoch (issue 25): the resumed
+run's probe history (the curve, in the checkpoint) equals the uninterrupted one's, and so does the
+selected epoch, whose weights come from the best checkpoint the killed run wrote."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,6 +21,12 @@ from harness.store.checkpoint_sync import local_work_dir
 from helpers import killed_run, method_cell
 
 EPOCHS, KILLED_AFTER = 4, 1
+# The default suite resumes one method of each trainer path: no train-time attack (erm), an attack
+# (trades), a pre-pass (cbd), a selected subset (abl), an upstream checkpoint (adml), a single-step
+# attack with a guard (fgsm_rs). Every other method, and the 2-rank cells, run with `-m slow` (CI runs them).
+DEFAULT_METHODS = ("erm", "trades", "cbd", "abl", "adml_trades", "fgsm_rs")
+PROBED = ("trainer.validation.fraction=0.1", "trainer.select=best_val_clean", "trainer.probe_budget=1.0")
+TIMINGS = ("seconds", "probe_seconds")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +46,11 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
     assert not differ, f"{what}: resumed weights differ from the uninterrupted run's in {differ[:5]}"
 
 
-def _killed_then_resumed(cfg: dict, work_dir: Path, world_size: int) -> None:
+def _probes(curve: list[dict]) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k not in TIMINGS} for entry in curve]
+
+
+def _killed_then_resumed(cfg: dict, work_dir: Path, world_size: int) -> trainer.TrainSummary:
     killed_run(cfg, work_dir, world_size, KILLED_AFTER)
     saved = torch.load(work_dir / trainer.CHECKPOINT, weights_only=False)
     assert saved["epoch"] == KILLED_AFTER, "the kill must come right after that epoch's checkpoint"
@@ -45,28 +59,35 @@ def _killed_then_resumed(cfg: dict, work_dir: Path, world_size: int) -> None:
     summary = trainer.train(cfg, work_dir)  # the retry: resumes at epoch KILLED_AFTER + 1
     assert [c["epoch"] for c in summary.curve] == list(range(EPOCHS))
     assert not list(work_dir.glob("rg-ranks-*"))  # ... until the retry removes it
+    return summary
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", [n if n in DEFAULT_METHODS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in METHODS.names()])
 def test_a_resumed_training_equals_the_uninterrupted_one(name: str, data_root: Path, tmp_path: Path,
                                                          upstream_erm: str) -> None:
-    whole = method_cell(name, data_root, tmp_path / "whole", upstream_erm, epochs=EPOCHS)
-    trainer.train(whole, local_work_dir(whole))
-    cut = method_cell(name, data_root, tmp_path / "cut", upstream_erm, epochs=EPOCHS)
+    whole = method_cell(name, data_root, tmp_path / "whole", upstream_erm, epochs=EPOCHS, extra=PROBED)
+    uninterrupted = trainer.train(whole, local_work_dir(whole))
+    cut = method_cell(name, data_root, tmp_path / "cut", upstream_erm, epochs=EPOCHS, extra=PROBED)
     work = local_work_dir(cut)
     work.mkdir(parents=True)
-    _killed_then_resumed(cut, work, 1)
+    resumed = _killed_then_resumed(cut, work, 1)
     _assert_bitwise_equal(_weights(local_work_dir(whole)), _weights(work), name)
+    assert "val_clean_acc" in uninterrupted.curve[0]
+    assert _probes(resumed.curve) == _probes(uninterrupted.curve), f"{name}: the probe history differs"
+    assert resumed.selection == uninterrupted.selection
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["trades", "cbd"])
 def test_a_resumed_two_rank_training_equals_the_uninterrupted_one(name: str, data_root: Path, tmp_path: Path,
                                                                   upstream_erm: str) -> None:
-    extra = ("trainer.world_size=2",)
+    extra = ("trainer.world_size=2", *PROBED)
     whole = method_cell(name, data_root, tmp_path / "whole", upstream_erm, epochs=EPOCHS, extra=extra)
     trainer.train(whole, local_work_dir(whole))
     cut = method_cell(name, data_root, tmp_path / "cut", upstream_erm, epochs=EPOCHS, extra=extra)
     work = local_work_dir(cut)
     work.mkdir(parents=True)
-    _killed_then_resumed(cut, work, 2)
+    resumed = _killed_then_resumed(cut, work, 2)
     _assert_bitwise_equal(_weights(local_work_dir(whole)), _weights(work), f"{name} on 2 ranks")
+    assert _probes(resumed.curve) == _probes(trainer.train(whole, local_work_dir(whole)).curve)
