@@ -318,8 +318,8 @@ def aggregate(results: pa.Table) -> Leaderboard:
             "cell_flags": cell_flags,
             "train_flags": sorted({f for fs in cell_train_flags.values() for f in fs}),
             "cell_train_flags": cell_train_flags,
-            "health": health(cell_train_flags, list(r["validation_ns"])),
-            "selections": [s for s in r["selections"] if s != "last"],  # best-epoch selection used (labelled)
+            "health": health(cell_train_flags, list(r["validation_ns"] or [])),
+            "selections": [s for s in (r["selections"] or []) if s != "last"],  # best-epoch selection used (labelled)
             "cost_hours_mean": _num(r["hours_mean"]),
             "cost_hours_std": _num(r["hours_std"]),
             "cost_hours_total": _num(r["hours_total"]),
