@@ -44,16 +44,19 @@ def health(cell_train_flags: dict[str, list[str]], validation_n: list[Any]) -> s
     return "partial" if any(probed) else "unprobed"
 
 
-def evidence(details_json: str | None) -> dict[str, str]:
-    """{flag: 'flag at epoch E: explanation (evidence)'} from a row's train_flag_details JSON."""
+def _details(details_json: str | None) -> dict[Any, Any]:
+    """A row's train_flag_details JSON as {flag: evidence}; {} when missing or malformed."""
     try:
         details = json.loads(details_json or "{}")
     except (TypeError, ValueError):
         return {}
-    if not isinstance(details, dict):
-        return {}
+    return details if isinstance(details, dict) else {}
+
+
+def evidence(details_json: str | None) -> dict[str, str]:
+    """{flag: 'flag at epoch E: explanation (evidence)'} from a row's train_flag_details JSON."""
     out = {}
-    for flag, found in details.items():
+    for flag, found in _details(details_json).items():
         found = found if isinstance(found, dict) else {"evidence": found}
         epoch = found.get("epoch")
         rest = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in found.items() if k != "epoch"}
@@ -64,14 +67,8 @@ def evidence(details_json: str | None) -> dict[str, str]:
 
 def flag_epochs(details_json: str | None) -> dict[str, int]:
     """{flag: the epoch it fired at}, for marking the validation curves."""
-    try:
-        details = json.loads(details_json or "{}")
-    except (TypeError, ValueError):
-        return {}
-    if not isinstance(details, dict):
-        return {}
     out = {}
-    for flag, found in details.items():
+    for flag, found in _details(details_json).items():
         epoch = finite(found.get("epoch")) if isinstance(found, dict) else None
         if epoch is not None and abs(epoch) < 1e9:
             out[str(flag)] = int(epoch)
