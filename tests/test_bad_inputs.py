@@ -123,7 +123,8 @@ def test_data_dependent_checks_run_wherever_the_data_lives(where: str, tmp_path:
     proc = _run_cli([f"data.root='{root}'", f"results_dir={results}", "trainer.batch_size=5000", "trainer.epochs=1"],
                     tmp_path)
     message = " ".join((proc.stdout + proc.stderr).split())
-    assert proc.returncode == 2 and "trainer.batch_size=5000" in message and "1437 images" in message, message
+    assert proc.returncode == 2 and "trainer.batch_size=5000" in message and "1408 images" in message, message
+    assert "after trainer.validation holds out its share" in message  # 1437 - 29 held out
     assert _nothing_written(results)
 
 

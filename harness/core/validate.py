@@ -83,7 +83,9 @@ def validate_numbers(cfg: dict[str, Any], train_size: int | None = None) -> None
     batch = int(_get(cfg, "trainer.batch_size"))
     if train_size is not None and batch > train_size:
         limit = _get(cfg, "data.train_limit")
-        split = f"{train_size} images" + (f" with data.train_limit={limit}" if limit is not None else "")
+        held = _get(cfg, "trainer.validation")
+        split = f"{train_size} images" + (f" with data.train_limit={limit}" if limit is not None else "") + (
+            ", after trainer.validation holds out its share" if isinstance(held, dict) and held.get("fraction") else "")
         raise ConfigError(f"trainer.batch_size={batch} is larger than the training split of "
                           f"data={_get(cfg, 'data.name')} ({split}); each epoch would be one full-batch step. "
                           f"Set trainer.batch_size to at most {train_size}")
