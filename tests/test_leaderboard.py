@@ -282,7 +282,7 @@ def test_setting_tables_and_headings(site: Path) -> None:
         (table,) = parse(setting_page(site, dataset, norm, eps)).tables
         assert table["heading"] == heading
         assert table["header"][:5] == ["#", "arch", "method", "seeds", "clean"]
-        assert table["header"][-4:] == ["cost / seed", "images/s", "integrity", "cells"]
+        assert table["header"][-5:] == ["cost / seed", "images/s", "integrity", "training health", "cells"]
     digits = parse(setting_page(site, "digits", "linf", 0.1)).tables[0]
     assert digits["header"][5:8] == ["fgsm", "pgd", "worst-case robust headline"]
     assert len(digits["rows"]) == 6
