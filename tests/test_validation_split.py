@@ -128,3 +128,17 @@ def test_bad_validation_sizes_are_refused_before_work_with_the_numbers(tiny) -> 
     with pytest.raises(ConfigError, match="not a selection rule"):
         validate_cell(_cfg(tiny, "trainer.select=best"))
     validate_cell(_cfg(tiny))  # the defaults pass
+
+
+def test_a_clean_subset_defense_holds_out_nothing_of_its_clean_data(tiny) -> None:
+    """FT / FP / NAD fine-tune on the defender's clean 5%: all of it, as their official recipes
+    (a 2% split of it would be one digit); selecting on a validation split it lacks is refused."""
+    from harness.run.plan import run_config
+
+    cfg = _cfg(tiny, "backdoor=badnets", "method=ft")
+    planned = run_config(cfg, {})
+    assert planned["data"]["train_limit"] == 13 and planned["trainer"]["validation"]["fraction"] == 0
+    assert validation_split(planned) is None
+    validate_cell(cfg)
+    with pytest.raises(ConfigError, match=r"trainer.select=best_val_clean: method=ft fine-tunes on the defender's"):
+        validate_cell(_cfg(tiny, "backdoor=badnets", "method=ft", "trainer.select=best_val_clean"))

@@ -205,4 +205,7 @@ def run_config(cfg: dict[str, Any], checkpoints: dict[str | None, str]) -> dict[
         n = split_count(Path(cfg["data"]["dir"]), "train", 0, 1, limit=cfg["data"].get("train_limit"))
         out["data"]["train_limit"] = max(1, math.ceil(float(fraction) * n))
         out["backdoor"] = {**(out.get("backdoor") or {"name": "none"}), "clean_train": True}
+        # the defender's clean subset is the official recipe's whole data: none of it is held out
+        # for validation (at 5% of digits a 2% split would be 1 image); docs/training_health.md
+        out["trainer"]["validation"] = {"fraction": 0, "max": 0}
     return out

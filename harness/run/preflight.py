@@ -45,6 +45,12 @@ def check_validation(cfg: dict[str, Any]) -> None:
     when a class could be emptied (a class no larger than the split, or data.train_limit set) and
     the data is local; otherwise the trainer checks before its first step."""
     tcfg = cfg.get("trainer") or {}
+    if (cfg.get("method") or {}).get("clean_subset") is not None:  # trains on its clean subset, all of it
+        if str(tcfg.get("select", "last") or "last") != "last":
+            raise ConfigError(f"trainer.select={tcfg['select']}: method={cfg['method'].get('name')} fine-tunes on "
+                              f"the defender's clean subset (method.clean_subset), which holds out no validation "
+                              f"split to select on. Fix: trainer.select=last")
+        return
     n_split = _split_size(cfg)
     try:
         check_validation_settings(tcfg)
