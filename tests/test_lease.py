@@ -83,3 +83,47 @@ def test_a_holder_presumed_dead_never_overwrites_its_successor(store) -> None:
     assert taker.holder()["token"] == taker.token  # ... but never over the taker's lease
     assert not slow._marker._thread.is_alive()
     taker.release()
+
+
+def test_a_retry_of_the_same_task_takes_its_dead_attempt_s_lease_at_once(store) -> None:
+    """Ray retries a node only after it saw the attempt die: the retry (same owner) takes the
+    lease without waiting out the expiry; any other taker still waits."""
+    dead = _lease(store, owner="session_a/task_1")
+    assert dead.acquire()
+    dead._marker._stop.set()  # SIGKILLed: the lease file stays, still fresh
+    stranger, other_session = _lease(store, owner="session_b/task_1"), _lease(store)
+    assert not stranger.acquire() and not other_session.acquire()
+    retry = _lease(store, owner="session_a/task_1")
+    assert retry.acquire() and retry.holder()["token"] == retry.token
+    dead.release()  # the dead attempt never deletes its retry's lease
+    assert retry.holder()["token"] == retry.token
+    retry.release()
+
+
+def test_a_ray_retry_of_a_killed_train_node_is_not_kept_waiting_by_its_own_lease(tmp_path: Path, ray_session) -> None:
+    """A train node's worker SIGKILLed while it holds its lease: Ray's retry of that task takes
+    the lease at once (the expiry here is an hour) and goes on."""
+    import os
+
+    from harness.run.nodes import _attempt_owner
+
+    ray = ray_session
+
+    results = str(tmp_path / "results")
+    marker = tmp_path / "attempts.txt"
+
+    @ray.remote(max_retries=1)
+    def node() -> tuple[bool, str | None]:
+        lease = Lease(open_store(results), "train-k", expire_s=3600.0, owner=_attempt_owner())
+        got = lease.acquire()
+        with open(marker, "a") as fh:
+            fh.write(f"{got}\n")
+        if sum(1 for _ in open(marker)) == 1:
+            os._exit(1)  # killed while holding the lease
+        lease.release()
+        return got, lease.owner
+
+    got, owner = ray.get(node.remote(), timeout=120)
+    assert marker.read_text().split() == ["True", "True"] and got
+    assert owner and owner.startswith("session_")
+    assert not Lease(open_store(results), "train-k").holder(), "the retry released its lease"

@@ -79,6 +79,18 @@ def _retry(err: BaseException, cfg: dict[str, Any]) -> bool:
     return isinstance(err, worker_death_exceptions()) and (cfg.get("resources") or {}).get("retry_worker_death", True)
 
 
+def _attempt_owner() -> str | None:
+    """Who runs this node, the same for each of Ray's retries of it: the Ray session and task id
+    (task ids repeat across separate clusters, sessions do not). None outside a Ray task."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None  # the driver itself (nodes run in this process): nobody's retry
+    context = ray.get_runtime_context()
+    task = context.get_task_id()
+    return f"{context.get_session_name()}/{task}" if task else None
+
+
 def _failed_inputs(inputs: tuple[NodeOutcome, ...]) -> str | None:
     bad = [o for o in inputs if isinstance(o, NodeOutcome) and o.status != "ok"]
     if not bad:
@@ -102,7 +114,7 @@ def run_train_node(node: Node, *inputs: NodeOutcome) -> TrainOutcome:
     upstream_error = _failed_inputs(inputs)
     if upstream_error:
         return TrainOutcome(node.id, "failed", upstream_error)
-    lease = Lease(open_store(cfg["results_dir"]), f"train-{cfg['train_key']}")
+    lease = Lease(open_store(cfg["results_dir"]), f"train-{cfg['train_key']}", owner=_attempt_owner())
     try:
         if not lease.acquire():
             holder = lease.holder() or {}
@@ -195,7 +207,7 @@ def run_eval_node(node: Node, *inputs: NodeOutcome) -> CellOutcome:
     under the cell's lease: a cell another driver is evaluating is `busy` (tried again later, when
     its committed result makes this node return at once)."""
     cfg, t0 = node.cfg, time.perf_counter()
-    with Lease(open_store(cfg["results_dir"]), f"eval-{cfg['key']}") as lease:
+    with Lease(open_store(cfg["results_dir"]), f"eval-{cfg['key']}", owner=_attempt_owner()) as lease:
         if not lease.acquire():
             return CellOutcome(cfg["key"], cfg.get("label", cfg["key"]), BUSY, None, "", time.perf_counter() - t0)
         if committed_status(cfg["results_dir"], cfg["key"]) == "ok":  # another driver committed it meanwhile

@@ -6,7 +6,11 @@ key must still be trained once. Before training, a train node takes the lease
 seconds by a daemon thread (harness/store/heartbeat.py) and deleted when the training ends. Another
 node that finds a fresh lease does not train: the driver hands it back and tries again later,
 and when the lease is free it finds the model trained (or resumes it from its last epoch). A
-holder that dies stops beating; after `expire_s` its lease may be taken over.
+holder that dies stops beating; after `expire_s` its lease may be taken over. One holder is known
+dead at once: when Ray retries a node (its worker or machine died), the retry carries the same
+`owner` (the Ray session and task id, harness/run/nodes.py) and takes its own dead attempt's lease
+without waiting out the expiry; a Ray retry starts only after Ray saw the attempt die, so the
+retry of an interrupted training resumes at once instead of queueing behind a wave of newer nodes.
 
 Taking a lease: on a local (or mounted) store, create-if-absent (O_EXCL) is atomic, and a stale
 lease is first renamed aside (only one taker's rename can succeed). Object stores (S3, GCS) have
@@ -35,8 +39,10 @@ SETTLE_S = 1.0
 
 class Lease:
     def __init__(self, store: Store, name: str, every: float = BEAT_S, expire_s: float = EXPIRE_S,
-                 settle_s: float = SETTLE_S) -> None:
-        self.store, self.rel = store, f"{LEASES}/{name}.json"
+                 settle_s: float = SETTLE_S, owner: str | None = None) -> None:
+        """`owner`: who takes the lease, the same for every attempt of one task (None: nobody's
+        retry, the lease is taken only when free or expired)."""
+        self.store, self.rel, self.owner = store, f"{LEASES}/{name}.json", owner
         self.expire_s, self.settle_s = expire_s, settle_s
         self.token = uuid.uuid4().hex
         self._marker = HeartbeatMarker(store, self.rel, self._info, ("token", self.token), every, f"lease-{name}",
@@ -44,7 +50,7 @@ class Lease:
         self.held = False
 
     def _info(self) -> dict[str, Any]:
-        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid()}
+        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "owner": self.owner}
 
     def holder(self) -> dict[str, Any] | None:
         """The current lease's content while it is fresh (None: free or expired)."""
@@ -52,6 +58,11 @@ class Lease:
         if info is None or time.time() - float(info.get("heartbeat", 0)) >= self.expire_s:
             return None
         return info
+
+    def _from_a_dead_attempt(self, info: dict[str, Any] | None) -> bool:
+        """The lease is held by an earlier attempt of this very task (which Ray saw die)."""
+        return (self.owner is not None and info is not None and info.get("owner") == self.owner
+                and info.get("token") != self.token)
 
     def acquire(self) -> bool:
         """Take the lease unless another holder keeps it fresh; True when it is ours (then beating)."""
@@ -75,7 +86,9 @@ class Lease:
     def _take_local(self) -> bool:
         path = self.store.path(self.rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if self._marker.read() is not None and self.holder() is None:  # stale: set it aside, once
+        current = self._marker.read()
+        if current is not None and (self.holder() is None or self._from_a_dead_attempt(current)):
+            # stale, or our own dead attempt's: set it aside, once
             aside = self.store.path(LEASES, f".expired-{uuid.uuid4().hex}.json")
             try:
                 os.rename(path, aside)
@@ -91,7 +104,8 @@ class Lease:
         return True
 
     def _take_remote(self) -> bool:
-        if self.holder() is not None:
+        current = self.holder()
+        if current is not None and not self._from_a_dead_attempt(current):
             return False
         self._marker.beat()
         time.sleep(self.settle_s)
