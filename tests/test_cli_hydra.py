@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from harness.core.config import ConfigError
 from harness.cli import config_groups_help, main
 from harness.run.grid import expand_grid
 from harness.run.sweep import expand_sweep, split_sweeps
@@ -32,7 +33,7 @@ def test_cfg_job_prints_the_resolved_cell(capsys: pytest.CaptureFixture[str], tm
 
 def test_sweep_expands_like_grid_axes(tmp_path) -> None:
     plain, sweeps = split_sweeps(["method=erm,pgd_at", "seed=0,1,2", "attack=[fgsm,pgd]"])
-    assert plain == ["attack=[fgsm,pgd]"] and [len(s) for s in sweeps] == [2, 3]
+    assert plain == ["attack=[fgsm,pgd]"] and [len(s.texts) for s in sweeps] == [2, 3]
     common = [f"results_dir={tmp_path}", "data=digits", "trainer=demo", "attack=[fgsm,pgd]"]
     swept = expand_sweep(["arch=test_resnet,test_vit", "method=erm,pgd_at,trades", "seed=0", *common])
     grid = expand_grid(["grid=demo", f"results_dir={tmp_path}"])
@@ -40,6 +41,55 @@ def test_sweep_expands_like_grid_axes(tmp_path) -> None:
     assert sorted(c["key"] for c in swept) == sorted(c["key"] for c in grid)
     # a sweep on top of a grid multiplies its axes
     assert len(expand_sweep(["grid=demo", "seed=0,1", f"results_dir={tmp_path}"])) == 12
+
+
+def test_a_sweep_composes_once_per_config_choice_and_its_cells_equal_one_compose_each(tmp_path, monkeypatch) -> None:
+    """Value sweeps (seed, a trainer number, a method setting, a null) are set on one composed
+    config per combination of the group sweeps: every cell equals composing it alone (issue 29)."""
+    from harness.core.config import compose_config, finalize
+    from harness.run import sweep as sweep_module
+    from harness.run.expand import last_wins
+
+    overrides = ["method=erm,trades", "seed=0,1,2", "trainer.optimizer.lr=0.05,0.1", "eval.limit=null,64",
+                 f"results_dir={tmp_path}", "trainer=tiny", "attack=[fgsm]"]
+    calls: list[list[str]] = []
+    real = sweep_module.compose_config
+    monkeypatch.setattr(sweep_module, "compose_config", lambda o: calls.append(o) or real(o))
+    cells = expand_sweep(overrides)
+    assert len(cells) == 2 * 3 * 2 * 2 and len(calls) == 2, "one composition per method"
+    plain, sweeps = split_sweeps(overrides)
+    by_key = {c["key"]: c for c in cells}
+    import itertools
+
+    for combo in itertools.product(*(s.texts for s in sweeps)):
+        alone = finalize(compose_config(last_wins(plain + list(combo))))
+        assert by_key[alone["key"]] == alone
+    # a method setting swept over one method: set too, and refused with compose's words when mistyped
+    betas = expand_sweep(["method=trades", "method.beta=1.0,6.0", f"results_dir={tmp_path}"])
+    assert sorted(c["method"]["beta"] for c in betas) == [1.0, 6.0]
+    with pytest.raises(ConfigError, match="seed must be a number"):
+        expand_sweep(["seed=0,abc", f"results_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="method.beta must be"):
+        expand_sweep(["method=trades", "method.beta=1.0,abc", f"results_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="trainer.nosuch"):
+        expand_sweep(["trainer.nosuch=1,2", f"results_dir={tmp_path}"])
+
+
+def test_too_many_combinations_are_refused_before_composing(tmp_path, monkeypatch) -> None:
+    from harness.run import expand as expand_module
+    from harness.run import sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "compose_config", lambda o: pytest.fail("composed before the count"))
+    with pytest.raises(ConfigError, match=r"200,000 combinations, more than grid.max_cells=100,000"):
+        expand_sweep(["seed=range(0,200000)", f"results_dir={tmp_path}"])
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"grid 'demo' has 6 combinations, more than grid.max_cells=5"):
+        expand_grid(["grid=demo", "grid.max_cells=5", f"results_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"12 combinations, more than grid.max_cells=10"):
+        expand_sweep(["grid=demo", "grid.max_cells=10", "seed=0,1", f"results_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="grid.max_cells must be a whole number"):
+        expand_grid(["grid=demo", "grid.max_cells=0", f"results_dir={tmp_path}"])
+    assert expand_module.MAX_CELLS == 100_000
 
 
 def test_sweep_without_m_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path) -> None:

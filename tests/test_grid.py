@@ -80,7 +80,7 @@ def test_value_axes_give_the_cells_a_compose_per_cell_would(tiny) -> None:
     """Seeds (plain values) are set on one composition per method; the cells are exactly those a
     full Hydra composition of every combination gives (keys, labels, configs)."""
     from harness.core.config import compose_config, finalize
-    from harness.run import grid as grid_module
+    from harness.run import expand as grid_module
 
     overrides = ["grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[erm,trades]",
                  "grid.axes.seed=[0,1,2]"] + tiny
@@ -96,5 +96,5 @@ def test_value_axes_give_the_cells_a_compose_per_cell_would(tiny) -> None:
     for cfg in cells:
         axis = ["arch=test_resnet", f"method={cfg['method']['name']}", f"seed={cfg['seed']}"]
         user = [o for o in overrides if not o.startswith("grid=")]
-        full = finalize(compose_config(grid_module._last_wins(fixed + axis + user + ["grid=demo"])))
+        full = finalize(compose_config(grid_module.last_wins(fixed + axis + user + ["grid=demo"])))
         assert full["key"] == cfg["key"] and full == cfg

@@ -36,7 +36,7 @@ from harness.core.plugin_config import (PLUGIN_GROUPS, accepted_keys, config_opt
                                         recipe_methods, register_plugin_configs, setting_types, type_problem)
 from harness.core.locations import child, is_uri, normalize_location
 
-__all__ = ["ConfigError", "compose_config", "config_options", "finalize", "cell_key", "train_key",
+__all__ = ["ConfigError", "check_values_set", "compose_config", "config_options", "finalize", "cell_key", "train_key",
            "training_setup", "trains_on_poison", "PLUGIN_GROUPS"]
 
 # Keys that say where/how a cell runs, not what it computes: left out of the cell key.
@@ -82,6 +82,20 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     _check_plugin_settings(container)
     _check_value_types(container, parsed)
     return container
+
+
+def check_values_set(cfg: dict[str, Any], overrides: list[str]) -> None:
+    """compose_config's checks of values, for a config composed once and then given other values
+    of keys Hydra already accepted (harness/run/expand.py): each plugin group's settings and each
+    overridden value's kind, named as compose_config names them."""
+    _check_plugin_settings(cfg)
+    _check_value_types(cfg, _parse_once(tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_once(overrides: tuple[str, ...]) -> list[Override]:
+    """_parse, cached: a sweep checks every value combination against one list of overrides."""
+    return _parse(list(overrides))
 
 
 def _eval_overrides(overrides: list[str]) -> list[str]:

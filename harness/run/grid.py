@@ -16,14 +16,8 @@ Locally Ray runs embedded (no setup); `ray.address=auto` (or an address) joins a
 """
 from __future__ import annotations
 
-import copy
-import functools
-import itertools
-import json
 import os
-import re
 import time
-from importlib import resources
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +26,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.attacks.base import build_attack
 from harness.backdoor.base import build_poison
-from harness.core.config import ConfigError, compose_config, finalize
+
 from harness.core.validate import validate_numbers
-from harness.run.labels import distinguish_labels, first_line
+from harness.run.expand import expand_grid  # noqa: F401 -- re-exported: grids are expanded here
+from harness.run.labels import first_line
 from harness.run.ray_connect import check_ray_address
 from harness.run.single_driver import single_driver
 from harness.run.preflight import (check_arch, check_folder_writable, check_results_writable, check_validation,
@@ -67,91 +62,6 @@ class GridReport:
     @property
     def failed(self) -> list[CellOutcome]:
         return [o for o in self.outcomes if o.status != "ok"]
-
-
-def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
-    """All cells of the grid the overrides select (`grid=<name>`), as finalized configs."""
-    base = compose_config(overrides)
-    grid = base.get("grid")
-    if not grid:
-        raise ConfigError("no grid selected: pass grid=<name> (see configs/grid/)")
-    axes: dict[str, list[Any]] = grid.get("axes") or {}
-    if not axes or not all(axes.values()):
-        raise ConfigError(f"grid '{grid.get('name')}' has no axes or an empty one: give each axis values, "
-                          f"e.g. grid.axes.model=[timm:resnet18] for grid=eval")
-    fixed = list(grid.get("overrides") or [])
-    user = [o for o in overrides if not o.startswith("grid=")]
-    user_keys = {o.split("=", 1)[0].lstrip("+~") for o in user}
-    # Hydra composes once per combination of the axes that pick config files (method, arch, ...);
-    # plain values (seed, trainer.epochs, ...) that no ${...} interpolation reads are set on the
-    # composed config: 10,000 cells over 10 seeds compose 1,000 times, not 10,000.
-    value_axes = [n for n in axes if _plain_value_axis(n) and n not in user_keys]
-    group_axes = [n for n in axes if n not in value_axes]
-    cells: dict[str, dict[str, Any]] = {}
-    for group_values in itertools.product(*(axes[n] for n in group_axes)):
-        axis_overrides = [f"{n}={_override_value(v)}" for n, v in zip(group_axes, group_values)]
-        # grid's fixed settings first, then the axis values, then the user's own overrides
-        composed = compose_config(_last_wins(fixed + axis_overrides + user + [f"grid={grid['name']}"]))
-        for values in itertools.product(*(axes[n] for n in value_axes)):
-            cfg = json.loads(json.dumps(composed))
-            for name, value in zip(value_axes, values):
-                _set(cfg, name, value)
-            cfg = finalize(cfg)
-            cells.setdefault(cfg["key"], cfg)
-    return distinguish_labels(list(cells.values()))  # cells differing only in e.g. lr get distinct labels
-
-
-@functools.lru_cache(maxsize=1)
-def _interpolated_keys() -> frozenset[str]:
-    """Keys some config reads through `${...}` (their value must go through Hydra)."""
-    folder = resources.files("configs")
-    found: set[str] = set()
-    for path in _yaml_files(folder):
-        found |= set(re.findall(r"\$\{([A-Za-z0-9_.]+)\}", path.read_text()))
-    return frozenset(found)
-
-
-def _yaml_files(folder: Any) -> list[Any]:
-    out = []
-    for entry in folder.iterdir():
-        if entry.is_dir():
-            out += _yaml_files(entry)
-        elif entry.name.endswith(".yaml"):
-            out.append(entry)
-    return out
-
-
-def _plain_value_axis(name: str) -> bool:
-    """An axis that sets one value (not a config group, not read by an interpolation)."""
-    if name.startswith(("+", "~")) or (resources.files("configs") / name.split(".")[0]).is_dir():
-        return False
-    return not any(k == name or k.startswith(name + ".") or name.startswith(k + ".") for k in _interpolated_keys())
-
-
-def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set an existing key (Hydra's `key=value`); a key the config lacks is Hydra's error."""
-    *parents, leaf = dotted.split(".")
-    node = cfg
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or leaf not in node:
-        raise ConfigError(f"grid axis '{dotted}': no such key in the config. Fix: name an existing key, or "
-                          f"'+{dotted}' to add one")
-    node[leaf] = copy.deepcopy(value)
-
-
-def _last_wins(overrides: list[str]) -> list[str]:
-    """Drop earlier overrides of the same key (Hydra rejects two values for one group)."""
-    by_key = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
-    return list(by_key.values())
-
-
-def _override_value(value: Any) -> str:
-    if isinstance(value, dict):  # a model axis entry {id, checkpoint, ...} (harness.core.config.model_overrides)
-        return json.dumps(value, sort_keys=True)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return str(value)
 
 
 def validate_cell(cfg: dict[str, Any]) -> None:
