@@ -167,10 +167,12 @@ def conform(table: pa.Table) -> pa.Table | str:
     """The table cast to RESULT_SCHEMA (absent columns null), or why it is not a result file."""
     if "key" not in table.column_names or "status" not in table.column_names:
         return "has no key/status columns: not a result file"
-    for name in (n for n in COLUMNS if n not in table.column_names):
-        table = table.append_column(RESULT_SCHEMA.field(name), pa.nulls(table.num_rows, RESULT_SCHEMA.field(name).type))
+    have = set(table.column_names)  # the table is built once: appending a column at a time rebuilt it per column
+    fields = [table.schema.field(name) if name in have else RESULT_SCHEMA.field(name) for name in COLUMNS]
+    columns = [table.column(name) if name in have else pa.nulls(table.num_rows, RESULT_SCHEMA.field(name).type)
+               for name in COLUMNS]
     try:
-        return table.select(COLUMNS).cast(RESULT_SCHEMA)
+        return pa.Table.from_arrays(columns, schema=pa.schema(fields)).cast(RESULT_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
         return f"does not fit the result schema ({err})"
 
