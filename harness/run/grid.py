@@ -50,6 +50,7 @@ from methods.base import build_method
 
 console = Console(stderr=True)
 BUSY_RETRY_S = 10.0  # a train node whose key another driver holds is submitted again after this
+STATUS_S = 2.0  # the progress line's running/queued counts are read from the store this often
 
 
 @dataclass
@@ -146,6 +147,9 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
     window = Window(plan, lambda node, inputs: remote.options(**node_options(node), name=node.id).remote(node, *inputs),
                     node_options)
     cells = {node.id: node.cfg for node in plan if node.kind == "eval"}
+    open_keys = {cfg["key"] for cfg in cells.values()}  # cells not finished: submitted or not yet
+    stores = {cfg["results_dir"] for cfg in cells.values()}
+    status_due = 0.0
     nodes_by_ref: dict[Any, Node] = {}
     outcomes: list[CellOutcome] = []
     columns = (TextColumn("[bold]grid"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
@@ -153,8 +157,11 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("grid", total=len(cells), status="")
         waiting: list[Any] = []
+        totals, totals_due = {}, 0.0
         while not window.exhausted:
-            for ref, node in window.fill(ray.cluster_resources()):  # runnable nodes, a bounded window of them
+            if time.monotonic() >= totals_due:  # a GCS call: once a second, not once per finished node
+                totals, totals_due = ray.cluster_resources(), time.monotonic() + 1.0
+            for ref, node in window.fill(totals):  # runnable nodes, a bounded window of them
                 nodes_by_ref[ref] = node
                 waiting.append(ref)
             if not waiting:
@@ -162,8 +169,12 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
                     time.sleep(1.0)
                     continue
                 raise RuntimeError(f"plan nodes wait on inputs that never run: {[n.id for n in window.unsubmitted][:5]}")
-            # everything finished within the timeout, in one call: O(nodes) per round, not per node
-            done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=2.0)
+            # back as soon as one node finishes (its slot is refilled now, not at the end of a fixed
+            # wait), with every other finished one; `waiting` is at most the window, so a round is small
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=2.0)
+            if done and waiting:
+                more, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+                done += more
             for ref in done:
                 node = nodes_by_ref.pop(ref)
                 outcome = _get_outcome(ray, ref, node)
@@ -176,11 +187,14 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
                         progress.console.print(f"[red]FAILED[/] {node.label}{first_line(outcome.error)}", highlight=False)
                     continue
                 outcomes.append(outcome)
+                open_keys.discard(node.cfg["key"])
                 progress.update(bar, advance=1)
                 mark = "[green]ok[/]" if outcome.status == "ok" else "[red]FAILED[/]"
                 progress.console.print(f"{mark} {outcome.label} ({outcome.key}) {outcome.seconds:.1f}s"
                                        f"{first_line(outcome.error)}", highlight=False)
-            progress.update(bar, status=_live_status(cells, window, outcomes))
+            if time.monotonic() >= status_due:  # a store listing: every STATUS_S, not every round
+                progress.update(bar, status=_live_status(stores, open_keys, outcomes))
+                status_due = time.monotonic() + STATUS_S
     return outcomes
 
 
@@ -198,13 +212,12 @@ def _get_outcome(ray: Any, ref: Any, node: Node) -> CellOutcome | NodeOutcome:
         return CellOutcome(cfg["key"], cfg["label"], status, None if status == "ok" else error, str(path), 0.0)
 
 
-def _live_status(cells: dict[str, dict[str, Any]], window: Window, outcomes: list[CellOutcome]) -> str:
+def _live_status(stores: set[str], open_keys: set[str], outcomes: list[CellOutcome]) -> str:
     """'running R, queued Q, failed F': R from fresh heartbeats in the results store(s); Q every
     other cell not finished (submitted and waiting, or not yet submitted)."""
-    open_ids = window.in_flight | {n.id for n in window.unsubmitted}
-    keys = {cfg["key"] for node_id, cfg in cells.items() if node_id in open_ids}
-    running = set().union(*(running_cells(d) for d in {cfg["results_dir"] for cfg in cells.values()})) & keys
-    return f"running {len(running)}, queued {len(keys) - len(running)}, failed {sum(o.status != 'ok' for o in outcomes)}"
+    running = set().union(*(running_cells(d) for d in stores)) & open_keys
+    return (f"running {len(running)}, queued {len(open_keys) - len(running)}, "
+            f"failed {sum(o.status != 'ok' for o in outcomes)}")
 
 
 def _node_task(node: Node, *inputs: Any) -> Any:

@@ -13,6 +13,7 @@ every training, only not all of them at once.
 """
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from typing import Any, Callable, Iterable
@@ -21,6 +22,7 @@ from harness.run.plan import Node, Plan
 
 QUEUE_SLACK = 2  # runnable nodes queued beyond twice the cluster's capacity
 SIZING_SAMPLE = 64  # the runnable nodes whose requests size the window
+RESIZE_S = 1.0  # the window is re-sized from the cluster's totals at most this often
 
 
 def capacity(totals: dict[str, float], requests: Iterable[dict[str, Any]]) -> int:
@@ -38,40 +40,74 @@ class Window:
     """Submits the plan's nodes in topological order, runnable ones only, `window` at a time.
 
     `submit(node, input_refs) -> ref` starts one node (a Ray task); `finished(node_id)` tells the
-    window a node's task ended (ok or not), which makes room and may make others runnable."""
+    window a node's task ended (ok or not), which makes room and may make others runnable.
+    Every step is incremental (a heap of runnable nodes in plan order, a count of each node's
+    unfinished inputs), so a round costs what it submits, not the plan's size: a 10,000-cell grid's
+    driver fills its window once per finished node without rescanning 20,000 nodes each time."""
 
     def __init__(self, plan: Plan, submit: Callable[[Node, list[Any]], Any],
                  options: Callable[[Node], dict[str, Any]]) -> None:
         self.plan, self._submit, self._options = plan, submit, options
-        self.unsubmitted: list[Node] = list(plan)
+        self.order = {n.id: i for i, n in enumerate(plan)}
         self.refs: dict[str, Any] = {}
         self.done: set[str] = set()
         self.in_flight: set[str] = set()
         self.not_before: dict[str, float] = {}  # node id -> monotonic time it may be submitted again
+        self._waiting_on: dict[str, int] = {}  # node id -> its inputs not finished yet
+        self._dependents: dict[str, list[str]] = {}
+        self._ready: list[tuple[int, str]] = []  # (plan order, node id): runnable, not submitted
+        self._later: list[tuple[float, int, str]] = []  # (not before, plan order, node id): handed back
+        self._unsubmitted = len(plan)
+        self._window: tuple[float, int] | None = None  # (when sized, size)
+        self._totals: dict[str, float] = {}
+        for node in plan:
+            self._waiting_on[node.id] = len(node.inputs)
+            for i in node.inputs:
+                self._dependents.setdefault(i, []).append(node.id)
+            if not node.inputs:
+                self._ready.append((self.order[node.id], node.id))
+        heapq.heapify(self._ready)
+
+    def _size(self, totals: dict[str, float], now: float) -> int:
+        """Twice what the cluster runs at once, plus QUEUE_SLACK; re-sized when the cluster's totals
+        change, else at most every RESIZE_S (the runnable nodes' requests are read then, a bounded
+        sample of them)."""
+        if self._window is None or totals != self._totals or now - self._window[0] >= RESIZE_S:
+            self._totals = dict(totals)
+            sample = [self.plan.nodes[node_id] for _, node_id in self._ready[:SIZING_SAMPLE]]
+            if not sample:
+                sample = [n for n in self.unsubmitted[:SIZING_SAMPLE]]
+            self._window = (now, 2 * capacity(totals, (self._options(n) for n in sample)) + QUEUE_SLACK)
+        return self._window[1]
 
     def fill(self, totals: dict[str, float]) -> list[tuple[Any, Node]]:
         """Submit runnable nodes while fewer than the window are unfinished; (ref, node) of each."""
         now = time.monotonic()
-        runnable = [n for n in self.unsubmitted if all(i in self.done for i in n.inputs)
-                    and self.not_before.get(n.id, 0.0) <= now]
-        sample = (runnable or self.unsubmitted)[:SIZING_SAMPLE]  # requests read per round: bounded at scale
-        window = 2 * capacity(totals, (self._options(n) for n in sample)) + QUEUE_SLACK
+        while self._later and self._later[0][0] <= now:
+            _, rank, node_id = heapq.heappop(self._later)
+            self.not_before.pop(node_id, None)
+            heapq.heappush(self._ready, (rank, node_id))
+        window = self._size(totals, now)
         started = []
-        for node in runnable:
-            if len(self.in_flight) >= window:
-                break
-            self.not_before.pop(node.id, None)
+        while self._ready and len(self.in_flight) < window:
+            _, node_id = heapq.heappop(self._ready)
+            node = self.plan.nodes[node_id]
             ref = self._submit(node, [self.refs[i] for i in node.inputs])
             self.refs[node.id] = ref
             self.in_flight.add(node.id)
+            self._unsubmitted -= 1
             started.append((ref, node))
-        submitted = {node.id for _, node in started}
-        self.unsubmitted = [n for n in self.unsubmitted if n.id not in submitted]
         return started
 
     def finished(self, node_id: str) -> None:
         self.in_flight.discard(node_id)
+        if node_id in self.done:
+            return
         self.done.add(node_id)
+        for dependent in self._dependents.get(node_id, ()):
+            self._waiting_on[dependent] -= 1
+            if self._waiting_on[dependent] == 0:
+                heapq.heappush(self._ready, (self.order[dependent], dependent))
 
     def again_later(self, node: Node, delay_s: float) -> None:
         """The node could not run now (another driver holds its train key's lease): it leaves the
@@ -79,9 +115,15 @@ class Window:
         self.in_flight.discard(node.id)
         self.refs.pop(node.id, None)
         self.not_before[node.id] = time.monotonic() + delay_s
-        order = {n.id: i for i, n in enumerate(self.plan)}
-        self.unsubmitted = sorted([*self.unsubmitted, node], key=lambda n: order[n.id])
+        self._unsubmitted += 1
+        heapq.heappush(self._later, (self.not_before[node.id], self.order[node.id], node.id))
+
+    @property
+    def unsubmitted(self) -> list[Node]:
+        """Nodes not submitted (runnable, handed back, or waiting on inputs), in plan order; O(plan):
+        for messages and tests, not for every round."""
+        return [n for n in self.plan if n.id not in self.in_flight and n.id not in self.done]
 
     @property
     def exhausted(self) -> bool:
-        return not self.unsubmitted and not self.in_flight
+        return not self._unsubmitted and not self.in_flight
