@@ -72,6 +72,25 @@ def one_driver(cells: int, address: str, data_root: str, results: str) -> dict:
             "rss_growth_kib_per_cell": (peak - rss_before) / cells, "nodes_per_s": nodes / wall}
 
 
+def window_alone(cells: int) -> float:
+    """Microseconds of the driver's window (harness/run/submit.py) per node, on a plan of `cells`
+    train + eval nodes drained one finished node per round, as a grid of short nodes drains it."""
+    from harness.run.plan import Node, Plan
+    from harness.run.submit import Window
+
+    plan = Plan()
+    for i in range(cells):
+        plan.add(Node(f"train/{i}", "train", f"t{i}"))
+        plan.add(Node(f"eval/{i}", "eval", f"e{i}", inputs=(f"train/{i}",)))
+    window = Window(plan, lambda node, inputs: node.id, lambda node: {"num_cpus": 1})
+    totals, in_flight = {"CPU": 64.0}, []
+    t0 = time.perf_counter()
+    while not window.exhausted:
+        in_flight += [ref for ref, _ in window.fill(totals)]
+        window.finished(in_flight.pop(0))
+    return 1e6 * (time.perf_counter() - t0) / len(plan)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, nargs="+", default=[200, 1000])
@@ -84,6 +103,9 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(one_driver(args.one, args.address, args.data_root, args.results)), flush=True)
         return
+
+    for n in (1_000, 10_000, 50_000):
+        print(f"window alone: {n:6d} cells, {window_alone(n):5.1f} us per node (one finished node per round)")
 
     from ray.cluster_utils import Cluster
 

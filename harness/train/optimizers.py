@@ -10,6 +10,7 @@ from harness.core.errors import did_you_mean
 from harness.data.validation import check_validation_settings
 from harness.train.best_epoch import select_rule
 from harness.train.compile import compile_backend
+from harness.train.ema import ema_settings
 from harness.train.health import Thresholds
 from harness.train.probes import probe_budget, probe_every
 from harness.train.schedule import check_schedule
@@ -51,3 +52,4 @@ def check_trainer_config(tcfg: dict[str, Any]) -> None:
     probe_budget(tcfg)
     select_rule(tcfg)
     Thresholds.from_config(tcfg)
+    ema_settings(tcfg)

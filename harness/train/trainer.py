@@ -53,6 +53,7 @@ from harness.train.batches import epoch_steps, even_batches, reduce_epoch, repli
 from harness.train.checkpointing import (atomic_write_text, load_checkpoint, load_optimizer_state, load_weights,
                                          save_checkpoint)
 from harness.train.device import rank_setup
+from harness.train.ema import WeightAverage, ema_settings
 from harness.train.ranks import run_ranks
 from harness.train.optimizers import build_optimizer, check_trainer_config
 from harness.train.health import TRAIN_ROBUST
@@ -95,6 +96,7 @@ class TrainSummary:
     validation: dict[str, Any] | None = None  # the held-out split: n, n_split, fraction, max, sha256 (None: off)
     selection: dict[str, Any] | None = None  # trainer.select: rule, epoch, metric, value, reason
     probe_seconds: float = 0.0  # validation probes, inside train_seconds (not in images/s)
+    ema: dict[str, Any] | None = None  # trainer.ema: the delivered weights are the average (harness/train/ema.py)
 
 
 def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
@@ -178,6 +180,11 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         load_weights(tcfg["init_from"], module, device)
         if tcfg.get("init_optimizer"):  # ... and continues its optimiser (momentum buffers), as a
             load_optimizer_state(tcfg["init_from"], optimizer, device)  # script keeping one SGD across stages
+    averaging = ema_settings(tcfg)  # the weight average starts from the weights training starts from
+    ema = WeightAverage(module, averaging, device) if averaging is not None else None
+    if ema is not None and state.get("ema"):
+        ema.load_state_dict(state["ema"])
+    delivered = ema.module if ema is not None else module  # what is probed, selected and evaluated
     # the part of the split the method trains on (None: all; ABL: its isolated 1%), decided again on resume,
     # never the validation split (TrainSamples does not show it either)
     select = method.select_train_samples(TrainSamples(cfg, device, rank, world_size))
@@ -213,7 +220,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         """The trainer's running state a checkpoint keeps beside the weights and optimisers."""
         return {"curve": curve, "train_seconds": train_seconds, "samples_per_epoch": samples_per_epoch,
                 "probe_robust_n": None if probe is None else probe.robust_n,
-                "probe_trained_robust_n": None if probe is None else probe.trained_robust_n}
+                "probe_trained_robust_n": None if probe is None else probe.trained_robust_n,
+                "ema": None if ema is None else ema.state_dict()}
     step_flops_per_image: float | None = None
     warmup = (0.0, 0)  # (seconds, samples) of this run's first step, left out of images/s
     reset_peak_memory(device)
@@ -279,6 +287,8 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                     raise RuntimeError(f"torch.compile (backend {backend}) failed on the first training step: "
                                        f"{type(err).__name__}: {err}; {COMPILE_FIX}") from err
                 raise
+            if ema is not None:
+                ema.update(module, ctx.step + 1)
             seen += y.shape[0]
             for name, value in logs.items():
                 sums[name] = sums.get(name, 0) + value.detach().float() * y.shape[0]
@@ -297,12 +307,12 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         samples_per_epoch.append(int(epoch_stats["samples"]))
         entry = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_seconds, **epoch_stats}
         if probe is not None and probe.due(epoch, epochs):  # on every rank: they split the batches
-            entry.update(probe.run(attack_target, module, epoch))
+            entry.update(probe.run(method.eval_model(delivered), delivered, epoch))
             train_seconds += entry["probe_seconds"]
         curve.append(entry)
         if rank == 0:
             if improved(curve, rule):  # before the epoch's checkpoint: a resume always finds the best so far
-                save_best(work_dir, epoch, module)
+                save_best(work_dir, epoch, delivered)
                 checkpoint_sync.record_best(cfg, work_dir)
             save_checkpoint(work_dir / CHECKPOINT, epoch, module, optimizer, extras, method, running())
             checkpoint_sync.record_epoch(cfg, work_dir, epoch)  # pushed to the store for a URI results_dir
@@ -310,7 +320,9 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     bar.close()
 
     chosen = selection(curve, rule, epochs)
-    if restore_selected(work_dir, module, chosen, rank, device) and rank == 0:  # the selected weights are the model
+    if ema is not None:  # the average is the model (the selected epoch's, when one is selected below)
+        module.load_state_dict(ema.module.state_dict())
+    if (restore_selected(work_dir, module, chosen, rank, device) or ema is not None) and rank == 0:
         save_checkpoint(work_dir / CHECKPOINT, epochs - 1, module, optimizer, extras, method, running())
         checkpoint_sync.record_epoch(cfg, work_dir, epochs - 1)
     probe_seconds = sum(float(c.get("probe_seconds", 0.0)) for c in curve)
@@ -325,6 +337,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         train_flops=step_flops_per_image * total_samples if step_flops_per_image is not None else None,
         peak_memory_bytes=peak_memory_bytes(device), compile=backend, num_classes=int(manifest["num_classes"]),
         validation=held.describe() if held is not None else None, selection=chosen, probe_seconds=probe_seconds,
+        ema=None if ema is None else ema.describe(),
     )
 
 
