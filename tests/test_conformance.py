@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from conformance_checks import modules  # noqa: E402
 
+TRAINER_OPTIONS = ("ema",)  # checked trainer features every method can use (trainer.ema: harness/train/ema.py)
+
 
 def doc_rows() -> dict[str, str]:
     """plugin name -> its row in the "Methods and poisons" table."""
@@ -40,7 +42,8 @@ def test_every_checked_plugin_is_registered_and_has_a_row() -> None:
     for module in modules():
         assert "/" in module.REPOSITORY
         for name in module.CHECKS:
-            assert name in METHODS.names() or name in POISONS.names() or name in ANALYSES.names(), name
+            assert name in METHODS.names() or name in POISONS.names() or name in ANALYSES.names() \
+                or name in TRAINER_OPTIONS, name
             assert name in rows, f"docs/conformance.md has no row for {name}"
 
 

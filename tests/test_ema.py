@@ -18,20 +18,21 @@ from helpers import killed_run, method_cell
 
 
 def test_the_decay_schedule_is_the_dm_at_papers_one() -> None:
-    dynamic = EmaSettings(0.995, warmup_steps=0, dynamic=True)
-    assert [round(ema_decay(dynamic, s), 6) for s in (1, 2, 10, 100)] == [round(2 / 11, 6), round(3 / 12, 6),
-                                                                          round(11 / 20, 6), round(101 / 110, 6)]
-    assert ema_decay(dynamic, 10_000) == 0.995  # capped at trainer.ema
-    warm = EmaSettings(0.9, warmup_steps=5, dynamic=True)
-    assert ema_decay(warm, 4) == 0.0 and ema_decay(warm, 5) == pytest.approx(1 / 10)
-    assert ema_decay(EmaSettings(0.9, 0, False), 1) == 0.9
+    dynamic = EmaSettings(0.995, warmup=0.0, dynamic=True)
+    assert [round(ema_decay(dynamic, s, 1000), 6) for s in (1, 2, 10, 100)] == [
+        round(2 / 11, 6), round(3 / 12, 6), round(11 / 20, 6), round(101 / 110, 6)]
+    assert ema_decay(dynamic, 10_000, 20_000) == 0.995  # capped at trainer.ema
+    warm = EmaSettings(0.9, warmup=0.025, dynamic=True)  # 2.5% of 200 steps: 5
+    assert ema_decay(warm, 4, 200) == 0.0 and ema_decay(warm, 5, 200) == pytest.approx(1 / 10)
+    assert ema_decay(warm, 5, 180) == pytest.approx(1.5 / 10.5)  # a fractional warm-up (4.5 steps), as theirs
+    assert ema_decay(EmaSettings(0.9, 0.0, False), 1, 10) == 0.9
 
 
 def test_the_average_is_the_formula_and_batchnorm_statistics_are_the_model_s() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    settings = EmaSettings(0.9, warmup_steps=1, dynamic=True)
-    average = WeightAverage(model, settings, torch.device("cpu"))
+    settings = EmaSettings(0.9, warmup=0.2, dynamic=True)  # 1 of 5 steps
+    average = WeightAverage(model, settings, 5, torch.device("cpu"))
     expected = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(1, 6):
@@ -40,19 +41,19 @@ def test_the_average_is_the_formula_and_batchnorm_statistics_are_the_model_s() -
         model(torch.randn(8, 3)).pow(2).mean().backward()
         optimizer.step()
         average.update(model, step)
-        decay = ema_decay(settings, step)
+        decay = ema_decay(settings, step, 5)
         expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters())]
     for got, want in zip(average.module.parameters(), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert torch.equal(average.module[1].running_mean, model[1].running_mean)
     assert not torch.equal(next(average.module.parameters()), next(model.parameters()))
-    assert average.describe() == {"decay": 0.9, "warmup_steps": 1, "dynamic": True, "updates": 5}
+    assert average.describe() == {"decay": 0.9, "warmup": 0.2, "warmup_steps": 1.0, "dynamic": True, "updates": 5}
 
 
 @pytest.mark.parametrize("settings, message", [
     ({"ema": 1.5}, "trainer.ema is the average's decay"),
     ({"ema": "yes"}, "trainer.ema is the average's decay"),
-    ({"ema": 0.99, "ema_warmup_steps": -1}, "trainer.ema_warmup_steps"),
+    ({"ema": 0.99, "ema_warmup": 1.5}, "trainer.ema_warmup"),
     ({"ema": 0.99, "ema_dynamic": "no"}, "trainer.ema_dynamic"),
     ({"ema": 0.99, "compile": True}, "trainer.compile"),
 ])

@@ -4,7 +4,8 @@ RobustBench's top CIFAR-10 entries (Gowal et al. 2021, Rebuffi et al. 2021, Wang
 evaluate an exponential moving average of the weights, not the last weights. `trainer.ema` is its
 decay (null: off, the default, so every method's official recipe is unchanged). The schedule is
 the one those papers' released code uses (the `ema_update` of Wang et al.'s DM-Improves-AT, from
-Gowal/Rebuffi's): after each optimiser step `s` (1-based), with `w = trainer.ema_warmup_steps`,
+Gowal/Rebuffi's): after each optimiser step `s` (1-based over the run), with the warm-up
+`w = trainer.ema_warmup` x the run's optimiser steps (theirs: 0.025 x epochs x steps per epoch),
 
     decay(s) = 0                                   for s < w   (the average is the model)
     decay(s) = min(ema, (1 + s - w) / (10 + s - w))  otherwise  (`trainer.ema_dynamic: true`)
@@ -31,7 +32,7 @@ from torch import nn
 @dataclass(frozen=True)
 class EmaSettings:
     decay: float
-    warmup_steps: int = 0
+    warmup: float = 0.025  # a fraction of the run's optimiser steps
     dynamic: bool = True
 
 
@@ -43,45 +44,48 @@ def ema_settings(tcfg: dict[str, Any]) -> EmaSettings | None:
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0:
         raise ValueError(f"trainer.ema is the average's decay, a number in (0, 1) such as 0.995 (or null: off); "
                          f"got {decay!r}")
-    warmup = tcfg.get("ema_warmup_steps", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"trainer.ema_warmup_steps must be a whole number of optimiser steps >= 0, got {warmup!r}")
+    warmup = tcfg.get("ema_warmup", 0.025)
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0.0 <= float(warmup) < 1.0:
+        raise ValueError(f"trainer.ema_warmup is a fraction of the run's optimiser steps in [0, 1) (the papers' "
+                         f"0.025), got {warmup!r}")
     dynamic = tcfg.get("ema_dynamic", True)
     if not isinstance(dynamic, bool):
         raise ValueError(f"trainer.ema_dynamic must be true or false, got {dynamic!r}")
     if tcfg.get("compile"):
         raise ValueError("trainer.ema with trainer.compile is not supported yet (the average copies the module); "
                          "set one of them off")
-    return EmaSettings(float(decay), warmup, dynamic)
+    return EmaSettings(float(decay), float(warmup), dynamic)
 
 
-def ema_decay(settings: EmaSettings, step: int) -> float:
-    """The decay applied after optimiser step `step` (1-based): the module doc's schedule."""
-    if step < settings.warmup_steps:
+def ema_decay(settings: EmaSettings, step: int, total_steps: int) -> float:
+    """The decay applied after optimiser step `step` (1-based) of `total_steps`: the module doc's
+    schedule (the warm-up a float number of steps, as theirs)."""
+    warmup_steps = settings.warmup * total_steps
+    if step < warmup_steps:
         return 0.0
     if not settings.dynamic:
         return settings.decay
-    delta = step - settings.warmup_steps
+    delta = step - warmup_steps
     return min(settings.decay, (1.0 + delta) / (10.0 + delta))
 
 
 class _Scheduled(ModelEmaV3):
     """timm's EMA with the papers' decay schedule."""
 
-    def __init__(self, module: nn.Module, settings: EmaSettings, device: torch.device) -> None:
+    def __init__(self, module: nn.Module, settings: EmaSettings, total_steps: int, device: torch.device) -> None:
         super().__init__(module, decay=settings.decay, exclude_buffers=True, device=device)
-        self.settings = settings
+        self.settings, self.total_steps = settings, total_steps
 
     def get_decay(self, step: int | None = None) -> float:
-        return self.settings.decay if step is None else ema_decay(self.settings, step)
+        return self.settings.decay if step is None else ema_decay(self.settings, step, self.total_steps)
 
 
 class WeightAverage:
     """The running average of a module's weights, updated after every optimiser step."""
 
-    def __init__(self, module: nn.Module, settings: EmaSettings, device: torch.device) -> None:
-        self.settings = settings
-        self._ema = _Scheduled(module, settings, device)
+    def __init__(self, module: nn.Module, settings: EmaSettings, total_steps: int, device: torch.device) -> None:
+        self.settings, self.total_steps = settings, total_steps
+        self._ema = _Scheduled(module, settings, total_steps, device)
         self.updates = 0
 
     @property
@@ -103,4 +107,5 @@ class WeightAverage:
 
     def describe(self) -> dict[str, Any]:
         """What the train summary records: the settings and how many steps were averaged."""
-        return {**asdict(self.settings), "updates": self.updates}
+        return {**asdict(self.settings), "warmup_steps": self.settings.warmup * self.total_steps,
+                "updates": self.updates}

@@ -180,11 +180,6 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         load_weights(tcfg["init_from"], module, device)
         if tcfg.get("init_optimizer"):  # ... and continues its optimiser (momentum buffers), as a
             load_optimizer_state(tcfg["init_from"], optimizer, device)  # script keeping one SGD across stages
-    averaging = ema_settings(tcfg)  # the weight average starts from the weights training starts from
-    ema = WeightAverage(module, averaging, device) if averaging is not None else None
-    if ema is not None and state.get("ema"):
-        ema.load_state_dict(state["ema"])
-    delivered = ema.module if ema is not None else module  # what is probed, selected and evaluated
     # the part of the split the method trains on (None: all; ABL: its isolated 1%), decided again on resume,
     # never the validation split (TrainSamples does not show it either)
     select = method.select_train_samples(TrainSamples(cfg, device, rank, world_size))
@@ -200,6 +195,11 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
                           num_workers=int(tcfg.get("num_workers", 0)), select=select) for r in range(world_size)]
     steps_per_epoch, used = epoch_steps(counts, per_rank_batch, bool(tcfg.get("drop_last", False)))
+    averaging = ema_settings(tcfg)  # the weight average starts from the weights training starts from
+    ema = WeightAverage(module, averaging, epochs * steps_per_epoch, device) if averaging is not None else None
+    if ema is not None and state.get("ema"):
+        ema.load_state_dict(state["ema"])
+    delivered = ema.module if ema is not None else module  # what is probed, selected and evaluated
     # gradients live in DDP's buckets (no copy in and out each step, one gradient-sized buffer less)
     ddp = DDP(module, device_ids=[device.index] if use_cuda else None,
               find_unused_parameters=method.find_unused_parameters, gradient_as_bucket_view=True)
