@@ -46,3 +46,24 @@ def test_a_growing_cluster_widens_the_window() -> None:
     window = Window(_plan(100), lambda node, inputs: node.id, lambda node: {"num_cpus": 1})
     assert len(window.fill({"CPU": 2.0})) == 2 * 2 + QUEUE_SLACK
     assert len(window.fill({"CPU": 16.0})) == 2 * 16 + QUEUE_SLACK - (2 * 2 + QUEUE_SLACK)
+
+
+def test_the_driver_lets_go_of_each_result_once_its_dependents_finished() -> None:
+    """A 10,000-cell grid's driver must not hold every node's result: a ref is dropped once the
+    nodes that read it have finished, and kept while one of them is handed back (busy)."""
+    window = Window(_plan(3), lambda node, inputs: f"ref-{node.id}", lambda node: {"num_cpus": 1})
+    window.fill({"CPU": 8.0})
+    window.finished("train/0")
+    window.fill({"CPU": 8.0})
+    assert "train/0" in window.refs  # eval/0 reads it and is running
+    window.again_later(window.plan.nodes["eval/0"], 0.0)  # another driver holds the cell: it comes back
+    assert "train/0" in window.refs
+    assert [node.id for _, node in window.fill({"CPU": 8.0})] == ["eval/0"]
+    window.finished("eval/0")
+    assert "train/0" not in window.refs and "eval/0" not in window.refs
+    for node_id in ("train/1", "train/2"):
+        window.finished(node_id)
+    window.fill({"CPU": 8.0})
+    for node_id in ("eval/1", "eval/2"):
+        window.finished(node_id)
+    assert window.exhausted and window.refs == {}

@@ -58,12 +58,14 @@ class Window:
         self._ready: list[tuple[int, str]] = []  # (plan order, node id): runnable, not submitted
         self._later: list[tuple[float, int, str]] = []  # (not before, plan order, node id): handed back
         self._unsubmitted = len(plan)
+        self._unfinished_dependents: dict[str, int] = {}  # node id -> dependents not finished yet
         self._window: tuple[float, int] | None = None  # (when sized, size)
         self._totals: dict[str, float] = {}
         for node in plan:
             self._waiting_on[node.id] = len(node.inputs)
             for i in node.inputs:
                 self._dependents.setdefault(i, []).append(node.id)
+                self._unfinished_dependents[i] = self._unfinished_dependents.get(i, 0) + 1
             if not node.inputs:
                 self._ready.append((self.order[node.id], node.id))
         heapq.heapify(self._ready)
@@ -104,10 +106,20 @@ class Window:
         if node_id in self.done:
             return
         self.done.add(node_id)
+        self._release(node_id)
+        for i in self.plan.nodes[node_id].inputs if node_id in self.plan.nodes else ():
+            self._unfinished_dependents[i] -= 1  # its inputs' results: no longer needed by it
+            self._release(i)
         for dependent in self._dependents.get(node_id, ()):
             self._waiting_on[dependent] -= 1
             if self._waiting_on[dependent] == 0:
                 heapq.heappush(self._ready, (self.order[dependent], dependent))
+
+    def _release(self, node_id: str) -> None:
+        """Drop a finished node's ref once every node that needs it has finished: Ray then frees its
+        result (a train node's summary, an eval node's outcome) instead of holding all for the grid."""
+        if node_id in self.done and not self._unfinished_dependents.get(node_id, 0):
+            self.refs.pop(node_id, None)
 
     def again_later(self, node: Node, delay_s: float) -> None:
         """The node could not run now (another driver holds its train key's lease): it leaves the
