@@ -95,6 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--window-cells", type=int, nargs="*", default=[1_000, 10_000, 50_000],
+                        help="plan sizes for the window alone (none: skip it)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--data-root", help=argparse.SUPPRESS)
@@ -104,7 +106,7 @@ def main() -> None:
         print("RESULT " + json.dumps(one_driver(args.one, args.address, args.data_root, args.results)), flush=True)
         return
 
-    for n in (1_000, 10_000, 50_000):
+    for n in args.window_cells:
         print(f"window alone: {n:6d} cells, {window_alone(n):5.1f} us per node (one finished node per round)")
 
     from ray.cluster_utils import Cluster
