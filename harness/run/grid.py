@@ -26,7 +26,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.attacks.base import build_attack
 from harness.backdoor.base import build_poison
-
 from harness.core.validate import validate_numbers
 from harness.run.expand import expand_grid  # noqa: F401 -- re-exported: grids are expanded here
 from harness.run.labels import first_line
