@@ -15,6 +15,8 @@ driver process, which holds Ray's core worker threads; fixed costs such as the p
 check included), its peak RSS, and the throughput in nodes/s; then, between the smallest and the
 largest N, the cost of each added node and cell (the fixed costs cancel). Goals (issue 29):
 <= 5 ms of driver CPU per node, RSS growth <= 100 KiB per cell, linear in N.
+SUBMIT_SCALE_PROFILE=1 prints the driver's cProfile; SUBMIT_SCALE_TRACE=1 the Python allocations
+it still holds after the grid, per cell (tracemalloc; both slow the driver down).
 """
 from __future__ import annotations
 
@@ -53,7 +55,17 @@ def one_driver(cells: int, address: str, data_root: str, results: str) -> dict:
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rss_before = _rss_kib()
     cpu0, t0 = os.times(), time.perf_counter()
-    if os.environ.get("SUBMIT_SCALE_PROFILE"):  # where the driver's Python time goes
+    if os.environ.get("SUBMIT_SCALE_TRACE"):  # where the driver's Python memory goes (slower)
+        import tracemalloc
+
+        tracemalloc.start(8)
+        report = run_grid(grid, ray_address=address, leaderboard=False)
+        snapshot = tracemalloc.take_snapshot()
+        for stat in snapshot.statistics("traceback")[:8]:
+            print(f"{stat.size / cells / 1024:7.1f} KiB/cell {stat.count / cells:6.1f} blocks/cell",
+                  " <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in list(stat.traceback)[-4:]),
+                  file=sys.stderr)
+    elif os.environ.get("SUBMIT_SCALE_PROFILE"):  # where the driver's Python time goes
         import cProfile
         import pstats
 
@@ -125,7 +137,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--one", str(n), "--address", cluster.address,
                                   "--data-root", str(work / "data"), "--results", str(work / f"results-{n}")],
                                  capture_output=True, text=True)
-            if os.environ.get("SUBMIT_SCALE_PROFILE"):
+            if os.environ.get("SUBMIT_SCALE_PROFILE") or os.environ.get("SUBMIT_SCALE_TRACE"):
                 print(out.stderr[-12000:])
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
