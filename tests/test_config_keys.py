@@ -44,7 +44,7 @@ def test_a_plugin_group_may_hold_only_what_its_class_takes() -> None:
     # ... and the class's parameters are the keys: followed through **kwargs to the base class
     assert {"value", "pattern", "patch_size", "margin", "target", "rate", "seed", "pattern_seed"} <= \
         accepted_keys("backdoor", POISONS.get("badnets"))
-    assert accepted_keys("method", METHODS.get("trades")) == {"name", "attack", "beta"}
+    assert accepted_keys("method", METHODS.get("trades")) == {"name", "attack", "beta", "label_smoothing"}
     assert accepted_keys("method", METHODS.get("adml_trades")) == {"name", "base", "attack", "finetune", "beta"}
 
 

@@ -98,3 +98,21 @@ def test_the_trainer_delivers_probes_and_resumes_the_average(data_root: Path, tm
         assert torch.equal(value, after["model"][key]), f"resumed average differs in {key}"
     assert resumed.ema == summary.ema and resumed.selection == summary.selection
     assert after["ema"]["updates"] == steps
+
+
+def test_trades_label_smoothing_is_the_dm_at_recipe_s_smoothed_natural_ce() -> None:
+    """TRADES' natural CE with label smoothing s: (1 - s) NLL + s mean(-log p) per sample (the
+    DM-AT code's SmoothCrossEntropyLoss), the KL term untouched; 0 (TRADES) by default."""
+    from methods.trades import TRADES, trades_loss
+
+    gen = torch.Generator().manual_seed(0)
+    clean, adv, y = torch.randn(8, 10, generator=gen), torch.randn(8, 10, generator=gen), torch.arange(8) % 10
+    logp = torch.log_softmax(clean, 1)
+    by_hand = (0.9 * -logp.gather(1, y[:, None]).squeeze(1) + 0.1 * -logp.mean(1)).mean()
+    total, natural, robust = trades_loss(clean, adv, y, 6.0, label_smoothing=0.1)
+    torch.testing.assert_close(natural, by_hand)
+    assert torch.equal(robust, trades_loss(clean, adv, y, 6.0)[2])
+    torch.testing.assert_close(total, natural + 6.0 * robust)
+    assert TRADES({"eps": 0.1}).label_smoothing == 0.0
+    with pytest.raises(ValueError, match="method.label_smoothing"):
+        TRADES({"eps": 0.1}, label_smoothing=1.0)

@@ -10,6 +10,8 @@ steps per epoch: a fractional 0.9 step here), at tau 0.995 (train-wa.py's defaul
   recipe numbers      train-wa.py's --tau default and WATrainer's warm-up fraction against our defaults
   average             parameters of the two averages after every epoch
   batchnorm           running statistics of the two averages after every epoch (theirs: update_bn)
+  smoothed CE         the recipe's other piece: their SmoothCrossEntropyLoss (core/utils/utils.py)
+                      at trades_loss's label_smoothing default against our TRADES natural term
 """
 from __future__ import annotations
 
@@ -79,7 +81,31 @@ def check_ema(reference: Path) -> list[Compared]:
     for decay in (tau, 0.9):
         params, buffers = _run(official, decay, fraction)
         out += [Compared(f"average_tau_{decay}", params), Compared(f"batchnorm_tau_{decay}", buffers)]
-    return out
+    return out + _smoothed_ce(reference)
+
+
+def _smoothed_ce(reference: Path) -> list[Compared]:
+    """Their label-smoothed CE at their trades_loss default, beside our TRADES natural term."""
+    from methods.trades import trades_loss
+
+    smooth = load_functions(reference / "core" / "utils" / "utils.py", ["SmoothCrossEntropyLoss"],
+                            {"torch": torch})["SmoothCrossEntropyLoss"]
+    default = _trades_smoothing_default(reference)
+    x, y = tiny_batch(16)
+    logits = tiny_model()(x)
+    theirs = smooth(smoothing=default, reduction="mean")(logits, y)
+    ours = trades_loss(logits, logits, y, 6.0, label_smoothing=default)[1]
+    return [Compared("recipe_label_smoothing", abs(default - 0.1), note="ours: method.label_smoothing=0.1 (off unless set)"),
+            Compared("smoothed_natural_ce", float((theirs - ours).abs().detach()))]
+
+
+def _trades_smoothing_default(reference: Path) -> float:
+    """`label_smoothing=` default of gowal21uncovering/utils/trades.py's `trades_loss`."""
+    tree = ast.parse((reference / "gowal21uncovering" / "utils" / "trades.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "trades_loss")
+    names = [a.arg for a in fn.args.args]
+    defaults = dict(zip(names[len(names) - len(fn.args.defaults):], fn.args.defaults))
+    return float(defaults["label_smoothing"].value)  # type: ignore[attr-defined]
 
 
 CHECKS = {"ema": check_ema}
