@@ -24,6 +24,7 @@ from harness.run.labels import distinguish_labels
 
 MAX_CELLS = 100_000  # grid.max_cells' default: a typo like seed=range(0,100000) is refused, not composed
 
+
 def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
     """All cells of the grid the overrides select (`grid=<name>`), as finalized configs."""
     base = compose_config(overrides)
@@ -49,10 +50,7 @@ def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
         # grid's fixed settings first, then the axis values, then the user's own overrides
         composed = compose_config(last_wins(fixed + axis_overrides + user + [f"grid={grid['name']}"]))
         for values in itertools.product(*(axes[n] for n in value_axes)):
-            cfg = json.loads(json.dumps(composed))
-            for name, value in zip(value_axes, values):
-                set_value(cfg, name, value)
-            cfg = finalize(cfg)
+            cfg = finalize(with_values(composed, value_axes, values))
             cells.setdefault(cfg["key"], cfg)
     return distinguish_labels(list(cells.values()))  # cells differing only in e.g. lr get distinct labels
 
@@ -108,6 +106,14 @@ def settable_value(name: str) -> bool:
     return not any(k == name or k.startswith(name + ".") or name.startswith(k + ".") for k in _interpolated_keys())
 
 
+def with_values(composed: dict[str, Any], keys: list[str], values: tuple[Any, ...]) -> dict[str, Any]:
+    """A copy of a composed config with these keys set to these values (Hydra's `key=value`)."""
+    cfg = json.loads(json.dumps(composed))
+    for key, value in zip(keys, values):
+        set_value(cfg, key, value)
+    return cfg
+
+
 def set_value(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     """Set an existing key (Hydra's `key=value`); a key the config lacks is refused, as Hydra would."""
     *parents, leaf = dotted.split(".")
@@ -132,5 +138,3 @@ def _override_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(str(v) for v in value) + "]"
     return str(value)
-
-

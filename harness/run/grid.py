@@ -164,7 +164,7 @@ def _run_on_ray(plan: Plan, address: str | None, num_cpus: int | None) -> list[C
                 nodes_by_ref[ref] = node
                 waiting.append(ref)
             if not waiting:
-                if window.not_before:  # only nodes another driver is training remain: wait for their turn
+                if window.handed_back:  # only nodes another driver is training remain: wait for their turn
                     time.sleep(1.0)
                     continue
                 raise RuntimeError(f"plan nodes wait on inputs that never run: {[n.id for n in window.unsubmitted][:5]}")

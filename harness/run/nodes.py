@@ -84,9 +84,11 @@ def _attempt_owner() -> str | None:
     (task ids repeat across separate clusters, sessions do not). None outside a Ray task."""
     import ray
 
-    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
-        return None  # the driver itself (nodes run in this process): nobody's retry
+    if not ray.is_initialized():
+        return None
     context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None  # the driver itself (nodes run in this process): nobody's retry
     task = context.get_task_id()
     return f"{context.get_session_name()}/{task}" if task else None
 

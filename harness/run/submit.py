@@ -52,7 +52,6 @@ class Window:
         self.refs: dict[str, Any] = {}
         self.done: set[str] = set()
         self.in_flight: set[str] = set()
-        self.not_before: dict[str, float] = {}  # node id -> monotonic time it may be submitted again
         self._waiting_on: dict[str, int] = {}  # node id -> its inputs not finished yet
         self._dependents: dict[str, list[str]] = {}
         self._ready: list[tuple[int, str]] = []  # (plan order, node id): runnable, not submitted
@@ -73,12 +72,10 @@ class Window:
     def _size(self, totals: dict[str, float], now: float) -> int:
         """Twice what the cluster runs at once, plus QUEUE_SLACK; re-sized when the cluster's totals
         change, else at most every RESIZE_S (the runnable nodes' requests are read then, a bounded
-        sample of them)."""
+        sample of them; called only while some node is runnable)."""
         if self._window is None or totals != self._totals or now - self._window[0] >= RESIZE_S:
             self._totals = dict(totals)
             sample = [self.plan.nodes[node_id] for _, node_id in self._ready[:SIZING_SAMPLE]]
-            if not sample:
-                sample = [n for n in self.unsubmitted[:SIZING_SAMPLE]]
             self._window = (now, 2 * capacity(totals, (self._options(n) for n in sample)) + QUEUE_SLACK)
         return self._window[1]
 
@@ -87,8 +84,9 @@ class Window:
         now = time.monotonic()
         while self._later and self._later[0][0] <= now:
             _, rank, node_id = heapq.heappop(self._later)
-            self.not_before.pop(node_id, None)
             heapq.heappush(self._ready, (rank, node_id))
+        if not self._ready:  # nothing runnable: nothing to size the window for
+            return []
         window = self._size(totals, now)
         started = []
         while self._ready and len(self.in_flight) < window:
@@ -107,7 +105,7 @@ class Window:
             return
         self.done.add(node_id)
         self._release(node_id)
-        for i in self.plan.nodes[node_id].inputs if node_id in self.plan.nodes else ():
+        for i in self.plan.nodes[node_id].inputs:
             self._unfinished_dependents[i] -= 1  # its inputs' results: no longer needed by it
             self._release(i)
         for dependent in self._dependents.get(node_id, ()):
@@ -126,9 +124,13 @@ class Window:
         window and is submitted again, in its place in the order, once `delay_s` has passed."""
         self.in_flight.discard(node.id)
         self.refs.pop(node.id, None)
-        self.not_before[node.id] = time.monotonic() + delay_s
         self._unsubmitted += 1
-        heapq.heappush(self._later, (self.not_before[node.id], self.order[node.id], node.id))
+        heapq.heappush(self._later, (time.monotonic() + delay_s, self.order[node.id], node.id))
+
+    @property
+    def handed_back(self) -> bool:
+        """Some node waits to be submitted again (another driver held its lease)."""
+        return bool(self._later)
 
     @property
     def unsubmitted(self) -> list[Node]:

@@ -12,7 +12,6 @@ combinations collapse into one cell.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +19,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from harness.core.config import ConfigError, check_values_set, compose_config, finalize
-from harness.run.expand import (MAX_CELLS, expand_grid, grid_max_cells, last_wins, refuse_too_many, set_value,
-                                settable_value)
+from harness.run.expand import (MAX_CELLS, expand_grid, grid_max_cells, last_wins, refuse_too_many, settable_value,
+                                with_values)
 
 
 @dataclass(frozen=True)
@@ -70,9 +69,7 @@ def expand_sweep(overrides: list[str]) -> list[dict[str, Any]]:
         chosen = last_wins(plain + list(group_combo) + [s.texts[0] for s in value_sweeps])
         composed = compose_config(chosen)
         for values in itertools.product(*(s.values for s in value_sweeps)):
-            cfg = json.loads(json.dumps(composed))
-            for sweep, value in zip(value_sweeps, values):
-                set_value(cfg, sweep.key, value)
+            cfg = with_values(composed, [s.key for s in value_sweeps], values)
             if value_sweeps:
                 check_values_set(cfg, chosen)
             cfg = finalize(cfg)

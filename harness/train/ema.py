@@ -84,7 +84,6 @@ class WeightAverage:
     """The running average of a module's weights, updated after every optimiser step."""
 
     def __init__(self, module: nn.Module, settings: EmaSettings, total_steps: int, device: torch.device) -> None:
-        self.settings, self.total_steps = settings, total_steps
         self._ema = _Scheduled(module, settings, total_steps, device)
         self.updates = 0
 
@@ -107,5 +106,5 @@ class WeightAverage:
 
     def describe(self) -> dict[str, Any]:
         """What the train summary records: the settings and how many steps were averaged."""
-        return {**asdict(self.settings), "warmup_steps": self.settings.warmup * self.total_steps,
-                "updates": self.updates}
+        settings = self._ema.settings
+        return {**asdict(settings), "warmup_steps": settings.warmup * self._ema.total_steps, "updates": self.updates}
