@@ -134,14 +134,14 @@ def _data_parser() -> argparse.ArgumentParser:
 
 def _leaderboard_parser() -> argparse.ArgumentParser:
     parser = _sub("leaderboard", "Build the static leaderboard site from results.", epilog=False)
-    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--results", default="results", help="results folder or store URI (s3://..., gs://...)")
     parser.add_argument("--out", type=Path, default=Path("site"))
     return parser
 
 
 def _report_parser() -> argparse.ArgumentParser:
     parser = _sub("report", "Write the leaderboard as a paper table (Markdown or LaTeX).", epilog=False)
-    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--results", default="results", help="results folder or store URI (s3://..., gs://...)")
     parser.add_argument("--format", choices=["markdown", "latex"], default="markdown")
     parser.add_argument("--out", type=Path, help="write to this file (default: stdout)")
     return parser
@@ -150,8 +150,8 @@ def _report_parser() -> argparse.ArgumentParser:
 def _compare_parser() -> argparse.ArgumentParser:
     parser = _sub("compare", "Cells whose numbers differ between two results stores beyond their 95%% intervals "
                   "(regression between commits). Exit 1 when some do.", epilog=False)
-    parser.add_argument("a", type=Path, help="results folder A (e.g. the previous commit's)")
-    parser.add_argument("b", type=Path, help="results folder B")
+    parser.add_argument("a", help="results folder or store URI A (e.g. the previous commit's)")
+    parser.add_argument("b", help="results folder or store URI B")
     return parser
 
 
@@ -271,11 +271,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         from leaderboard import build_site
 
         for results_dir in results_dirs:
-            if local_path(results_dir) is None:
-                console.print(f"leaderboard skipped for remote store {results_dir}: copy it locally, then "
-                              f"`robustgrid leaderboard --results DIR`")
-                continue
-            index = build_site(local_path(results_dir), Path(first["leaderboard_dir"]))
+            index = build_site(local_path(results_dir) or results_dir, Path(first["leaderboard_dir"]))
             console.print("leaderboard:")
             print(index.resolve())
     return 1 if report.failed else 0
@@ -344,8 +340,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from leaderboard import build_site
 
-    if not args.results.is_dir():
-        raise ValueError(f"results folder {args.results} does not exist; run a grid first or pass --results DIR")
+    _check_results(args.results)
     from harness.run.preflight import check_folder_writable
 
     check_folder_writable(args.out, "--out")
@@ -356,8 +351,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from leaderboard.report import report
 
-    if not args.results.is_dir():
-        raise ValueError(f"results folder {args.results} does not exist; run a grid first or pass --results DIR")
+    _check_results(args.results)
     if args.out:
         from harness.run.preflight import check_folder_writable
 
@@ -374,12 +368,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from leaderboard.compare import compare, format_differences
 
-    for folder in (args.a, args.b):
-        if not folder.is_dir():
-            raise ValueError(f"results folder {folder} does not exist; pass two results folders")
+    for location in (args.a, args.b):
+        _check_results(location)
     differences, n_common = compare(args.a, args.b)
     print(format_differences(differences, n_common), end="")
     return 1 if differences else 0
+
+
+def _check_results(location: str) -> None:
+    """ValueError naming the fix when a results folder is missing or a store URI is unreachable."""
+    from harness.run.status_report import check_store_reachable
+    from harness.store.storage import local_path
+
+    folder = local_path(location)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"results folder {location} does not exist; run a grid first or pass --results DIR|URI")
+    check_store_reachable(location)
 
 
 def _print_rows(rows: list[dict]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from markupsafe import Markup
 
+from harness.store.storage import Store, open_store
 from leaderboard.cells import Cell
 
 ACE_PAGE = "ace.html"
@@ -76,8 +77,11 @@ def png_uri(image: np.ndarray, scale: int = 8) -> Markup:
     return Markup("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
 
 
-def _samples(npz_path: Path, class_names: list[str], n: int) -> list[dict[str, Any]]:
-    with np.load(npz_path) as z:
+def _samples(store: Store, rel: str, class_names: list[str], n: int) -> list[dict[str, Any]]:
+    raw = store.read_bytes(rel)
+    if raw is None:
+        raise FileNotFoundError("no such file")
+    with np.load(io.BytesIO(raw)) as z:  # arrays only: np.load refuses pickled objects by default
         x, y, t, cf, pgd = z["x"], z["y"], z["target"], z["ace_cf"], z["pgd_cf"]
         extra = {k: z[k] for k in ("ace_flip", "pgd_flip", "oracle_ace", "oracle_pgd") if k in z.files}
     name = lambda i: class_names[int(i)] if 0 <= int(i) < len(class_names) else str(int(i))
@@ -92,17 +96,19 @@ def _samples(npz_path: Path, class_names: list[str], n: int) -> list[dict[str, A
     return out
 
 
-def collect(cells: dict[str, Cell], results_dir: Path, n_shown: int = N_SHOWN) -> list[Explained]:
-    """Every ACE analysis of every cell, with its gallery images when the artifact exists."""
+def collect(cells: dict[str, Cell], results_dir: str | Path, n_shown: int = N_SHOWN) -> list[Explained]:
+    """Every ACE analysis of every cell, with its gallery images when the artifact exists (in a
+    local folder or any store URI)."""
+    store = open_store(results_dir)
     out = []
     for cell in cells.values():
         for label, summary in ace_analyses(cell).items():
             model = f"{cell.first('arch') or '?'} / {cell.first('method') or '?'} / seed {cell.first('seed')}"
             item = Explained(cell.key, label, model, summary, setting_text(summary))
-            npz = results_dir / "analysis" / cell.key / label / "counterfactuals.npz"
+            rel = f"analysis/{cell.key}/{label}/counterfactuals.npz"
             try:
-                item.samples = _samples(npz, list(cell.first("class_names") or []), n_shown)
+                item.samples = _samples(store, rel, list(cell.first("class_names") or []), n_shown)
             except (OSError, KeyError, ValueError) as err:
-                item.png_error = f"counterfactual images not readable at {npz}: {err}"
+                item.png_error = f"counterfactual images not readable at {store.uri(rel)}: {err}"
             out.append(item)
     return out

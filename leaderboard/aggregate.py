@@ -266,7 +266,7 @@ def newest_code_only(results: pa.Table) -> pa.Table:
 
 
 def aggregate(results: pa.Table) -> Leaderboard:
-    """Aggregate a RESULT_SCHEMA table (from harness.store.results.read_results) into a Leaderboard."""
+    """Aggregate a RESULT_SCHEMA table (from harness.store.index.read_results) into a Leaderboard."""
     results = label_setups(newest_code_only(results))  # once, for the Lp and the backdoor tables
     con = duckdb.connect()
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.store.results import read_results
+from harness.store.index import read_results
 from leaderboard.aggregate import overlaps
 from leaderboard.format import finite, wilson
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.store.results import read_results
+from harness.store.index import read_results
 from leaderboard.aggregate import aggregate
 from leaderboard.format import ci_text, mean_std
 from leaderboard.pages import method_paper, table_heading

@@ -157,7 +157,7 @@ def test_isolation_is_the_lga_loss() -> None:
 def test_an_abl_cell_trains_its_three_nodes_and_unlearns_the_isolated_samples(tiny) -> None:
     from harness.run.cell import run_cell
     from harness.store.checkpoint_sync import local_work_dir
-    from harness.store.results import read_results
+    from harness.store.index import read_results
     from harness.train.trainer import SUMMARY
     import json
 

@@ -277,7 +277,7 @@ def test_cell_with_ace_reuses_the_checkpoint_and_commits_the_summary(tiny) -> No
     from harness.run.cell import run_cell
     from harness.core.config import compose_config, finalize
     from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
-    from harness.store.results import read_results
+    from harness.store.index import read_results
 
     tiny = [o for o in tiny if not o.startswith("attack.pgd")] + ["attack=[fgsm]"]
     plain = finalize(compose_config(tiny))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from harness.core.config import compose_config, finalize
 from harness.run.grid import expand_grid, run_grid
-from harness.store.results import read_results
+from harness.store.index import read_results
 from harness.run.plan import build_plan, planned_trainer, run_config, train_node_id
 from methods.adml import ADMLMART, ADMLPGDAT, dml_loss, finetune_schedule
 from methods.base import TrainContext, build_method

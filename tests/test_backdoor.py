@@ -240,7 +240,7 @@ def test_bad_backdoor_settings_fail_early() -> None:
 def test_erm_learns_a_badnets_backdoor_end_to_end(tiny) -> None:
     """A tiny ERM cell on poisoned digits: ASR far above chance, clean accuracy still high."""
     from harness.run.cell import run_cell
-    from harness.store.results import read_results
+    from harness.store.index import read_results
 
     overrides = [o for o in tiny if not o.startswith(("trainer=", "data.train_limit", "eval.limit", "attack."))]
     cfg = finalize(compose_config(overrides + ["backdoor=badnets", "trainer=backdoor", "trainer.epochs=6",
@@ -260,7 +260,7 @@ def test_post_training_defense_reuses_the_erm_checkpoint_and_a_clean_subset(tiny
     from harness.run.cell import run_cell
     from harness.run.plan import build_plan, run_config, train_node_id
     from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
-    from harness.store.results import read_results
+    from harness.store.index import read_results
 
     base = [o for o in tiny if not o.startswith("attack.")] + ["backdoor=badnets", "attack=[fgsm]"]
     erm = finalize(compose_config(base + ["method=erm"]))

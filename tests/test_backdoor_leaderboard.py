@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.store.results import read_results, write_cell_result
+from harness.store.index import read_results
+
+from harness.store.results import write_cell_result
 from leaderboard import build_site
 from leaderboard.aggregate import aggregate
 

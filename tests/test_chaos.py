@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.store.results import read_results
+from harness.store.index import read_results
 from harness.run.status import ATTEMPTS, running_cells
 from harness.run.submit import QUEUE_SLACK
 from harness.store.storage import COMMITS, open_store

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from harness.store.results import read_results
+from harness.store.index import read_results
 
 
 @pytest.mark.slow

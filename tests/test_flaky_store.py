@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.store.results import read_results, write_cell_result
+from harness.store.index import read_results
+
+from harness.store.results import write_cell_result
 from harness.store.storage import COMMITS, StorageError, open_store
 
 

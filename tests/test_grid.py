@@ -7,7 +7,7 @@ import pytest
 
 from harness.core.config import ConfigError
 from harness.run.grid import expand_grid, run_grid
-from harness.store.results import read_results
+from harness.store.index import read_results
 
 
 def test_grid_expands_demo_axes(tiny) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.store.results import read_results, write_cell_result
+from harness.store.index import read_results
+
+from harness.store.results import write_cell_result
 from leaderboard.aggregate import aggregate
 from leaderboard.setups import setup_labels
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.store.results import read_results
+from harness.store.index import read_results
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness.run.grid import expand_grid, run_grid
-from harness.store.results import read_results
+from harness.store.index import read_results
 from harness.run.status import attempt_count
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness.store.results import read_results, write_cell_result
+from harness.store.index import read_results
+
+from harness.store.results import write_cell_result
 from leaderboard import build_site
 from leaderboard.format import cell_file, setting_file
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from harness.store.results import committed_status, rows_to_table, read_results, result_path, write_cell_result
+from harness.store.index import read_results
+
+from harness.store.results import committed_status, rows_to_table, result_path, write_cell_result
 from harness.store.storage import COMMITS, Store, StorageError, local_path, normalize_location, open_store
 
 

@@ -10,7 +10,8 @@ import pytest
 from harness.run.status import grid_status
 from harness.run.status_report import status_command
 from harness.store.audit import audit_store
-from harness.store.results import read_results, write_cell_result
+from harness.store.index import read_results
+from harness.store.results import write_cell_result
 from harness.store.storage import COMMITS
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from harness.core.config import training_setup
 from harness.run.resources import cell_resources
 from harness.run.status import grid_status
-from harness.store.results import read_results
+from harness.store.index import read_results
 
 STATES = ("done", "failed", "running", "stale", "pending")
 

@@ -22,10 +22,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from harness.store.audit import warn_about_store
+import pyarrow.fs as pafs
+
 from harness.store.heartbeat import HeartbeatMarker
+from harness.store.index import CommittedRows, read_committed
 from harness.store.results import result_status
-from harness.store.storage import COMMITS, open_store
+from harness.store.storage import open_store
 
 RUNNING = "_running"
 ATTEMPTS = "_attempts"
@@ -127,32 +129,62 @@ def record_identity(location: str, cell_id: str | None, key: str, status: str, c
         open_store(location).write_bytes(f"{IDENTITIES}/{cell_id}/{key}.json", json.dumps(info).encode(), durable=False)
 
 
-def older_results(location: str, cell_id: str, key: str) -> list[str]:
-    """Keys of 'ok' results of the same cell under other code versions."""
+def attempt_counts(location: str) -> dict[str, int]:
+    """Starts per key, from one (recursive, paged) listing of `_attempts/`: not a listing per cell."""
     store = open_store(location)
-    out = []
-    for name in store.list(f"{IDENTITIES}/{cell_id}"):
-        other = name[: -len(".json")]
-        if other != key and store.committed_status(other) == "ok":
-            out.append(other)
+    selector = pafs.FileSelector(store.path(ATTEMPTS), allow_not_found=True, recursive=True)
+    try:
+        infos = store._retried(f"listing {store.uri(ATTEMPTS)}", lambda: store.fs.get_file_info(selector))
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return {}
+    prefix = store.path(ATTEMPTS) + "/"
+    counts: dict[str, int] = {}
+    for info in infos:
+        if info.type == pafs.FileType.File and info.path.startswith(prefix):
+            key, _, rest = info.path[len(prefix):].partition("/")
+            if rest and "/" not in rest:
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def keys_by_identity(location: str) -> dict[str, list[str]]:
+    """cell_id -> every key it was committed under, from one (recursive) listing of `_cells/`."""
+    store = open_store(location)
+    selector = pafs.FileSelector(store.path(IDENTITIES), allow_not_found=True, recursive=True)
+    try:
+        infos = store._retried(f"listing {store.uri(IDENTITIES)}", lambda: store.fs.get_file_info(selector))
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return {}
+    prefix = store.path(IDENTITIES) + "/"
+    out: dict[str, list[str]] = {}
+    for info in infos:
+        cell_id, _, name = info.path[len(prefix):].partition("/") if info.path.startswith(prefix) else ("", "", "")
+        if info.type == pafs.FileType.File and name.endswith(".json") and "/" not in name:
+            out.setdefault(cell_id, []).append(name[: -len(".json")])
     return out
 
 
 def grid_status(location: str, keys: Iterable[str] | None = None,
-                identities: dict[str, str] | None = None, train_keys: dict[str, str] | None = None) -> GridStatus:
+                identities: dict[str, str] | None = None, train_keys: dict[str, str] | None = None,
+                committed: CommittedRows | None = None) -> GridStatus:
     """Status of the given cell keys (a grid), or of every cell the store knows about.
     `identities` (key -> cell_id) finds stale cells; `train_keys` (key -> train key) counts a cell
-    whose model is training as running."""
-    store = open_store(location)
+    whose model is training as running. The store is read in a fixed number of listings, whatever
+    the number of cells: commits through the read index (harness.store.index), attempts and
+    identities one recursive listing each. `committed`: the store's commits, when the caller has
+    just read them (harness.store.index.read_committed)."""
     running, stale_markers = run_markers(location)
     drivers = live_drivers(location) if stale_markers else set()
-    committed = {name[: -len(".json")] for name in store.list(COMMITS) if name.endswith(".json")}
-    committed = {key for key in committed if store.read_marker(key) is not None}  # stray markers: no cell
+    committed = read_committed(location, columns=()) if committed is None else committed
+    states = {key: commit.status for key, commit in committed.commits.items()}
     status = GridStatus(grid_known=keys is not None)
     markers = set(running) | set(stale_markers)
-    wanted = list(keys) if keys is not None else sorted(committed | {k for k in markers if not k.startswith("train-")})
+    wanted = (list(keys) if keys is not None
+              else sorted(committed.marked() | {k for k in markers if not k.startswith("train-")}))
+    attempts = attempt_counts(location)
+    older: dict[str, list[str]] | None = None  # read once, when a cell is neither done, running nor failed
     for key in wanted:
-        state = result_status(location, key) if key in committed else None  # as the leaderboard reads it
+        state = states.get(key)  # as the leaderboard reads it: verified, a result file of this key
         train_marker = f"train-{(train_keys or {}).get(key)}"
         if state == "ok":
             status.done.append(key)
@@ -165,11 +197,17 @@ def grid_status(location: str, keys: Iterable[str] | None = None,
                 status.dead_driver.append(key)
         elif state == "failed":
             status.failed.append(key)
-        elif identities and identities.get(key) and older_results(location, identities[key], key):
-            status.stale.append(key)
+        elif identities and identities.get(key):
+            older = keys_by_identity(location) if older is None else older
+            others = [other for other in older.get(identities[key], []) if other != key]
+            # an older key is outside a grid-restricted read: verified on its own (few, and only here)
+            if any((states[other] if other in states else result_status(location, other)) == "ok" for other in others):
+                status.stale.append(key)
+            else:
+                status.pending.append(key)
         else:
             status.pending.append(key)
-        status.attempts[key] = attempt_count(location, key)
+        status.attempts[key] = attempts.get(key, 0)
     return status
 
 

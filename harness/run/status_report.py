@@ -1,6 +1,7 @@
 """`robustgrid status`: a grid's (or a store's) cells by state, printed from the results store alone."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pyarrow as pa
@@ -9,7 +10,8 @@ import pyarrow.fs as pafs
 from harness.core.locations import is_uri
 from harness.data.location import DataLocation
 from harness.run.status import FRESH_SECONDS, grid_status
-from harness.store.audit import warn_about_store
+from harness.store.audit import audit_store
+from harness.store.index import read_committed
 
 
 def status_command(cells: list[dict[str, Any]] | None, results: str | None, show_keys: bool) -> int:
@@ -38,8 +40,12 @@ def status_command(cells: list[dict[str, Any]] | None, results: str | None, show
         raise ValueError("say which cells: the arguments the grid was started with (`robustgrid status grid=<name> "
                          "[overrides]`, `robustgrid status -m method=erm,pgd_at seed=0,1`) or `--results DIR|URI`")
     check_store_reachable(location)  # a wrong bucket or endpoint fails here, naming it, in seconds
-    warn_about_store(location)  # foreign / unverifiable files, each named (harness.store.audit)
-    status = grid_status(location, keys, identities, train_keys)
+    # one pass over the store (harness.store.index); with a grid given, its cells only
+    committed = read_committed(location, columns=(), only=keys)
+    for message in audit_store(location, committed.listing.top or None, committed.listing.commit_files,
+                               committed.commits, only=None if keys is None else set(keys)):
+        print(f"warning: {message}", file=sys.stderr)  # foreign / unverifiable files, each named
+    status = grid_status(location, keys, identities, train_keys, committed)
     out = Console()
     table = Table("state", "cells", title=f"{location}" + ("" if keys is not None else " (no grid given: pending unknown)"))
     for state, count in status.counts().items():

@@ -4,8 +4,8 @@ Readers trust only committed, checksum-verified `<key>.parquet` files (harness.s
 skip everything else. Skipping is right, silence is not: a foreign file, a stray or damaged commit
 marker, or a result file no marker vouches for each get one warning naming the file, so a user
 who copied results in by hand, or finds a store tampered with, learns what was ignored and why.
-The audit reads the listing and the small marker files only (no result bytes), so it stays cheap
-for a 10,000-cell store.
+The audit reads the listing and the small marker files only (no result bytes), and a reader that
+has just verified the commits (harness.store.index) passes them in, so their markers are not read twice.
 """
 from __future__ import annotations
 
@@ -21,26 +21,39 @@ from harness.store.storage import COMMITS, STAGING, Commit, open_store
 
 # folders the harness itself writes into a results store
 OWN_FOLDERS = {COMMITS, STAGING, "_running", "_attempts", "_drivers", "_cells", "_train_runs", "_ray_train",
-               "_leases", "checkpoints", "artifacts", "samples", "analysis"}
+               "_leases", "_index", "checkpoints", "artifacts", "samples", "analysis"}
 
 
-def audit_store(location: str | os.PathLike) -> list[str]:
-    """One message per foreign or unverifiable entry of the store's top level and `_commits/`."""
+def audit_store(location: str | os.PathLike, top: dict[str, pafs.FileInfo] | None = None,
+                commits: dict[str, pafs.FileInfo] | None = None, known: dict[str, Commit] | None = None,
+                only: set[str] | None = None) -> list[str]:
+    """One message per foreign or unverifiable entry of the store's top level and `_commits/`.
+    A reader that has just listed the store and verified commits passes its listing (`top`, and
+    `commits` by file name) and the commits it verified (`known`, by key), which are not read again.
+    `only`: a grid's keys; other cells' markers (another grid in the same store) are not read."""
     store = open_store(location)
-    top = _entries(store, "")
+    top = _entries(store, "") if top is None else top
     if top is None:
         return []
     messages: list[str] = []
     vouched: set[str] = set()
-    commits = _entries(store, COMMITS) or {}
+    commits = (_entries(store, COMMITS) or {}) if commits is None else commits
+    known = known or {}
     for name, info in sorted(commits.items()):
         if info.type != pafs.FileType.File:
+            continue
+        key = name[: -len(".json")]
+        if name.endswith(".json") and key in known:  # verified by the caller: its file exists and matches
+            vouched.add(known[key].file)
+            continue
+        if name.endswith(".json") and only is not None and key not in only:
+            vouched.add(f"{key}.parquet")  # another grid's cell: not ours to read or to question
             continue
         where = store.uri(COMMITS, name)
         if not name.endswith(".json"):
             messages.append(f"stray file {where} in the commit markers: ignored")
             continue
-        commit, why = _parse_marker(store.read_bytes(f"{COMMITS}/{name}"), name[: -len(".json")])
+        commit, why = _parse_marker(store.read_bytes(f"{COMMITS}/{name}"), key)
         if commit is None:
             messages.append(f"stray commit marker {where} ({why}): ignored, not a cell")
             continue
@@ -53,6 +66,8 @@ def audit_store(location: str | os.PathLike) -> list[str]:
                             f"marker says {commit.size}): ignored; the cell counts as not done and reruns")
         vouched.add(commit.file)  # named above if it does not match; not again as unverified
     for name, info in sorted(top.items()):
+        if name in vouched:
+            continue
         where = store.uri(name)
         if info.type == pafs.FileType.Directory:
             if name not in OWN_FOLDERS and not name.startswith("."):

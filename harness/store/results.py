@@ -12,13 +12,11 @@ so a reader never sees a half-written file and a cell is never counted twice.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 
-from harness.store.audit import warn_about_store
 from harness.store.storage import open_store, parquet_from_bytes
 
 SCHEMA_VERSION = 1
@@ -191,20 +189,3 @@ def result_status(results_dir: str | os.PathLike, key: str) -> str | None:
     if isinstance(conformed, str) or set(conformed.column("key").to_pylist()) != {key}:
         return None
     return found[0].status
-
-
-def read_results(results_dir: str | os.PathLike) -> pa.Table:
-    """All committed, checksum-verified rows of a store, cast to RESULT_SCHEMA; every other file is
-    skipped with a warning naming it (harness.store.audit), so nothing is left out silently."""
-    tables = []
-    store = open_store(results_dir)
-    warn_about_store(results_dir)
-    for commit, table in store.committed():
-        conformed = conform(table)
-        if isinstance(conformed, str):
-            print(f"warning: {store.uri(commit.file)} {conformed}: ignored", file=sys.stderr)
-            continue
-        tables.append(conformed)
-    if not tables:
-        return RESULT_SCHEMA.empty_table()
-    return pa.concat_tables(tables)
