@@ -11,7 +11,8 @@ Layout (all links relative, so any static host or a file:// URL works):
     site.json, data.csv        everything nested (summary, tables, failed, problems); long-form CSV
 Each file is written atomically (temp + rename); pages of cells/settings that no longer exist
 are removed after the new ones are in place. Nothing in one row stops the build: a page or figure
-that cannot be drawn is replaced or left out and listed on the index with its reason.
+that cannot be drawn is replaced or left out and listed on the index with its reason. A rebuild
+into the same folder renders only the cell pages whose inputs changed (leaderboard.incremental).
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.store.results import read_results
+from harness.store.index import read_results
+from harness.store.storage import local_path
 from leaderboard.ace_gallery import ACE_PAGE, collect
 from leaderboard.aggregate import aggregate
 from leaderboard.exports import to_csv, to_json, to_records
 from leaderboard.format import method_file
-from leaderboard.pages import Renderer
+from leaderboard.incremental import MANIFEST, PageManifest, page_hash
+from leaderboard.pages import Renderer, table_heading
 
 PAGE_DIRS = ("cells", "settings", "methods")
 
@@ -51,29 +54,43 @@ def _prune(out_dir: Path, written: set[Path]) -> None:
 
 
 def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
-    """Read results, aggregate, write all pages + data.json + data.csv; return index.html's path."""
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise FileNotFoundError(f"results folder not found: {results_dir}")
+    """Read results (a local folder or any store URI), aggregate, write all pages + data.json +
+    data.csv; return index.html's path."""
+    local = local_path(results_dir)
+    if local is not None and not local.is_dir():
+        raise FileNotFoundError(f"results folder not found: {local}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     board = aggregate(read_results(results_dir))
     generated_at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-    render = Renderer(board, generated_at, results_dir, out_dir)
+    render = Renderer(board, generated_at, local, out_dir)  # artifact links only into a local folder
     explained = collect(board.cells, results_dir)
-    render.env.globals["ace_keys"] = frozenset(e.key for e in explained)
+    explained_keys = frozenset(e.key for e in explained)
+    render.env.globals["ace_keys"] = explained_keys
 
     written: set[Path] = set()
+    pages = PageManifest.load(out_dir)
     for cell in board.cells.values():
         path = out_dir / cell.page
+        artifacts = render.artifacts(cell)
+        table = render.table_of_key.get(cell.key)
+        digest = page_hash(cell.rows, table and [table["page"], table_heading(table)], cell.key in explained_keys,
+                           artifacts)
+        kept = pages.unchanged(cell.page, digest)
+        written.add(path)
+        if kept is not None:  # nothing it shows changed: leaderboard.incremental
+            render.problems.extend(kept)
+            pages.keep(cell.page, digest, kept)
+            continue
+        before = len(render.problems)
         try:
-            page = render.cell(cell)
+            page = render.cell(cell, artifacts)
         except Exception as err:  # one undrawable cell never stops the build
             reason = f"{type(err).__name__}: {err}"
             render.problems.append({"subject": cell.key, "what": "cell page", "reason": reason})
             page = render.cell_fallback(cell, reason)
         _write_atomic(path, page)
-        written.add(path)
+        pages.record(cell.page, digest, render.problems[before:])
     for table in board.tables:
         path = out_dir / table["page"]
         _write_atomic(path, render.setting(table))
@@ -93,4 +110,5 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
     _write_atomic(index, render.index())
     _write_atomic(out_dir / "site.json", to_json(board, generated_at, render.problems))
     _prune(out_dir, written)
+    _write_atomic(out_dir / MANIFEST, pages.text())  # last: a page is recorded only once written
     return index

@@ -5,6 +5,7 @@ its rows exactly as committed: the numbers a reader checks against the Parquet f
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,9 +110,10 @@ class Cell:
         value = self.first("package_versions") or []
         return sorted(value.items()) if isinstance(value, dict) else [tuple(kv) for kv in value]
 
-    @property
+    @functools.cached_property
     def config(self) -> str | None:
-        """The resolved config as pretty JSON (the raw text when it is not valid JSON)."""
+        """The resolved config as pretty JSON (the raw text when it is not valid JSON); computed
+        once per cell (a page reads it twice, and a 10,000-cell site has 10,000 of them)."""
         text = self.first("config_json")
         if text is None:
             return None
@@ -120,7 +122,7 @@ class Cell:
         except ValueError:
             return text
 
-    @property
+    @functools.cached_property
     def train_key(self) -> str | None:
         """The checkpoint folder's name (the config's train_key), when the config records it."""
         try:

@@ -8,6 +8,7 @@ A figure that cannot be drawn is recorded in `Renderer.problems` with its reason
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -124,11 +125,11 @@ class Renderer:
 
         return self._render("ace.html.j2", "", explained=explained, metrics=METRICS)
 
-    def cell(self, cell: Cell) -> str:
+    def cell(self, cell: Cell, artifacts: list[tuple[str, str, bool]] | None = None) -> str:
         return self._render("cell.html.j2", "../", cell=cell, table=self.table_of_key.get(cell.key),
                             figures=cell_figures(cell, self.problems), provenance=PROVENANCE,
                             cost_fields=COST_FIELDS, command=reproduce_command(cell.first("config_json")),
-                            artifacts=self.artifacts(cell))
+                            artifacts=self.artifacts(cell) if artifacts is None else artifacts)
 
     def cell_fallback(self, cell: Cell, reason: str) -> str:
         """A minimal page for a cell whose full page could not be rendered, naming the reason."""
@@ -151,13 +152,19 @@ class Renderer:
         the cell page, when the results folder is local."""
         if self.results_dir is None or self.out_dir is None:
             return []
-        page_dir = (self.out_dir / cell.page).parent.resolve()
+        results, page_dir = self._resolved
         out = []
-        for label, path in (("per-sample results (Parquet)", self.results_dir / "samples" / f"{cell.key}.parquet"),
-                            ("result rows (Parquet)", self.results_dir / f"{cell.key}.parquet")):
-            out.append((label, Path(os.path.relpath(path.resolve(), page_dir)).as_posix(), path.is_file()))
+        for label, path in (("per-sample results (Parquet)", results / "samples" / f"{cell.key}.parquet"),
+                            ("result rows (Parquet)", results / f"{cell.key}.parquet")):
+            out.append((label, Path(os.path.relpath(path, page_dir)).as_posix(), path.is_file()))
         train_key = cell.train_key
         if train_key:
-            folder = self.results_dir / "checkpoints" / train_key
-            out.append(("checkpoint folder", Path(os.path.relpath(folder.resolve(), page_dir)).as_posix(), folder.is_dir()))
+            folder = results / "checkpoints" / train_key
+            out.append(("checkpoint folder", Path(os.path.relpath(folder, page_dir)).as_posix(), folder.is_dir()))
         return out
+
+    @functools.cached_property
+    def _resolved(self) -> tuple[Path, Path]:
+        """The results folder and the cell pages' folder, resolved once (not per cell)."""
+        assert self.results_dir is not None and self.out_dir is not None
+        return self.results_dir.resolve(), (self.out_dir / cell_file("x")).parent.resolve()

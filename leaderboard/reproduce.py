@@ -59,8 +59,16 @@ def literal(value: Any) -> str:
     return repr(value)
 
 
-def _skipped(path: str) -> bool:
+@lru_cache(maxsize=65536)
+def _skipped(path: str) -> bool:  # cached: every cell of a grid has the same paths
     return any(path == s or path.startswith(s + ".") for s in SKIP)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON text (1 and 1.0 differ: the override must recompose the very value)."""
+    if type(a) is type(b) and isinstance(a, (str, int, bool)) or a is None or b is None:
+        return a == b
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 @lru_cache(maxsize=256)
@@ -81,7 +89,7 @@ def reproduce_overrides(cfg: dict[str, Any]) -> list[str]:
     for path, value in mine.items():
         if path not in defaults:
             out.append(f"+{path}={literal(value)}")
-        elif json.dumps(defaults[path], sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
+        elif not _same(defaults[path], value):
             out.append(f"{path}={literal(value)}")
     out += [f"~{path}" for path in defaults if path not in mine and not _skipped(path)
             and not any(p.startswith(path + ".") for p in mine)]

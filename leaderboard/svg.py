@@ -369,8 +369,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_lab
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         path = " ".join(f"{ax.x(x):.1f},{ax.y(y):.1f}" for x, y in sorted(pts))
         body.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash_attr}/>')
+        title = f"{esc(name)} at {esc(x_label)}"  # escaped once per series; numbers need none
         for x, y in pts:
-            body.append(f'<g><title>{esc(name)} at {esc(x_label)} {esc(tick_text(x))}: {esc(f"{y:.4g}")}</title>'
+            body.append(f'<g><title>{title} {tick_text(x)}: {y:.4g}</title>'
                         + marker(shape, ax.x(x), ax.y(y), 3, color, color) + "</g>")
         lx = ax.left + (i % 2) * (ax.width / 2)
         ly = 14 + 18 * (i // 2)
