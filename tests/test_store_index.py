@@ -154,3 +154,21 @@ def test_a_grid_restricted_read_never_reads_another_grids_cells(tmp_path: Path, 
                        only={"k000", "k001"}) == []
     assert not [rel for rel in read if "k002" in rel or "k003" in rel]
     assert any("does not match" in m or "k002" in m for m in audit_store(location))  # unrestricted: named
+
+
+def test_leaderboard_report_and_compare_read_a_store_uri(s3: str, tmp_path: Path) -> None:
+    """The site, the paper table and compare straight from an S3 store (no local copy), and a
+    bucket that does not exist is named before any work."""
+    from harness.cli import main
+
+    location = f"s3://bkt/site-from-s3?{s3}"
+    for key, acc in (("a0", 0.4), ("b0", 0.6)):
+        row = {**_row(key, acc=acc), "dataset": "digits", "arch": "cnn", "method": "erm", "seed": 0, "norm": "linf",
+               "eps": 0.1, "clean_acc": 0.9, "n_eval": 400, "grid": "t"}
+        write_cell_result(location, key, [row])
+    assert main(["leaderboard", "--results", location, "--out", str(tmp_path / "site")]) == 0
+    assert (tmp_path / "site" / "index.html").is_file() and len(list((tmp_path / "site" / "cells").glob("*.html"))) == 2
+    assert main(["report", "--results", location, "--out", str(tmp_path / "table.md")]) == 0
+    assert "erm" in (tmp_path / "table.md").read_text()
+    assert main(["compare", location, location]) == 0
+    assert main(["report", "--results", f"s3://no-such-bucket/x?{s3}"]) == 2
