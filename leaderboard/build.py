@@ -21,7 +21,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.store.index import read_results
+from harness.store.index import read_store
 from harness.store.storage import local_path
 from leaderboard.ace_gallery import ACE_PAGE, collect
 from leaderboard.aggregate import aggregate
@@ -61,7 +61,8 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
         raise FileNotFoundError(f"results folder not found: {local}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    board = aggregate(read_results(results_dir))
+    found = read_store(results_dir)
+    board = aggregate(found.table)
     generated_at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     render = Renderer(board, generated_at, local, out_dir)  # artifact links only into a local folder
     explained = collect(board.cells, results_dir)
@@ -74,8 +75,9 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
         path = out_dir / cell.page
         artifacts = render.artifacts(cell)
         table = render.table_of_key.get(cell.key)
-        digest = page_hash(cell.rows, table and [table["page"], table_heading(table)], cell.key in explained_keys,
-                           artifacts)
+        commit = found.commits.get(cell.key)  # its sha256 names the cell's rows exactly (no need to hash them)
+        digest = page_hash(commit.sha256 if commit else cell.rows, table and [table["page"], table_heading(table)],
+                           cell.key in explained_keys, artifacts)
         kept = pages.unchanged(cell.page, digest)
         written.add(path)
         if kept is not None:  # nothing it shows changed: leaderboard.incremental

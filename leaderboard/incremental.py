@@ -1,9 +1,9 @@
 """Render a cell page only when what it shows changed since the last build into the same folder.
 
 A 10,000-cell site is 10,000 cell pages; a grid that adds 100 cells should not re-render the other
-9,900. Each cell page's inputs are hashed (the cell's committed rows, the setting it links back
-to, whether it has an ACE gallery entry, its artifact links, and the version of the code that
-renders it: the leaderboard's modules and templates and the configs its reproduce command is
+9,900. Each cell page's inputs are hashed (the cell's committed rows, named by their commit's
+sha256; the setting it links back to; whether it has an ACE gallery entry; its artifact links;
+and the version of the code that renders it: the leaderboard's modules and templates and the configs its reproduce command is
 composed from); `.pages.json` in the site folder records each page's hash and the problems its
 rendering reported, written last. A page whose hash is unchanged and whose file is still there is
 kept as it is (its problems reported again); anything else is rendered. Deleting `.pages.json`

@@ -101,3 +101,24 @@ def test_a_kept_page_still_reports_its_problems_on_the_index(tmp_path: Path, ren
     build_site(results, site)
     assert rendered == [] and json.loads((site / "site.json").read_text())["problems"] == first
     assert "cannot draw a0" in (site / "index.html").read_text()
+
+
+def test_a_cell_page_links_the_artifacts_its_results_folder_holds(tmp_path: Path) -> None:
+    """The per-sample file, the result file and the checkpoint folder are linked relative to the
+    cell page when they exist (the folders are listed once per build, not stat'ed per cell)."""
+    import re
+
+    results, site = tmp_path / "results", tmp_path / "site"
+    for key in ("a0", "b0"):
+        row = {**_row(key, "erm", 0.1), "config_json": json.dumps({"train_key": f"t{key}"})}
+        write_cell_result(results, key, [row])
+    (results / "samples").mkdir()
+    (results / "samples" / "a0.parquet").write_bytes(b"x")
+    (results / "checkpoints" / "ta0").mkdir(parents=True)
+    build_site(results, site)
+    for key, expected in (("a0", 3), ("b0", 1)):
+        page = site / cell_file(key)
+        hrefs = re.findall(r'<li><a href="([^"]+)">', page.read_text().split('id="artifacts"')[1].split("</ul>")[0])
+        assert len(hrefs) == expected, hrefs
+        assert all((page.parent / href).resolve().exists() for href in hrefs)
+    assert "not in this results folder" in (site / cell_file("b0")).read_text()

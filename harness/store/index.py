@@ -92,12 +92,17 @@ def list_store(store: Store) -> StoreListing:
 def read_results(results_dir: str | os.PathLike) -> pa.Table:
     """All committed, checksum-verified rows of a store, cast to RESULT_SCHEMA; every other file is
     skipped with a warning naming it (harness.store.audit), so nothing is left out silently."""
+    return read_store(results_dir).table
+
+
+def read_store(results_dir: str | os.PathLike) -> CommittedRows:
+    """read_results' rows with the commit of each cell (its sha256 names its rows exactly)."""
     location = str(results_dir)
     found = read_committed(location)
     messages = audit_store(location, found.listing.top or None, found.listing.commit_files, found.commits)
     for message in messages + [f"{what}: ignored" for what in found.skipped.values()]:
         print(f"warning: {message}", file=sys.stderr)
-    return found.table
+    return found
 
 
 def read_committed(location: str, columns: Sequence[str] | None = None, only: Iterable[str] | None = None,
