@@ -22,8 +22,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import pyarrow.fs as pafs
-
 from harness.store.heartbeat import HeartbeatMarker
 from harness.store.index import CommittedRows, read_committed
 from harness.store.results import result_status
@@ -131,37 +129,13 @@ def record_identity(location: str, cell_id: str | None, key: str, status: str, c
 
 def attempt_counts(location: str) -> dict[str, int]:
     """Starts per key, from one (recursive, paged) listing of `_attempts/`: not a listing per cell."""
-    store = open_store(location)
-    selector = pafs.FileSelector(store.path(ATTEMPTS), allow_not_found=True, recursive=True)
-    try:
-        infos = store._retried(f"listing {store.uri(ATTEMPTS)}", lambda: store.fs.get_file_info(selector))
-    except (FileNotFoundError, NotADirectoryError, OSError):
-        return {}
-    prefix = store.path(ATTEMPTS) + "/"
-    counts: dict[str, int] = {}
-    for info in infos:
-        if info.type == pafs.FileType.File and info.path.startswith(prefix):
-            key, _, rest = info.path[len(prefix):].partition("/")
-            if rest and "/" not in rest:
-                counts[key] = counts.get(key, 0) + 1
-    return counts
+    return {key: len(names) for key, names in open_store(location).files_by_folder(ATTEMPTS).items()}
 
 
 def keys_by_identity(location: str) -> dict[str, list[str]]:
     """cell_id -> every key it was committed under, from one (recursive) listing of `_cells/`."""
-    store = open_store(location)
-    selector = pafs.FileSelector(store.path(IDENTITIES), allow_not_found=True, recursive=True)
-    try:
-        infos = store._retried(f"listing {store.uri(IDENTITIES)}", lambda: store.fs.get_file_info(selector))
-    except (FileNotFoundError, NotADirectoryError, OSError):
-        return {}
-    prefix = store.path(IDENTITIES) + "/"
-    out: dict[str, list[str]] = {}
-    for info in infos:
-        cell_id, _, name = info.path[len(prefix):].partition("/") if info.path.startswith(prefix) else ("", "", "")
-        if info.type == pafs.FileType.File and name.endswith(".json") and "/" not in name:
-            out.setdefault(cell_id, []).append(name[: -len(".json")])
-    return out
+    return {cell_id: [name[: -len(".json")] for name in names if name.endswith(".json")]
+            for cell_id, names in open_store(location).files_by_folder(IDENTITIES).items()}
 
 
 def grid_status(location: str, keys: Iterable[str] | None = None,

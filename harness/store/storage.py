@@ -200,6 +200,23 @@ class Store:
             return []
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
+    def files_by_folder(self, rel: str) -> dict[str, list[str]]:
+        """{subfolder: names of the files directly in it} for every subfolder of `rel`, from one
+        recursive (paged) listing: what a listing per subfolder would give, in a fixed number of
+        requests however many subfolders there are."""
+        selector = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=True)
+        try:
+            infos = self._retried(f"listing {self.uri(rel)}", lambda: self.fs.get_file_info(selector))
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            return {}
+        prefix = self.path(rel) + "/"
+        out: dict[str, list[str]] = {}
+        for info in infos:
+            folder, _, name = info.path[len(prefix):].partition("/") if info.path.startswith(prefix) else ("", "", "")
+            if info.type == pafs.FileType.File and name and "/" not in name:
+                out.setdefault(folder, []).append(name)
+        return out
+
     def exists(self, rel: str) -> bool:
         return self._retried(f"looking for {self.uri(rel)}",
                              lambda: self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File)
