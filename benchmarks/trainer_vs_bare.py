@@ -10,9 +10,13 @@ the two no-grad BatchNorm forwards of the official loop), same batch, threads an
 synthetic CIFAR-shaped dataset, 3 x size x size, 10 classes; no validation split, so both sides
 train on the same samples). The trainer reads it through its real data path (shards, PNG decode,
 loader, DDP at world size 1, checkpoint) and reports its own images/s (samples over the epoch
-loop's seconds, its first step left out: that step alone counts FLOPs and pays one-time warm-up);
-the bare loop reads in-memory tensors and is timed around its steps, its first step left out
-alike. Small images make a step short, so per-step overheads show: 8x8 is the hard case.
+loop's seconds, its first batch and step left out: that step alone counts FLOPs and pays one-time
+warm-up, and its batch waits for the loader's shuffle buffer to fill, which here is the whole
+epoch's decoding); the bare loop reads tensors decoded beforehand and is timed around its steps,
+its first step left out alike. So neither side's number holds the decoding: the line prints it
+apart (the trainer's loader over the epoch, alone, in ms per batch: what a step would wait for
+with `num_workers=0` once the buffer is full; loader workers take it off the step's path).
+Small images make a step short, so per-step overheads show: 8x8 is the hard case.
 
 Runs are paired, each pair's order alternating (trainer, bare / bare, trainer ...) so machine
 load and drift hit both sides alike; the line printed per (arch, size) gives the median of the
@@ -110,6 +114,18 @@ def paired_runs(cfg: dict, work: Path, x_all: torch.Tensor, y_all: torch.Tensor,
     return trainer, bare
 
 
+def decode_ms_per_batch(cfg: dict, batch: int, repeats: int = 3) -> float:
+    """The trainer's loader alone over the epoch (shuffled, as the trainer reads it): ms per batch, median."""
+    from harness.data.loader import make_loader
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = sum(int(y.shape[0]) for _, y in make_loader(Path(cfg["data"]["dir"]), "train", batch, shuffle=True,
+                                                        limit=cfg["data"]["train_limit"]))
+        times.append((time.perf_counter() - t0) * 1000 * batch / n)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -139,10 +155,13 @@ def main() -> None:
                     pstats.Stats(prof).sort_stats("tottime").print_stats(30)
                 trainer, bare = paired_runs(cfg, work, x_all, y_all, args.threads, args.repeats)
                 ratios = sorted(t / b for t, b in zip(trainer, bare))
+                decode = decode_ms_per_batch(cfg, batch)
                 print(f"{arch:12s} {size:2d}x{size:<2d} batch {batch:3d} x {steps:2d} steps, PGD-10 AT, "
                       f"{args.threads} thread(s): ratio trainer/bare {statistics.median(ratios):.3f} "
                       f"(median of {len(ratios)} pairs, range {ratios[0]:.3f}-{ratios[-1]:.3f}); "
-                      f"img/s medians trainer {statistics.median(trainer):.1f}, bare {statistics.median(bare):.1f}"
+                      f"img/s medians trainer {statistics.median(trainer):.1f}, bare {statistics.median(bare):.1f} "
+                      f"(a step {1000 * batch / statistics.median(bare):.0f} ms; decoding apart: "
+                      f"{decode:.0f} ms per batch)"
                       f"  (runs: trainer {[round(t, 1) for t in trainer]}, bare {[round(b, 1) for b in bare]})",
                       flush=True)
     finally:
