@@ -124,3 +124,26 @@ def test_images_per_second_leaves_out_the_first_step() -> None:
     assert steady_images_per_second(400, 10.0, 4.0, 100) == 300 / 6.0
     assert steady_images_per_second(100, 4.0, 4.0, 100) == 25.0
     assert steady_images_per_second(0, 0.0, 0.0, 0) == 0.0
+
+
+def test_images_per_second_leaves_out_the_wait_for_the_first_batch(tiny, monkeypatch) -> None:
+    """The loader's start and shuffle-buffer fill (here a 1.5 s sleep before the first batch) is
+    warm-up, as the first step is: the steady-state seconds behind images/s do not hold it."""
+    import time
+
+    import harness.train.trainer as trainer_module
+
+    real = trainer_module.make_loader
+
+    def slow_start(*args, **kwargs):
+        def batches():
+            time.sleep(1.5)
+            yield from real(*args, **kwargs)
+        return batches()
+
+    monkeypatch.setattr(trainer_module, "make_loader", slow_start)
+    cfg = _cfg(tiny + ["trainer.epochs=1", "trainer.batch_size=64", "trainer.validation.fraction=0"])
+    summary = train(cfg, checkpoint_dir(cfg))
+    assert summary.train_seconds > 1.5
+    steady_seconds = (summary.samples_per_epoch[0] - 64) / summary.images_per_second
+    assert steady_seconds < summary.train_seconds - 1.5

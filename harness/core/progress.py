@@ -30,6 +30,23 @@ class _RayBar:
         self._bar.close()
 
 
+class _TqdmBar:
+    """Plain tqdm whose postfix waits for tqdm's own redraw interval: `tqdm.set_postfix` alone
+    redraws the bar on every call, and the trainer sets it on every CPU step."""
+
+    def __init__(self, bar: Any) -> None:
+        self._bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self._bar.set_postfix(refresh=False, **kwargs)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def in_ray_worker() -> bool:
     try:
         import ray
@@ -48,4 +65,4 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
         return _RayBar(tqdm_ray.tqdm(total=total, desc=desc), desc)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return _TqdmBar(tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True))

@@ -80,7 +80,8 @@ class TrainSummary:
     world_size: int
     n_train: int
     train_seconds: float
-    images_per_second: float  # steady state: the run's first step (FLOP count, warm-up, compilation) left out
+    images_per_second: float  # steady state: the run's first batch and step (loader start and shuffle-buffer
+    # fill, FLOP count, warm-up, compilation) left out
     final_train_loss: float
     samples_per_epoch: list[int] = field(default_factory=list)
     replicas_in_sync: bool = True
@@ -256,6 +257,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                     pre_logs = method.pre_pass_step(ddp, x, y, context(epoch, step_in_epoch))
                 for name, value in pre_logs.items():
                     sums[f"pre_{name}"] = sums.get(f"pre_{name}", 0) + value.detach().float() * y.shape[0]
+        batches_t0 = time.perf_counter()  # the wait for the run's first batch is warm-up too (pipeline fill)
         for step_in_epoch, (x, y) in enumerate(epoch_batches(epoch, int(cfg["seed"]))):
             ctx = context(epoch, step_in_epoch)
             momentum = momentum_at(tcfg["schedule"], schedule_position(tcfg["schedule"], epoch, step_in_epoch,
@@ -270,7 +272,6 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             first_step = step_flops_per_image is None and step_in_epoch == 0
-            step_t0 = time.perf_counter()
             try:
                 if first_step:  # count the FLOPs of one whole step (attack and after_step included), once
                     box: dict[str, Any] = {}
@@ -297,7 +298,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
                 _check_finite(cfg, sums["loss"], epoch, step_in_epoch)
                 bar.set_postfix(epoch=epoch, loss=f"{float(logs['loss'].detach()):.3f}")
             if first_step:  # the finite check above waited for the device: the step is done
-                warmup = (time.perf_counter() - step_t0, int(y.shape[0]) * world_size)  # ranks step together
+                warmup = (time.perf_counter() - batches_t0, int(y.shape[0]) * world_size)  # ranks step together
                 if probe is not None and probe.robust_n is None:  # the probe's share of these FLOPs: its budget
                     probe.size_robust(step_flops_per_image, forward_flops, sum(used), TRAIN_ROBUST in logs)
         method.on_epoch_end(ctx)
@@ -366,7 +367,10 @@ def _u32(value: int) -> int:
 
 def steady_images_per_second(samples: int, seconds: float, warmup_seconds: float, warmup_samples: int) -> float:
     """Images/s without the first step, which alone counts FLOPs and pays one-time costs
-    (allocator growth, cuDNN/oneDNN autotuning, torch.compile); all steps when there is only one."""
+    (allocator growth, cuDNN/oneDNN autotuning, torch.compile), nor the wait for its batch: the
+    loader's start and its shuffle-buffer fill (up to `data.shuffle_buffer` samples decoded before
+    the first batch; later batches' decoding is counted where it makes a step wait). All steps
+    when there is only one."""
     if samples > warmup_samples and seconds > warmup_seconds:
         return (samples - warmup_samples) / (seconds - warmup_seconds)
     return samples / seconds if seconds > 0 else 0.0
