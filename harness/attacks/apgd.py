@@ -219,9 +219,11 @@ class _APGD(MaskedAttack):
     """Shared driver: attack the still-robust points, restart by restart (and target by target)."""
 
     def __init__(self, eps: float | str, norm: str = "linf", n_iter: int = 100, n_restarts: int = 1,
-                 rho: float = 0.75, seed: int = 0, eot_iter: int = 1, skip_fooled: bool = True) -> None:
+                 rho: float = 0.75, seed: int = 0, eot_iter: int = 1, skip_fooled: bool | None = None) -> None:
         """skip_fooled: drop a point from the run's batch once it is fooled (see `apgd_run`:
-        every point's outcome is the reference's); False attacks it to the end as the reference."""
+        every point's outcome is the reference's); False attacks it to the end as the reference.
+        None (default): on when eot_iter == 1; off with EOT, which is for randomized models,
+        whose noise is drawn per batch row: dropping rows would shift the others' draws."""
         super().__init__(eps)
         if norm not in ("linf", "l2"):
             raise ValueError(f"{self.name} norm must be 'linf' or 'l2', got {norm!r}")
@@ -230,7 +232,7 @@ class _APGD(MaskedAttack):
         self.norm = norm
         self.n_iter, self.n_restarts = int(n_iter), int(n_restarts)
         self.rho, self.seed, self.eot_iter = float(rho), int(seed), int(eot_iter)
-        self.skip_fooled = bool(skip_fooled)
+        self.skip_fooled = self.eot_iter == 1 if skip_fooled is None else bool(skip_fooled)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
@@ -287,7 +289,7 @@ class APGDT(_APGD):
 
     def __init__(self, eps: float | str, norm: str = "linf", n_iter: int = 100, n_restarts: int = 1,
                  n_target_classes: int = 9, rho: float = 0.75, seed: int = 0, eot_iter: int = 1,
-                 skip_fooled: bool = True) -> None:
+                 skip_fooled: bool | None = None) -> None:
         super().__init__(eps, norm=norm, n_iter=n_iter, n_restarts=n_restarts, rho=rho, seed=seed,
                          eot_iter=eot_iter, skip_fooled=skip_fooled)
         if n_target_classes < 1:

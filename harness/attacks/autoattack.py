@@ -39,12 +39,13 @@ class _AutoAttackBase(Attack):
     default_eot_iter: int = 1
 
     def __init__(self, eps: float | str, norm: str = "linf", seed: int = 0, n_iter: int = 100,
-                 n_queries: int = 5000, eot_iter: int | None = None, skip_fooled: bool = True) -> None:
+                 n_queries: int = 5000, eot_iter: int | None = None, skip_fooled: bool | None = None) -> None:
         """n_iter (APGD, FAB) and n_queries (Square) default to the reference's standard
         strength; lower them only for smoke tests (the row's attack_config records them).
         skip_fooled: APGD and FAB-T drop a point from their batch once it is fooled (every
         point's outcome is the reference's; docs/attacks.md); False attacks every point to the
-        end of each run, as the reference does."""
+        end of each run, as the reference does. None (default): on unless eot_iter > 1
+        (`autoattack_rand`: a randomized model draws its noise per batch row)."""
         super().__init__(eps)
         if n_iter < 1 or n_queries < 1:
             raise ValueError(f"{self.name} needs n_iter >= 1 and n_queries >= 1")
@@ -56,8 +57,8 @@ class _AutoAttackBase(Attack):
         self.norm = norm
         self.seed, self.n_iter, self.n_queries = int(seed), int(n_iter), int(n_queries)
         self.components = list(self.components_of_version)
-        self.skip_fooled = bool(skip_fooled)
         self.eot_iter = int(self.default_eot_iter if eot_iter is None else eot_iter)
+        self.skip_fooled = self.eot_iter == 1 if skip_fooled is None else bool(skip_fooled)
         if self.eot_iter < 1:
             raise ValueError(f"{self.name} eot_iter must be >= 1, got {self.eot_iter}")
 

@@ -21,7 +21,6 @@ from torch import nn
 from harness.core.registry import ATTACKS
 
 Norm = Literal["linf", "l2"]
-_QUIET_DEFAULTS = {"eot_iter": 1, "skip_fooled": True}  # settings describe() leaves out at these values
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> scalar to MAXIMISE
 
 
@@ -48,10 +47,11 @@ class Attack(ABC):
     def describe(self) -> dict[str, Any]:
         """The settings that define this attack (stored with every result row). `eot_iter` is
         left out at its default 1, so rows of deterministic evaluations read as before EOT existed,
-        and `skip_fooled` at its default True (it changes no point's outcome, only the work)."""
+        and `skip_fooled` at its default (on without EOT: it changes no point's outcome, only the work)."""
+        quiet = {"eot_iter": 1, "skip_fooled": getattr(self, "eot_iter", 1) == 1}
         return {"name": self.name, "norm": self.norm, **{
             k: v for k, v in vars(self).items()
-            if not k.startswith("_") and not (k in _QUIET_DEFAULTS and v == _QUIET_DEFAULTS[k])}}
+            if not k.startswith("_") and not (k in quiet and v == quiet[k])}}
 
 
 class MaskedAttack(Attack):
