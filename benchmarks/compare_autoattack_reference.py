@@ -148,7 +148,10 @@ def main() -> None:
     def ref_autoattack():
         aa = RefAutoAttack(model, norm="Linf", eps=eps, seed=seed, version="standard",
                            verbose=False, device="cpu")
-        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = n_iter
+        for apgd in (aa.apgd, aa.apgd_targeted):  # its checkpoint schedule is fixed at construction
+            apgd.n_iter, apgd.n_iter_2 = n_iter, max(int(0.22 * n_iter), 1)
+            apgd.n_iter_min, apgd.size_decr = max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+        aa.fab.n_iter = n_iter
         aa.square.n_queries = n_queries
         for row, _, attr in COMPONENTS:
             attack = getattr(aa, attr)
