@@ -28,7 +28,7 @@ from torch import nn
 from harness.attacks.base import MaskedAttack
 from harness.core.registry import ATTACKS
 
-PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> (B,)
+TargetLoss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (logits, y, target) -> (B,)
 
 MOMENTUM = 0.75  # alpha of the paper: weight of the new step vs the previous displacement
 _TINY = 1e-12  # added to norms and to DLR denominators (the reference's constant)
@@ -120,15 +120,16 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) 
     return (x + eps * _normalize(noise.to(x.device), norm)).clamp(0.0, 1.0)
 
 
-def _loss_and_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss,
-                   eot_iter: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _loss_and_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: TargetLoss,
+                   eot_iter: int = 1, target: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-sample loss, d sum(loss) / d x_adv averaged over `eot_iter` forwards, logits);
     input gradient only (autograd.grad). Loss and logits are those of the last forward."""
     x_adv = x_adv.detach().requires_grad_(True)
     total = torch.zeros_like(x_adv)
     for _ in range(eot_iter):
         logits = model(x_adv)
-        loss = loss_fn(logits, y)
+        loss = loss_fn(logits, y, target)
         (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         total += grad
     if eot_iter > 1:
@@ -136,15 +137,28 @@ def _loss_and_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_
     return loss.detach(), total.detach(), logits.detach()
 
 
-def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss, *,
-             eps: float, norm: str, n_iter: int, rho: float,
-             gen: torch.Generator, eot_iter: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: TargetLoss, *,
+             eps: float, norm: str, n_iter: int, rho: float, gen: torch.Generator,
+             eot_iter: int = 1, target: torch.Tensor | None = None,
+             skip_fooled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One APGD run from a random start. Returns (fooled, x_found): fooled[i] if some iterate
-    (the start included) was misclassified; x_found[i] is the last such iterate (else the start)."""
+    (the start included) was misclassified; x_found[i] is the last such iterate (else the start).
+
+    `loss_fn(logits, y, target)` is per sample; `target` (B,) rides along with the points (the
+    targeted loss's classes), None for untargeted losses.
+    skip_fooled (default): a point leaves the working batch at its first misclassified iterate,
+    and x_found[i] is that iterate. Nothing else depends on it: its step size, checkpoint counts
+    and best loss are its own (every rule below is per point), the model is in eval mode (no
+    batch statistics) and the run's only random draw is the start, taken before the loop for the
+    whole batch. So every other point follows the same iterates, and a fooled point stays fooled:
+    the outcome of every point is the reference's; only a fooled point's returned example is an
+    earlier misclassified iterate. skip_fooled=False keeps every point to the end (the reference)."""
     x_adv = _random_start(x, eps, norm, gen)
-    loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn, eot_iter)
+    loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn, eot_iter, target)
     fooled = logits.max(1)[1] != y
-    x_found, x_best, grad_best, loss_best = x_adv.clone(), x_adv.clone(), grad.clone(), loss.clone()
+    x_found = x_adv.clone()
+    pos = torch.arange(len(x), device=x.device)  # rows of the run still in the working batch
+    x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
     step = torch.full((len(x),) + (1,) * (x.dim() - 1), 2.0 * eps, device=x.device)
     x_prev = x_adv.clone()
 
@@ -153,7 +167,18 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSam
     loss_steps = torch.zeros(n_iter, len(x), device=x.device)
     best_at_check = loss_best.clone()
     halved_at_check = torch.ones_like(fooled)  # no "no improvement" halving at the 1st checkpoint
+    wrong = fooled
     for i in range(n_iter):
+        if skip_fooled and bool(wrong.any()):
+            keep = (~wrong).nonzero().flatten()  # drop the points just fooled (they stay fooled)
+            if keep.numel() == 0:
+                break
+            pos, x, y, x_adv, x_prev, grad, x_best, grad_best = (
+                t[keep] for t in (pos, x, y, x_adv, x_prev, grad, x_best, grad_best))
+            loss_best, step, best_at_check, halved_at_check = (
+                t[keep] for t in (loss_best, step, best_at_check, halved_at_check))
+            loss_steps = loss_steps[:, keep]
+            target = None if target is None else target[keep]
         with torch.no_grad():
             # Gradient step, then momentum: x_{k+1} = P(x_k + a (z_{k+1} - x_k) + (1-a)(x_k - x_{k-1}))
             a = MOMENTUM if i > 0 else 1.0
@@ -162,10 +187,10 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSam
             x_new = _project(x_adv + (z - x_adv) * a + (x_adv - x_prev) * (1 - a), x, eps, norm)
             x_prev, x_adv = x_adv, x_new
 
-        loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn, eot_iter)
+        loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn, eot_iter, target)
         wrong = logits.max(1)[1] != y
-        fooled |= wrong
-        x_found[wrong] = x_adv[wrong]  # overwritten at every misclassified iterate: the last one
+        fooled[pos[wrong]] = True
+        x_found[pos[wrong]] = x_adv[wrong]  # overwritten at every misclassified iterate: the last one
 
         with torch.no_grad():
             loss_steps[i] = loss
@@ -186,11 +211,19 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSam
     return fooled, x_found
 
 
+def _no_target(idx: torch.Tensor) -> None:
+    return None
+
+
 class _APGD(MaskedAttack):
     """Shared driver: attack the still-robust points, restart by restart (and target by target)."""
 
     def __init__(self, eps: float | str, norm: str = "linf", n_iter: int = 100, n_restarts: int = 1,
-                 rho: float = 0.75, seed: int = 0, eot_iter: int = 1) -> None:
+                 rho: float = 0.75, seed: int = 0, eot_iter: int = 1, skip_fooled: bool | None = None) -> None:
+        """skip_fooled: drop a point from the run's batch once it is fooled (see `apgd_run`:
+        every point's outcome is the reference's); False attacks it to the end as the reference.
+        None (default): on when eot_iter == 1; off with EOT, which is for randomized models,
+        whose noise is drawn per batch row: dropping rows would shift the others' draws."""
         super().__init__(eps)
         if norm not in ("linf", "l2"):
             raise ValueError(f"{self.name} norm must be 'linf' or 'l2', got {norm!r}")
@@ -199,6 +232,7 @@ class _APGD(MaskedAttack):
         self.norm = norm
         self.n_iter, self.n_restarts = int(n_iter), int(n_restarts)
         self.rho, self.seed, self.eot_iter = float(rho), int(seed), int(eot_iter)
+        self.skip_fooled = self.eot_iter == 1 if skip_fooled is None else bool(skip_fooled)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
@@ -206,19 +240,21 @@ class _APGD(MaskedAttack):
             robust = model(x).max(1)[1] == y
         x_adv = x.clone()
         gen = torch.Generator().manual_seed(self.seed)  # seeded once per call, like the reference
-        for loss_fn in self._losses(model, x):
+        for loss_fn, target_of in self._losses(model, x):
             idx = robust.nonzero().flatten()
             if idx.numel() == 0:
                 break
-            fooled, found = apgd_run(model, x[idx], y[idx], loss_fn(idx), eps=self.eps,
+            fooled, found = apgd_run(model, x[idx], y[idx], loss_fn, eps=self.eps,
                                      norm=self.norm, n_iter=self.n_iter, rho=self.rho, gen=gen,
-                                     eot_iter=self.eot_iter)
+                                     eot_iter=self.eot_iter, target=target_of(idx),
+                                     skip_fooled=self.skip_fooled)
             x_adv[idx[fooled]] = found[fooled]
             robust[idx[fooled]] = False
         return x_adv, ~robust
 
     def _losses(self, model: nn.Module, x: torch.Tensor):
-        """Yields, per run, a factory idx -> per-sample loss for the points idx being attacked."""
+        """Yields, per run, (loss (logits, y, target) -> (B,), idx -> the targets of the points
+        idx being attacked, or None)."""
         raise NotImplementedError
 
 
@@ -230,7 +266,7 @@ class APGDCE(_APGD):
 
     def _losses(self, model: nn.Module, x: torch.Tensor):
         for _ in range(self.n_restarts):
-            yield lambda idx: (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
+            yield (lambda logits, y, _: F.cross_entropy(logits, y, reduction="none")), _no_target
 
 
 @ATTACKS.register("apgd_dlr")
@@ -241,7 +277,7 @@ class APGDDLR(_APGD):
 
     def _losses(self, model: nn.Module, x: torch.Tensor):
         for _ in range(self.n_restarts):
-            yield lambda idx: dlr_loss
+            yield (lambda logits, y, _: dlr_loss(logits, y)), _no_target
 
 
 @ATTACKS.register("apgd_t")
@@ -252,25 +288,26 @@ class APGDT(_APGD):
     name = "apgd_t"
 
     def __init__(self, eps: float | str, norm: str = "linf", n_iter: int = 100, n_restarts: int = 1,
-                 n_target_classes: int = 9, rho: float = 0.75, seed: int = 0, eot_iter: int = 1) -> None:
+                 n_target_classes: int = 9, rho: float = 0.75, seed: int = 0, eot_iter: int = 1,
+                 skip_fooled: bool | None = None) -> None:
         super().__init__(eps, norm=norm, n_iter=n_iter, n_restarts=n_restarts, rho=rho, seed=seed,
-                         eot_iter=eot_iter)
+                         eot_iter=eot_iter, skip_fooled=skip_fooled)
         if n_target_classes < 1:
             raise ValueError(f"apgd_t n_target_classes must be >= 1, got {n_target_classes}")
         self.n_target_classes = int(n_target_classes)
 
     def _losses(self, model: nn.Module, x: torch.Tensor):
         def targeted(rank: int):
-            def make(idx: torch.Tensor) -> PerSampleLoss:
+            def make(idx: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
                     logits = model(x[idx])
                 if logits.shape[1] < max(4, rank):
                     raise ValueError(f"apgd_t with n_target_classes={self.n_target_classes} needs "
                                      f"at least {max(4, rank)} classes, the model has {logits.shape[1]}")
                 y_target = logits.sort(dim=1)[1][:, -rank]  # the rank-th most likely class
-                return lambda z, y: dlr_loss_targeted(z, y, y_target)
+                return y_target
             return make
 
         for rank in range(2, self.n_target_classes + 2):
             for _ in range(self.n_restarts):
-                yield targeted(rank)
+                yield dlr_loss_targeted, targeted(rank)

@@ -19,6 +19,7 @@ per-component robust accuracies that the Square-vs-white-box integrity check rea
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -38,9 +39,13 @@ class _AutoAttackBase(Attack):
     default_eot_iter: int = 1
 
     def __init__(self, eps: float | str, norm: str = "linf", seed: int = 0, n_iter: int = 100,
-                 n_queries: int = 5000, eot_iter: int | None = None) -> None:
+                 n_queries: int = 5000, eot_iter: int | None = None, skip_fooled: bool | None = None) -> None:
         """n_iter (APGD, FAB) and n_queries (Square) default to the reference's standard
-        strength; lower them only for smoke tests (the row's attack_config records them)."""
+        strength; lower them only for smoke tests (the row's attack_config records them).
+        skip_fooled: APGD and FAB-T drop a point from their batch once it is fooled (every
+        point's outcome is the reference's; docs/attacks.md); False attacks every point to the
+        end of each run, as the reference does. None (default): on unless eot_iter > 1
+        (`autoattack_rand`: a randomized model draws its noise per batch row)."""
         super().__init__(eps)
         if n_iter < 1 or n_queries < 1:
             raise ValueError(f"{self.name} needs n_iter >= 1 and n_queries >= 1")
@@ -53,18 +58,21 @@ class _AutoAttackBase(Attack):
         self.seed, self.n_iter, self.n_queries = int(seed), int(n_iter), int(n_queries)
         self.components = list(self.components_of_version)
         self.eot_iter = int(self.default_eot_iter if eot_iter is None else eot_iter)
+        self.skip_fooled = self.eot_iter == 1 if skip_fooled is None else bool(skip_fooled)
         if self.eot_iter < 1:
             raise ValueError(f"{self.name} eot_iter must be >= 1, got {self.eot_iter}")
 
     def build_components(self) -> list[Attack]:
+        skip = self.skip_fooled
         built: dict[str, Any] = {
             "apgd_ce": lambda: APGDCE(self.eps, norm=self.norm, n_iter=self.n_iter, n_restarts=1, seed=self.seed,
-                                      eot_iter=self.eot_iter),
+                                      eot_iter=self.eot_iter, skip_fooled=skip),
             "apgd_dlr": lambda: APGDDLR(self.eps, norm=self.norm, n_iter=self.n_iter, n_restarts=1, seed=self.seed,
-                                        eot_iter=self.eot_iter),
+                                        eot_iter=self.eot_iter, skip_fooled=skip),
             "apgd_t": lambda: APGDT(self.eps, norm=self.norm, n_iter=self.n_iter, n_restarts=1,
-                                    n_target_classes=9, seed=self.seed, eot_iter=self.eot_iter),
-            "fab_t": lambda: FABT(self.eps, n_iter=self.n_iter, n_restarts=1, n_target_classes=9, seed=self.seed),
+                                    n_target_classes=9, seed=self.seed, eot_iter=self.eot_iter, skip_fooled=skip),
+            "fab_t": lambda: FABT(self.eps, n_iter=self.n_iter, n_restarts=1, n_target_classes=9, seed=self.seed,
+                                  skip_fooled=skip),
             "square": lambda: Square(self.eps, n_queries=self.n_queries, p_init=0.8, seed=self.seed),
         }
         return [built[name]() for name in self.components]
@@ -72,16 +80,20 @@ class _AutoAttackBase(Attack):
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._run(model, x, y)[0]
 
-    def perturb_with_log(self, model: nn.Module, x: torch.Tensor,
-                         y: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+    def perturb_with_log(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         seconds: dict[str, float] | None = None) -> tuple[torch.Tensor, list[str | None]]:
         """(x_adv, broken_by): broken_by[i] is 'clean' for a point misclassified already, the
         name of the first component that fooled it, or None if it survived every component.
+        `seconds` (optional) receives each component's wall time.
         Mode restored and input gradients only, as `attack(model, x, y)`."""
         with attack_mode(model):
-            x_adv, broken_by = self._run(model, x.detach(), y.detach())
+            x_adv, broken_by = self._run(model, x.detach(), y.detach(), seconds)
         return x_adv.detach(), broken_by
 
-    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             seconds: dict[str, float] | None = None) -> tuple[torch.Tensor, list[str | None]]:
+        """The chain; `seconds`, when given, receives each component's wall time (its check
+        forward included; on CUDA the times are synchronised)."""
         x = x.float()
         with torch.no_grad():
             robust = model(x).max(1)[1] == y
@@ -91,9 +103,14 @@ class _AutoAttackBase(Attack):
             idx = robust.nonzero().flatten()
             if idx.numel() == 0:
                 break
+            started = time.perf_counter()
             found, _ = attack.perturb_with_mask(model, x[idx], y[idx])
             with torch.no_grad():  # a fresh forward decides, as in the reference (a new draw for a randomized model)
                 fooled = model(found).max(1)[1] != y[idx]
+            if seconds is not None:
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                seconds[attack.name] = time.perf_counter() - started
             x_adv[idx[fooled]] = found[fooled]
             robust[idx[fooled]] = False
             for i in idx[fooled].tolist():

@@ -46,9 +46,12 @@ class Attack(ABC):
 
     def describe(self) -> dict[str, Any]:
         """The settings that define this attack (stored with every result row). `eot_iter` is
-        left out at its default 1, so rows of deterministic evaluations read as before EOT existed."""
+        left out at its default 1, so rows of deterministic evaluations read as before EOT existed,
+        and `skip_fooled` at its default (on without EOT: it changes no point's outcome, only the work)."""
+        quiet = {"eot_iter": 1, "skip_fooled": getattr(self, "eot_iter", 1) == 1}
         return {"name": self.name, "norm": self.norm, **{
-            k: v for k, v in vars(self).items() if not k.startswith("_") and not (k == "eot_iter" and v == 1)}}
+            k: v for k, v in vars(self).items()
+            if not k.startswith("_") and not (k in quiet and v == quiet[k])}}
 
 
 class MaskedAttack(Attack):

@@ -25,6 +25,10 @@ from harness.attacks.base import MaskedAttack
 from harness.core.registry import ATTACKS
 
 _FAR = 1e10  # "no adversarial point found yet" distance
+# Fuse the check forward into the next gradient pass while under this share of the batch was
+# moved back at the last iteration: a pass over the moved points then costs less than a forward
+# over all (a backward costs about two forwards).
+FUSE_BELOW = 0.3
 
 
 def project_linf_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,14 +73,14 @@ def project_linf_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch
 
 
 def _target_margin_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                            target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """f = z_target - z_y per sample and df/dx (input gradient only)."""
+                            target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f = z_target - z_y per sample, df/dx (input gradient only) and the logits."""
     x = x.detach().requires_grad_(True)
     logits = model(x)
     rows = torch.arange(len(y), device=x.device)
     f = logits[rows, target] - logits[rows, y]
     (grad,) = torch.autograd.grad(f.sum(), x)
-    return f.detach(), grad.detach()
+    return f.detach(), grad.detach(), logits.detach()
 
 
 def _linf(v: torch.Tensor) -> torch.Tensor:
@@ -85,33 +89,74 @@ def _linf(v: torch.Tensor) -> torch.Tensor:
 
 def fab_targeted_run(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, target: torch.Tensor, *,
                      n_iter: int, alpha_max: float, eta: float, beta: float,
-                     start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     start: torch.Tensor | None = None,
+                     done_within: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One FAB-T run. Returns (dist, x_best): dist[i] is the L-inf size of the closest
-    misclassified iterate found (_FAR if none), x_best[i] that iterate (x0[i] if none)."""
+    misclassified iterate found (_FAR if none), x_best[i] that iterate (x0[i] if none).
+
+    While few points are misclassified, the forward that says whether an iterate is
+    misclassified is also the next iteration's gradient forward at that iterate (the reference
+    runs a separate one): only the points that were misclassified, and so moved back towards x0,
+    need a new gradient pass, on their own. When the last iteration moved more than
+    FUSE_BELOW of the batch back, the iteration runs as the reference's (check forward, then the
+    gradient pass at the moved-back points), which is then cheaper. Either way each point's
+    iterates are the same.
+    done_within: a point whose closest misclassified iterate lies within this L-inf size leaves
+    the working batch (AutoAttack counts it broken at once; later iterates could only bring a
+    closer one, which changes nothing about it). Every rule is per point and the run draws no
+    random numbers, so the other points follow the same iterates. None (the reference) keeps
+    every point to the end."""
     n = len(x0)
-    shape = (n,) + (1,) * (x0.dim() - 1)
-    flat0 = x0.flatten(1)
     x_best = x0.clone()
     dist = torch.full((n,), _FAR, device=x0.device)
     x1 = x0.clone() if start is None else start
-    for _ in range(n_iter):
-        f, grad = _target_margin_and_grad(model, x1, y, target)
+    pos = torch.arange(n, device=x0.device)  # rows of the run still in the working batch
+    f, grad, _ = _target_margin_and_grad(model, x1, y, target)
+    moved_share = 0.0
+    for it in range(n_iter):
+        last = it == n_iter - 1
         with torch.no_grad():
+            m = len(x1)
+            shape = (m,) + (1,) * (x0.dim() - 1)
             w = grad.flatten(1)
             b = (w * x1.flatten(1)).sum(1) - f  # the linearisation of f at x1 vanishes on w.z = b
-            d = project_linf_box(torch.cat((x1.flatten(1), flat0)), torch.cat((w, w)), torch.cat((b, b)))
+            d = project_linf_box(torch.cat((x1.flatten(1), x0.flatten(1))), torch.cat((w, w)),
+                                 torch.cat((b, b)))
             size = d.abs().amax(1).clamp(min=1e-8)
-            d1, d2 = d[:n].view_as(x0), d[n:].view_as(x0)
-            a1, a2 = size[:n].view(shape), size[n:].view(shape)
+            d1, d2 = d[:m].view_as(x1), d[m:].view_as(x1)
+            a1, a2 = size[:m].view(shape), size[m:].view(shape)
             alpha = (a1 / (a1 + a2)).clamp(min=0.0, max=alpha_max)
             x1 = ((x1 + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha).clamp(0.0, 1.0)
-            adv = model(x1).max(1)[1] != y
+        fused = not last and moved_share < FUSE_BELOW
+        if fused:  # the check's forward and the next step's gradient in one pass
+            f, grad, logits = _target_margin_and_grad(model, x1, y, target)
+        else:
+            with torch.no_grad():
+                logits = model(x1)
+        with torch.no_grad():
+            adv = logits.max(1)[1] != y
+            moved_share = float(adv.float().mean())
             if adv.any():
                 size_adv = _linf(x1 - x0)
-                closer = adv & (size_adv < dist)
-                x_best[closer] = x1[closer]
-                dist[closer] = size_adv[closer]
+                closer = adv & (size_adv < dist[pos])
+                x_best[pos[closer]] = x1[closer]
+                dist[pos[closer]] = size_adv[closer]
                 x1[adv] = x0[adv] + (x1[adv] - x0[adv]) * beta
+                if done_within is not None and not last:
+                    keep = (dist[pos] > done_within).nonzero().flatten()
+                    if keep.numel() == 0:
+                        break
+                    if keep.numel() < m:
+                        pos, x0, y, target, x1, adv = (t[keep] for t in (pos, x0, y, target, x1, adv))
+                        if fused:
+                            f, grad = f[keep], grad[keep]
+        if last:
+            break
+        if not fused:  # as the reference: the gradient pass at every (moved-back) iterate
+            f, grad, _ = _target_margin_and_grad(model, x1, y, target)
+        elif adv.any():  # backed off: the gradient at the new point
+            moved = adv.nonzero().flatten()
+            f[moved], grad[moved], _ = _target_margin_and_grad(model, x1[moved], y[moved], target[moved])
     return dist, x_best
 
 
@@ -124,7 +169,9 @@ class FABT(MaskedAttack):
 
     def __init__(self, eps: float | str, norm: str = "linf", n_iter: int = 100, n_restarts: int = 1,
                  n_target_classes: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
-                 beta: float = 0.9, seed: int = 0) -> None:
+                 beta: float = 0.9, seed: int = 0, skip_fooled: bool = True) -> None:
+        """skip_fooled: drop a point from a run's batch once it has a misclassified iterate
+        within eps (see `fab_targeted_run`: same outcome for every point); False runs it to the end."""
         super().__init__(eps)
         if norm != "linf":
             raise ValueError(f"fab_t supports norm 'linf' only, got {norm!r}; for L2 use apgd_ce/apgd_t")
@@ -137,6 +184,7 @@ class FABT(MaskedAttack):
         self.n_target_classes = int(n_target_classes)
         self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
         self.seed = int(seed)
+        self.skip_fooled = bool(skip_fooled)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -162,7 +210,8 @@ class FABT(MaskedAttack):
                     start = (x0 + 0.5 * self.eps * noise / scale).clamp(0.0, 1.0)
                 dist, found = fab_targeted_run(
                     model, x0, y[idx], ranking[idx, -rank], n_iter=self.n_iter,
-                    alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, start=start)
+                    alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, start=start,
+                    done_within=self.eps if self.skip_fooled else None)
                 with torch.no_grad():
                     wrong = model(found).max(1)[1] != y[idx]
                 broken = wrong & (dist < _FAR) & (_linf(found - x0) <= self.eps)
