@@ -58,7 +58,7 @@ class GenerationConfig:
     per_class: int = 100
     samples_per_shard: int = 256
     shards_per_task: int = 1  # how work is cut into Ray tasks: not part of the key
-    sampler: str = "dpmsolver++"
+    sampler: str = "sde-dpmsolver++"
     sample_steps: int = 20
     batch_size: int = 256
     min_confidence: float = 0.0  # 0: no filter
@@ -364,7 +364,11 @@ def ensure_generated(spec: GenerationSpec, *, device: torch.device | str = "cpu"
     location = generated_location(spec.results_dir, spec.key)
     if open_store(spec.results_dir).exists(f"{spec.rel}/{MANIFEST}"):
         return location
+    from harness.eval.analysis.aux_models import ensure_aux
+
     ensure_generator(spec.data_dir, spec.results_dir, spec.cfg.generator, spec.img_size, log=log, device=device)
+    for role in ("oracle", "features") + (("filter",) if spec.cfg.min_confidence > 0 else ()):
+        ensure_aux(role, Path(spec.data_dir), Path(spec.results_dir), spec.img_size, device=device)  # not in every task
     t0 = time.perf_counter()
     records = run_shards(spec, device, log)
     assemble(spec, records, torch.device(device), time.perf_counter() - t0)
