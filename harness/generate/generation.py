@@ -233,8 +233,7 @@ def write_shard(spec: GenerationSpec, index: int, device: torch.device | str = "
 
 
 def shard_task(spec: GenerationSpec, indices: list[int], device: str = "cpu") -> list[dict[str, Any]]:
-    """One task's shards (the body of a Ray task, or run here)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    """One task's shards (the body of a Ray task, or run here; Ray sets its threads to its CPUs)."""
     return [write_shard(spec, i, device) for i in indices]
 
 
