@@ -18,7 +18,10 @@ ratio printed per pair. Then, on 2 workers:
   per-shard overhead: the same images in shards of 16 and of 64: (T16 - T64) / (n16 - n64);
   per-task overhead:  tasks over shards already written (each returns its record at once).
 FLOPs per image: torch's FlopCounterMode on one UNet forward, x sampling steps (+ the quality
-classifiers' forwards, small). Prints one JSON.
+classifiers' forwards, small). Each shard also records its process's CPU seconds: on a machine
+other jobs load, wall-clock scaling measures the load as much as the code, while images per
+CPU-second per worker (equal in the 1- and 2-worker runs when nothing is serialised) does not.
+Prints one JSON.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ def main() -> None:
     from harness.generate.generator import ensure_generator, load_generator
 
     torch.set_num_threads(1)
+    uptime_before = _uptime_text()
     work = Path(tempfile.mkdtemp(prefix="generation-scale-"))
     data = prepare_digits(work / "data")
     results = str(work / "results")
@@ -81,7 +85,10 @@ def main() -> None:
         assemble_s = time.perf_counter() - start
         return {"workers": workers, "images": spec.total, "shards": spec.n_shards, "wall_s": wall,
                 "images_per_s": spec.total / wall, "shard_seconds_total": sum(r["seconds"] for r in records),
-                "assemble_s": assemble_s, "bytes_per_shard": sum(r["size"] for r in records) / len(records),
+                "shard_cpu_seconds_total": sum(r["cpu_seconds"] for r in records),
+                "cpu_images_per_s_per_worker": spec.total / sum(r["cpu_seconds"] for r in records),
+                "assemble_s": assemble_s, "worker_pids": len({r["pid"] for r in records}),
+                "concurrent_s": _overlap(records), "bytes_per_shard": sum(r["size"] for r in records) / len(records),
                 "spec": spec}
 
     run(2, 1, args.samples_per_shard)  # warm-up: both workers started, their models loaded (not timed)
@@ -105,6 +112,9 @@ def main() -> None:
     t_small = statistics.mean(r["wall_s"] for r in small)
     t_large = statistics.mean(r["wall_s"] for r in large)
     per_shard_s = (t_small - t_large) / (small[0]["shards"] - large[0]["shards"])
+    c_small = statistics.mean(r["shard_cpu_seconds_total"] for r in small)
+    c_large = statistics.mean(r["shard_cpu_seconds_total"] for r in large)
+    per_shard_cpu_s = (c_small - c_large) / (small[0]["shards"] - large[0]["shards"])
 
     # per-task overhead: tasks over shards already written (each returns its stored record)
     done = small[0]["spec"]
@@ -127,7 +137,7 @@ def main() -> None:
 
     speedups = [p["speedup"] for p in pairs]
     out = {
-        "machine": {"nproc": os.cpu_count(), "uptime_before": _uptime_text(),
+        "machine": {"nproc": os.cpu_count(), "uptime_before": uptime_before,
                     "cluster_nodes": len(nodes), "cpus_per_node": 1},
         "settings": {"per_class": args.per_class, "samples_per_shard": args.samples_per_shard,
                      "sample_steps": args.steps, "sampler": "sde-dpmsolver++", "image": list(gen.shape),
@@ -139,6 +149,9 @@ def main() -> None:
         "speedup_1_to_2": statistics.mean(speedups),
         "scaling_efficiency": statistics.mean(speedups) / 2,
         "per_shard_overhead_s": per_shard_s,
+        "per_shard_overhead_cpu_s": per_shard_cpu_s,
+        "cpu_images_per_s_per_worker_1": statistics.mean(p["one"]["cpu_images_per_s_per_worker"] for p in pairs),
+        "cpu_images_per_s_per_worker_2": statistics.mean(p["two"]["cpu_images_per_s_per_worker"] for p in pairs),
         "per_task_overhead_s": per_task_s,
         "shard_runs": {"16": [r["wall_s"] for r in small], "64": [r["wall_s"] for r in large],
                        "shards_16": small[0]["shards"], "shards_64": large[0]["shards"]},
@@ -153,6 +166,17 @@ def main() -> None:
     print(json.dumps(out, indent=1, default=str))
     ray.shutdown()
     cluster.shutdown()
+
+
+def _overlap(records: list[dict]) -> float:
+    """Seconds during which shards of two different worker processes were being made at once."""
+    by_pid: dict[int, list[tuple[float, float]]] = {}
+    for r in records:
+        by_pid.setdefault(r["pid"], []).append((r["started"], r["ended"]))
+    if len(by_pid) < 2:
+        return 0.0
+    a, b = list(by_pid.values())[:2]
+    return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
 
 
 def _uptime_text() -> str:

@@ -17,7 +17,9 @@ never streamed; after every `probe_every` epochs the probe (harness/train/probes
 
 World size > 1 on one machine spawns processes (harness/train/ranks.py); every rank sees a
 disjoint part of each epoch (harness/data/loader.py) and runs the same number of batches, so
-DDP never waits on a rank that ran out of data.
+DDP never waits on a rank that ran out of data. With `data.generated` (a generated set, built by
+its artifact node) each batch mixes real and generated images by `data.generated_ratio`, an epoch
+being ceil(real images / batch) steps (harness/data/generated.py).
 """
 from __future__ import annotations
 
