@@ -257,6 +257,14 @@ def test_the_plan_builds_the_generated_set_once_before_training(tiny) -> None:
         assert node.inputs == (generated[0].id,)
     order = list(plan.nodes)
     assert order.index(generators[0].id) < order.index(generated[0].id) < order.index(plan.of_kind("train")[0].id)
+    # the set's node only orchestrates: it holds no GPU, its shard tasks take the cell's GPU share
+    from harness.run.grid import node_options
+
+    assert node_options(generated[0])["num_gpus"] == 0
+    gpu_cell = _cell(tiny, settings, "resources.gpus=0.5")
+    set_node = [n for n in build_plan([gpu_cell]).of_kind("artifact") if n.id.startswith("artifact/generated/")][0]
+    assert set_node.id == generated[0].id, "resources are not part of the set's key"
+    assert set_node.artifact.build.args[0].gpus == 0.5
 
 
 # ----------------------------------------------------------------------------------- end to end

@@ -37,6 +37,8 @@ class Artifact:
     label: str  # shown in logs and the plan
     build: Callable[..., Any]  # build(device=...) builds and caches it (picklable: a function or partial)
     inputs: tuple[str, ...] = ()  # keys of artifacts built before this one (a generated set: its generator)
+    options: dict[str, Any] | None = None  # Ray options replacing one rank's (a generated set's node only
+    #                                        orchestrates: no GPU, its shard tasks hold the GPUs)
 
 
 @dataclass

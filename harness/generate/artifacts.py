@@ -40,7 +40,7 @@ def generation_spec(cfg: dict[str, Any]) -> GenerationSpec | None:
     if not isinstance(value, dict):
         return None
     return plan_spec(cfg["data"]["dir"], cfg["results_dir"], cfg["data"].get("img_size"),
-                     GenerationConfig.from_dict(value))
+                     GenerationConfig.from_dict(value), float((cfg.get("resources") or {}).get("gpus") or 0))
 
 
 def generated_dir(cfg: dict[str, Any]) -> str | None:
@@ -67,7 +67,7 @@ def data_artifacts(cfg: dict[str, Any]) -> list[Artifact]:
                                            img_size))
     generated = Artifact(f"generated/{spec.key}", f"generated set ({spec.total} images, {spec.n_shards} shards)",
                          functools.partial(ensure_generated, spec),
-                         inputs=tuple(a.key for a in out) + (generator.key,))
+                         inputs=tuple(a.key for a in out) + (generator.key,), options={"num_cpus": 1, "num_gpus": 0})
     return out + [generator, generated]
 
 

@@ -103,6 +103,7 @@ class GenerationSpec:
     key: str
     num_classes: int
     cfg: GenerationConfig
+    gpus: float = 0.0  # per shard task on Ray (the cell's resources.gpus, at most 1); not part of the key
 
     @property
     def total(self) -> int:
@@ -127,7 +128,8 @@ def set_key(generator_key: str, cfg: GenerationConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def plan_spec(data_dir: str, results_dir: str, img_size: int | None, cfg: GenerationConfig) -> GenerationSpec:
+def plan_spec(data_dir: str, results_dir: str, img_size: int | None, cfg: GenerationConfig,
+              gpus: float = 0.0) -> GenerationSpec:
     """The set's spec and key, from the real dataset's manifest (read once, no work)."""
     from harness.data.shards import dataset_sha256
     from harness.generate.generator import generator_key
@@ -136,7 +138,7 @@ def plan_spec(data_dir: str, results_dir: str, img_size: int | None, cfg: Genera
     size = int(img_size or manifest["image_size"][0])
     gkey = generator_key(dataset_sha256(manifest), cfg.generator, size)
     return GenerationSpec(str(data_dir), str(results_dir), img_size, gkey, set_key(gkey, cfg),
-                          int(manifest["num_classes"]), cfg)
+                          int(manifest["num_classes"]), cfg, min(1.0, float(gpus)))
 
 
 # ------------------------------------------------------------------------------------- one shard
@@ -254,10 +256,10 @@ def run_shards(spec: GenerationSpec, device: torch.device | str = "cpu",
     chunks = task_chunks(spec)
     import ray
 
-    if ray.is_initialized():
-        gpu = torch.device(device).type == "cuda"
-        remote = ray.remote(shard_task).options(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
-                                                max_retries=3, name=f"generate/{spec.key}")
+    if ray.is_initialized():  # each task one CPU, or the cell's GPU share (the orchestrating task holds none)
+        gpu = spec.gpus > 0
+        remote = ray.remote(shard_task).options(num_cpus=1, num_gpus=spec.gpus, max_retries=3,
+                                                name=f"generate/{spec.key}")
         refs = [remote.remote(spec, chunk, "cuda" if gpu else "cpu") for chunk in chunks]
         records = [r for part in ray.get(refs) for r in part]
     else:
@@ -373,5 +375,5 @@ def ensure_generated(spec: GenerationSpec, *, device: torch.device | str = "cpu"
         ensure_aux(role, Path(spec.data_dir), Path(spec.results_dir), spec.img_size, device=device)  # not in every task
     t0 = time.perf_counter()
     records = run_shards(spec, device, log)
-    assemble(spec, records, torch.device(device), time.perf_counter() - t0)
+    assemble(spec, records, torch.device("cpu"), time.perf_counter() - t0)  # small models, summed records: CPU
     return location

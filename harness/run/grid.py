@@ -132,6 +132,8 @@ def node_options(node: Node) -> dict[str, Any]:
     eval node, one rank's (a GPU cell evaluates, and builds its DDPM, on its GPU)."""
     if node.kind == "train" or (node.kind == "eval" and cell_resources(node.cfg).ranks > 1):
         return task_options(node.cfg)
+    if node.kind == "artifact" and node.artifact.options is not None:  # e.g. a generated set's orchestrator
+        return {"max_retries": cell_resources(node.cfg).max_retries, **node.artifact.options}
     return rank_options(node.cfg) | {"max_retries": cell_resources(node.cfg).max_retries}
 
 
