@@ -205,6 +205,7 @@ def write_shard(spec: GenerationSpec, index: int, device: torch.device | str = "
     gen, oracle, features, filt = _models(spec, device)
     t0 = time.perf_counter()  # a shard's seconds: sampling, filtering, encoding, writing (not the models' loading)
     c0 = time.process_time()  # ... and this process's CPU seconds for it (other load on the machine left out)
+    started = time.time()
     indices = spec.shard_range(index)
     labels = torch.tensor([j % spec.num_classes for j in indices], dtype=torch.int64)
     x, drawn = _draw(spec, index, labels, gen, filt, device)
@@ -228,7 +229,7 @@ def write_shard(spec: GenerationSpec, index: int, device: torch.device | str = "
         "pixel_sum": pixels.sum((0, 2)).tolist(), "pixel_sumsq": (pixels ** 2).sum((0, 2)).tolist(),
         "pixels": int(pixels.shape[0] * pixels.shape[2]), "drawn": drawn,
         "feature_sum": feats.sum(0).tolist(), "feature_outer": (feats.T @ feats).flatten().tolist(),
-        "load_seconds": t0 - t_load, "device": str(device), "pid": os.getpid(), "started": time.time(),
+        "load_seconds": t0 - t_load, "device": str(device), "pid": os.getpid(), "started": started,
     }
     store.write_bytes(f"{spec.rel}/{name}", data)  # the tar first, its record after: a record means a whole tar
     record["seconds"], record["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
