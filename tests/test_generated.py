@@ -103,6 +103,8 @@ def test_generation_on_ray_writes_shards_then_manifest_and_resumes(digits_dir: P
     quality = manifest["generated"]
     assert len(quality["oracle_acc_per_class"]) == 10 and 0 <= quality["oracle_acc"] <= 1
     assert quality["fid_local"] > 0 and "NOT comparable with Inception FID" in quality["fid_note"]
+    record = json.loads((folder / (shard_name("train", 0) + ".json")).read_text())
+    assert len(record["feature_sum"]) == 64, "the feature extractor's penultimate features, not its logits"
     # labels are the conditioning classes: sample j has class j % 10, streamed by the ordinary loader
     seen = [(k, int(y)) for x, y, keys in make_loader(location, "train", 16, return_keys=True) for k, y in zip(keys, y)]
     assert sorted(seen) == [(f"{j:06d}", j % 10) for j in range(60)]

@@ -220,7 +220,7 @@ def write_shard(spec: GenerationSpec, index: int, device: torch.device | str = "
     with torch.no_grad():
         xd = x.to(device)
         hits = (oracle(xd).argmax(1).cpu() == labels)
-        feats = features(xd).double().cpu()
+        feats = features.features(xd).double().cpu()
     pixels = x.double().flatten(2)  # N, C, H*W
     record = {
         "file": name, "count": len(indices), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
@@ -293,7 +293,7 @@ def _real_moments(spec: GenerationSpec, split: str, features: torch.nn.Module, d
 
     x, _ = load_split(Path(spec.data_dir), split, img_size=spec.img_size)
     with torch.no_grad():
-        f = torch.cat([features(x[i:i + 512].to(device)).double().cpu() for i in range(0, len(x), 512)]).numpy()
+        f = torch.cat([features.features(x[i:i + 512].to(device)).double().cpu() for i in range(0, len(x), 512)]).numpy()
     return len(f), f.sum(0), f.T @ f
 
 
