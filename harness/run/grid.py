@@ -36,6 +36,7 @@ from harness.run.preflight import (check_arch, check_folder_writable, check_resu
 from harness.data.ensure import ensure_prepared
 from harness.eval.external_model import check_model_spec
 from harness.eval.stage import check_analyses
+from harness.generate.artifacts import check_generated, check_generated_settings
 from harness.run.cell import RUNNERS
 from harness.run.nodes import BUSY, CellOutcome, NodeOutcome
 from harness.run.plan import Node, Plan, committed_ok, pending_plan, planned_trainer
@@ -81,6 +82,7 @@ def validate_cell(cfg: dict[str, Any]) -> None:
     for attack_cfg in cfg["attack"].values():
         build_attack(attack_cfg)
     check_analyses(cfg)
+    check_generated_settings(cfg)
 
 
 def preflight_grid(cells: list[dict[str, Any]], *, prepare: bool, leaderboard: bool = True) -> None:
@@ -100,6 +102,7 @@ def preflight_grid(cells: list[dict[str, Any]], *, prepare: bool, leaderboard: b
     for cfg in cells:
         check_validation(cfg)
         validate_numbers(cfg, train_split_size(cfg))
+        check_generated(cfg)  # a generated set named by key: complete, and of the real data's classes
 
 
 def run_grid(cells: list[dict[str, Any]], *, ray_address: str | None = None, num_cpus: int | None = None,
@@ -129,6 +132,8 @@ def node_options(node: Node) -> dict[str, Any]:
     eval node, one rank's (a GPU cell evaluates, and builds its DDPM, on its GPU)."""
     if node.kind == "train" or (node.kind == "eval" and cell_resources(node.cfg).ranks > 1):
         return task_options(node.cfg)
+    if node.kind == "artifact" and node.artifact.options is not None:  # e.g. a generated set's orchestrator
+        return {"max_retries": cell_resources(node.cfg).max_retries, **node.artifact.options}
     return rank_options(node.cfg) | {"max_retries": cell_resources(node.cfg).max_retries}
 
 

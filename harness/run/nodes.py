@@ -1,7 +1,7 @@
 """What each node of the plan does when it runs, in a Ray task or in this process.
 
     run_train_node(node, *upstream outcomes)  -> TrainOutcome   trains one model, once
-    run_artifact_node(node)                   -> NodeOutcome    builds one artifact (a DDPM)
+    run_artifact_node(node, *input outcomes)  -> NodeOutcome    builds one artifact (a DDPM, a generated set)
     run_eval_node(node, *input outcomes)      -> CellOutcome    evaluates + commits one cell
 
 A node's failure is its outcome, not an exception: a failed train node hands its error to the
@@ -29,6 +29,7 @@ from harness.eval.evaluate import EvalResult
 from harness.eval.external_model import load_external_model
 from harness.eval.samples import load_survivors
 from harness.eval.stage import EvalContext, cell_analyses
+from harness.generate.artifacts import generated_dir
 from harness.run.plan import Node, run_config
 from harness.run.resources import cell_resources, worker_death_exceptions
 from harness.run.status import RunningMarker, record_identity
@@ -191,9 +192,12 @@ def _train_columns(cfg: dict[str, Any], summary: TrainSummary) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------- artifact
 
 
-def run_artifact_node(node: Node) -> NodeOutcome:
-    """Build (and cache) one artifact; analyses that need it find it cached."""
+def run_artifact_node(node: Node, *inputs: NodeOutcome) -> NodeOutcome:
+    """Build (and cache) one artifact, after the artifacts it needs; whoever needs it finds it cached."""
     t0 = time.perf_counter()
+    upstream_error = _failed_inputs(inputs)
+    if upstream_error:
+        return NodeOutcome(node.id, "failed", upstream_error)
     try:
         node.artifact.build(device=cell_device(node.cfg))
     except Exception as err:
@@ -309,6 +313,8 @@ def cell_rows(cfg: dict[str, Any], summary: TrainSummary | None, result: EvalRes
     (summary None and model_info for a model trained elsewhere: no train columns)."""
     train = _train_columns(cfg, summary) if summary is not None else {
         "checkpoint_sha256": model_info["checkpoint_sha256"], "model_id": model_info["model_id"]}
+    if (cfg.get("data") or {}).get("generated") is not None:  # provenance: the generated set's key and place
+        cfg = {**cfg, "data": {**cfg["data"], "generated_dir": generated_dir(cfg)}}
     base = base_row(cfg, started) | train | {
         "status": "ok",
         "clean_acc": result.clean_acc,

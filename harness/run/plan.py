@@ -4,7 +4,9 @@
                          and every cell that needs the same upstream checkpoint, share one node.
     eval/<cell key>      attacks + analyses on one trained model, then commits the cell's rows.
                          Inputs: its train node and the artifacts its analyses need.
-    artifact/<key>       something analyses need built first (ACE's DDPM, helper classifiers).
+    artifact/<key>       something analyses or a training need built first (ACE's DDPM, helper
+                         classifiers, a class-conditional generator and the set it generates:
+                         harness/generate/artifacts.py). An artifact may need others (its inputs).
 
 A method declares what it trains from through one hook, `Method.upstream` (methods/base.py):
 ADML's base method, CBD's briefly trained backdoored model, FT/FP/NAD's poisoned ERM, ABL's
@@ -29,6 +31,7 @@ from typing import Any, Iterator
 from harness.core.config import cell_identity, cell_key, train_key
 from harness.core.registry import METHODS
 from harness.eval.stage import Artifact, analysis_artifacts
+from harness.generate.artifacts import data_artifacts, generated_dir
 from harness.store.checkpoint_sync import trained
 from harness.store.storage import COMMITS, open_store
 from methods.base import Upstream
@@ -87,12 +90,21 @@ def build_plan(cells: list[dict[str, Any]]) -> Plan:
     plan = Plan()
     for cfg in cells:
         inputs = [] if cfg.get("model") else [_add_train(plan, cfg)]  # model=...: trained elsewhere, no train node
-        for artifact in analysis_artifacts(cfg):
-            # built on the device of the first cell that needs it (a DDPM trains on a GPU cell's GPU)
-            inputs.append(plan.add(Node(f"artifact/{artifact.key}", "artifact", artifact.label, cfg=cfg,
-                                        artifact=artifact)))
+        inputs += _add_artifacts(plan, cfg, analysis_artifacts(cfg))
         plan.add(Node(eval_node_id(cfg), "eval", cfg.get("label", cfg["key"]), tuple(inputs), cfg=cfg))
     return plan
+
+
+def _add_artifacts(plan: Plan, cfg: dict[str, Any], artifacts: list[Artifact]) -> list[str]:
+    """Artifact nodes (in dependency order: an artifact's inputs come before it in `artifacts` or
+    are in the plan already), each built on the device of the first cell that needs it (a DDPM
+    trains on a GPU cell's GPU); returns their ids."""
+    ids = []
+    for artifact in artifacts:
+        inputs = tuple(f"artifact/{key}" for key in artifact.inputs)
+        ids.append(plan.add(Node(f"artifact/{artifact.key}", "artifact", artifact.label, inputs, cfg=cfg,
+                                 artifact=artifact)))
+    return ids
 
 
 def _add_train(plan: Plan, cfg: dict[str, Any]) -> str:
@@ -100,7 +112,9 @@ def _add_train(plan: Plan, cfg: dict[str, Any]) -> str:
     if node_id in plan.nodes:
         return node_id
     upstream = tuple(UpstreamInput(up.arg, derive(cfg, up)) for up in method_upstream(cfg))
-    inputs = tuple(_add_train(plan, u.cfg) for u in upstream)
+    # the data it trains on first (a generated set), then its upstream trainings
+    data = _add_artifacts(plan, cfg, data_artifacts(cfg))[-1:]  # the last one is the set (it needs the others)
+    inputs = tuple(data) + tuple(_add_train(plan, u.cfg) for u in upstream)
     label = f"train {cfg.get('label', cfg['train_key'])}"
     return plan.add(Node(node_id, "train", label, inputs, cfg=cfg, upstream=upstream))
 
@@ -189,6 +203,7 @@ def run_config(cfg: dict[str, Any], checkpoints: dict[str | None, str]) -> dict[
     out = copy.deepcopy(cfg)
     out["trainer"] = planned_trainer(cfg)
     out["data"] = copy.deepcopy(planned_data(cfg))
+    out["data"]["generated_dir"] = generated_dir(cfg)  # the generated set it mixes in (None: none)
     for arg, path in checkpoints.items():
         if arg is None:
             out["trainer"]["init_from"] = path

@@ -17,7 +17,9 @@ never streamed; after every `probe_every` epochs the probe (harness/train/probes
 
 World size > 1 on one machine spawns processes (harness/train/ranks.py); every rank sees a
 disjoint part of each epoch (harness/data/loader.py) and runs the same number of batches, so
-DDP never waits on a rank that ran out of data.
+DDP never waits on a rank that ran out of data. With `data.generated` (a generated set, built by
+its artifact node) each batch mixes real and generated images by `data.generated_ratio`, an epoch
+being ceil(real images / batch) steps (harness/data/generated.py).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from harness.backdoor.plan import train_plan
 from harness.core.device import autocast, check_precision, device_name
 from harness.core.progress import progress_bar
 from harness.eval.cost import count_flops, flops_per_image, peak_memory_bytes, reset_peak_memory
+from harness.data.generated import check_generated_set, generated_ratio, mix_sizes, mixed_batches, mixed_steps
 from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
 from harness.data.validation import validation_split
@@ -98,6 +101,7 @@ class TrainSummary:
     selection: dict[str, Any] | None = None  # trainer.select: rule, epoch, metric, value, reason
     probe_seconds: float = 0.0  # validation probes, inside train_seconds (not in images/s)
     ema: dict[str, Any] | None = None  # trainer.ema: the delivered weights are the average (harness/train/ema.py)
+    generated: dict[str, Any] | None = None  # data.generated: the set mixed in, its ratio, the batch split (None: off)
 
 
 def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
@@ -149,6 +153,24 @@ def _classifier(cfg: dict[str, Any], manifest: dict[str, Any]) -> Classifier:
     )
 
 
+def _generated_mix(cfg: dict[str, Any], manifest: dict[str, Any], counts: list[int], per_rank_batch: int,
+                   world_size: int) -> dict[str, Any] | None:
+    """The generated set a cell mixes in and how (None: `data.generated` off), checked before any
+    step: its manifest complete, its classes and image shape the real data's, the ratio in [0, 1)."""
+    dcfg = cfg["data"]
+    directory = dcfg.get("generated_dir")
+    if not directory:
+        return None
+    ratio = generated_ratio(dcfg)
+    readers = world_size * max(1, int(cfg["trainer"].get("num_workers", 0) or 0))
+    generated = check_generated_set(directory, manifest, readers, dcfg.get("img_size"))
+    n_real, n_gen = mix_sizes(per_rank_batch, ratio)
+    return {"dir": str(directory), "key": Path(str(directory)).name, "name": generated["name"],
+            "images": generated["splits"]["train"]["count"], "ratio": ratio, "real_per_rank_batch": n_real,
+            "generated_per_rank_batch": n_gen, "steps_per_epoch": mixed_steps(sum(counts), per_rank_batch * world_size),
+            "manifest_sha256": generated["content_sha256"]}
+
+
 def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device: torch.device) -> TrainSummary:
     tcfg, dcfg = cfg["trainer"], cfg["data"]
     dataset_dir = Path(dcfg["dir"])
@@ -195,7 +217,11 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         probe.set_robust_n(int(state["probe_robust_n"]), int(state.get("probe_trained_robust_n") or 0))
     counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
                           num_workers=int(tcfg.get("num_workers", 0)), select=select) for r in range(world_size)]
-    steps_per_epoch, used = epoch_steps(counts, per_rank_batch, bool(tcfg.get("drop_last", False)))
+    mix = _generated_mix(cfg, manifest, counts, per_rank_batch, world_size)  # None: real data alone
+    if mix is None:
+        steps_per_epoch, used = epoch_steps(counts, per_rank_batch, bool(tcfg.get("drop_last", False)))
+    else:  # an epoch is ceil(real images / global batch) steps, each batch real + generated
+        steps_per_epoch, used = mix["steps_per_epoch"], counts
     averaging = ema_settings(tcfg)  # the weight average starts from the weights training starts from
     ema = WeightAverage(module, averaging, epochs * steps_per_epoch, device) if averaging is not None else None
     if ema is not None and state.get("ema"):
@@ -229,16 +255,26 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     sync_every = 50 if use_cuda else 1  # reading a GPU value waits for the GPU: only now and then
     bar = progress_bar(total=(epochs - start_epoch) * steps_per_epoch, desc=cfg.get("label", "train"),
                        enabled=rank == 0 and bool(tcfg.get("progress", True)))
+    def loader(directory: Path | str, batch: int, seed: int, epoch: int, real: bool) -> Any:
+        """One pass of this rank's part of the real split (or of the generated set: no limit,
+        selection or poison), shuffled from (seed, epoch) and augmented alike."""
+        return make_loader(directory, "train", batch, rank=rank, world_size=world_size,
+                           num_workers=int(tcfg.get("num_workers", 0)), shuffle=bool(dcfg.get("shuffle", True)),
+                           seed=seed, epoch=epoch, img_size=dcfg.get("img_size"),
+                           augment=dcfg.get("augment"), limit=dcfg.get("train_limit") if real else None,
+                           shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
+                           poison=poison.for_epoch(epoch) if poison and real else None, select=select if real else None,
+                           pin_memory=use_cuda, prefetch_factor=tcfg.get("prefetch_factor") if use_cuda else None)
+
     def epoch_batches(epoch: int, seed: int) -> Any:
         """This rank's batches of one pass over the epoch's data, shuffled from `seed`."""
-        loader = make_loader(dataset_dir, "train", per_rank_batch, rank=rank, world_size=world_size,
-                             num_workers=int(tcfg.get("num_workers", 0)), shuffle=bool(dcfg.get("shuffle", True)),
-                             seed=seed, epoch=epoch, img_size=dcfg.get("img_size"),
-                             augment=dcfg.get("augment"), limit=dcfg.get("train_limit"),
-                             shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
-                             poison=poison.for_epoch(epoch) if poison else None, select=select,
-                             pin_memory=use_cuda, prefetch_factor=tcfg.get("prefetch_factor") if use_cuda else None)
-        return even_batches(loader, used[rank], steps_per_epoch, drop=counts[rank] - used[rank])
+        if mix is not None:  # real + generated in every batch (harness/data/generated.py)
+            n_real, n_gen = mix["real_per_rank_batch"], mix["generated_per_rank_batch"]
+            return mixed_batches(lambda e: loader(dataset_dir, n_real, seed, e, True),
+                                 lambda e: loader(mix["dir"], n_gen, seed, e, False), steps_per_epoch,
+                                 n_real, n_gen, seed=seed, epoch=epoch, rank=rank)
+        return even_batches(loader(dataset_dir, per_rank_batch, seed, epoch, True), used[rank], steps_per_epoch,
+                            drop=counts[rank] - used[rank])
 
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
@@ -338,7 +374,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         train_flops=step_flops_per_image * total_samples if step_flops_per_image is not None else None,
         peak_memory_bytes=peak_memory_bytes(device), compile=backend, num_classes=int(manifest["num_classes"]),
         validation=held.describe() if held is not None else None, selection=chosen, probe_seconds=probe_seconds,
-        ema=None if ema is None else ema.describe(),
+        ema=None if ema is None else ema.describe(), generated=mix,
     )
 
 

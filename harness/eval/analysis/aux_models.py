@@ -3,7 +3,9 @@
 * the oracle: judges whether a counterfactual really shows the target class (oracle flip rate, our
   multi-class stand-in for MNAC, which counts attributes an oracle sees change);
 * the feature extractor: its penultimate features define the local FID ("FID (local features)"),
-  which is NOT comparable to Inception FID (no Inception weights can be fetched here).
+  which is NOT comparable to Inception FID (no Inception weights can be fetched here);
+* the filter: the classifier whose confidence keeps or drops generated images
+  (harness/generate/generation.py), another seed than the oracle that judges them.
 
 Both are small plain CNNs with their own seeds and architecture, trained on the train split only
 (never the model being explained), cached under `<results_dir>/artifacts/aux/<key>/`.
@@ -21,7 +23,7 @@ from torch import nn
 from harness.store.checkpoints import load_checkpoint, save_checkpoint
 
 AUX_FILE = "aux.pt"
-ROLES = {"oracle": 101, "features": 202}   # role -> seed
+ROLES = {"oracle": 101, "features": 202, "filter": 303}   # role -> seed
 
 
 class SmallCNN(nn.Module):
