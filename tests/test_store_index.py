@@ -172,3 +172,18 @@ def test_leaderboard_report_and_compare_read_a_store_uri(s3: str, tmp_path: Path
     assert "erm" in (tmp_path / "table.md").read_text()
     assert main(["compare", location, location]) == 0
     assert main(["report", "--results", f"s3://no-such-bucket/x?{s3}"]) == 2
+
+
+def test_status_only_and_grid_restricted_readers_merge_without_losing_other_entries(tmp_path: Path) -> None:
+    """Readers of key + status alone (status) and of one grid's keys also merge past the limit,
+    and the merged segment keeps every other cell's entry (no re-read of them afterwards)."""
+    location = _store(tmp_path, 3)  # k000..k002: another grid's cells
+    read_committed(location)
+    for i in range(3, 3 + MAX_SEGMENTS + 1):  # one new cell per status read: one segment each, then a merge
+        write_cell_result(location, f"k{i:03d}", [_row(f"k{i:03d}", acc=i / 100)])
+        read_committed(location, columns=(), only=[f"k{i:03d}"])
+    store = open_store(location)
+    assert len(store.list(INDEX)) <= MAX_SEGMENTS
+    again = read_committed(location)
+    assert again.read_from_cells == 0 and again.table.num_rows == 3 + MAX_SEGMENTS + 1
+    assert _accs(again.table)["k001"] == 0.01

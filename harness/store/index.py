@@ -113,25 +113,23 @@ def read_committed(location: str, columns: Sequence[str] | None = None, only: It
     `only`: just these keys (a grid's cells: another grid's cells in the same store are never read)."""
     store = open_store(location)
     listing = list_store(store)
-    if only is not None:
-        wanted_keys = set(only)
-        listing.markers = {k: v for k, v in listing.markers.items() if k in wanted_keys}
+    markers = listing.markers if only is None else {k: v for k, v in listing.markers.items() if k in set(only)}
     segment_names = sorted(name for name in _entries(store, INDEX) if name.endswith(".parquet"))
     wanted = list(RESULT_SCHEMA.names if columns is None else dict.fromkeys(["key", "status", *columns]))
     segments = _load_segments(store, segment_names, wanted)
-    chosen, recheck = _usable_entries(segments, listing)
+    chosen, recheck = _usable_entries(segments, markers)
     if recheck:  # failed commits may be replaced: their marker must still read as indexed
         texts = _parallel(store, lambda key: store.read_bytes(f"{COMMITS}/{key}.json"), sorted(recheck))
         for key, raw in texts.items():
             if raw is None or raw.decode(errors="replace") != recheck[key][1]:
                 continue
             chosen[key] = recheck[key][0]
-    to_read = sorted(set(listing.markers) - set(chosen))
+    to_read = sorted(set(markers) - set(chosen))
     out = CommittedRows(RESULT_SCHEMA.empty_table(), {}, listing, read_from_cells=len(to_read))
     new_tables = []
     for start in range(0, len(to_read), READ_BATCH):  # a batch's one-cell tables become one table
         batch = to_read[start:start + READ_BATCH]
-        fresh = _parallel(store, lambda key: _read_cell(store, key, listing.markers[key]), batch)
+        fresh = _parallel(store, lambda key: _read_cell(store, key, markers[key]), batch)
         tables = []
         for key in batch:
             entry = fresh[key]
@@ -148,8 +146,8 @@ def read_committed(location: str, columns: Sequence[str] | None = None, only: It
     combined = pa.concat_tables(parts) if parts else _schema(names).empty_table()
     out.commits = _commits_of(combined)
     out.table = combined.select(wanted)
-    if write_index and new_tables:  # merged only when every column was read
-        _write_segments(store, new_tables, combined if columns is None else None, segment_names)
+    if write_index and new_tables:
+        _write_segments(store, new_tables, segment_names, listing.markers, segments if columns is None else None)
     return out
 
 
@@ -226,7 +224,7 @@ def _load_segments(store: Store, names: list[str], columns: list[str]) -> list[p
     return [loaded[name] for name in names if loaded[name] is not None]
 
 
-def _usable_entries(segments: list[pa.Table], listing: StoreListing
+def _usable_entries(segments: list[pa.Table], markers: dict[str, pafs.FileInfo]
                     ) -> tuple[dict[str, int], dict[str, tuple[int, str]]]:
     """key -> the segment whose entry matches the listing's marker (ok commits), and the failed
     keys to re-check by their marker text: key -> (segment, indexed marker text)."""
@@ -238,7 +236,7 @@ def _usable_entries(segments: list[pa.Table], listing: StoreListing
         for key, size, mtime, text in cols:
             if key in chosen or key in recheck:
                 continue  # a key's rows come from one segment (the same entry may be in two)
-            info = listing.markers.get(key)
+            info = markers.get(key)
             if info is None or info.size != size or _mtime_ns(info) != mtime:
                 continue
             if _commit_status(text) == "ok":
@@ -275,18 +273,26 @@ def _commits_of(table: pa.Table) -> dict[str, Commit]:
     return out
 
 
-def _write_segments(store: Store, new_tables: list[pa.Table], combined: pa.Table | None, segments: list[str]) -> None:
-    """Index what was read from cells: one new segment, or, past MAX_SEGMENTS (and given every
-    valid entry whole, `combined`), one segment of them replacing the segments this reader loaded.
+def _write_segments(store: Store, new_tables: list[pa.Table], segment_names: list[str],
+                    markers: dict[str, pafs.FileInfo], loaded: list[pa.Table] | None) -> None:
+    """Index what was read from cells: one new segment; past MAX_SEGMENTS, one segment of every
+    entry still valid for the whole store's listing (`markers`) with the new ones, replacing the
+    segments this reader saw (`loaded`: them with every column, when the reader has them already).
     A store we may not write is only noted."""
-    merge = combined is not None and len(segments) + 1 > MAX_SEGMENTS
-    table = (combined if merge else pa.concat_tables(new_tables)).combine_chunks()  # one chunk per column:
-    buf = io.BytesIO()  # a table of 10,000 one-cell chunks writes ~10x slower
-    pq.write_table(table, buf, compression="zstd")
+    merge = len(segment_names) + 1 > MAX_SEGMENTS
+    table = pa.concat_tables(new_tables)
+    if merge:
+        full = loaded if loaded is not None else _load_segments(store, segment_names, list(RESULT_SCHEMA.names))
+        chosen, recheck = _usable_entries(full, markers)  # failed entries stay: every read re-checks them
+        chosen.update({key: seg for key, (seg, _) in recheck.items()})
+        fresh = set(table.column("key").to_pylist())
+        table = pa.concat_tables([*_chosen_rows(full, {k: v for k, v in chosen.items() if k not in fresh}), table])
+    buf = io.BytesIO()  # one chunk per column: a table of 10,000 one-cell chunks writes ~10x slower
+    pq.write_table(table.combine_chunks(), buf, compression="zstd")
     try:
         store.write_bytes(f"{INDEX}/{uuid.uuid4().hex}.parquet", buf.getvalue(), durable=False)
         if merge:
-            for name in segments:
+            for name in segment_names:
                 store.delete(f"{INDEX}/{name}")
     except (OSError, pa.ArrowException, ValueError) as err:
         print(f"note: could not write the read index to {store.uri(INDEX)} ({str(err).splitlines()[0]}); "
