@@ -269,6 +269,17 @@ def test_the_plan_builds_the_generated_set_once_before_training(tiny) -> None:
     assert set_node.artifact.build.args[0].gpus == 0.5
 
 
+def test_the_generator_and_set_builds_report_progress(tiny, capsys: pytest.CaptureFixture) -> None:
+    """Training a generator takes minutes to hours: its artifact build logs its steps to stderr
+    (which Ray forwards to the driver), as does the set's generation."""
+    from harness.generate.artifacts import data_artifacts, progress
+
+    arts = {a.key.split("/")[0]: a for a in data_artifacts(_cell(tiny, "data.generated={per_class:6}"))}
+    assert arts["generator"].build.keywords["log"] is progress and arts["generated"].build.keywords["log"] is progress
+    progress("generator step 1/4000 loss 0.5000 1s")
+    assert "generator step 1/4000" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------- end to end
 
 

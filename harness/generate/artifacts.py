@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,12 @@ def generated_dir(cfg: dict[str, Any]) -> str | None:
     return value if "/" in value else generated_location(cfg["results_dir"], value)
 
 
+def progress(message: str) -> None:
+    """An artifact's progress line (the generator trains for minutes to hours): on stderr, flushed,
+    which Ray forwards to the driver's console."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def data_artifacts(cfg: dict[str, Any]) -> list[Artifact]:
     """The artifacts the cell's training data needs, in build order (none without generated settings)."""
     spec = generation_spec(cfg)
@@ -64,9 +71,9 @@ def data_artifacts(cfg: dict[str, Any]) -> list[Artifact]:
                     functools.partial(ensure_aux, role, data_dir, results_dir, img_size)) for role in roles]
     generator = Artifact(f"generator/{spec.generator_key}", "class-conditional generator",
                          functools.partial(ensure_generator, spec.data_dir, spec.results_dir, spec.cfg.generator,
-                                           img_size))
+                                           img_size, log=progress))
     generated = Artifact(f"generated/{spec.key}", f"generated set ({spec.total} images, {spec.n_shards} shards)",
-                         functools.partial(ensure_generated, spec),
+                         functools.partial(ensure_generated, spec, log=progress),
                          inputs=tuple(a.key for a in out) + (generator.key,), options={"num_cpus": 1, "num_gpus": 0})
     return out + [generator, generated]
 
