@@ -88,3 +88,31 @@ def test_command_line_overrides_win_over_the_recipe() -> None:
     assert re.fullmatch(r"[0-9a-f]{20}", finalize(cfg)["key"])
     grid = finalize(compose_config(["method=trades"]))
     assert grid["recipe"] == {"name": "grid"} and grid["key"] != finalize(compose_config(["method=trades", "recipe=paper"]))["key"]
+
+
+def test_the_dm_at_recipe_is_wang_et_al_2023s_trades() -> None:
+    """`recipe=dm_at`: DM-Improves-AT's README command and train-wa.py defaults for CIFAR-10, and the
+    lr / momentum at every epoch's start equal to torch's OneCycleLR stepped per epoch (its 'cosinew')."""
+    import torch
+
+    from harness.train.schedule import momentum_at
+
+    cfg = finalize(compose_config(["recipe=dm_at", "method=trades", "data=cifar10"]))
+    t, m, d = cfg["trainer"], cfg["method"], cfg["data"]
+    assert (t["epochs"], t["batch_size"], t["ema"]) == (400, 512, 0.995)
+    assert t["optimizer"] == {**t["optimizer"], "name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4,
+                              "nesterov": True}
+    assert (m["beta"], m["label_smoothing"], m["attack"]["steps"]) == (5.0, 0.1, 10)
+    from fractions import Fraction
+
+    assert Fraction(str(m["attack"]["step_size"])) == Fraction(2, 255) and Fraction(str(d["eps"])) == Fraction(8, 255)
+    assert (d["generated"]["per_class"] * 10, d["generated_ratio"]) == (1_000_000, 0.7)
+    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.2, momentum=0.9, nesterov=True)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, pct_start=0.025, total_steps=400)
+    for epoch, lr in enumerate(lr_at_epochs(t)):
+        assert abs(lr - opt.param_groups[0]["lr"]) < 1e-12
+        assert abs(momentum_at(t["schedule"], float(epoch), 400) - opt.param_groups[0]["momentum"]) < 1e-12
+        opt.step()
+        ref.step()
+    with pytest.raises(ConfigError, match="has no 'dm_at' recipe"):
+        finalize(compose_config(["recipe=dm_at", "method=pgd_at"]))

@@ -105,3 +105,32 @@ def test_step_lr_at_end_sets_each_step_where_it_ends() -> None:
     assert [k for k, (a, b) in enumerate(zip(at_start, at_end)) if a != b] == [7]  # epoch 1's last step
     with pytest.raises(ValueError, match="step_lr_at"):
         schedule_position({"step_lr_at": "middle"}, 0, 0, 4)
+
+
+@pytest.mark.parametrize("epochs,pct", [(400, 0.025), (12, 0.3), (7, 0.5)])
+def test_onecycle_equals_torch_one_cycle_lr_stepped_per_epoch(epochs: int, pct: float) -> None:
+    """DM-Improves-AT's `cosinew`: torch's OneCycleLR(max_lr, pct_start, total_steps=epochs) stepped once
+    per epoch, momentum cycled (its default): lr and momentum equal at every step of every epoch."""
+    import torch
+
+    from harness.train.schedule import lr_factor, momentum_at
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, pct_start=pct, total_steps=epochs)
+    scfg = {"name": "onecycle", "granularity": "epoch", "pct_start": pct}
+    for epoch in range(epochs):
+        for frac in (0.0, 0.5, 0.99):  # every step of the epoch sees the epoch's values
+            assert abs(opt.param_groups[0]["lr"] - 0.2 * lr_factor(scfg, epoch + frac, epochs)) < 1e-12
+            assert abs(opt.param_groups[0]["momentum"] - momentum_at(scfg, epoch + frac, epochs)) < 1e-12
+        opt.step()
+        ref.step()
+
+
+def test_onecycle_needs_epoch_granularity_and_sane_settings() -> None:
+    from harness.train.schedule import check_schedule
+
+    with pytest.raises(ValueError, match="granularity=epoch"):
+        check_schedule({"name": "onecycle"}, 10)
+    with pytest.raises(ValueError, match="pct_start must be in"):
+        check_schedule({"name": "onecycle", "granularity": "epoch", "pct_start": 1.5}, 10)

@@ -16,13 +16,14 @@ from typing import Any
 from harness.core.errors import did_you_mean
 
 
-SCHEDULES = ("constant", "cosine", "cyclic", "multistep")
+SCHEDULES = ("constant", "cosine", "cyclic", "multistep", "onecycle")
 GRANULARITIES = ("step", "epoch")
 # every key some schedule reads: a key none reads is a typo (`warmup_epoch`), refused before work;
 # another schedule's key is not (a recipe that switches a preset's multistep to cyclic leaves its
 # milestones behind, unread)
 SCHEDULE_KEYS = {"name", "warmup_epochs", "granularity", "step_lr_at", "milestones", "gamma",
-                 "peak_epoch", "peak_fraction", "cycle_momentum", "base_momentum", "max_momentum"}
+                 "peak_epoch", "peak_fraction", "cycle_momentum", "base_momentum", "max_momentum",
+                 "pct_start", "div_factor", "final_div_factor"}
 
 
 def check_schedule(scfg: dict[str, Any], epochs: int) -> None:
@@ -42,7 +43,9 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
     Schedules: constant; multistep (milestones in epochs, gamma: the recipe of Madry/TRADES/AWP);
     cosine (with optional linear warmup); cyclic (linear 0 -> 1 at the peak -> 0 at the end:
     torch's CyclicLR with base_lr 0 as fast AT and ADML use it; the peak at `peak_epoch`, else at
-    `peak_fraction` of the run, default 0.5, CyclicLR's symmetric cycle).
+    `peak_fraction` of the run, default 0.5, CyclicLR's symmetric cycle); onecycle (torch's
+    OneCycleLR stepped once per epoch, as DM-Improves-AT's `cosinew`: cosine from 1/div_factor up to
+    1 at `pct_start` of the run, then down to 1/(div_factor * final_div_factor); epoch granularity only).
     """
     name = scfg.get("name", "constant")
     if name not in SCHEDULES:
@@ -53,6 +56,8 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
     if granularity == "epoch":
         epoch = float(math.floor(epoch + 1e-9))
     warmup = float(scfg.get("warmup_epochs", 0) or 0)
+    if name == "onecycle":
+        return _onecycle(scfg, epoch, epochs)[0]
     if warmup > 0 and epoch < warmup and name != "cyclic":
         return (epoch + 1e-8) / warmup
     if name == "constant":
@@ -95,11 +100,40 @@ def cyclic_peak(scfg: dict[str, Any], epochs: int) -> float:
     return peak
 
 
+def _onecycle(scfg: dict[str, Any], epoch: float, epochs: int) -> tuple[float, float]:
+    """(lr factor, momentum) of torch's OneCycleLR (anneal 'cos', two phases) with total_steps =
+    epochs, at whole epoch `epoch`: the lr starts at 1/div_factor, reaches 1 at step
+    pct_start * epochs - 1, and ends at 1/(div_factor * final_div_factor); momentum runs the other
+    way between max_momentum (0.95) and base_momentum (0.85)."""
+    if scfg.get("granularity", "step") != "epoch":
+        raise ValueError("the onecycle schedule is torch's OneCycleLR stepped once per epoch: set "
+                         "trainer.schedule.granularity=epoch")
+    pct, div, final = float(scfg.get("pct_start", 0.3)), float(scfg.get("div_factor", 25.0)), \
+        float(scfg.get("final_div_factor", 1e4))
+    if not 0 < pct < 1 or div <= 0 or final <= 0:
+        raise ValueError(f"trainer.schedule.pct_start must be in (0, 1) and div_factor, final_div_factor > 0; "
+                         f"got {pct}, {div}, {final}")
+    low_m, high_m = float(scfg.get("base_momentum", 0.85)), float(scfg.get("max_momentum", 0.95))
+    start, floor_lr = 1.0 / div, 1.0 / (div * final)
+    peak_step, last = pct * epochs - 1, epochs - 1
+
+    def cos(a: float, b: float, frac: float) -> float:
+        return b + (a - b) / 2.0 * (math.cos(math.pi * frac) + 1)
+    if epoch <= peak_step:
+        frac = epoch / peak_step if peak_step > 0 else 1.0
+        return cos(start, 1.0, frac), cos(high_m, low_m, frac)
+    frac = (epoch - peak_step) / (last - peak_step) if last > peak_step else 1.0
+    return cos(1.0, floor_lr, frac), cos(low_m, high_m, frac)
+
+
 def momentum_at(scfg: dict[str, Any], epoch: float, epochs: int) -> float | None:
     """The momentum a cyclic schedule with `cycle_momentum` sets at `epoch` (None: leave it).
 
     As torch's CyclicLR (cycle_momentum=True, its default): momentum runs inversely to the lr,
-    from `max_momentum` (0.9) at lr 0 to `base_momentum` (0.8) at the peak, and back."""
+    from `max_momentum` (0.9) at lr 0 to `base_momentum` (0.8) at the peak, and back. The onecycle
+    schedule cycles momentum unless `cycle_momentum: false` (torch's OneCycleLR default is on)."""
+    if scfg.get("name") == "onecycle" and scfg.get("cycle_momentum", True):
+        return _onecycle(scfg, float(math.floor(epoch + 1e-9)), epochs)[1]
     if scfg.get("name") != "cyclic" or not scfg.get("cycle_momentum", False):
         return None
     low, high = float(scfg.get("base_momentum", 0.8)), float(scfg.get("max_momentum", 0.9))
