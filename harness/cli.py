@@ -267,11 +267,10 @@ def _cmd_grid(args: argparse.Namespace) -> int:
                   f"{len(report.skipped)} reused")
     results_dirs = sorted({c["results_dir"] for c in cells})
     if not args.no_leaderboard:
-        from harness.store.storage import local_path
         from leaderboard import build_site
 
-        for results_dir in results_dirs:
-            index = build_site(local_path(results_dir) or results_dir, Path(first["leaderboard_dir"]))
+        for results_dir in results_dirs:  # a local folder or any store URI
+            index = build_site(results_dir, Path(first["leaderboard_dir"]))
             console.print("leaderboard:")
             print(index.resolve())
     return 1 if report.failed else 0

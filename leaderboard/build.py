@@ -82,7 +82,7 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
         written.add(path)
         if kept is not None:  # nothing it shows changed: leaderboard.incremental
             render.problems.extend(kept)
-            pages.keep(cell.page, digest, kept)
+            pages.record(cell.page, digest, kept)
             continue
         before = len(render.problems)
         try:

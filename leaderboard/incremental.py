@@ -42,13 +42,11 @@ def page_hash(*inputs: Any) -> str:
 
 @dataclass
 class PageManifest:
-    """The last build's page hashes (read) and this build's (written by `save`)."""
+    """The last build's page hashes (read) and this build's (`text`, written after the pages)."""
 
     out_dir: Path
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     current: dict[str, dict[str, Any]] = field(default_factory=dict)
-    kept: int = 0
-    rendered: int = 0
 
     @classmethod
     def load(cls, out_dir: Path) -> "PageManifest":
@@ -67,13 +65,9 @@ class PageManifest:
         problems = old.get("problems")
         return problems if isinstance(problems, list) else None
 
-    def keep(self, page: str, digest: str, problems: list[dict[str, str]]) -> None:
-        self.current[page] = {"hash": digest, "problems": problems}
-        self.kept += 1
-
     def record(self, page: str, digest: str, problems: list[dict[str, str]]) -> None:
+        """A page of this build (kept or rendered) with its hash and its rendering's problems."""
         self.current[page] = {"hash": digest, "problems": problems}
-        self.rendered += 1
 
     def text(self) -> str:
         return json.dumps(self.current, sort_keys=True)

@@ -1,7 +1,6 @@
 """`robustgrid status`: a grid's (or a store's) cells by state, printed from the results store alone."""
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import pyarrow as pa
@@ -10,7 +9,7 @@ import pyarrow.fs as pafs
 from harness.core.locations import is_uri
 from harness.data.location import DataLocation
 from harness.run.status import FRESH_SECONDS, grid_status
-from harness.store.audit import audit_store
+from harness.store.audit import warn_about_store
 from harness.store.index import read_committed
 
 
@@ -42,9 +41,8 @@ def status_command(cells: list[dict[str, Any]] | None, results: str | None, show
     check_store_reachable(location)  # a wrong bucket or endpoint fails here, naming it, in seconds
     # one pass over the store (harness.store.index); with a grid given, its cells only
     committed = read_committed(location, columns=(), only=keys)
-    for message in audit_store(location, committed.listing.top or None, committed.listing.commit_files,
-                               committed.commits, only=None if keys is None else set(keys)):
-        print(f"warning: {message}", file=sys.stderr)  # foreign / unverifiable files, each named
+    warn_about_store(location, committed.listing.top, committed.listing.commit_files, committed.commits,
+                     only=None if keys is None else set(keys))  # foreign / unverifiable files, each named
     status = grid_status(location, keys, identities, train_keys, committed)
     out = Console()
     table = Table("state", "cells", title=f"{location}" + ("" if keys is not None else " (no grid given: pending unknown)"))

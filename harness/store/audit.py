@@ -32,12 +32,10 @@ def audit_store(location: str | os.PathLike, top: dict[str, pafs.FileInfo] | Non
     `commits` by file name) and the commits it verified (`known`, by key), which are not read again.
     `only`: a grid's keys; other cells' markers (another grid in the same store) are not read."""
     store = open_store(location)
-    top = _entries(store, "") if top is None else top
-    if top is None:
-        return []
+    top = store.entries() if top is None else top
     messages: list[str] = []
     vouched: set[str] = set()
-    commits = (_entries(store, COMMITS) or {}) if commits is None else commits
+    commits = store.entries(COMMITS) if commits is None else commits
     known = known or {}
     for name, info in sorted(commits.items()):
         if info.type != pafs.FileType.File:
@@ -126,20 +124,15 @@ def leftover_rendezvous(store) -> list[str]:
     return sorted(rel for rel in found if rel.count("/") == 2)  # checkpoints/<train key>/rg-ranks-*
 
 
-def warn_about_store(location: str | os.PathLike, out: TextIO | None = None) -> int:
-    """Print each audit message as a warning (stderr); returns how many there were."""
-    messages = audit_store(location)
+def warn_about_store(location: str | os.PathLike, top: dict[str, pafs.FileInfo] | None = None,
+                     commits: dict[str, pafs.FileInfo] | None = None, known: dict[str, Commit] | None = None,
+                     only: set[str] | None = None, out: TextIO | None = None) -> int:
+    """Print each audit message (audit_store, same arguments) as a warning on stderr; returns how
+    many there were."""
+    messages = audit_store(location, top, commits, known, only)
     for message in messages:
         print(f"warning: {message}", file=out or sys.stderr)
     return len(messages)
-
-
-def _entries(store, rel: str) -> dict[str, pafs.FileInfo] | None:
-    selector = pafs.FileSelector(store.path(rel) if rel else store.root, allow_not_found=True)
-    try:
-        return {info.base_name: info for info in store.fs.get_file_info(selector)}
-    except (FileNotFoundError, NotADirectoryError, OSError):
-        return None
 
 
 def _parse_marker(raw: bytes | None, key: str) -> tuple[Commit | None, str]:

@@ -6,13 +6,13 @@ and `compare`. This module lists the store once (`_commits/` and the top level, 
 filesystem), reads the commits it has not seen before in parallel, and keeps what it verified
 in the store itself as index segments, `_index/<uuid>.parquet`: the conformed rows of each cell
 with the identity of the commit marker they were verified against (its size and modification
-time from the listing, and its whole text).
+time from the listing, and what it says).
 
 Why it cannot serve a wrong result: an index entry counts only while the listing still shows
 that cell's marker with the same size and modification time. The first 'ok' commit of a key is
 never replaced (harness.store.storage), so an 'ok' entry stays true; a 'failed' commit may be
-replaced by a later one, so a failed entry's marker is re-read (one small GET) and must match
-the indexed text. Anything else (a new cell, a rewritten marker, an index segment that is
+replaced by a later one, so a failed entry's marker is re-read (one small GET) and must say
+what the indexed one said. Anything else (a new cell, a rewritten marker, an index segment that is
 missing, corrupt or forged into a shape we do not know) is read and verified from the cell's
 own files, as if there were no index. The index is a cache: deleting `_index/` loses nothing.
 
@@ -25,14 +25,13 @@ reads correctly, only without the cache.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import os
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 import pyarrow as pa
@@ -40,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from harness.store.audit import audit_store
+from harness.store.audit import warn_about_store
 from harness.store.results import RESULT_SCHEMA, conform
 from harness.store.storage import COMMITS, Commit, Store, open_store, parquet_from_bytes
 
@@ -86,7 +85,7 @@ class CommittedRows:
 
 def list_store(store: Store) -> StoreListing:
     """The top level and `_commits/` of a store, one (paged) listing each."""
-    return StoreListing(_entries(store, ""), _entries(store, COMMITS))
+    return StoreListing(store.entries(), store.entries(COMMITS))
 
 
 def read_results(results_dir: str | os.PathLike) -> pa.Table:
@@ -99,9 +98,9 @@ def read_store(results_dir: str | os.PathLike) -> CommittedRows:
     """read_results' rows with the commit of each cell (its sha256 names its rows exactly)."""
     location = str(results_dir)
     found = read_committed(location)
-    messages = audit_store(location, found.listing.top or None, found.listing.commit_files, found.commits)
-    for message in messages + [f"{what}: ignored" for what in found.skipped.values()]:
-        print(f"warning: {message}", file=sys.stderr)
+    warn_about_store(location, found.listing.top, found.listing.commit_files, found.commits)
+    for what in found.skipped.values():
+        print(f"warning: {what}: ignored", file=sys.stderr)
     return found
 
 
@@ -114,16 +113,14 @@ def read_committed(location: str, columns: Sequence[str] | None = None, only: It
     store = open_store(location)
     listing = list_store(store)
     markers = listing.markers if only is None else {k: v for k, v in listing.markers.items() if k in set(only)}
-    segment_names = sorted(name for name in _entries(store, INDEX) if name.endswith(".parquet"))
+    segment_names = sorted(name for name in store.entries(INDEX) if name.endswith(".parquet"))
     wanted = list(RESULT_SCHEMA.names if columns is None else dict.fromkeys(["key", "status", *columns]))
     segments = _load_segments(store, segment_names, wanted)
     chosen, recheck = _usable_entries(segments, markers)
-    if recheck:  # failed commits may be replaced: their marker must still read as indexed
-        texts = _parallel(store, lambda key: store.read_bytes(f"{COMMITS}/{key}.json"), sorted(recheck))
-        for key, raw in texts.items():
-            if raw is None or raw.decode(errors="replace") != recheck[key][1]:
-                continue
-            chosen[key] = recheck[key][0]
+    if recheck:  # failed commits may be replaced: their marker must still say what the indexed one said
+        now = _parallel(store, store.read_marker, sorted(recheck))
+        chosen.update({key: recheck[key][0] for key, marker in now.items()
+                       if marker is not None and marker == recheck[key][1]})
     to_read = sorted(set(markers) - set(chosen))
     out = CommittedRows(RESULT_SCHEMA.empty_table(), {}, listing, read_from_cells=len(to_read))
     new_tables = []
@@ -155,15 +152,6 @@ def _schema(names: Sequence[str]) -> pa.Schema:
     return pa.schema([INDEX_SCHEMA.field(name) for name in names])
 
 
-def _entries(store: Store, rel: str) -> dict[str, pafs.FileInfo]:
-    selector = pafs.FileSelector(store.path(rel) if rel else store.root, allow_not_found=True)
-    try:
-        infos = store._retried(f"listing {store.uri(rel)}", lambda: store.fs.get_file_info(selector))
-    except (FileNotFoundError, NotADirectoryError, OSError):
-        return {}
-    return {info.base_name: info for info in infos}
-
-
 def _mtime_ns(info: pafs.FileInfo) -> int:
     return int(info.mtime_ns or 0) if info.mtime is not None else -1
 
@@ -171,17 +159,11 @@ def _mtime_ns(info: pafs.FileInfo) -> int:
 def _read_cell(store: Store, key: str, info: pafs.FileInfo) -> pa.Table | tuple[Commit, str] | str:
     """A commit read from its own files: its index rows, (commit, why) for a committed file that is
     not a result file of this key, or why the marker/file does not verify."""
-    raw = store.read_bytes(f"{COMMITS}/{key}.json")
-    if raw is None:
-        return "marker unreadable"
-    try:
-        commit = Commit(**json.loads(raw))
-    except (ValueError, TypeError):
-        return "not a commit marker"
-    if commit.key != key:
-        return f"marker is for key {commit.key!r}"
-    data = store.read_bytes(commit.file)
-    if data is None or len(data) != commit.size or hashlib.sha256(data).hexdigest() != commit.sha256:
+    commit = store.read_marker(key)
+    if commit is None:
+        return "no readable commit marker of this key"
+    data = store.vouched_bytes(commit)
+    if data is None:
         return FILE_MISMATCH
     try:
         conformed = conform(parquet_from_bytes(data))
@@ -194,7 +176,7 @@ def _read_cell(store: Store, key: str, info: pafs.FileInfo) -> pa.Table | tuple[
     n = conformed.num_rows
     return (conformed.append_column(INDEX_SCHEMA.field(MARKER_SIZE), pa.array([info.size] * n, pa.int64()))
             .append_column(INDEX_SCHEMA.field(MARKER_MTIME), pa.array([_mtime_ns(info)] * n, pa.int64()))
-            .append_column(INDEX_SCHEMA.field(MARKER_TEXT), pa.array([raw.decode(errors="replace")] * n, pa.string())))
+            .append_column(INDEX_SCHEMA.field(MARKER_TEXT), pa.array([json.dumps(asdict(commit))] * n, pa.string())))
 
 
 def _parallel(store: Store, read, keys: list[str]) -> dict:
@@ -214,10 +196,7 @@ def _load_segments(store: Store, names: list[str], columns: list[str]) -> list[p
         if raw is None:
             return None
         try:
-            sink = pa.BufferOutputStream()  # an Arrow-owned copy, as parquet_from_bytes explains
-            sink.write(raw)
-            table = pq.read_table(pa.BufferReader(sink.getvalue()), columns=wanted)
-            return table.select(wanted).cast(_schema(wanted))
+            return parquet_from_bytes(raw, wanted).select(wanted).cast(_schema(wanted))
         except (OSError, KeyError, ValueError, pa.ArrowException):
             return None
     loaded = _parallel(store, load, names)
@@ -225,11 +204,11 @@ def _load_segments(store: Store, names: list[str], columns: list[str]) -> list[p
 
 
 def _usable_entries(segments: list[pa.Table], markers: dict[str, pafs.FileInfo]
-                    ) -> tuple[dict[str, int], dict[str, tuple[int, str]]]:
+                    ) -> tuple[dict[str, int], dict[str, tuple[int, Commit]]]:
     """key -> the segment whose entry matches the listing's marker (ok commits), and the failed
-    keys to re-check by their marker text: key -> (segment, indexed marker text)."""
+    keys to re-check against their marker: key -> (segment, the commit the entry was verified against)."""
     chosen: dict[str, int] = {}
-    recheck: dict[str, tuple[int, str]] = {}
+    recheck: dict[str, tuple[int, Commit]] = {}
     for s, table in enumerate(segments):
         cols = zip(table.column("key").to_pylist(), table.column(MARKER_SIZE).to_pylist(),
                    table.column(MARKER_MTIME).to_pylist(), table.column(MARKER_TEXT).to_pylist())
@@ -239,17 +218,19 @@ def _usable_entries(segments: list[pa.Table], markers: dict[str, pafs.FileInfo]
             info = markers.get(key)
             if info is None or info.size != size or _mtime_ns(info) != mtime:
                 continue
-            if _commit_status(text) == "ok":
+            commit = _commit(text)
+            if commit is not None and commit.status == "ok":
                 chosen[key] = s
-            else:
-                recheck[key] = (s, text)
+            elif commit is not None:
+                recheck[key] = (s, commit)
     return chosen, recheck
 
 
-def _commit_status(text: str) -> str | None:
+def _commit(text: str) -> Commit | None:
+    """The commit an index entry was verified against (None: a segment we cannot trust for it)."""
     try:
-        return json.loads(text).get("status")
-    except (ValueError, AttributeError):
+        return Commit(**json.loads(text))
+    except (ValueError, TypeError):
         return None
 
 
@@ -269,7 +250,7 @@ def _commits_of(table: pa.Table) -> dict[str, Commit]:
     out: dict[str, Commit] = {}
     for key, text in zip(table.column("key").to_pylist(), table.column(MARKER_TEXT).to_pylist()):
         if key not in out:
-            out[key] = Commit(**json.loads(text))
+            out[key] = _commit(text)  # every row here was chosen because its commit parsed
     return out
 
 

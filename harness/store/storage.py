@@ -47,8 +47,9 @@ STAGING = "_staging"
 LOCK_STALE_SECONDS = 30.0  # a commit lock older than this was left by a killed process
 
 
-def parquet_from_bytes(data: bytes) -> pa.Table:
-    """A Parquet table from bytes in memory, read through an Arrow-owned copy of them.
+def parquet_from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet table (or these `columns` of it) from bytes in memory, read through an
+    Arrow-owned copy of them.
 
     pq.read_table scans on Arrow's thread pool, and a pool thread may drop the last reference
     to the input buffer after the call returns. Were that a Python-owned buffer, its release
@@ -58,7 +59,7 @@ def parquet_from_bytes(data: bytes) -> pa.Table:
     """
     sink = pa.BufferOutputStream()
     sink.write(data)
-    return pq.read_table(pa.BufferReader(sink.getvalue()))
+    return pq.read_table(pa.BufferReader(sink.getvalue()), columns=columns)
 
 
 class StorageError(ValueError):
@@ -193,29 +194,32 @@ class Store:
 
     def list(self, rel: str = "") -> list[str]:
         """Names of the files directly inside a folder of the store ([] if it does not exist)."""
-        selector = pafs.FileSelector(self.path(rel) if rel else self.root, allow_not_found=True)
-        try:
-            infos = self._retried(f"listing {self.uri(rel)}", lambda: self.fs.get_file_info(selector))
-        except (FileNotFoundError, OSError):
-            return []
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+        return sorted(name for name, info in self.entries(rel).items() if info.type == pafs.FileType.File)
+
+    def entries(self, rel: str = "") -> dict[str, pafs.FileInfo]:
+        """Everything directly inside a folder of the store, files and folders, by name, with
+        sizes and modification times ({} if it does not exist); one (paged) listing."""
+        return {info.base_name: info for info in self._listing(rel)}
 
     def files_by_folder(self, rel: str) -> dict[str, list[str]]:
         """{subfolder: names of the files directly in it} for every subfolder of `rel`, from one
         recursive (paged) listing: what a listing per subfolder would give, in a fixed number of
         requests however many subfolders there are."""
-        selector = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=True)
-        try:
-            infos = self._retried(f"listing {self.uri(rel)}", lambda: self.fs.get_file_info(selector))
-        except (FileNotFoundError, NotADirectoryError, OSError):
-            return {}
         prefix = self.path(rel) + "/"
         out: dict[str, list[str]] = {}
-        for info in infos:
+        for info in self._listing(rel, recursive=True):
             folder, _, name = info.path[len(prefix):].partition("/") if info.path.startswith(prefix) else ("", "", "")
             if info.type == pafs.FileType.File and name and "/" not in name:
                 out.setdefault(folder, []).append(name)
         return out
+
+    def _listing(self, rel: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        """The FileInfos below a folder of the store ([] if it does not exist), transient errors retried."""
+        selector = pafs.FileSelector(self.path(rel) if rel else self.root, allow_not_found=True, recursive=recursive)
+        try:
+            return self._retried(f"listing {self.uri(rel)}", lambda: self.fs.get_file_info(selector))
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            return []
 
     def exists(self, rel: str) -> bool:
         return self._retried(f"looking for {self.uri(rel)}",
@@ -279,12 +283,15 @@ class Store:
     def verified(self, key: str) -> tuple[Commit, bytes] | None:
         """The key's commit and file bytes, only when the file exists and matches the marker."""
         marker = self.read_marker(key)
-        if marker is None:
-            return None
+        data = None if marker is None else self.vouched_bytes(marker)
+        return None if data is None else (marker, data)
+
+    def vouched_bytes(self, marker: Commit) -> bytes | None:
+        """The bytes of the file a commit marker names, only when they match it (size, sha256)."""
         data = self.read_bytes(marker.file)
         if data is None or len(data) != marker.size or hashlib.sha256(data).hexdigest() != marker.sha256:
             return None
-        return marker, data
+        return data
 
     def committed_status(self, key: str) -> str | None:
         found = self.verified(key)
