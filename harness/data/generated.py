@@ -79,6 +79,11 @@ def check_generated_set(location: str, real: dict[str, Any], readers: int = 1,
     return manifest
 
 
+def shard_readers(world_size: int, num_workers: Any) -> int:
+    """How many readers split a set's shards: ranks x loader workers (0 workers: the rank reads)."""
+    return int(world_size) * max(1, int(num_workers or 0))
+
+
 def mix_sizes(per_rank_batch: int, ratio: float) -> tuple[int, int]:
     """(real, generated) images of a rank's batch: int(B * ratio) generated, as the papers' sampler."""
     generated = int(per_rank_batch * ratio)

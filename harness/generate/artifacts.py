@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.errors import DataError
-from harness.data.generated import check_generated_set, generated_location, generated_ratio
+from harness.data.generated import check_generated_set, generated_location, generated_ratio, shard_readers
 from harness.data.shards import load_manifest
 from harness.eval.analysis.aux_models import aux_folder, ensure_aux
 from harness.eval.stage import Artifact
@@ -99,7 +99,7 @@ def check_generated(cfg: dict[str, Any]) -> None:
     except DataError:
         return  # not prepared yet (a dry run): the trainer checks again before its first step
     tcfg = cfg.get("trainer") or {}
-    readers = int(tcfg.get("world_size", 1)) * max(1, int(tcfg.get("num_workers", 0) or 0))
+    readers = shard_readers(tcfg.get("world_size", 1), tcfg.get("num_workers"))
     if isinstance(value, dict):
         spec = generation_spec(cfg)
         if spec.n_shards < readers:

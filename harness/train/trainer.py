@@ -45,7 +45,8 @@ from harness.backdoor.plan import train_plan
 from harness.core.device import autocast, check_precision, device_name
 from harness.core.progress import progress_bar
 from harness.eval.cost import count_flops, flops_per_image, peak_memory_bytes, reset_peak_memory
-from harness.data.generated import check_generated_set, generated_ratio, mix_sizes, mixed_batches, mixed_steps
+from harness.data.generated import (check_generated_set, generated_ratio, mix_sizes, mixed_batches, mixed_steps,
+                                    shard_readers)
 from harness.data.loader import make_loader, split_count
 from harness.data.shards import load_manifest
 from harness.data.validation import validation_split
@@ -162,7 +163,7 @@ def _generated_mix(cfg: dict[str, Any], manifest: dict[str, Any], counts: list[i
     if not directory:
         return None
     ratio = generated_ratio(dcfg)
-    readers = world_size * max(1, int(cfg["trainer"].get("num_workers", 0) or 0))
+    readers = shard_readers(world_size, cfg["trainer"].get("num_workers"))
     generated = check_generated_set(directory, manifest, readers, dcfg.get("img_size"))
     n_real, n_gen = mix_sizes(per_rank_batch, ratio)
     return {"dir": str(directory), "key": Path(str(directory)).name, "name": generated["name"],
