@@ -288,7 +288,7 @@ def test_a_grid_cell_trains_pgd_at_with_generated_data_and_ema(tiny, ray_session
     """One command: the grid generates the set (on Ray), trains PGD-AT on the 0.7 / 0.3 mix with weight EMA,
     evaluates and commits; the key is in the provenance."""
     from harness.run.grid import expand_grid, run_grid
-    from harness.store.results import read_results
+    from harness.store.index import read_results
 
     gen = "data.generated={per_class:6,samples_per_shard:16,sample_steps:4,generator:{channels:[16,32],attention:false,train_steps:20,batch_size:32}}"
     cells = expand_grid(["grid=demo", "grid.axes.arch=[test_resnet]", "grid.axes.method=[pgd_at]", gen,

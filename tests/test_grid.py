@@ -1,6 +1,7 @@
 """The grid under Ray: expansion, keys, commit + skip, failures isolated, leaderboard at the end."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -98,3 +99,32 @@ def test_value_axes_give_the_cells_a_compose_per_cell_would(tiny) -> None:
         user = [o for o in overrides if not o.startswith("grid=")]
         full = finalize(compose_config(grid_module.last_wins(fixed + axis + user + ["grid=demo"])))
         assert full["key"] == cfg["key"] and full == cfg
+
+
+def test_axis_values_become_hydra_override_text() -> None:
+    """Grid axis values reach Hydra in its grammar: null (not the string 'None'), dicts without
+    JSON's quoted keys, nested lists, and strings quoted only when the grammar reserves a character."""
+    from harness.run.expand import _override_value
+
+    assert _override_value(None) == "null" and _override_value(True) == "true" and _override_value(0.5) == "0.5"
+    assert _override_value({"per_class": 1000, "generator": {"channels": [16, 32]}}) == \
+        "{per_class:1000,generator:{channels:[16,32]}}"
+    assert _override_value(["fgsm", "pgd"]) == "[fgsm,pgd]" and _override_value("timm:resnet18") == "timm:resnet18"
+    assert _override_value("a b,c") == "'a b,c'"
+    assert _override_value({"id": "timm:resnet18"}, "model") == '{"id": "timm:resnet18"}'  # the model axis reads JSON
+
+
+def test_a_dotted_dict_axis_gives_the_cells_of_direct_overrides(data_root, tmp_path) -> None:
+    """grid=generated has `data.generated` as an axis of settings dicts (and null): each cell equals
+    the cell composed with that value given directly on the command line (issue 28's table)."""
+    from harness.core.config import compose_config, finalize
+
+    common = [f"data.root={data_root}", f"results_dir={tmp_path / 'results'}", "trainer=tiny"]
+    cells = expand_grid(["grid=generated", "grid.axes.seed=[0]", "grid.axes.method=[pgd_at]"] + common)
+    by_value = {json.dumps(c["data"].get("generated"), sort_keys=True): c for c in cells}
+    assert set(by_value) == {"null", '{"per_class": 1000}', '{"per_class": 5000}'}
+    fixed = ["data=digits", "arch=test_resnet", "trainer=demo", "trainer.ema=0.995", "attack=[autoattack]"]
+    for text, value in (("null", "null"), ('{"per_class": 1000}', "{per_class:1000}")):
+        direct = finalize(compose_config(fixed + ["method=pgd_at", f"data.generated={value}", "seed=0"] + common
+                                         + ["grid=generated"]))
+        assert direct["key"] == by_value[text]["key"]

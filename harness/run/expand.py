@@ -46,7 +46,7 @@ def expand_grid(overrides: list[str]) -> list[dict[str, Any]]:
     group_axes = [n for n in axes if n not in value_axes]
     cells: dict[str, dict[str, Any]] = {}
     for group_values in itertools.product(*(axes[n] for n in group_axes)):
-        axis_overrides = [f"{n}={_override_value(v)}" for n, v in zip(group_axes, group_values)]
+        axis_overrides = [f"{n}={_override_value(v, n)}" for n, v in zip(group_axes, group_values)]
         # grid's fixed settings first, then the axis values, then the user's own overrides
         composed = compose_config(last_wins(fixed + axis_overrides + user + [f"grid={grid['name']}"]))
         for values in itertools.product(*(axes[n] for n in value_axes)):
@@ -132,9 +132,23 @@ def last_wins(overrides: list[str]) -> list[str]:
     return list(by_key.values())
 
 
-def _override_value(value: Any) -> str:
-    if isinstance(value, dict):  # a model axis entry {id, checkpoint, ...} (harness.core.config.model_overrides)
+def _override_value(value: Any, name: str = "") -> str:
+    """An axis value as Hydra override text: null, true/false, numbers, lists and dicts in Hydra's
+    grammar ({per_class:1000}), strings quoted when they hold characters the grammar reserves.
+    A model axis entry {id, checkpoint, ...} stays JSON (harness.core.config.model_overrides reads it)."""
+    if isinstance(value, dict) and name == "model":
         return json.dumps(value, sort_keys=True)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return str(value)
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z0-9_./:@+-]*", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
