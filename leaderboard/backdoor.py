@@ -54,7 +54,7 @@ cells AS (
            any_value(n_triggered) AS n_triggered,
            list_sort(list_distinct(flatten(coalesce(list(train_flags) FILTER (WHERE train_flags IS NOT NULL), []))))
                AS train_flags,
-           max(validation_n) AS validation_n
+           max(validation_n) AS validation_n{cell_detectors}
     FROM results r JOIN cell_status s USING (key)
     WHERE s.ok AND r.backdoor IS NOT NULL AND r.backdoor <> 'none'
     GROUP BY r.key
@@ -63,11 +63,23 @@ SELECT dataset, backdoor, rate, target, arch, method, count(*) AS n_seeds,
        list(key ORDER BY seed, key) AS keys,
        avg(ca), stddev_samp(ca), avg(asr), stddev_samp(asr), avg(ra), stddev_samp(ra),
        avg(n_poisoned), avg(n_triggered),
-       list(train_flags ORDER BY seed, key), list(validation_n ORDER BY seed, key)
+       list(train_flags ORDER BY seed, key), list(validation_n ORDER BY seed, key){row_detectors}
 FROM cells
 GROUP BY dataset, backdoor, rate, target, arch, method
 ORDER BY dataset, backdoor, rate, target
 """
+
+
+def detector_names(columns: list[str]) -> list[str]:
+    """Backdoor detectors with results (harness/eval/analysis/detectors: `det_<name>_auroc`), sorted."""
+    return sorted(c[len("det_"):-len("_auroc")] for c in columns
+                  if c.startswith("det_") and c.endswith("_auroc") and c[len("det_"):-len("_auroc")].isidentifier())
+
+
+def _sql(detectors: list[str]) -> str:
+    """The table query with one mean AUROC column per detector (cell mean, then the mean over seeds)."""
+    return _SQL.format(cell_detectors="".join(f', avg("det_{d}_auroc") AS "det_{d}"' for d in detectors),
+                       row_detectors="".join(f', avg("det_{d}")' for d in detectors))
 
 
 def _num(value: Any) -> float | None:
@@ -87,15 +99,17 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
         for name, kind in _OPTIONAL.items():
             if name not in results.column_names:
                 results = results.append_column(pa.field(name, kind), pa.nulls(results.num_rows, kind))
-        columns = _COLUMNS + list(_OPTIONAL) + (["config_json"] if "config_json" in results.column_names else [])
+        detectors = detector_names(results.column_names)
+        columns = (_COLUMNS + list(_OPTIONAL) + [f"det_{d}_auroc" for d in detectors]
+                   + (["config_json"] if "config_json" in results.column_names else []))
         con.register("results", results.select(columns))
-        records = con.execute(_SQL).fetchall()
+        records = con.execute(_sql(detectors)).fetchall()
         der = cell_ders(con.execute(_CELL_SQL).fetchall()) if "config_json" in columns else {}
     finally:
         con.close()
     tables: dict[tuple, dict[str, Any]] = {}
     for (dataset, backdoor, rate, target, arch, method, n_seeds, keys, ca, ca_sd, asr, asr_sd,
-         ra, ra_sd, n_poisoned, n_triggered, train_flags, validation_ns) in records:
+         ra, ra_sd, n_poisoned, n_triggered, train_flags, validation_ns, *detector_means) in records:
         table = tables.setdefault((dataset, backdoor, rate, target), {
             "track": "backdoor", "dataset": dataset, "backdoor": backdoor, "poison_rate": _num(rate),
             "target_class": target, "rows": [],
@@ -108,6 +122,9 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
             "n_poisoned": _num(n_poisoned), "n_triggered": _num(n_triggered),
             **_health(list(keys), list(train_flags), list(validation_ns)),
             **_mean_std("der", [der[k] for k in keys if k in der]),
+            "der_values": [der[k] for k in keys if k in der],
+            "detectors": {name: _num(value) for name, value in zip(detectors, detector_means)
+                          if _num(value) is not None},
         })
     for table in tables.values():
         table["rows"].sort(key=lambda r: (r["flagged"], r["asr_mean"] is None, r["asr_mean"] or 0.0,

@@ -31,6 +31,7 @@ from leaderboard.incremental import MANIFEST, PageManifest, page_hash
 from leaderboard.pages import Renderer, table_heading
 
 PAGE_DIRS = ("cells", "settings", "methods")
+BACKDOOR_PAGE = "backdoor.html"  # the attack x defense matrix (leaderboard/backdoor_matrix.py)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -104,6 +105,10 @@ def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
     _write_atomic(out_dir / "flagged.html", render.flagged())
     _write_atomic(out_dir / "data.json", to_records(board))
     _write_atomic(out_dir / "data.csv", to_csv(board))
+    if board.backdoor_tables:
+        _write_atomic(out_dir / BACKDOOR_PAGE, render.backdoor_matrix())
+    elif (out_dir / BACKDOOR_PAGE).exists():
+        (out_dir / BACKDOOR_PAGE).unlink()
     if explained:
         _write_atomic(out_dir / ACE_PAGE, render.ace(explained))
     elif (out_dir / ACE_PAGE).exists():

@@ -143,6 +143,12 @@ class Renderer:
         entries = [(t, r) for t in self.board.tables for r in t["rows"] if base_method(r["method"]) == name]
         return self._render("method.html.j2", "../", name=name, paper=method_paper(name), entries=entries)
 
+    def backdoor_matrix(self) -> str:
+        """The attack x defense matrix page (leaderboard.backdoor_matrix)."""
+        from leaderboard.backdoor_matrix import backdoor_matrices
+
+        return self._render("backdoor.html.j2", "", matrices=backdoor_matrices(self.board.backdoor_tables))
+
     def flagged(self) -> str:
         entries = [(t, r) for t in self.board.tables for r in t["rows"] if r["flagged"]]
         return self._render("flagged.html.j2", "", entries=entries, cells=self.board.cells)

@@ -103,3 +103,44 @@ def test_der_twin_under_a_defense_recipe_is_the_one_erm_cell_with_another_traine
     assert cell_ders(cells) == {"c": pytest.approx(der((0.9, 1.0), (0.8, 0.1))),
                                 "f": pytest.approx(der((0.9, 1.0), (0.85, 0.5)))}
     assert "c" not in cell_ders(cells + [cell("e2", "erm", 200, 0.9, 0.9)])  # two candidates: no guess
+
+
+def test_matrix_page_shows_attacks_by_defenses_the_der_ranking_and_detectors(results: Path, tmp_path: Path) -> None:
+    """backdoor.html: a heatmap per metric (poisons x defenses, no defense first), each square linking
+    to its cell; defenses ranked by mean DER over (attack, seed) with a t interval; detectors' AUROC
+    (det_<name>_auroc columns) per attack on the undefended model."""
+    from leaderboard.backdoor_matrix import backdoor_matrices, interval
+
+    board = aggregate(read_results(results))
+    (matrix,) = backdoor_matrices(board.backdoor_tables)
+    assert matrix["attacks"] == ["badnets", "blended"] and matrix["defenses"] == ["erm", "cbd", "ft"]
+    asr = next(h for h in matrix["heatmaps"] if h["metric"] == "asr")["grid"]
+    assert asr[0]["squares"][0]["value"] == pytest.approx(0.99) and asr[0]["squares"][1]["value"] == pytest.approx(0.07)
+    assert asr[1]["squares"][1]["value"] is None  # cbd was not run under blended
+    ranking = {r["method"]: r for r in matrix["ranking"]}
+    ders = [(1.0 - 0.05 - 0.03 + 1) / 2, (0.98 - 0.09 - 0.0 + 1) / 2]  # seed 0, seed 1 (CA rose: no CA term)
+    assert ranking["cbd"]["der_mean"] == pytest.approx(sum(ders) / 2) and ranking["cbd"]["n"] == 2
+    assert ranking["cbd"]["der_ci"] == pytest.approx(interval(ders)) and ranking["ft"]["der_ci"] is None
+    assert ranking["cbd"]["der_ci"][0] < ranking["cbd"]["der_mean"] < ranking["cbd"]["der_ci"][1]
+    assert interval([0.9, 0.92, 0.94])[0] > 0.5  # a tight, high DER beats no defense
+    html = build_site(results, tmp_path / "site").read_text()
+    assert 'href="backdoor.html"' in html
+    page = (tmp_path / "site" / "backdoor.html").read_text()
+    assert "attack \\ defense" in page and 'href="cells/cbd-badnets-0.html"' in page and "7.00" in page
+    assert "Detectors" not in page  # no detector columns in these results
+
+
+def test_detector_auroc_columns_reach_the_matrix(tmp_path: Path) -> None:
+    for (method, backdoor, seed), (clean, asr, ra) in CELLS.items():
+        if backdoor is None:
+            continue
+        rows = _rows(method, backdoor, seed, clean, asr, ra)
+        for row in rows:
+            row["det_strip_auroc"] = 0.9 if backdoor == "badnets" else 0.6
+            row["det_strip_tpr_at_5fpr"] = 0.5
+        write_cell_result(tmp_path, rows[0]["key"], rows)
+    from leaderboard.backdoor_matrix import backdoor_matrices
+
+    (matrix,) = backdoor_matrices(aggregate(read_results(tmp_path)).backdoor_tables)
+    (strip,) = matrix["detectors"]
+    assert strip["detector"] == "strip" and strip["auroc"] == {"badnets": pytest.approx(0.9), "blended": pytest.approx(0.6)}
