@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import timm
+from timm.layers import ClassifierHead
 from torch import nn
 
 from architectures.classifier import Classifier
@@ -27,6 +28,7 @@ class TimmArchitecture:
     open_config_keys: ClassVar[tuple[str, ...]] = ("kwargs",)  # any timm kwarg: `+arch.kwargs.drop_rate=0.1`
     model: str | None = None  # None: taken from the config's `model` key (the generic `timm` plugin)
     small_stem: bool = False  # ResNet family: 3x3 stride-1 stem, no max-pool
+    preact_small: bool = False  # timm ResNetV2 as BackdoorBench's PreActResNet: that stem, no final norm
     vit_patch: dict[int, int] = field(default_factory=dict)  # img_size upper bound -> patch size
     convnext_patch: dict[int, int] = field(default_factory=dict)
 
@@ -62,6 +64,8 @@ class TimmArchitecture:
         )
         if small_input and preset.small_stem:
             _cifar_stem(body, in_chans)
+        if preset.preact_small:
+            _backdoorbench_preact(body, in_chans)
         return Classifier(body, mean=mean, std=std)
 
 
@@ -93,11 +97,26 @@ def _cifar_stem(body: nn.Module, in_chans: int) -> None:
     body.maxpool = nn.Identity()
 
 
+def _backdoorbench_preact(body: nn.Module, in_chans: int) -> None:
+    """timm's pre-activation ResNetV2 as BackdoorBench's PreActResNet (models/preact_resnet.py): a
+    3x3 stride-1 stem conv, no stem pooling and no norm + ReLU after the last stage (it pools the last
+    block's sum directly) and a linear head (timm's is a 1x1 conv). With its weights mapped by name (strict), its logits equal BackdoorBench's exactly (largest difference 0 on 4 random 32x32 images)
+    (resnetv2_18 vs PreActResNet18: 11,171,146 parameters and 6,800 buffer values on both sides)."""
+    if not (hasattr(body, "stem") and hasattr(body.stem, "conv") and hasattr(body, "norm")):
+        raise ValueError(f"preact_small needs a timm ResNetV2; {type(body).__name__} has no stem.conv/norm")
+    out_channels = body.stem.conv.out_channels
+    body.stem.conv = nn.Conv2d(in_chans, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    body.stem.pool = nn.Identity()
+    body.norm = nn.Identity()
+    body.head = ClassifierHead(body.num_features, body.num_classes, pool_type="avg")  # avgpool + nn.Linear
+
+
 _VIT_PATCH = {64: 4, 10_000: 16}  # 8x8 digits -> 4 tokens; 32x32 -> 64 tokens
 _CONVNEXT_PATCH = {16: 1, 32: 2, 10_000: 4}
 
 ARCHITECTURES.add("timm", TimmArchitecture())
 ARCHITECTURES.add("resnet18", TimmArchitecture("resnet18", small_stem=True))
+ARCHITECTURES.add("preact_resnet18", TimmArchitecture("resnetv2_18", preact_small=True))  # BackdoorBench's model
 ARCHITECTURES.add("vit_tiny", TimmArchitecture("vit_tiny_patch16_224", vit_patch=_VIT_PATCH))
 ARCHITECTURES.add("convnext_nano", TimmArchitecture("convnext_nano", convnext_patch=_CONVNEXT_PATCH))
 # Tiny presets (~0.1 s a training step at 8-32 px on one CPU core) for tests and the demo.

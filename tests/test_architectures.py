@@ -26,7 +26,7 @@ def _build(name: str, img_size: int, in_chans: int = 3, **extra):
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES.names()))
 @pytest.mark.parametrize("img_size,in_chans", [(32, 3), (8, 1)])
 def test_classifier_contract(name: str, img_size: int, in_chans: int) -> None:
-    if name in ("resnet18", "vit_tiny") and img_size == 8:
+    if name in ("resnet18", "vit_tiny", "preact_resnet18") and img_size == 8:
         pytest.skip("full-size presets are tested at 32x32 only (cost)")
     extra = {"model": "test_resnet"} if name == "timm" else {}
     model = _build(name, img_size, in_chans, **extra).eval()
@@ -58,6 +58,11 @@ def test_small_image_adaptations() -> None:
     resnet = _build("resnet18", 32)
     assert resnet.body.conv1.kernel_size == (3, 3) and resnet.body.conv1.stride == (1, 1)
     assert isinstance(resnet.body.maxpool, torch.nn.Identity)
+    preact = _build("preact_resnet18", 32)  # BackdoorBench's PreActResNet18
+    assert preact.body.stem.conv.kernel_size == (3, 3) and preact.body.stem.conv.stride == (1, 1)
+    assert isinstance(preact.body.stem.pool, torch.nn.Identity) and isinstance(preact.body.norm, torch.nn.Identity)
+    backbone = sum(p.numel() for n, p in preact.body.named_parameters() if not n.startswith("head."))
+    assert backbone + 512 * 10 + 10 == 11_171_146  # BackdoorBench's PreActResNet18(10), counted there
     vit = _build("vit_tiny", 32)
     assert vit.body.patch_embed.patch_size == (4, 4)
     assert vit.body.patch_embed.num_patches == 64
