@@ -34,7 +34,8 @@ UNDEFENDED = "erm"
 
 _COLUMNS = ["key", "status", "dataset", "arch", "method", "seed", "clean_acc", "backdoor",
             "poison_rate", "target_class", "asr", "backdoor_robust_acc", "n_poisoned", "n_triggered"]
-_OPTIONAL = {"train_flags": pa.list_(pa.string()), "validation_n": pa.int64()}  # issue 25: null where absent
+_OPTIONAL = {"train_flags": pa.list_(pa.string()), "validation_n": pa.int64(),  # issue 25: null where absent
+             "train_seconds": pa.float64()}
 _CELL_SQL = """
 WITH cell_status AS (SELECT key, bool_and(status = 'ok') AS ok FROM results GROUP BY key)
 SELECT r.key, any_value(method), any_value(config_json), avg(clean_acc), avg(asr)
@@ -54,7 +55,7 @@ cells AS (
            any_value(n_triggered) AS n_triggered,
            list_sort(list_distinct(flatten(coalesce(list(train_flags) FILTER (WHERE train_flags IS NOT NULL), []))))
                AS train_flags,
-           max(validation_n) AS validation_n{cell_detectors}
+           max(validation_n) AS validation_n, avg(train_seconds) AS train_seconds{cell_detectors}
     FROM results r JOIN cell_status s USING (key)
     WHERE s.ok AND r.backdoor IS NOT NULL AND r.backdoor <> 'none'
     GROUP BY r.key
@@ -63,7 +64,7 @@ SELECT dataset, backdoor, rate, target, arch, method, count(*) AS n_seeds,
        list(key ORDER BY seed, key) AS keys,
        avg(ca), stddev_samp(ca), avg(asr), stddev_samp(asr), avg(ra), stddev_samp(ra),
        avg(n_poisoned), avg(n_triggered),
-       list(train_flags ORDER BY seed, key), list(validation_n ORDER BY seed, key){row_detectors}
+       list(train_flags ORDER BY seed, key), list(validation_n ORDER BY seed, key), avg(train_seconds){row_detectors}
 FROM cells
 GROUP BY dataset, backdoor, rate, target, arch, method
 ORDER BY dataset, backdoor, rate, target
@@ -109,7 +110,7 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
         con.close()
     tables: dict[tuple, dict[str, Any]] = {}
     for (dataset, backdoor, rate, target, arch, method, n_seeds, keys, ca, ca_sd, asr, asr_sd,
-         ra, ra_sd, n_poisoned, n_triggered, train_flags, validation_ns, *detector_means) in records:
+         ra, ra_sd, n_poisoned, n_triggered, train_flags, validation_ns, train_seconds, *detector_means) in records:
         table = tables.setdefault((dataset, backdoor, rate, target), {
             "track": "backdoor", "dataset": dataset, "backdoor": backdoor, "poison_rate": _num(rate),
             "target_class": target, "rows": [],
@@ -120,6 +121,7 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
             "asr_mean": _num(asr), "asr_std": _num(asr_sd),
             "ra_mean": _num(ra), "ra_std": _num(ra_sd),
             "n_poisoned": _num(n_poisoned), "n_triggered": _num(n_triggered),
+            "train_seconds_mean": _num(train_seconds),  # the cell's own training (a defense's, not its upstream ERM's)
             **_health(list(keys), list(train_flags), list(validation_ns)),
             **_mean_std("der", [der[k] for k in keys if k in der]),
             "der_values": [der[k] for k in keys if k in der],

@@ -88,10 +88,18 @@ def _matrix(group: dict[str, Any]) -> dict[str, Any]:
         values = [v for attack in attacks for v in (rows.get((attack, defense)) or {}).get("der_values", [])]
         mean = sum(values) / len(values) if values else None
         ci = interval(values)
+        seconds = [rows[(a, defense)]["train_seconds_mean"] for a in attacks
+                   if (a, defense) in rows and rows[(a, defense)].get("train_seconds_mean") is not None]
         ranking.append({"method": defense, "der_mean": mean, "der_ci": ci, "n": len(values),
+                        "train_seconds": sum(seconds) / len(seconds) if seconds else None,
                         "attacks": sum(1 for a in attacks if (a, defense) in rows),
                         "beats_no_defense": bool(ci and ci[0] > NO_DEFENSE_DER)})
     ranking.sort(key=lambda r: (r["der_mean"] is None, -(r["der_mean"] or 0.0), r["method"]))
+    undefended = [row["train_seconds_mean"] for (_, m), row in rows.items()
+                  if base_method(m) == UNDEFENDED and row.get("train_seconds_mean") is not None]
+    erm_seconds = sum(undefended) / len(undefended) if undefended else None
+    for r in ranking:  # a defense's own training beside the poisoned ERM's (post-training ones start from it)
+        r["cost_ratio"] = r["train_seconds"] / erm_seconds if r["train_seconds"] is not None and erm_seconds else None
     detectors = sorted({d for row in rows.values() for d in row.get("detectors", {})})
     detector_rows = []
     for name in detectors:
@@ -102,5 +110,5 @@ def _matrix(group: dict[str, Any]) -> dict[str, Any]:
             per_attack[attack] = sum(seen) / len(seen) if seen else None
         detector_rows.append({"detector": name, "auroc": per_attack,
                               "colors": {a: heat(v, True) for a, v in per_attack.items()}})
-    return {**group, "attacks": attacks, "defenses": defenses, "heatmaps": heatmaps,
+    return {**group, "attacks": attacks, "defenses": defenses, "heatmaps": heatmaps, "erm_seconds": erm_seconds,
             "ranking": ranking, "detectors": detector_rows}

@@ -31,7 +31,7 @@ def _rows(method: str, backdoor: str | None, seed: int, clean: float, asr, ra) -
     }
     return [{"key": key, "grid": "t", "status": "ok", "dataset": "digits", "arch": "test_resnet",
              "method": method, "seed": seed, "attack": "fgsm", "norm": "linf", "eps": 0.15,
-             "clean_acc": clean, "robust_acc": 0.2, "flags": [],
+             "clean_acc": clean, "robust_acc": 0.2, "flags": [], "train_seconds": 100.0 if method == "erm" else 30.0,
              "config_json": json.dumps({"method": {"name": method}, "seed": seed, "data": {"name": "digits"},
                                         "backdoor": {"name": backdoor or "none", "rate": 0.1}}), **extra}]
 
@@ -123,6 +123,7 @@ def test_matrix_page_shows_attacks_by_defenses_the_der_ranking_and_detectors(res
     assert ranking["cbd"]["der_ci"] == pytest.approx(interval(ders)) and ranking["ft"]["der_ci"] is None
     assert ranking["cbd"]["der_ci"][0] < ranking["cbd"]["der_mean"] < ranking["cbd"]["der_ci"][1]
     assert interval([0.9, 0.92, 0.94])[0] > 0.5  # a tight, high DER beats no defense
+    assert matrix["erm_seconds"] == pytest.approx(100.0) and ranking["cbd"]["cost_ratio"] == pytest.approx(0.3)
     html = build_site(results, tmp_path / "site").read_text()
     assert 'href="backdoor.html"' in html
     page = (tmp_path / "site" / "backdoor.html").read_text()
