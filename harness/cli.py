@@ -315,11 +315,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     registry = REGISTRIES[args.kind]
     for name in registry.names():
-        print(name)
+        print(f"{name}\t{_role(registry.get(name))}".rstrip())
     for broken in registry.broken():  # the good ones are listed; a broken package is named, not fatal
         console.print(f"[yellow]warning:[/] {registry.kind} '{broken.name}' not listed: {broken.describe()}",
                       markup=True, highlight=False, soft_wrap=True)
     return 0
+
+
+def _role(plugin: object) -> str:
+    """What a listed plugin is, beyond its registry: a backdoor defense (a method) or detector (an analysis)."""
+    if getattr(plugin, "backdoor_defense", False) is True:
+        return "backdoor defense"
+    if getattr(plugin, "detector", False) is True:
+        return "backdoor detector"
+    return ""
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:

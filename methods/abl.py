@@ -189,6 +189,7 @@ class ABL(_IsolatedSplit):
     """ABL's unlearning: gradient ascent on the isolated 1%, from the fine-tuned (or isolation) model."""
 
     name = "abl"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Anti-Backdoor Learning: Training Clean Models on Poisoned Data", "venue": "NeurIPS", "year": "2021"}
     keep_isolated = True
 

@@ -146,6 +146,8 @@ class Method:
     name: ClassVar[str]
     find_unused_parameters: ClassVar[bool] = False
     needs_train_data: ClassVar[bool] = False  # True: gets `train_data` (data/backdoor/seed config)
+    backdoor_defense: ClassVar[bool] = False  # a backdoor defense (`robustgrid list methods` says so;
+                                              # grid=backdoor_bench crosses every one with every poison)
 
     @classmethod
     def upstream(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Upstream]:

@@ -136,6 +136,7 @@ def cbd_weights(loss_b: torch.Tensor, loss_c: torch.Tensor, labels: torch.Tensor
 @METHODS.register("cbd")
 class CBD(Method):
     name = "cbd"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Backdoor Defense via Deconfounded Representation Learning", "venue": "CVPR", "year": "2023"}
 
     def __init__(self, backdoored_epochs: int | None = None, backdoored_fraction: float = 0.05,

@@ -131,6 +131,7 @@ class FinePruning(FineTuning):
     """FT's setting (the grid's backdoored ERM, fine-tuned on the clean subset) after pruning."""
 
     name = "fp"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks", "venue": "RAID", "year": "2018"}
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 100, batch_size: int = 256, lr: float = 0.01,

@@ -92,6 +92,7 @@ def load_weights(model: nn.Module, checkpoint: str | None) -> nn.Module:
 @METHODS.register("ft")
 class FineTuning(Method):
     name = "ft"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks (the fine-tuning baseline)", "venue": "RAID", "year": "2018"}
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 10, batch_size: int = 64, lr: float = 0.1,

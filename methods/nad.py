@@ -90,6 +90,7 @@ class NADModule(nn.Module):
 @METHODS.register("nad")
 class NAD(Method):
     name = "nad"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks", "venue": "ICLR", "year": "2021"}
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 20, batch_size: int = 64, lr: float = 0.1,

@@ -31,8 +31,11 @@ def test_unknown_arch_and_attack(tmp_path) -> None:
 
 def test_list_prints_registered_names() -> None:
     out = _cli("list", "methods")
-    names = out.stdout.split()
+    lines = [line.split("\t") for line in out.stdout.splitlines()]
+    names = [line[0] for line in lines]
     assert out.returncode == 0 and names == sorted(names)
+    defenses = {line[0] for line in lines if line[1:] == ["backdoor defense"]}
+    assert {"cbd", "ft", "fp", "nad", "abl"} <= defenses and not defenses & {"erm", "abl_lga", "trades"}
     assert {"erm", "pgd_at", "trades", "mart", "awp", "fgsm_rs", "causaladv_m", "sns", "adml_pgd_at"} <= set(names)
     assert {"cbd", "ft", "fp", "nad", "abl"} <= set(names)
     assert {"none", "badnets", "blended", "sig", "wanet"} == set(_cli("list", "poisons").stdout.split())

@@ -60,6 +60,7 @@ class Analysis:
 
     always: ClassVar[bool] = False  # runs on every cell it `applies` to, without being selected
     order: ClassVar[int] = 100
+    detector: ClassVar[bool] = False  # a backdoor detector (`robustgrid list analyses` says so)
 
     def __init__(self, label: str, settings: dict[str, Any]) -> None:
         self.label, self.settings = label, settings  # label: the registry name, or the analysis block's
