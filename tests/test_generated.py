@@ -176,6 +176,9 @@ def test_mixed_batches_hold_the_ratio_and_are_deterministic() -> None:
     assert (n_real, n_gen) == (20, 44)  # int(64 * 0.7) generated, as DM-Improves-AT's sampler
     assert mix_sizes(64, 0.0) == (64, 0)
     assert mixed_steps(1437, 128) == 12
+    assert mixed_steps(1437, 128, drop_last=True) == 11  # trainer.drop_last: full batches only
+    with pytest.raises(ValueError, match="drop_last"):
+        mixed_steps(100, 128, drop_last=True)
     batches = list(mixed_batches(_tagged(0.0, 50), _tagged(1.0), 5, n_real, n_gen, seed=3, epoch=2, rank=0))
     assert len(batches) == 5
     for x, y in batches:

@@ -90,8 +90,14 @@ def mix_sizes(per_rank_batch: int, ratio: float) -> tuple[int, int]:
     return per_rank_batch - generated, generated
 
 
-def mixed_steps(real_total: int, global_batch: int) -> int:
-    """Steps of an epoch with generated data: ceil(real images / global batch), as the papers."""
+def mixed_steps(real_total: int, global_batch: int, drop_last: bool = False) -> int:
+    """Steps of an epoch with generated data: ceil(real images / global batch), as the papers;
+    floor with `trainer.drop_last` (full batches only), which needs one full batch of real images."""
+    if drop_last:
+        if int(real_total) < int(global_batch):
+            raise ValueError(f"trainer.drop_last: {real_total} real images are fewer than one global batch of "
+                             f"{global_batch}; lower trainer.batch_size or set trainer.drop_last=false")
+        return int(real_total) // int(global_batch)
     return max(1, -(-int(real_total) // int(global_batch)))
 
 

@@ -168,7 +168,8 @@ def _generated_mix(cfg: dict[str, Any], manifest: dict[str, Any], counts: list[i
     n_real, n_gen = mix_sizes(per_rank_batch, ratio)
     return {"dir": str(directory), "key": Path(str(directory)).name, "name": generated["name"],
             "images": generated["splits"]["train"]["count"], "ratio": ratio, "real_per_rank_batch": n_real,
-            "generated_per_rank_batch": n_gen, "steps_per_epoch": mixed_steps(sum(counts), per_rank_batch * world_size),
+            "generated_per_rank_batch": n_gen, "steps_per_epoch": mixed_steps(sum(counts), per_rank_batch * world_size,
+                                                                   bool(cfg["trainer"].get("drop_last", False))),
             "manifest_sha256": generated["content_sha256"]}
 
 
