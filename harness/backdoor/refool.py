@@ -15,7 +15,9 @@ alpha_t t, to the power 1 / 2.2, clipped, truncated to uint8. BackdoorBench fixe
 Reflections: BackdoorBench blends 200 images the authors selected from PascalVOC (downloaded);
 ours come from the dataset itself: `n_reflections` (200) training images of classes other than
 the target, chosen from `pattern_seed` and read from the shards when the plan binds the poison
-to its dataset (`bind`). The per-image draws (which reflection, which model, offset, sigma, ghost
+to its dataset (`bind`); an unbound poison (a trigger asked for outside a cell, e.g. on synthetic
+tensors) uses procedural reflections instead: smooth noise images (4x4 uniform noise upsampled
+bilinearly) drawn from `pattern_seed` and the image shape. The per-image draws (which reflection, which model, offset, sigma, ghost
 alpha, att) come from a generator seeded by `pattern_seed` and the image's own bytes, so the
 trigger is a pure function of the image, the same on every rank and epoch (BackdoorBench draws
 them once from its global generators when it builds its poisoned sets).
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.backdoor.base import Poison, from_levels, to_levels
+from harness.backdoor.base import Poison, from_levels, pattern_generator, to_levels
 from harness.core.registry import POISONS
 
 
@@ -205,11 +207,19 @@ class Refool(Poison):
                        int(rng.integers(0, size - w - 10)) if w < size - 10 else 0),
         }
 
+    def procedural_reflections(self, channels: int, height: int, width: int) -> np.ndarray:
+        """Reflections of an unbound poison: `n_reflections` smooth noise images (uint8, H, W, C),
+        4x4 uniform noise upsampled bilinearly, from pattern_seed and the shape."""
+        gen = pattern_generator(self.pattern_seed, channels, height, width, self.n_reflections, 0x2EF2)
+        coarse = torch.rand(self.n_reflections, channels, 4, 4, generator=gen)
+        smooth = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        return (smooth * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
     def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[-2], x.shape[-1], x.shape[1])
         if self._reflections is None:
-            raise ValueError("refool needs its reflection images: the poison plan binds them from the dataset "
-                             "(backdoor.plan.train_plan / test_plan with data.dir set), or call use_reflections()")
-        if tuple(self._reflections.shape[1:]) != (x.shape[-2], x.shape[-1], x.shape[1]):
+            self._reflections = self.procedural_reflections(x.shape[1], x.shape[-2], x.shape[-1])
+        if tuple(self._reflections.shape[1:]) != shape:
             raise ValueError(f"refool reflections are {self._reflections.shape[1:]} (H, W, C); the batch is "
                              f"{tuple(x.shape[1:])} (C, H, W): bind the poison to this dataset")
         levels = to_levels(x).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
