@@ -149,7 +149,8 @@ class Refool(Poison):
         self.n_reflections = int(n_reflections)
         self.offset_range = None if offset_range is None else [int(v) for v in offset_range]
         self.sigma_range = [1.0, 5.0] if sigma_range is None else [float(v) for v in sigma_range]
-        self._reflections: np.ndarray | None = None  # (n, H, W, C) uint8
+        self._reflections: np.ndarray | None = None  # (n, H, W, C) uint8, from the dataset
+        self._procedural: np.ndarray | None = None  # the unbound fallback
 
     # --------------------------------------------------------------------------- reflections
     def bind(self, dataset_dir: Any) -> None:
@@ -187,9 +188,8 @@ class Refool(Poison):
         self._reflections = images
 
     # --------------------------------------------------------------------------- per-image draws
-    def draws(self, image: np.ndarray) -> dict[str, Any]:
+    def draws(self, image: np.ndarray, n_reflections: int) -> dict[str, Any]:
         """Every random choice for one uint8 (H, W, C) image, from pattern_seed and its bytes."""
-        assert self._reflections is not None
         h, w = image.shape[:2]
         key = int.from_bytes(hashlib.blake2b(image.tobytes(), digest_size=8).digest(), "little")
         rng = np.random.default_rng([self.pattern_seed & 0xFFFF_FFFF, 0x2EF0, key & 0xFFFF_FFFF, key >> 32])
@@ -197,7 +197,7 @@ class Refool(Poison):
                                        [max(1, round(3 * min(h, w) / 32)), max(1, round(8 * min(h, w) / 32))])
         size = max(h, w)
         return {
-            "reflection": int(rng.integers(len(self._reflections))),
+            "reflection": int(rng.integers(n_reflections)),
             "ghost": bool(rng.random() < self.ghost_rate),
             "offset": (int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))),
             "ghost_alpha": abs(round(rng.random()) - rng.uniform(0.15, 0.5)),
@@ -217,16 +217,18 @@ class Refool(Poison):
 
     def _trigger(self, x: torch.Tensor) -> torch.Tensor:
         shape = (x.shape[-2], x.shape[-1], x.shape[1])
-        if self._reflections is None:
-            self._reflections = self.procedural_reflections(x.shape[1], x.shape[-2], x.shape[-1])
-        if tuple(self._reflections.shape[1:]) != shape:
-            raise ValueError(f"refool reflections are {self._reflections.shape[1:]} (H, W, C); the batch is "
+        if self._reflections is None:  # unbound: procedural reflections of this shape (bind() replaces them)
+            self._procedural = self._procedural if self._procedural is not None and \
+                tuple(self._procedural.shape[1:]) == shape else self.procedural_reflections(*x.shape[1:])
+        reflections = self._procedural if self._reflections is None else self._reflections
+        if tuple(reflections.shape[1:]) != shape:
+            raise ValueError(f"refool reflections are {reflections.shape[1:]} (H, W, C); the batch is "
                              f"{tuple(x.shape[1:])} (C, H, W): bind the poison to this dataset")
         levels = to_levels(x).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         out = []
         for image in levels:
-            d = self.draws(image)
-            out.append(blend(image, self._reflections[d["reflection"]], self.alpha_t, d["ghost"], d["offset"],
+            d = self.draws(image, len(reflections))
+            out.append(blend(image, reflections[d["reflection"]], self.alpha_t, d["ghost"], d["offset"],
                              d["ghost_alpha"], d["sigma"], d["att"], d["corner"]))
         v = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(torch.float64)
         return from_levels(v, x.dtype).to(x.device)
