@@ -115,12 +115,11 @@ def backdoor_columns(cfg: dict[str, Any], model: nn.Module, num_classes: int,
     held = validation_split(cfg)
     poisoned = plan.poisoned if held is None else np.intersect1d(plan.poisoned, held.train_indices())
     indices = [int(i) for i in poisoned]
-    # all-to-all cells say so (their ASR is against (y + 1) % K); all-to-one rows keep their columns
-    mode = {"label_mode": "all_to_all"} if plan.poison.label_mode == "all_to_all" else {}
-    return mode | {
+    return {
         "backdoor": plan.poison.name,
         "poison_rate": plan.poison.rate,
-        "target_class": plan.poison.target,
+        # all-to-all has no single target (each image's is (y + 1) % K; the config says label_mode): null
+        "target_class": None if plan.poison.label_mode == "all_to_all" else plan.poison.target,
         "n_poisoned": None if plan.per_batch else len(indices),
         "poison_indices": indices,
         "poison_indices_sha256": hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest(),
