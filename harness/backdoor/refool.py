@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,10 @@ from harness.backdoor.base import Poison, from_levels, pattern_generator, to_lev
 from harness.core.registry import POISONS
 
 
+@lru_cache(maxsize=16)
 def gaussian_mask(size: int, nsig: float = 3.0) -> np.ndarray:
-    """The focal model's 2-D Gaussian weight (size x size, max 1), as the authors' gen_kernel."""
+    """The focal model's 2-D Gaussian weight (size x size, max 1), as the authors' gen_kernel
+    (cached per size: read-only)."""
     from scipy.special import ndtr  # scipy.stats.norm.cdf
 
     interval = (2 * nsig + 1.0) / size
@@ -52,7 +55,9 @@ def gaussian_mask(size: int, nsig: float = 3.0) -> np.ndarray:
     kern1d = np.diff(ndtr(x))
     raw = np.sqrt(np.outer(kern1d, kern1d))
     kernel = raw / raw.sum()
-    return kernel / kernel.max()
+    out = kernel / kernel.max()
+    out.flags.writeable = False
+    return out
 
 
 def _reflect101(n: int, pad: int) -> np.ndarray:
