@@ -5,10 +5,10 @@ Trigger: each pixel level v (0..255) is squeezed to `squeeze_num` levels,
 round(v / 255 * (s - 1)) / (s - 1) * 255 (s 8: BackdoorBench's config/attack/bpp/default.yaml),
 optionally with Floyd-Steinberg dithering (`dithering`, its floydDitherspeed: the quantisation error
 of each pixel pushed 7/16 right, 1/16 down-right, 5/16 down, 3/16 down-left, pixel by pixel in
-raster order). BackdoorBench's default.yaml has `dithering: False` (the paper's and its
-original_default.yaml too), so that is ours; `dithering: true` is the named option. Dithering is
-sequential over the pixels of one image, so it runs vectorised over the batch and the channels:
-one loop over the H x W pixels, never over images (32x32: 1024 steps for any batch).
+raster order). BackdoorBench's default.yaml has `dithering: False` (its original_default.yaml
+too), so that is ours; `dithering: true` is the named option. Dithering is sequential over the
+pixels of one image; ours runs vectorised over the batch, the channels and each anti-diagonal
+wavefront of independent pixels (`dither`): W + 2H - 2 steps for any batch, never a loop over images.
 
 Numbers as BackdoorBench's: the test images it stores (bd_test, through ToPILImage: x * 255
 truncated to uint8) are what `trigger` returns: float32 arithmetic as its torch code, the dithering
@@ -26,6 +26,8 @@ batch (rate * B < 1) BackdoorBench poisons one sample with probability rate * B;
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -42,27 +44,49 @@ def squeeze(levels: torch.Tensor, squeeze_num: int) -> torch.Tensor:
     return torch.round(levels / 255.0 * s) / s * 255
 
 
+@lru_cache(maxsize=32)
+def _wavefronts(height: int, width: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Per wavefront x + 2y = t (t = 0, 1, ...): its pixels' flat indices y * W + x and, for each
+    Floyd-Steinberg neighbour in the order they receive (down-right, down, down-left, right), the
+    (sources, targets) that exist. Every pixel's four error sources (left, up-left, up, up-right)
+    lie on earlier wavefronts, so a wavefront's pixels are independent of one another."""
+    ys = torch.arange(height)
+    fronts = []
+    for t in range(width + 2 * (height - 1)):
+        xs = t - 2 * ys
+        keep = (xs >= 0) & (xs < width)
+        y, x = ys[keep], xs[keep]
+        moves = []
+        for dy, dx in ((1, 1), (1, 0), (1, -1), (0, 1)):
+            ok = (y + dy < height) & (x + dx >= 0) & (x + dx < width)
+            moves += [torch.nonzero(ok).flatten(), (y + dy)[ok] * width + (x + dx)[ok]]
+        fronts.append((y * width + x, *moves))
+    return tuple(fronts)
+
+
+_WEIGHTS = (_DOWN_RIGHT, _DOWN, _DOWN_LEFT, _RIGHT)
+
+
 def dither(levels: torch.Tensor, squeeze_num: int) -> torch.Tensor:
     """Floyd-Steinberg dithering of float32 levels (B, C, H, W), as BackdoorBench's floydDitherspeed
-    (float64 arithmetic, stored in the float32 image), then rounded; vectorised over B and C."""
-    img = levels.to(torch.float32).clone()
+    (float64 arithmetic, stored in the float32 image), then rounded; vectorised over B and C and
+    over each wavefront x + 2y = t (W + 2H - 2 steps: 94 at 32x32, not 1024). A pixel receives its
+    four contributions in raster order, as in the sequential loop (up-left on wavefront t - 3, up on
+    t - 2, then up-right before left on t - 1), so every float rounding is the same: equal bytes.
+    The image is held as (H * W, B * C) rows, so a wavefront's pixels are whole rows."""
+    b, c, h, w = levels.shape
+    img = levels.to(torch.float32).permute(2, 3, 0, 1).reshape(h * w, b * c).clone()
     s = float(squeeze_num - 1)
-    h, w = img.shape[-2:]
-    for y in range(h):
-        for x in range(w):
-            old = img[..., y, x].double()
-            new = torch.round(old / 255.0 * s) / s * 255
-            err = old - new
-            img[..., y, x] = new.float()
-            if x + 1 < w:
-                img[..., y, x + 1] = (img[..., y, x + 1].double() + err * _RIGHT).float()
-            if y + 1 < h and x + 1 < w:
-                img[..., y + 1, x + 1] = (img[..., y + 1, x + 1].double() + err * _DOWN_RIGHT).float()
-            if y + 1 < h:
-                img[..., y + 1, x] = (img[..., y + 1, x].double() + err * _DOWN).float()
-            if x - 1 >= 0 and y + 1 < h:
-                img[..., y + 1, x - 1] = (img[..., y + 1, x - 1].double() + err * _DOWN_LEFT).float()
-    return torch.round(img)
+    for pixels, *moves in _wavefronts(h, w):
+        old = img[pixels].double()
+        new = torch.round(old / 255.0 * s) / s * 255
+        err = old - new
+        img[pixels] = new.float()
+        for k, weight in enumerate(_WEIGHTS):
+            sources, targets = moves[2 * k], moves[2 * k + 1]
+            if len(targets):
+                img[targets] = (img[targets].double() + err[sources] * weight).float()
+    return torch.round(img).reshape(h, w, b, c).permute(2, 3, 0, 1).contiguous()
 
 
 @POISONS.register("bpp")
