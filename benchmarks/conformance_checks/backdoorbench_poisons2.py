@@ -22,7 +22,7 @@ the uint8 image its `set_one_bd_sample` stores (torchvision's ToPILImage: x * 25
 Refool: its `blend_images` (the authors' function) with every random choice handed to it (alpha_t,
 offset, ghost_alpha, sigma; ghost_rate 1 or 0 to pick the model; `att` is drawn inside from
 np.random: the same draw is made for ours after seeding it alike), against ours (`blend`) on the
-same transmission and reflection images, 32x32, 14 images per model, offsets 3..8 and sigma 1..5.
+same transmission and reflection images, 32x32, 16 pairs per model, offsets 3..8 and sigma 1..5.
   refool_ghost_images / refool_focal_images  bytes
   refool_settings                            alpha_t, ghost_rate, pratio, clean_label, target of
                                              config/attack/refool/default.yaml vs ours
