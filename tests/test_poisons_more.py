@@ -175,3 +175,28 @@ def test_bad_settings_are_refused_with_the_fix(cfg: dict, message: str) -> None:
 def test_a_patch_grid_too_small_is_refused() -> None:
     with pytest.raises(ValueError, match="holds"):
         AdaptivePatch(alphas=[0.5] * 20).trigger(torch.rand(1, 1, 8, 8))
+
+
+def _raster_dither(image: np.ndarray, levels: int) -> np.ndarray:
+    """Floyd-Steinberg in raster order, one image (C, H, W) float32, float64 arithmetic: the
+    sequential algorithm the wavefront version must reproduce exactly."""
+    img = image.astype(np.float32).copy()
+    _, h, w = img.shape
+    s = levels - 1
+    for y in range(h):
+        for x in range(w):
+            old = img[:, y, x].astype(np.float64)
+            new = np.round(old / 255.0 * s) / s * 255
+            err = old - new
+            img[:, y, x] = new
+            for dy, dx, wt in ((0, 1, 7 / 16), (1, 1, 1 / 16), (1, 0, 5 / 16), (1, -1, 3 / 16)):
+                if y + dy < h and 0 <= x + dx < w:
+                    img[:, y + dy, x + dx] = (img[:, y + dy, x + dx].astype(np.float64) + err * wt).astype(np.float32)
+    return np.round(img)
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (5, 11), (16, 3)])
+def test_wavefront_dithering_equals_the_raster_loop(h: int, w: int) -> None:
+    x = torch.randint(0, 256, (3, 3, h, w), generator=torch.Generator().manual_seed(h * w)).float()
+    expected = np.stack([_raster_dither(img, 8) for img in x.numpy()])
+    np.testing.assert_array_equal(dither(x, 8).numpy(), expected)
