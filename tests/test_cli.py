@@ -38,7 +38,8 @@ def test_list_prints_registered_names() -> None:
     assert {"cbd", "ft", "fp", "nad", "abl"} <= defenses and not defenses & {"erm", "abl_lga", "trades"}
     assert {"erm", "pgd_at", "trades", "mart", "awp", "fgsm_rs", "causaladv_m", "sns", "adml_pgd_at"} <= set(names)
     assert {"cbd", "ft", "fp", "nad", "abl"} <= set(names)
-    assert {"none", "badnets", "blended", "sig", "wanet"} == set(_cli("list", "poisons").stdout.split())
+    assert {"none", "badnets", "blended", "sig", "wanet", "bpp", "adaptive_blend", "adaptive_patch",
+            "refool"} <= set(_cli("list", "poisons").stdout.split())
     assert {"fgsm", "pgd"} <= set(_cli("list", "attacks").stdout.split())
     assert {"test_resnet", "test_vit", "resnet18", "vit_tiny", "timm"} <= set(_cli("list", "architectures").stdout.split())
     assert {"digits", "cifar10"} <= set(_cli("list", "datasets").stdout.split())

@@ -81,7 +81,8 @@ def test_class_settings_follow_kwargs_to_the_base_and_mark_required_ones() -> No
 
     settings = plugin_settings("backdoor", Stripe)
     assert settings == {"width": "???", "rows": [0, 1], "target": 0, "rate": 0.1, "seed": None, "pattern_seed": 0,
-                        "poisoning": "static", "candidates": "all"}
+                        "poisoning": "static", "candidates": "all",
+                        "label_mode": "all_to_one"}
 
     class Tuned(Stripe):
         default_config = {"width": 2}

@@ -15,7 +15,14 @@ A poisoning attack (registry group `robustgrid.poisons`, config group `backdoor`
   CBD's poisoned datasets) or 'per_batch' (the first `int(rate * B)` samples of every batch, fresh
   each batch: WaNet's official training loop); `candidates`: which samples a static plan draws
   from, 'all' (BackdoorBench and CBD: a target-class sample may be drawn, its label then unchanged)
-  or 'non_target'.
+  or 'non_target';
+* `label_mode`: 'all_to_one' (every poisoned sample gets `target`) or 'all_to_all' (BackdoorBench's
+  all2all: class y gets (y + 1) % K), refused for clean-label attacks, which relabel nothing;
+* `cross_samples(x, cross, indices, gen)`: the images of a batch's cross samples given the whole
+  decoded (clean) batch, for attacks whose cross samples borrow from other images (BPP's residuals)
+  or are fixed per sample (Adaptive-Blend's cover masks); by default `cross_variant(x[cross], gen)`;
+* `bind(dataset_dir)`: called by the plan before the first batch, for attacks whose trigger is
+  built from the dataset itself (Refool's reflections); a no-op otherwise.
 
 Which samples are poisoned is decided by `harness.backdoor.plan` from the seed, not here.
 
@@ -36,6 +43,7 @@ from harness.core.registry import POISONS
 
 POISONINGS = ("static", "per_batch")
 CANDIDATES = ("all", "non_target")
+LABEL_MODES = ("all_to_one", "all_to_all")
 
 
 class Poison:
@@ -45,7 +53,8 @@ class Poison:
     clean_label: ClassVar[bool] = False
 
     def __init__(self, target: int = 0, rate: float = 0.1, seed: int | None = None,
-                 pattern_seed: int = 0, poisoning: str = "static", candidates: str = "all") -> None:
+                 pattern_seed: int = 0, poisoning: str = "static", candidates: str = "all",
+                 label_mode: str = "all_to_one") -> None:
         if not 0.0 <= float(rate) <= 1.0:
             raise ValueError(f"backdoor.rate must be in [0, 1], got {rate}")
         if int(target) < 0:
@@ -57,12 +66,25 @@ class Poison:
                              f"{self.name} is clean-label: use backdoor.poisoning=static")
         if candidates not in CANDIDATES:
             raise ValueError(f"backdoor.candidates must be one of {', '.join(CANDIDATES)}, got {candidates!r}")
+        if label_mode not in LABEL_MODES:
+            raise ValueError(f"backdoor.label_mode must be one of {', '.join(LABEL_MODES)}, got {label_mode!r}")
+        if label_mode == "all_to_all" and self.clean_label:
+            raise ValueError(f"backdoor.label_mode=all_to_all relabels class y to (y + 1) % K; {self.name} is "
+                             f"clean-label (poisoned samples keep their label): use backdoor.label_mode=all_to_one")
         self.target = int(target)
         self.rate = float(rate)
         self.seed = seed  # None: the cell's seed decides which samples are poisoned
         self.pattern_seed = int(pattern_seed)
         self.poisoning = poisoning
         self.candidates = candidates
+        self.label_mode = label_mode
+
+    def poisoned_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The labels poisoned samples of true class y are trained on (and measured against at
+        test time): `target` (all-to-one) or (y + 1) % K (all-to-all)."""
+        if self.label_mode == "all_to_all":
+            return torch.remainder(y + 1, int(num_classes))
+        return torch.full_like(y, self.target)
 
     cross_ratio: float = 0.0
 
@@ -83,6 +105,15 @@ class Poison:
         """Cross samples (label kept), their randomness drawn from `gen`; only attacks with
         cross_ratio > 0 have them."""
         raise NotImplementedError(f"{self.name} has no cross samples")
+
+    def cross_samples(self, x: torch.Tensor, cross: torch.Tensor, indices: np.ndarray,
+                      gen: torch.Generator) -> torch.Tensor:
+        """The images of the cross samples (mask `cross`) of a clean decoded batch x with these split
+        indices; by default each from its own image (`cross_variant`)."""
+        return self.cross_variant(x[cross], gen)
+
+    def bind(self, dataset_dir: Any) -> None:
+        """Read what the trigger needs from the dataset (at `dataset_dir`); most attacks need nothing."""
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}

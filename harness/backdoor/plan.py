@@ -103,7 +103,7 @@ class PoisonPlan:
     clean-label), cross samples their cross variant; which ones: the fixed `poisoned` / `cross`
     split indices (static), or the head of the batch (per-batch, `poison.poisoning`). mode
     'test': every image gets the trigger and keeps its true label (ASR and RA are computed from
-    those labels). `rank` and `batch` (the batch's index in the rank's epoch) seed the batch's
+    those labels; all-to-all relabels class y to (y + 1) % `num_classes`). `rank` and `batch` (the batch's index in the rank's epoch) seed the batch's
     randomness with `seed` and `epoch`.
     """
 
@@ -113,6 +113,7 @@ class PoisonPlan:
     cross: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     epoch: int = 0
     seed: int = 0
+    num_classes: int = 0  # the dataset's K, for all-to-all relabelling (y + 1) % K
 
     @property
     def per_batch(self) -> bool:
@@ -141,15 +142,16 @@ class PoisonPlan:
             return self.poison.trigger(x), y
         indices = np.asarray(indices, dtype=np.int64)
         hit, cross = self.masks(indices)
+        clean = x  # cross samples that borrow from other images (BPP) read the clean batch
         if hit.any():
             x = x.clone()
             x[hit] = self.poison.train_variant(x[hit], indices[hit.numpy()])
             if not self.poison.clean_label:
                 y = y.clone()
-                y[hit] = self.poison.target
+                y[hit] = self.poison.poisoned_labels(y[hit], self.num_classes)
         if cross.any():
             x = x.clone()
-            x[cross] = self.poison.cross_variant(x[cross], self.generator(rank, batch))
+            x[cross] = self.poison.cross_samples(clean, cross, indices, self.generator(rank, batch))
         return x, y
 
 
@@ -173,19 +175,25 @@ def train_plan(cfg: dict[str, Any]) -> PoisonPlan | None:
         return None
     dataset_dir = Path(cfg["data"]["dir"])
     num_classes = load_manifest(dataset_dir)["num_classes"]
+    poison.bind(dataset_dir)
     if poison.poisoning == "per_batch":  # no fixed set: the head of every batch
         check_target(poison, num_classes)
-        return PoisonPlan(poison, "train", seed=poison_seed(cfg))
+        return PoisonPlan(poison, "train", seed=poison_seed(cfg), num_classes=num_classes)
     labels = split_labels(dataset_dir, "train")
     limit = cfg["data"].get("train_limit")
     if limit is not None:
         labels = labels[: int(limit)]
     poisoned, cross = select_indices(labels, poison, poison_seed(cfg), num_classes)
-    return PoisonPlan(poison, "train", poisoned, cross, seed=poison_seed(cfg))
+    return PoisonPlan(poison, "train", poisoned, cross, seed=poison_seed(cfg), num_classes=num_classes)
 
 
 def test_plan(cfg: dict[str, Any]) -> PoisonPlan | None:
     """Every test image triggered, true labels kept; None without a backdoor."""
     bcfg = {k: v for k, v in (cfg.get("backdoor") or {}).items() if k != "clean_train"}
     poison = build_poison(bcfg)
-    return None if poison is None else PoisonPlan(poison, "test")
+    if poison is None:
+        return None
+    data_dir = (cfg.get("data") or {}).get("dir")
+    if data_dir is not None:
+        poison.bind(Path(data_dir))
+    return PoisonPlan(poison, "test")

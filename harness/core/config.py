@@ -396,6 +396,10 @@ def _semantic(cfg: dict[str, Any], with_code: bool = True) -> dict[str, Any]:
     semantic["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in NON_SEMANTIC_DATA_KEYS}
     if not trains_on_poison(cfg):
         semantic.pop("backdoor", None)  # clean cells keep the keys they had before the backdoor track
+    backdoor = semantic.get("backdoor")
+    if isinstance(backdoor, dict) and backdoor.get("label_mode") == "all_to_one":
+        # the default: left out, so backdoor cells keep the keys they had before all-to-all existed
+        semantic["backdoor"] = {k: v for k, v in backdoor.items() if k != "label_mode"}
     if with_code:
         semantic["code_version"] = code_version(cfg["method"])
     return semantic

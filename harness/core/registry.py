@@ -189,7 +189,9 @@ DATASETS: Registry = Registry("dataset", "robustgrid.datasets", ("harness.data.d
 POISONS: Registry = Registry(
     "poison", "robustgrid.poisons",
     ("harness.backdoor.none", "harness.backdoor.badnets", "harness.backdoor.blended",
-     "harness.backdoor.sig", "harness.backdoor.wanet"),
+     "harness.backdoor.sig", "harness.backdoor.wanet",
+     "harness.backdoor.bpp", "harness.backdoor.adaptive_blend", "harness.backdoor.adaptive_patch",
+     "harness.backdoor.refool"),
 )
 
 ANALYSES: Registry = Registry(

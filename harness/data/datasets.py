@@ -124,3 +124,18 @@ class HuggingFace:
         from harness.data.sources import prepare_hf
 
         return prepare_hf(_source(self.name, source, "/path/to/saved_dataset"), root, **options)
+
+
+@DATASETS.register("gtsrb")
+class Gtsrb:
+    """GTSRB (43 traffic-sign classes) from its official zips, whole images resized to 32x32 as
+    BackdoorBench does (harness/data/gtsrb.py)."""
+
+    name = "gtsrb"
+    needs_source: bool = True
+
+    def prepare(self, root: Path | str, source: Path | None = None, **options: int) -> Path | str:
+        from harness.data.gtsrb import prepare_gtsrb
+
+        return prepare_gtsrb(_source(self.name, source, "/folder/with/GTSRB_Final_Training_Images.zip"),
+                             root, **options)

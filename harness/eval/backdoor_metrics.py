@@ -5,7 +5,10 @@ keeps its true label. Over the images whose true class is NOT the target:
   ASR = share classified as the target class;
   RA  = share classified as their true class (BackdoorBench's robust accuracy).
 Target-class images are left out of both (they would count as "successes" for free).
-Clean accuracy is the ordinary one from harness.eval.evaluate.
+Under `backdoor.label_mode: all_to_all` (BackdoorBench's all2all) each image has its own target
+(y + 1) % K: ASR is the share classified as it over ALL test images (every label changes, as
+BackdoorBench's all2all test set keeps every image), RA the share classified as y, and the
+per-class ASR is per true class. Clean accuracy is the ordinary one from harness.eval.evaluate.
 """
 from __future__ import annotations
 
@@ -47,6 +50,17 @@ def attack_success(pred: torch.Tensor, y: torch.Tensor, target: int, num_classes
     return asr, ra, per_class
 
 
+def attack_success_all_to_all(pred: torch.Tensor, y: torch.Tensor, num_classes: int
+                              ) -> tuple[float, float, list[float]]:
+    """(ASR, RA, per-class ASR) when each image's target is (y + 1) % K (all-to-all)."""
+    target = torch.remainder(y + 1, num_classes)
+    asr = float((pred == target).float().mean()) if len(y) else float("nan")
+    ra = float((pred == y).float().mean()) if len(y) else float("nan")
+    per_class = [float((pred[y == c] == target[y == c]).float().mean()) if (y == c).any() else float("nan")
+                 for c in range(num_classes)]
+    return asr, ra, per_class
+
+
 def evaluate_backdoor(model: nn.Module, cfg: dict[str, Any], *, num_classes: int, batch_size: int = 256,
                       limit: int | None = None, device: torch.device | str = "cpu") -> BackdoorResult:
     """ASR and RA of `model` on the triggered test split of the cell's dataset."""
@@ -62,6 +76,9 @@ def evaluate_backdoor(model: nn.Module, cfg: dict[str, Any], *, num_classes: int
         for x, y in loader:
             preds.append(model(x.to(device)).argmax(1).cpu())
             labels.append(y)
+    if plan.poison.label_mode == "all_to_all":
+        asr, ra, per_class = attack_success_all_to_all(torch.cat(preds), torch.cat(labels), num_classes)
+        return BackdoorResult(asr, ra, per_class, len(torch.cat(labels)), time.perf_counter() - t0)
     asr, ra, per_class = attack_success(torch.cat(preds), torch.cat(labels), plan.poison.target, num_classes)
     n = int((torch.cat(labels) != plan.poison.target).sum())
     return BackdoorResult(asr, ra, per_class, n, time.perf_counter() - t0)
@@ -101,7 +118,8 @@ def backdoor_columns(cfg: dict[str, Any], model: nn.Module, num_classes: int,
     return {
         "backdoor": plan.poison.name,
         "poison_rate": plan.poison.rate,
-        "target_class": plan.poison.target,
+        # all-to-all has no single target (each image's is (y + 1) % K; the config says label_mode): null
+        "target_class": None if plan.poison.label_mode == "all_to_all" else plan.poison.target,
         "n_poisoned": None if plan.per_batch else len(indices),
         "poison_indices": indices,
         "poison_indices_sha256": hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest(),
