@@ -96,6 +96,26 @@ def test_ft_sam_step_is_sgd_at_w_with_the_gradient_at_w_plus_e(digits_dir) -> No
     assert not method._applied
 
 
+def test_cosine_steps_is_torchs_cosine_annealing_stepped_per_step_past_t_max() -> None:
+    """FT-SAM's default schedule: BackdoorBench steps CosineAnnealingLR(T_max 100) once per batch."""
+    from harness.train.schedule import check_schedule, lr_factor, schedule_position
+
+    scfg = {"name": "cosine_steps", "granularity": "step", "warmup_epochs": 0, "t_max_steps": 100}
+    check_schedule(scfg, 50)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+    steps = 7
+    for t in range(450):  # past T_max the lr rises again: period 200 steps
+        ours = 0.01 * lr_factor(scfg, schedule_position(scfg, t // steps, t % steps, steps), 50, steps)
+        assert ours == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), t
+        opt.step()
+        sched.step()
+    with pytest.raises(ValueError, match="granularity=step"):
+        check_schedule({**scfg, "granularity": "epoch"}, 50)
+    with pytest.raises(ValueError, match="t_max_steps"):
+        check_schedule({**scfg, "t_max_steps": 0}, 50)
+
+
 # -------------------------------------------------------------------------------------- I-BAU
 
 def test_fixed_point_hypergradient_equals_the_explicit_solution_of_a_quadratic() -> None:
@@ -198,7 +218,9 @@ def test_shared_pgd_stays_within_the_bound_and_sau_loss_matches_its_formula(erm_
 def test_each_defense_runs_its_backdoorbench_stage_whatever_the_grid_trainer() -> None:
     ft_sam, i_bau, sau = (planned_trainer(finalize(compose_config([f"method={m}", "trainer=demo"]))) for m in DEFENSES)
     assert ft_sam["optimizer"] == {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "nesterov": False}
-    assert (ft_sam["epochs"], ft_sam["batch_size"], ft_sam["schedule"]["name"]) == (100, 256, "cosine")
+    assert (ft_sam["epochs"], ft_sam["batch_size"], ft_sam["schedule"]["name"]) == (100, 256, "cosine_steps")
+    cosine = planned_trainer(finalize(compose_config(["method=ft_sam", "method.lr_schedule=cosine"])))["schedule"]
+    assert cosine["name"] == "cosine" and cosine["granularity"] == "epoch"
     adam = {"name": "adam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "amsgrad": True}
     assert i_bau["optimizer"] == adam and sau["optimizer"] == adam
     assert (i_bau["epochs"], sau["epochs"], i_bau["batch_size"], sau["batch_size"]) == (5, 100, 256, 256)
@@ -219,6 +241,7 @@ def test_a_clean_fraction_outside_0_1_is_refused_before_work(name, fraction, tin
 
 @pytest.mark.parametrize("name, setting, match", [
     ("ft_sam", {"alpha": 0.1}, "alpha"), ("ft_sam", {"rho_min": 3.0}, "rho_min <= rho_max"),
+    ("ft_sam", {"lr_schedule": "step"}, "lr_schedule"), ("ft_sam", {"t_max_steps": 0}, "t_max_steps"),
     ("i_bau", {"K": 0}, "K >= 1"), ("i_bau", {"portion": 2.0}, "portion"),
     ("sau", {"outer_steps": 2}, "outer_steps"), ("sau", {"norm_type": "L2"}, "norm_type"),
     ("sau", {"pgd_init": "far"}, "pgd_init"), ("sau", {"bogus": 1}, "unknown|bogus")])
