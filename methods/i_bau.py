@@ -26,6 +26,8 @@ rounds (`images_list[0]`), and their outer steps walk that same collected list e
 take the epoch's own batches and x0 is the epoch's first training batch. Their patched samples are
 drawn with Python's `random.sample`; ours with torch.randperm (the trainer seeds torch per rank
 and epoch). Their 5% is a random index set (`choose_index`); ours the first 5% of the split.
+||delta||^2 is computed as delta.pow(2).sum() (theirs torch.norm(delta)^2: equal, but the norm's
+double backward is 0/0 at delta = 0, where every round starts).
 """
 from __future__ import annotations
 
