@@ -114,6 +114,8 @@ def test_cosine_steps_is_torchs_cosine_annealing_stepped_per_step_past_t_max() -
         check_schedule({**scfg, "granularity": "epoch"}, 50)
     with pytest.raises(ValueError, match="t_max_steps"):
         check_schedule({**scfg, "t_max_steps": 0}, 50)
+    with pytest.raises(ValueError, match="warmup"):
+        check_schedule({**scfg, "warmup_epochs": 2}, 50)
 
 
 # -------------------------------------------------------------------------------------- I-BAU

@@ -62,6 +62,9 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int, steps_per_epoch: 
     if name == "onecycle":
         return _onecycle(scfg, epoch, epochs)[0]
     if name == "cosine_steps":
+        if warmup > 0:
+            raise ValueError("the cosine_steps schedule has no warmup (torch's CosineAnnealingLR): set "
+                             "trainer.schedule.warmup_epochs=0")
         return _cosine_steps(scfg, epoch, steps_per_epoch)
     if warmup > 0 and epoch < warmup and name != "cyclic":
         return (epoch + 1e-8) / warmup
