@@ -16,14 +16,14 @@ from typing import Any
 from harness.core.errors import did_you_mean
 
 
-SCHEDULES = ("constant", "cosine", "cyclic", "multistep", "onecycle")
+SCHEDULES = ("constant", "cosine", "cyclic", "multistep", "onecycle", "cosine_steps")
 GRANULARITIES = ("step", "epoch")
 # every key some schedule reads: a key none reads is a typo (`warmup_epoch`), refused before work;
 # another schedule's key is not (a recipe that switches a preset's multistep to cyclic leaves its
 # milestones behind, unread)
 SCHEDULE_KEYS = {"name", "warmup_epochs", "granularity", "step_lr_at", "milestones", "gamma",
                  "peak_epoch", "peak_fraction", "cycle_momentum", "base_momentum", "max_momentum",
-                 "pct_start", "div_factor", "final_div_factor"}
+                 "pct_start", "div_factor", "final_div_factor", "t_max_steps"}
 
 
 def check_schedule(scfg: dict[str, Any], epochs: int) -> None:
@@ -33,11 +33,11 @@ def check_schedule(scfg: dict[str, Any], epochs: int) -> None:
             raise ValueError(f"unknown key trainer.schedule.{key}: no schedule reads it."
                              f"{did_you_mean(key, SCHEDULE_KEYS, 'trainer.schedule.')} "
                              f"Known keys: {', '.join(sorted(SCHEDULE_KEYS))}")
-    lr_factor(scfg, 0.0, epochs)
+    lr_factor(scfg, 0.0, epochs, steps_per_epoch=1)
     schedule_position(scfg, 0, 0, 1)
 
 
-def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
+def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int, steps_per_epoch: int | None = None) -> float:
     """Multiplier of the base lr at fractional epoch `epoch` (0 <= epoch < epochs).
 
     Schedules: constant; multistep (milestones in epochs, gamma: the recipe of Madry/TRADES/AWP);
@@ -45,7 +45,10 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
     torch's CyclicLR with base_lr 0 as fast AT and ADML use it; the peak at `peak_epoch`, else at
     `peak_fraction` of the run, default 0.5, CyclicLR's symmetric cycle); onecycle (torch's
     OneCycleLR stepped once per epoch, as DM-Improves-AT's `cosinew`: cosine from 1/div_factor up to
-    1 at `pct_start` of the run, then down to 1/(div_factor * final_div_factor); epoch granularity only).
+    1 at `pct_start` of the run, then down to 1/(div_factor * final_div_factor); epoch granularity only);
+    cosine_steps (torch's CosineAnnealingLR(T_max=`t_max_steps`) stepped once per optimisation step
+    and never stopped, so past T_max it rises again, a period of 2 T_max steps: BackdoorBench's FT-SAM
+    steps its T_max-100 scheduler per batch; needs `steps_per_epoch`, step granularity only).
     """
     name = scfg.get("name", "constant")
     if name not in SCHEDULES:
@@ -58,6 +61,11 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
     warmup = float(scfg.get("warmup_epochs", 0) or 0)
     if name == "onecycle":
         return _onecycle(scfg, epoch, epochs)[0]
+    if name == "cosine_steps":
+        if warmup > 0:
+            raise ValueError("the cosine_steps schedule has no warmup (torch's CosineAnnealingLR): set "
+                             "trainer.schedule.warmup_epochs=0")
+        return _cosine_steps(scfg, epoch, steps_per_epoch)
     if warmup > 0 and epoch < warmup and name != "cyclic":
         return (epoch + 1e-8) / warmup
     if name == "constant":
@@ -75,6 +83,19 @@ def lr_factor(scfg: dict[str, Any], epoch: float, epochs: int) -> float:
             return epoch / peak if peak > 0 else 1.0
         return max(0.0, (epochs - epoch) / max(epochs - peak, 1e-8))
     raise AssertionError(name)
+
+
+def _cosine_steps(scfg: dict[str, Any], epoch: float, steps_per_epoch: int | None) -> float:
+    """0.5 (1 + cos(pi t / T_max)) at optimisation step t = epoch * steps_per_epoch (torch's closed
+    form, which its recursive CosineAnnealingLR follows past T_max)."""
+    if scfg.get("granularity", "step") != "step":
+        raise ValueError("the cosine_steps schedule moves every step: set trainer.schedule.granularity=step")
+    t_max = int(scfg.get("t_max_steps", 0) or 0)
+    if t_max < 1:
+        raise ValueError(f"the cosine_steps schedule needs trainer.schedule.t_max_steps >= 1, got {t_max}")
+    if steps_per_epoch is None:
+        raise ValueError("the cosine_steps schedule counts optimisation steps: lr_factor needs steps_per_epoch")
+    return 0.5 * (1.0 + math.cos(math.pi * round(epoch * steps_per_epoch) / t_max))
 
 
 def schedule_position(scfg: dict[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -140,7 +161,8 @@ def momentum_at(scfg: dict[str, Any], epoch: float, epochs: int) -> float | None
     return high - (high - low) * lr_factor(scfg, epoch, epochs)
 
 
-def lr_at_epochs(tcfg: dict[str, Any]) -> list[float]:
-    """The lr at the start of every epoch of a trainer config (the recipe tables pin these)."""
+def lr_at_epochs(tcfg: dict[str, Any], steps_per_epoch: int | None = None) -> list[float]:
+    """The lr at the start of every epoch of a trainer config (the recipe tables pin these);
+    `steps_per_epoch` for a schedule that counts steps (cosine_steps)."""
     epochs, base = int(tcfg["epochs"]), float(tcfg["optimizer"]["lr"])
-    return [base * lr_factor(tcfg["schedule"], float(epoch), epochs) for epoch in range(epochs)]
+    return [base * lr_factor(tcfg["schedule"], float(epoch), epochs, steps_per_epoch) for epoch in range(epochs)]

@@ -238,7 +238,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
 
     def context(epoch: int, step_in_epoch: int) -> TrainContext:
         lr_scale = lr_factor(tcfg["schedule"], schedule_position(tcfg["schedule"], epoch, step_in_epoch,
-                                                                 steps_per_epoch), epochs)
+                                                                 steps_per_epoch), epochs, steps_per_epoch)
         return TrainContext(epoch=epoch, epochs=epochs, step=epoch * steps_per_epoch + step_in_epoch,
                             steps_per_epoch=steps_per_epoch, device=device, rank=rank, world_size=world_size,
                             classifier=attack_target, lr_scale=lr_scale)
