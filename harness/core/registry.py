@@ -189,7 +189,8 @@ DATASETS: Registry = Registry("dataset", "robustgrid.datasets", ("harness.data.d
 POISONS: Registry = Registry(
     "poison", "robustgrid.poisons",
     ("harness.backdoor.none", "harness.backdoor.badnets", "harness.backdoor.blended",
-     "harness.backdoor.sig", "harness.backdoor.wanet"),
+     "harness.backdoor.sig", "harness.backdoor.wanet",
+     "harness.backdoor.lf", "harness.backdoor.lc"),
 )
 
 ANALYSES: Registry = Registry(
