@@ -82,7 +82,8 @@ def targeted_deepfool(model: torch.nn.Module, x: torch.Tensor, target: int, over
     while int(logits.argmax()) != target and loops < max_iter:
         (g_target,) = torch.autograd.grad(logits[target], point, retain_graph=True)
         (g_label,) = torch.autograd.grad(logits[label], point)
-        w = g_target.cpu().numpy() - g_label.cpu().numpy()  # float32, on the host as BackdoorBench computes it
+        # float32 on the host in C order, as BackdoorBench's gradient copies (np.linalg.norm sums in memory order)
+        w = np.ascontiguousarray(g_target.cpu().numpy()) - np.ascontiguousarray(g_label.cpu().numpy())
         f = (logits[target] - logits[label]).detach().cpu().numpy()
         r_i = abs(f) / np.linalg.norm(w.flatten()) * w / np.linalg.norm(w)
         if not np.all(np.isfinite(r_i)):

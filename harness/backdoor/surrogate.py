@@ -101,7 +101,7 @@ def train_surrogate(model: torch.nn.Module, images: torch.Tensor, labels: torch.
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum, n = loss_sum + float(loss) * len(idx), n + len(idx)
+            loss_sum, n = loss_sum + loss.item() * len(idx), n + len(idx)
         sched.step()
         if log and (epoch % 10 == 0 or epoch == cfg.epochs - 1):
             log(f"clean surrogate epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / n:.4f} {time.time() - started:.0f}s")
