@@ -4,6 +4,9 @@ artifact is refused with the fix; LC's poisoned samples are its stored PGD image
 and a tiny LF cell runs end to end and reports ASR."""
 from __future__ import annotations
 
+import copy
+import functools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +24,15 @@ LF_TINY = ["backdoor=lf", "backdoor.surrogate.epochs=1", "backdoor.surrogate.bat
 LC_TINY = ["backdoor=lc", "backdoor.surrogate.epochs=1", "backdoor.surrogate.batch_size=256", "backdoor.steps=2"]
 
 
-def _cell(data_root: Path, results: Path, *extra: str) -> dict:
-    return finalize(compose_config([f"data.root={data_root}", f"results_dir={results}", "trainer=tiny",
-                                    "data.train_limit=256", "eval.limit=64", "attack=[fgsm]", *extra]))
+@functools.lru_cache(maxsize=16)
+def _composed(data_root: Path, extra: tuple[str, ...]) -> dict:
+    return compose_config([f"data.root={data_root}", "trainer=tiny", "data.train_limit=256", "eval.limit=64",
+                           "attack=[fgsm]", *extra])
+
+
+def _cell(data_root: Path, results: Path, *extra: str, seed: int = 0) -> dict:
+    """A tiny cell (composing once per override set: Hydra takes seconds on a loaded machine)."""
+    return finalize({**copy.deepcopy(_composed(data_root, extra)), "results_dir": str(results), "seed": seed})
 
 
 def _build(cfg: dict) -> str:
@@ -44,7 +53,7 @@ def test_the_plan_builds_each_artifact_once_for_many_cells(data_root: Path, tmp_
     input of its cells' train and eval nodes."""
     from harness.run.plan import build_plan, eval_node_id, train_node_id
 
-    cells = [_cell(data_root, tmp_path, *tiny, f"seed={s}") for tiny in (LF_TINY, LC_TINY) for s in (0, 1)]
+    cells = [_cell(data_root, tmp_path, *tiny, seed=s) for tiny in (LF_TINY, LC_TINY) for s in (0, 1)]
     plan = build_plan(cells)
     artifacts = [n.id for n in plan.of_kind("artifact")]
     assert len(artifacts) == 3 and sum(a.startswith("artifact/clean_model/") for a in artifacts) == 1, artifacts
@@ -57,7 +66,7 @@ def test_the_plan_builds_each_artifact_once_for_many_cells(data_root: Path, tmp_
 
 
 def test_the_key_follows_the_settings_not_the_seed(data_root: Path, tmp_path: Path) -> None:
-    a, b = (_cell(data_root, tmp_path, *LF_TINY, f"seed={s}") for s in (0, 1))
+    a, b = (_cell(data_root, tmp_path, *LF_TINY, seed=s) for s in (0, 1))
     from harness.backdoor.base import build_poison
 
     key = lambda cfg: poison_artifact_key(build_poison(dict(cfg["backdoor"])), cfg["data"]["dir"], cfg["arch"])
@@ -80,7 +89,9 @@ def test_lf_artifact_resumes_from_the_store_and_is_deterministic(lf_cfg: dict, t
     monkeypatch.setattr(LowFrequency, "build_artifact", refuse)
     assert _build(lf_cfg) == stored.name and (stored / "meta.json").stat().st_mtime_ns == meta
     monkeypatch.undo()
-    again = {**lf_cfg, "results_dir": str(tmp_path / "other")}
+    again = {**lf_cfg, "results_dir": str(tmp_path / "other")}  # the same surrogate, the trigger rebuilt
+    surrogate = poison_artifacts(lf_cfg)[0].key
+    shutil.copytree(Path(lf_cfg["results_dir"]) / "artifacts" / surrogate, tmp_path / "other" / "artifacts" / surrogate)
     _build(again)
     with np.load(stored / "arrays.npz") as one, np.load(tmp_path / "other" / artifact_rel(stored.name) / "arrays.npz") as two:
         assert one["trigger"].dtype == np.uint8 and one["trigger"].shape == (1, 8, 8)
@@ -151,3 +162,27 @@ def test_a_tiny_lf_cell_runs_end_to_end_and_reports_asr(data_root: Path, tmp_pat
     assert row["backdoor"] == "lf" and row["n_poisoned"] == round(0.1 * 256)
     assert 0 <= row["asr"] <= 1 and 0 <= row["clean_acc"] <= 1
     assert (tmp_path / "results" / "artifacts" / "poison").is_dir()
+
+
+def test_trojannn_optimises_only_inside_its_mask_and_wraps_as_backdoorbench(data_root: Path, tmp_path: Path) -> None:
+    from harness.backdoor.trojannn import TrojanNN, square_mask
+
+    cfg = _cell(data_root, tmp_path, "backdoor=trojannn", "backdoor.surrogate.epochs=1",
+                "backdoor.surrogate.batch_size=256", "backdoor.mask_update_iters=5")
+    _build(cfg)
+    poison = train_plan(cfg).poison
+    levels = poison.trigger_levels()
+    mask = square_mask(1, 8, 8)
+    assert levels.shape == (1, 8, 8) and (levels[mask == 0] == 0).all() and (levels > 0).any()  # only inside
+    assert not torch.equal(levels / 255, (mask * 255).floor() / 255), "the optimisation moved nothing"
+    assert torch.equal(poison_plan.test_plan(cfg).poison.trigger_levels(), levels)
+    white = torch.ones(1, 1, 8, 8)
+    wrapped = poison.trigger(white) * 255
+    on = levels > 0
+    assert torch.equal(wrapped[0][on], (255 + levels[on] - 256).float())  # 255 + t wraps to t - 1
+    clipped = TrojanNN(overflow="clip")
+    clipped.use_artifact({"trigger": levels.to(torch.uint8).numpy()})
+    clipped._loaded = "test"
+    assert (clipped.trigger(white) == 1).all()
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        TrojanNN(overflow="saturate")

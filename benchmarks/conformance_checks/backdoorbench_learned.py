@@ -1,4 +1,4 @@
-"""LF and LC beside SCLBD/BackdoorBench: the poisons whose trigger is computed first.
+"""LF, LC and TrojanNN beside SCLBD/BackdoorBench: the poisons whose trigger is computed first.
 
 How the trigger is applied: its own pipeline, `bd_attack_img_trans_generate(args)`
 (utils/aggregate_block/bd_attack_generate.py), builds the transforms its attack scripts apply
@@ -24,6 +24,9 @@ How the trigger is computed, on the same weights (our test_resnet, seeded, 3 cha
                    np.random.shuffle left them: v after the pass (float)
   lc_pgd           the PGD class of resource/label-consistent/craft_adv_dataset.py (eps 8, alpha
                    1.5, 100 steps over 255, return type int) vs ours, uint8 images
+  trojannn         attack/trojannn.py: its square.png resized (vs our procedural square), its
+                   neuron choice on the head's weight, 50 steps of its masked trigger descent, and its
+                   TrojanTrigger on the images with the same trigger image (bytes; np.float as for lf)
 Not compared: BackdoorBench's clean and adversarially trained surrogate checkpoints (not shipped;
 ours trains the cell's architecture clean, harness/backdoor/surrogate.py), its whole multi-pass UAP
 run (the same pass repeated, with its fooling-rate stop rules: those rules are read, not run) and
@@ -184,4 +187,51 @@ def check_lc(reference: Path) -> list[Compared]:
     return out
 
 
-CHECKS = {"lf": check_lf, "lc": check_lc}
+def check_trojannn(reference: Path) -> list[Compared]:
+    from PIL import Image
+    from torchvision import transforms
+
+    from harness.backdoor import trojannn
+
+    _their_generator(reference)
+    theirs = import_file(reference / "attack" / "trojannn.py", search=reference)
+    out: list[Compared] = []
+    square = transforms.ToTensor()(transforms.Resize((32, 32))(Image.open(reference / "resource" / "trojannn" /
+                                                                          "square.png")))
+    out.append(Compared("trojannn_mask", max_abs(square, trojannn.square_mask(3, 32, 32)), "float",
+                        "their square.png resized vs our procedural square"))
+
+    model = tiny_model(in_chans=3, img_size=32).eval()
+    layer = next(name for name, module in model.named_modules() if module is model.head)
+    key = f"{layer}.weight"  # their `selected_layer_param_name` (linear.weight on PreActResNet-18)
+    picked_theirs = theirs.get_most_connected_neuron_idxes(model, key, 2)
+    picked_ours = trojannn.most_connected(model.head, 2)
+    out.append(Compared("trojannn_neurons", float((picked_theirs != picked_ours).sum()), "int"))
+    logging.disable(logging.INFO)
+    try:
+        with contextlib.redirect_stderr(open(os.devnull, "w")):
+            image_theirs = theirs.pgd_with_mask_to_selected_neuron(model, square[None].clone(), layer, picked_theirs,
+                                                                   [100.0, 100.0], iters=50, device=torch.device("cpu"))
+    finally:
+        logging.disable(logging.NOTSET)
+    image_ours = trojannn.optimise_trigger(model, square[None].clone(), picked_ours, 100.0, 50, 0.3, 0.1, 1e-3)
+    moved = max_abs(image_ours, square[None])
+    out.append(Compared("trojannn_trigger_50_steps", max_abs(image_theirs, image_ours), "float",
+                        f"eps 0.3, alpha 0.1, target 100, 50 of the 1000 steps (moved the mask by {moved:.2f})"))
+
+    levels = (image_ours[0] * 255).to(torch.uint8)  # ToPILImage's bytes
+    target_image = np.array(transforms.ToPILImage()(image_ours[0]))
+    images = _images()
+    with _np_float():
+        trigger = theirs.TrojanTrigger(target_image)
+        poisoned_theirs = np.stack([trigger(img.copy()) for img in images])
+    for overflow in ("wrap",):
+        ours = trojannn.TrojanNN(overflow=overflow)
+        ours.use_artifact({"trigger": levels.numpy()})
+        ours._loaded = "conformance"
+        out.append(Compared(f"trojannn_images_{overflow}", _byte_diff(poisoned_theirs, _ours(ours, images)), "image",
+                            "their TrojanTrigger (uint8 cast before the clip: wraps)"))
+    return out
+
+
+CHECKS = {"lf": check_lf, "lc": check_lc, "trojannn": check_trojannn}

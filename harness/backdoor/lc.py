@@ -64,6 +64,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
 class LabelConsistent(LearnedPoison):
     name = "lc"
     clean_label = True
+    trigger_needs_artifact = False
     artifact_fields = ("eps", "alpha", "steps", "batch_size")
 
     def __init__(self, reduced_amplitude: float = 1.0, eps: float = 8 / 255, alpha: float = 1.5 / 255,

@@ -46,6 +46,7 @@ class LearnedPoison(Poison):
 
     artifact_fields: ClassVar[tuple[str, ...]] = ()
     needs_surrogate: ClassVar[bool] = True
+    trigger_needs_artifact: ClassVar[bool] = True  # False: only training variants read it (LC)
 
     def __init__(self, surrogate: dict[str, Any] | None = None, **common) -> None:
         super().__init__(**common)

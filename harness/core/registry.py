@@ -190,7 +190,7 @@ POISONS: Registry = Registry(
     "poison", "robustgrid.poisons",
     ("harness.backdoor.none", "harness.backdoor.badnets", "harness.backdoor.blended",
      "harness.backdoor.sig", "harness.backdoor.wanet",
-     "harness.backdoor.lf", "harness.backdoor.lc"),
+     "harness.backdoor.lf", "harness.backdoor.lc", "harness.backdoor.trojannn"),
 )
 
 ANALYSES: Registry = Registry(
