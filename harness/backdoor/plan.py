@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from harness.backdoor.base import Poison, build_poison
+from harness.backdoor.learned import LearnedPoison, load_poison_artifact
 from harness.data.shards import load_manifest
 
 _PLAN_TAG = 0xBAD  # seed stream for index selection, apart from the loader's order/augment streams
@@ -170,7 +171,7 @@ def train_plan(cfg: dict[str, Any]) -> PoisonPlan | None:
     bcfg = dict(cfg.get("backdoor") or {})
     if bcfg.pop("clean_train", False):
         return None
-    poison = build_poison(bcfg)
+    poison = _with_artifact(build_poison(bcfg), cfg)
     if poison is None:
         return None
     dataset_dir = Path(cfg["data"]["dir"])
@@ -190,10 +191,18 @@ def train_plan(cfg: dict[str, Any]) -> PoisonPlan | None:
 def test_plan(cfg: dict[str, Any]) -> PoisonPlan | None:
     """Every test image triggered, true labels kept; None without a backdoor."""
     bcfg = {k: v for k, v in (cfg.get("backdoor") or {}).items() if k != "clean_train"}
-    poison = build_poison(bcfg)
+    poison = _with_artifact(build_poison(bcfg), cfg)
     if poison is None:
         return None
     data_dir = (cfg.get("data") or {}).get("dir")
     if data_dir is not None:
         poison.bind(Path(data_dir))
     return PoisonPlan(poison, "test")
+
+
+def _with_artifact(poison: Poison | None, cfg: dict[str, Any]) -> Poison | None:
+    """A learned poison (LF, LC) with its trigger loaded from the cell's results store
+    (harness/backdoor/learned.py): training and the triggered test set read the same artifact."""
+    if isinstance(poison, LearnedPoison):
+        load_poison_artifact(poison, cfg)
+    return poison

@@ -192,7 +192,7 @@ POISONS: Registry = Registry(
     ("harness.backdoor.none", "harness.backdoor.badnets", "harness.backdoor.blended",
      "harness.backdoor.sig", "harness.backdoor.wanet",
      "harness.backdoor.bpp", "harness.backdoor.adaptive_blend", "harness.backdoor.adaptive_patch",
-     "harness.backdoor.refool"),
+     "harness.backdoor.refool", "harness.backdoor.lf", "harness.backdoor.lc", "harness.backdoor.trojannn"),
 )
 
 ANALYSES: Registry = Registry(

@@ -6,7 +6,8 @@
                          Inputs: its train node and the artifacts its analyses need.
     artifact/<key>       something analyses or a training need built first (ACE's DDPM, helper
                          classifiers, a class-conditional generator and the set it generates:
-                         harness/generate/artifacts.py). An artifact may need others (its inputs).
+                         harness/generate/artifacts.py; a learned poison's clean surrogate and
+                         trigger: harness/backdoor/artifacts.py). An artifact may need others (its inputs).
 
 A method declares what it trains from through one hook, `Method.upstream` (methods/base.py):
 ADML's base method, CBD's briefly trained backdoored model, FT/FP/NAD's poisoned ERM, ABL's
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from harness.core.config import cell_identity, cell_key, train_key
+from harness.backdoor.artifacts import poison_artifacts
 from harness.core.registry import METHODS
 from harness.eval.stage import Artifact, analysis_artifacts
 from harness.generate.artifacts import data_artifacts, generated_dir
@@ -90,6 +92,7 @@ def build_plan(cells: list[dict[str, Any]]) -> Plan:
     plan = Plan()
     for cfg in cells:
         inputs = [] if cfg.get("model") else [_add_train(plan, cfg)]  # model=...: trained elsewhere, no train node
+        inputs += _add_artifacts(plan, cfg, poison_artifacts(cfg))[-1:]  # the triggered test set's trigger
         inputs += _add_artifacts(plan, cfg, analysis_artifacts(cfg))
         plan.add(Node(eval_node_id(cfg), "eval", cfg.get("label", cfg["key"]), tuple(inputs), cfg=cfg))
     return plan
@@ -114,6 +117,7 @@ def _add_train(plan: Plan, cfg: dict[str, Any]) -> str:
     upstream = tuple(UpstreamInput(up.arg, derive(cfg, up)) for up in method_upstream(cfg))
     # the data it trains on first (a generated set), then its upstream trainings
     data = _add_artifacts(plan, cfg, data_artifacts(cfg))[-1:]  # the last one is the set (it needs the others)
+    data += _add_artifacts(plan, cfg, poison_artifacts(cfg))[-1:]  # a learned poison's trigger (it needs its surrogate)
     inputs = tuple(data) + tuple(_add_train(plan, u.cfg) for u in upstream)
     label = f"train {cfg.get('label', cfg['train_key'])}"
     return plan.add(Node(node_id, "train", label, inputs, cfg=cfg, upstream=upstream))
