@@ -167,7 +167,8 @@ METHODS: Registry = Registry(
     ("methods.erm", "methods.pgd_at", "methods.trades", "methods.mart", "methods.awp", "methods.trades_awp",
      "methods.fgsm_rs", "methods.causaladv", "methods.sns", "methods.adml",
      # backdoor defenses (docs/backdoor.md)
-     "methods.cbd", "methods.ft", "methods.fp", "methods.nad", "methods.abl"),
+     "methods.cbd", "methods.ft", "methods.fp", "methods.nad", "methods.abl",
+     "methods.backdoor.clp"),
 )
 ATTACKS: Registry = Registry(
     "attack",

@@ -1,0 +1,143 @@
+"""The pruning / trigger-synthesis defenses (methods/backdoor/: CLP, ANP, NC): each decision they
+document, on a digits test_resnet, through the trainer; the plan refuses a BatchNorm-pruning
+defense on an architecture without BatchNorm, and a clean fraction outside (0, 1], before work."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import harness.train.trainer as trainer
+from harness.core.config import ConfigError, compose_config, finalize
+from harness.run.plan import planned_trainer, run_config
+from harness.store.checkpoint_sync import local_work_dir
+from harness.store.checkpoints import save_checkpoint
+from helpers import digits_batch
+
+
+class _Samples:
+    """The clean split in memory, scored as harness/train/selection.py's TrainSamples does."""
+
+    poisoned = np.zeros(0, dtype=np.int64)
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def score(self, fn):
+        with torch.no_grad():
+            out = [fn(self.x[i:i + 64], self.y[i:i + 64]).double().numpy() for i in range(0, len(self.y), 64)]
+        return np.arange(len(self.y)), np.concatenate(out)
+
+
+def _cell(data_root: Path, tmp_path: Path, method: str, *extra: str) -> dict[str, Any]:
+    return finalize(compose_config([f"data.root={data_root}", f"results_dir={tmp_path / 'results'}",
+                                    "trainer=tiny", "data.train_limit=256", "backdoor=badnets",
+                                    f"method={method}", *extra]))
+
+
+def _train_planned(cfg: dict[str, Any], checkpoint: Path, monkeypatch) -> tuple[Any, Any, dict[str, Any]]:
+    """Train the cell as its train node runs (run_config: the stage's trainer, the clean subset),
+    from `checkpoint`; (the method instance the trainer built, the summary, the run config)."""
+    run = run_config(cfg, {"backdoored_checkpoint": str(checkpoint)})
+    built: list[Any] = []
+    build = trainer.build_method
+    monkeypatch.setattr(trainer, "build_method", lambda c: built.append(build(c)) or built[-1])
+    summary = trainer.train(run, local_work_dir(run))
+    return built[0], summary, run
+
+
+# ------------------------------------------------------------------------------------------ CLP
+
+def test_clp_bound_is_the_largest_singular_value_times_the_batchnorm_scale(erm_model) -> None:
+    from methods.backdoor.clp import channel_lipschitz_bounds
+
+    conv, bn = erm_model.body.layer1[0].conv1, erm_model.body.layer1[0].bn1
+    bounds = channel_lipschitz_bounds(conv, bn)
+    for k in (0, 3):
+        w = conv.weight[k].reshape(conv.weight.shape[1], -1).double()
+        expected = torch.linalg.svdvals(w).max() * (bn.weight[k] / bn.running_var[k].sqrt()).abs().double()
+        assert float(bounds[k]) == pytest.approx(float(expected.detach()), rel=1e-6)
+
+
+def test_clp_prunes_the_channel_with_a_planted_lipschitz_bound_and_nothing_without_outliers(erm_model) -> None:
+    from methods.backdoor.clp import CLP, clp_prune_flags
+
+    model = copy.deepcopy(erm_model)
+    conv, bn = model.body.layer2[0].conv2, model.body.layer2[0].bn2
+    with torch.no_grad():
+        conv.weight[5] *= 50.0  # a backdoor-like channel: its output grows 50x faster with its input
+    method = CLP()
+    module = method.build(model)
+    layer = module.layers.index("body.layer2.0.bn2")
+    assert bool(module.gates(layer)[0][5] == 0) and bool(module.gates(layer)[1][5] == 0)
+    _, flags = clp_prune_flags(model, u=1e9)  # an infinite threshold prunes nothing
+    assert not any(bool(f.any()) for f in flags)
+    assert method.report["pruned"][layer] >= 1 and sum(method.report["pruned"]) == module.pruned_count()
+
+
+def test_clp_gates_zero_the_pruned_channels_output(erm_model, digits_dir) -> None:
+    """A pruned channel outputs 0 after its BatchNorm (weight and bias zeroed, as CLP_prune does)."""
+    from methods.backdoor.masks import GatedBatchNorm
+
+    module = GatedBatchNorm(copy.deepcopy(erm_model)).eval()
+    bn = module.batchnorms()[1]
+    seen = {}
+    bn.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    flags = [torch.zeros(b.num_features, dtype=torch.bool) for b in module.batchnorms()]
+    flags[1][2] = True
+    module.set_pruned(flags, bias=True)
+    x, _ = digits_batch(digits_dir, 8)
+    reference = copy.deepcopy(erm_model).eval()
+    ref_bn = dict(reference.named_modules())[module.layers[1]]
+    with torch.no_grad():
+        ref_bn.weight[2] = 0.0
+        ref_bn.bias[2] = 0.0
+        expected = reference(x)
+        got = module(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert float(seen["out"][:, 2].abs().max()) < 1e-6  # (the hook's output is what flows on)
+
+
+def test_clp_trains_zero_epochs_and_the_pruned_model_is_the_cells_checkpoint(erm_model, data_root, tmp_path,
+                                                                               monkeypatch) -> None:
+    model = copy.deepcopy(erm_model)
+    with torch.no_grad():
+        model.body.layer3[0].conv1.weight[7] *= 50.0
+    save_checkpoint(tmp_path / "erm.pt", {"model": model.state_dict()})
+    cfg = _cell(data_root, tmp_path, "clp")
+    assert planned_trainer(cfg)["epochs"] == 0
+    method, summary, run = _train_planned(cfg, tmp_path / "erm.pt", monkeypatch)
+    assert summary.curve == [] and summary.samples_per_epoch == []
+    saved = torch.load(local_work_dir(run) / trainer.CHECKPOINT, weights_only=False)
+    layer = method.report["layers"].index("body.layer3.0.bn1")
+    assert float(saved["model"][f"weight_gate_{layer}"][7]) == 0.0 and bool(saved["model"]["pruned"])
+    evaluated = trainer.load_trained_classifier(run, local_work_dir(run))
+    x, _ = digits_batch(Path(run["data"]["dir"]), 16)
+    with torch.no_grad():
+        assert torch.equal(evaluated(x), method.eval_model(method.build(copy.deepcopy(model))).eval()(x))
+
+
+# ----------------------------------------------------------------------------- refusals before work
+
+def test_a_batchnorm_defense_on_a_vit_is_refused_at_plan_time_naming_it_and_the_fix(data_root, tmp_path) -> None:
+    from harness.run.grid import validate_cell
+
+    for method in ("clp",):
+        cfg = _cell(data_root, tmp_path, method, "arch=test_vit")
+        with pytest.raises(ConfigError, match=rf"method={method} prunes BatchNorm.*arch=test_vit.*Fix: .*arch=test_resnet"):
+            validate_cell(cfg)
+        validate_cell(_cell(data_root, tmp_path, method))  # test_resnet has BatchNorm: accepted
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5", "-0.1"])
+def test_a_clean_fraction_outside_0_1_is_refused_before_work(data_root, tmp_path, fraction) -> None:
+    from harness.run.grid import validate_cell
+
+    for method in ("clp", "ft"):
+        cfg = _cell(data_root, tmp_path, method, f"method.clean_subset={fraction}")
+        with pytest.raises(ConfigError, match=r"method.clean_subset must be in \(0, 1\].*Fix: method.clean_subset=0.05"):
+            validate_cell(cfg)  # what `robustgrid grid` and --dry-run check for every cell before Ray starts
