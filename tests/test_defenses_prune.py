@@ -141,3 +141,63 @@ def test_a_clean_fraction_outside_0_1_is_refused_before_work(data_root, tmp_path
         cfg = _cell(data_root, tmp_path, method, f"method.clean_subset={fraction}")
         with pytest.raises(ConfigError, match=r"method.clean_subset must be in \(0, 1\].*Fix: method.clean_subset=0.05"):
             validate_cell(cfg)  # what `robustgrid grid` and --dry-run check for every cell before Ray starts
+
+
+# ------------------------------------------------------------------------------------------ ANP
+
+def test_anp_gates_equal_their_noisy_batchnorm(erm_model, digits_dir) -> None:
+    """(m + delta) on the weight term and (1 + xi) on the bias: what F.batch_norm computes with
+    weight * coeff_w and bias * coeff_b (NoisyBatchNorm2d), in train and eval mode."""
+    from methods.backdoor.anp import PerturbedBatchNorm
+
+    module = PerturbedBatchNorm(copy.deepcopy(erm_model))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in range(len(module.layers)):
+            getattr(module, f"mask_{i}").copy_(torch.rand(getattr(module, f"mask_{i}").shape, generator=gen))
+        module.reset_noise(0.4)
+    module.perturbed = True
+    bn = module.batchnorms()[3]
+    x = torch.randn(4, bn.num_features, 3, 3, generator=gen)
+    for train in (True, False):
+        bn.train(train)
+        got = bn(x)
+        coeff_w, coeff_b = module.mask_3 + module.noise_3, 1 + module.noise_bias_3
+        expected = torch.nn.functional.batch_norm(x, bn.running_mean.clone(), bn.running_var.clone(),
+                                                  bn.weight * coeff_w, bn.bias * coeff_b, train, 0.0, bn.eps)
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_anp_learns_masks_through_the_trainer_then_prunes_at_the_threshold(erm_model, data_root, tmp_path,
+                                                                            monkeypatch) -> None:
+    """Weights and running statistics stay; masks move and stay in [0, 1]; after the last epoch the
+    channels with mask <= the threshold have their weight term gated off (the bias stays), nothing else."""
+    from methods.backdoor.anp import PerturbedBatchNorm
+
+    save_checkpoint(tmp_path / "erm.pt", {"model": erm_model.state_dict()})
+    cfg = _cell(data_root, tmp_path, "anp", "method.epochs=3", "method.batch_size=8", "method.lr=0.2",
+                "method.clean_subset=0.1", "method.pruning_threshold=0.99")  # (a clean model: few masks fall far)
+    assert planned_trainer(cfg)["optimizer"] == {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0,
+                                                 "nesterov": False}
+    method, summary, run = _train_planned(cfg, tmp_path / "erm.pt", monkeypatch)
+    assert len(summary.curve) == 3 and summary.n_train == 26  # ceil(10% of 256): the clean subset
+    module: PerturbedBatchNorm = method.module
+    masks = [m.detach() for m in module.masks()]
+    assert all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in masks)
+    assert any(float((m - 1).abs().max()) > 0.01 for m in masks)  # the masks learned
+    reference = erm_model.state_dict()
+    for name, value in module.model.state_dict().items():
+        if not name.endswith("num_batches_tracked"):  # (counts batches; unused with a set momentum)
+            assert torch.equal(value, reference[name]), name  # weights and BatchNorm statistics untouched
+    for i, m in enumerate(masks):
+        assert torch.equal(getattr(module, f"weight_gate_{i}") == 0, m <= 0.99)
+        assert bool((getattr(module, f"bias_gate_{i}") == 1).all())
+    assert module.pruned_count() == sum(int((m <= 0.99).sum()) for m in masks) > 0
+    evaluated = trainer.load_trained_classifier(run, local_work_dir(run)).eval()
+    x, _ = digits_batch(Path(run["data"]["dir"]), 16)
+    pruned = copy.deepcopy(erm_model).eval()
+    modules = dict(pruned.named_modules())
+    with torch.no_grad():
+        for name, m in zip(module.layers, masks):
+            modules[name].weight[m <= 0.99] = 0.0  # their `pruning`: the weight of each pruned neuron
+        assert torch.allclose(evaluated(x), pruned(x), atol=1e-5)
