@@ -168,7 +168,7 @@ METHODS: Registry = Registry(
      "methods.fgsm_rs", "methods.causaladv", "methods.sns", "methods.adml",
      # backdoor defenses (docs/backdoor.md)
      "methods.cbd", "methods.ft", "methods.fp", "methods.nad", "methods.abl",
-     "methods.backdoor.clp", "methods.backdoor.anp"),
+     "methods.backdoor.clp", "methods.backdoor.anp", "methods.backdoor.nc"),
 )
 ATTACKS: Registry = Registry(
     "attack",
