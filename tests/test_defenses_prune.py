@@ -201,3 +201,73 @@ def test_anp_learns_masks_through_the_trainer_then_prunes_at_the_threshold(erm_m
         for name, m in zip(module.layers, masks):
             modules[name].weight[m <= 0.99] = 0.0  # their `pruning`: the weight of each pruned neuron
         assert torch.allclose(evaluated(x), pruned(x), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ Neural Cleanse
+
+def test_nc_anomaly_index_is_mad_of_the_mask_norms() -> None:
+    from methods.backdoor.nc import anomaly
+
+    norms = torch.tensor([20.0, 21.0, 19.0, 22.0, 3.0, 20.5, 18.0, 21.5, 19.5, 20.0])
+    median = float(torch.median(norms))
+    mad = 1.4826 * float(torch.median((norms - median).abs()))
+    index, flagged = anomaly(norms)
+    assert index == pytest.approx(abs(3.0 - median) / mad) and flagged == [4]
+    assert anomaly(torch.tensor([20.0, 21.0, 19.0, 22.0, 20.5]))[1] == []  # no outlier: nothing flagged
+    assert anomaly(torch.tensor([20.0, 21.0, 19.0, 22.0, 60.0, 20.5, 19.5]))[1] == []  # large norms never flag
+
+
+@pytest.fixture(scope="module")
+def backdoored(erm_model, digits_dir) -> torch.nn.Module:
+    """The digits test_resnet fine-tuned with a 2x2 white BadNets patch (bottom right) -> class 0 on
+    a third of every batch: a strong backdoor."""
+    from harness.data.loader import make_loader
+
+    model = copy.deepcopy(erm_model).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for epoch in range(3):
+        for x, y in make_loader(digits_dir, "train", 64, shuffle=True, epoch=epoch):
+            n = len(y) // 3
+            x, y = x.clone(), y.clone()
+            x[:n, :, -2:, -2:] = 1.0
+            y[:n] = 0
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_nc_flags_the_target_class_of_a_planted_trigger_and_unlearns_it(backdoored, data_root, tmp_path,
+                                                                       monkeypatch) -> None:
+    """Both train nodes through the trainer: the reversed trigger of class 0 is the smallest and
+    the MAD test flags class 0; the unlearning stage stamps it and lowers the attack success."""
+    x, y = digits_batch(data_root / "digits", 128)
+    triggered = x.clone()
+    triggered[:, :, -2:, -2:] = 1.0
+    keep = y != 0
+    with torch.no_grad():
+        asr_before = float((backdoored(triggered[keep]).argmax(1) == 0).float().mean())
+    assert asr_before > 0.9
+    save_checkpoint(tmp_path / "erm.pt", {"model": backdoored.state_dict()})
+    trig_cfg = _cell(data_root, tmp_path, "nc_trigger", "method.nc_epoch=12", "method.batch_size=64",
+                     "method.clean_subset=1.0")
+    finder, _, trig_run = _train_planned(trig_cfg, tmp_path / "erm.pt", monkeypatch)
+    norms = finder.state["mask_best"].flatten(1).sum(1)
+    assert int(norms.argmin()) == 0, norms
+    monkeypatch.undo()
+    cfg = _cell(data_root, tmp_path, "nc", "method.epochs=3", "method.batch_size=64", "method.clean_subset=1.0",
+                "method.lr=0.05")
+    run = run_config(cfg, {"backdoored_checkpoint": str(tmp_path / "erm.pt"),
+                           "trigger_checkpoint": str(local_work_dir(trig_run) / trainer.CHECKPOINT)})
+    built: list[Any] = []
+    build = trainer.build_method
+    monkeypatch.setattr(trainer, "build_method", lambda c: built.append(build(c)) or built[-1])
+    summary = trainer.train(run, local_work_dir(run))
+    assert built[0].report["flagged"] == [0] and built[0].report["anomaly_index"] > 2
+    assert summary.curve[-1]["nc_flagged"] == 1 and summary.curve[-1]["nc_anomaly_index"] > 2
+    model = trainer.load_trained_classifier(run, local_work_dir(run)).eval()
+    with torch.no_grad():
+        asr_after = float((model(triggered[keep]).argmax(1) == 0).float().mean())
+    assert asr_after < asr_before
