@@ -223,7 +223,7 @@ def check_nc(reference: Path) -> list[Compared]:
         Compared("anomaly_index", abs(their_index - our_index), "float", f"{our_index:.4f} (printed to 4 decimals)"),
         Compared("flagged_labels", int([k for k, _ in flag_list] != our_flagged), "int", f"ours {our_flagged}"),
         Compared("mask_after_12_epochs", max_abs(squash(regression.mask_tanh.detach()), squash(module.mask_tanh.detach()[target])),
-                 "float", f"moved up to {max_abs(squash(module.mask_tanh.detach()[target]), squash(torch.ones(1))):.3f} "
+                 "float", f"moved up to {max_abs(squash(module.mask_tanh.detach()[target]), squash(torch.ones_like(module.mask_tanh[target]))):.3f} "
                           f"from the start"),
         Compared("pattern_after_12_epochs", max_abs(squash(regression.pattern_tanh.detach()),
                                                     squash(module.pattern_tanh.detach()[target]))),
