@@ -126,7 +126,7 @@ def test_clp_trains_zero_epochs_and_the_pruned_model_is_the_cells_checkpoint(erm
 def test_a_batchnorm_defense_on_a_vit_is_refused_at_plan_time_naming_it_and_the_fix(data_root, tmp_path) -> None:
     from harness.run.grid import validate_cell
 
-    for method in ("clp",):
+    for method in ("clp", "anp"):
         cfg = _cell(data_root, tmp_path, method, "arch=test_vit")
         with pytest.raises(ConfigError, match=rf"method={method} prunes BatchNorm.*arch=test_vit.*Fix: .*arch=test_resnet"):
             validate_cell(cfg)
@@ -213,7 +213,7 @@ def test_nc_anomaly_index_is_mad_of_the_mask_norms() -> None:
     mad = 1.4826 * float(torch.median((norms - median).abs()))
     index, flagged = anomaly(norms)
     assert index == pytest.approx(abs(3.0 - median) / mad) and flagged == [4]
-    assert anomaly(torch.tensor([20.0, 21.0, 19.0, 22.0, 20.5]))[1] == []  # no outlier: nothing flagged
+    assert anomaly(torch.tensor([20.0, 21.0, 19.0, 22.0, 20.5, 19.5, 21.5]))[1] == []  # no outlier: nothing flagged
     assert anomaly(torch.tensor([20.0, 21.0, 19.0, 22.0, 60.0, 20.5, 19.5]))[1] == []  # large norms never flag
 
 
