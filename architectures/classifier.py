@@ -16,6 +16,8 @@ from torch import nn
 class Classifier(nn.Module):
     """Wraps a timm model: `forward(x) -> logits`, `features(x) -> (embedding, logits)`."""
 
+    input_size: int | None = None  # the image size it is built for (build_classifier sets it)
+
     def __init__(self, body: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.body = body

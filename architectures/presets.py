@@ -164,5 +164,7 @@ def build_classifier(arch_cfg: dict[str, Any], *, num_classes: int, in_chans: in
     plugin = ARCHITECTURES.get(arch_cfg.pop("name"))
     if isinstance(plugin, type):  # an external architecture registered as a class
         plugin = plugin()
-    return plugin.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                        mean=mean, std=std, **arch_cfg)
+    model = plugin.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                         mean=mean, std=std, **arch_cfg)
+    model.input_size = int(img_size)  # the images it is built for (Neural Cleanse's per-pixel trigger)
+    return model

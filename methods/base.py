@@ -40,6 +40,7 @@ What a method needs before it can train is declared on the class, read by the pl
     Method.runtime_data(method_cfg, data_cfg) -> {...}             # its own data settings (augment,
                                                                    # shuffle) for its training
     Method.needs_train_data                                        # gets the (poisoned) train split config
+    Method.needs_batchnorm                                         # refused before work on an arch without BatchNorm
 
 Each Upstream is a train node of the plan: the same cell with another method (and trainer
 overrides), trained once however many cells need it, before the cells that need it.
@@ -148,6 +149,8 @@ class Method:
     needs_train_data: ClassVar[bool] = False  # True: gets `train_data` (data/backdoor/seed config)
     backdoor_defense: ClassVar[bool] = False  # a backdoor defense (`robustgrid list methods` says so;
                                               # grid=backdoor_bench crosses every one with every poison)
+    needs_batchnorm: ClassVar[bool] = False  # True: prunes BatchNorm neurons (CLP, ANP); the plan
+                                             # refuses it on an architecture without BatchNorm2d
 
     @classmethod
     def upstream(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Upstream]:

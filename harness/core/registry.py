@@ -168,7 +168,8 @@ METHODS: Registry = Registry(
      "methods.fgsm_rs", "methods.causaladv", "methods.sns", "methods.adml",
      # backdoor defenses (docs/backdoor.md)
      "methods.cbd", "methods.ft", "methods.fp", "methods.nad", "methods.abl",
-     "methods.ft_sam", "methods.i_bau", "methods.sau"),
+     "methods.ft_sam", "methods.i_bau", "methods.sau",
+     "methods.backdoor.clp", "methods.backdoor.anp", "methods.backdoor.nc"),
 )
 ATTACKS: Registry = Registry(
     "attack",

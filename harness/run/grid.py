@@ -31,8 +31,8 @@ from harness.run.expand import expand_grid  # noqa: F401 -- re-exported: grids a
 from harness.run.labels import first_line
 from harness.run.ray_connect import check_ray_address
 from harness.run.single_driver import single_driver
-from harness.run.preflight import (check_arch, check_folder_writable, check_results_writable, check_validation,
-                                   train_split_size)
+from harness.run.preflight import (check_arch, check_folder_writable, check_method_arch, check_results_writable,
+                                   check_validation, train_split_size)
 from harness.data.ensure import ensure_prepared
 from harness.eval.external_model import check_model_spec
 from harness.eval.stage import check_analyses
@@ -73,6 +73,7 @@ def validate_cell(cfg: dict[str, Any]) -> None:
     check_results_writable(cfg["results_dir"])
     if not cfg.get("model"):  # trained here: its architecture builds with these settings (on the meta device)
         check_arch(cfg)
+    check_method_arch(cfg)  # a clean fraction outside (0, 1]; a BatchNorm-pruning defense without BatchNorm
     check_trainer_config(planned_trainer(cfg))
     cell_resources(cfg)
     build_method(cfg["method"])

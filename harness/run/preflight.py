@@ -155,6 +155,54 @@ def _check_arch(arch_json: str, classes: int, channels: int, size: int) -> None:
         raise ConfigError(str(err)) from None
 
 
+def check_clean_subset(cfg: dict[str, Any]) -> None:
+    """A post-training defense's clean fraction (`method.clean_subset`) in (0, 1], before any work
+    (the train node's run_config would refuse it only when the node runs)."""
+    fraction = (cfg.get("method") or {}).get("clean_subset")
+    if fraction is None:
+        return
+    try:
+        ok = 0 < float(fraction) <= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"method.clean_subset must be in (0, 1], got {fraction!r}: it is the share of the "
+                          f"training split the defender holds as clean data (BackdoorBench: 0.05, RNP 0.01). "
+                          f"Fix: method.clean_subset=0.05")
+
+
+def check_method_arch(cfg: dict[str, Any]) -> None:
+    """A method that prunes BatchNorm neurons (`Method.needs_batchnorm`: CLP, ANP) on an architecture
+    without BatchNorm2d (a ViT) is refused before any work, naming both and the fix; once per
+    distinct architecture (built on the meta device, like check_arch)."""
+    from harness.core.registry import METHODS
+
+    check_clean_subset(cfg)
+    method = (cfg.get("method") or {}).get("name")
+    if cfg.get("model") or not method or not getattr(METHODS.get(method), "needs_batchnorm", False):
+        return
+    channels, classes, size = _dataset_shape(str((cfg.get("data") or {}).get("dir", "")))
+    size = int((cfg.get("data") or {}).get("img_size") or size)
+    if not _arch_has_batchnorm(json.dumps(cfg["arch"], sort_keys=True), classes, channels, size):
+        from methods.backdoor.masks import no_batchnorm_message
+
+        arch = cfg["arch"].get("model") or cfg["arch"].get("name")
+        raise ConfigError(no_batchnorm_message(method, str(arch)))
+
+
+@functools.lru_cache(maxsize=256)
+def _arch_has_batchnorm(arch_json: str, classes: int, channels: int, size: int) -> bool:
+    import torch
+    from torch import nn
+
+    from architectures.presets import build_classifier
+
+    with torch.device("meta"):
+        model = build_classifier(json.loads(arch_json), num_classes=classes, in_chans=channels, img_size=size,
+                                 mean=[0.5] * channels, std=[0.5] * channels)
+    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
 def _dataset_shape(data_dir: str) -> tuple[int, int, int]:
     """(channels, classes, image size) from the manifest; (3, 10, 32) before the data exists."""
     if (data_dir, None) in _SHAPES:

@@ -36,8 +36,10 @@ def build_optimizer(ocfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch
 def check_trainer_config(tcfg: dict[str, Any]) -> None:
     """Fail before any work on trainer settings that could only fail later, inside a cell."""
     world_size, epochs, batch = (int(tcfg.get(k, 1)) for k in ("world_size", "epochs", "batch_size"))
-    if world_size < 1 or epochs < 1 or batch < 1:
-        raise ValueError(f"trainer.world_size, trainer.epochs and trainer.batch_size must be >= 1; "
+    # epochs 0: a method stage that edits weights without training (CLP's data-free pruning); the
+    # grid's own trainer.epochs stays >= 1 (harness/core/validate.py)
+    if world_size < 1 or epochs < 0 or batch < 1:
+        raise ValueError(f"trainer.world_size and trainer.batch_size must be >= 1 and trainer.epochs >= 0; "
                          f"got {world_size}, {epochs}, {batch}")
     if batch < world_size:
         raise ValueError(f"trainer.batch_size ({batch}) is the global batch: it must be >= "

@@ -357,6 +357,9 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
             checkpoint_sync.record_epoch(cfg, work_dir, epoch)  # pushed to the store for a URI results_dir
         dist.barrier()
     bar.close()
+    if epochs == 0 and rank == 0:  # a stage with no training (CLP: the pruned model is the result)
+        save_checkpoint(work_dir / CHECKPOINT, -1, module, optimizer, extras, method, running())
+        checkpoint_sync.record_epoch(cfg, work_dir, -1)
 
     chosen = selection(curve, rule, epochs)
     if ema is not None:  # the average is the model (the selected epoch's, when one is selected below)
