@@ -24,12 +24,14 @@ DETECTORS = ("strip", "spectral", "ac", "mmbd")
 
 
 def backdoor_cfg(data_root: Path, *extra: str) -> dict:
-    return finalize(compose_config([f"data.root={data_root}", "backdoor=badnets", "eval.limit=200", *extra]))
+    return finalize(compose_config([f"data.root={data_root}", "backdoor=badnets", "backdoor.rate=0.03",
+                                    "eval.limit=200", *extra]))
 
 
 @pytest.fixture(scope="module")
 def backdoored(data_root: Path, digits_dir: Path):
-    """test_resnet trained 8 epochs on digits with 10% BadNets (all-to-one, target 0)."""
+    """test_resnet trained 8 epochs on digits with 3% BadNets (all-to-one, target 0): at 10% the
+    poisoned samples are half the target class, AC's minority rule then misses them (docs/detectors.md)."""
     cfg = backdoor_cfg(data_root)
     plan = train_plan(cfg)
     model = digits_classifier(digits_dir)
@@ -93,6 +95,7 @@ def test_mmbd_pvalue_is_small_for_one_outlying_margin() -> None:
     assert mmbd.mmbd_pvalue(normal)[0] > p_spiked
 
 
+@pytest.mark.slow
 def test_every_detector_separates_poisoned_from_clean_on_a_backdoored_model(backdoored) -> None:
     cfg, model = backdoored
     ctx = context(cfg, model)
@@ -116,6 +119,7 @@ def test_every_detector_separates_poisoned_from_clean_on_a_backdoored_model(back
         assert c[f"det_{name}_seconds"] >= 0
 
 
+@pytest.mark.slow
 def test_strip_threshold_gives_its_fpr_on_the_clean_pool(backdoored) -> None:
     cfg, model = backdoored
     pool, source = strip.clean_pool(cfg, 0.05)
@@ -146,3 +150,49 @@ def test_bad_detector_settings_are_refused_before_work(data_root: Path) -> None:
     cfg["eval"]["detectors"]["ac"]["nosuch"] = 1
     with pytest.raises(ValueError, match="unknown settings"):
         check_analyses(cfg)
+
+
+class _Planted(torch.nn.Module):
+    """A 'model' whose embedding is its input, flattened (the features a planted test controls)."""
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.flatten(1), x.flatten(1)[:, :2]
+
+
+class _Samples:
+    """TrainSamples as select_train_samples sees it, over in-memory (x, y) (harness/train/selection.py)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, poisoned: np.ndarray) -> None:
+        self.x, self.y, self.poisoned, self.device = x, y, poisoned, torch.device("cpu")
+
+    def score(self, fn):
+        return np.arange(len(self.y)), fn(self.x, self.y).double().numpy()
+
+
+@pytest.mark.parametrize("name", ["spectral", "ac"])
+def test_the_defenses_remove_what_the_detectors_flag_and_keep_the_rest(name) -> None:
+    from harness.core.registry import METHODS
+
+    rng = np.random.default_rng(2)
+    mix = rng.normal(size=(6, 32))
+    x = rng.normal(size=(400, 6)) @ mix + 0.05 * rng.normal(size=(400, 32))
+    y = np.repeat(np.arange(2), 200)
+    x[:30] += 6.0  # class 0's first 30: the poisoned ones
+    method = METHODS.get(name)(layer="embedding", **({"reduce": "ica", "max_share": 0.35} if name == "ac" else {}))
+    method.scorer = _Planted()
+    kept = method.select_train_samples(_Samples(torch.tensor(x, dtype=torch.float32).view(400, 2, 4, 4),
+                                                torch.tensor(y), np.arange(30)))
+    assert not np.isin(np.arange(30), kept).any()  # every poisoned sample removed
+    assert method.stats["removed_recall"] == 1.0
+    if name == "ac":  # only the planted minority: nothing else goes
+        assert len(kept) == 370 and method.stats["removed_precision"] == 1.0
+    else:  # 15% of each class above its 85th percentile
+        assert len(kept) == 400 - 60
+
+
+def test_a_defense_without_its_backdoored_checkpoint_is_refused() -> None:
+    from harness.core.registry import METHODS
+
+    method = METHODS.get("spectral")()
+    with pytest.raises(ValueError, match="backdoored_checkpoint"):
+        method.select_train_samples(_Samples(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long), np.zeros(0)))

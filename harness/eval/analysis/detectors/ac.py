@@ -8,6 +8,11 @@ and flagged when it holds less than `max_share` of the class. Two official varia
     under 35% of the class;
   * defense (methods/ac.py; BackdoorBench defense/ac.py, "smaller"): PCA(10), KMeans(2), the
     smaller cluster always flagged (`max_share: 1.0`, `reduce: pca`).
+  * `reduce: first` keeps the first `dims` feature columns: what BackdoorBench's defense/ac.py
+    actually runs. Its `cluster_activations` tests `nb_activations > nb_dims & n > nb_dims`, which
+    Python reads as the chain `nb_activations > (nb_dims & n) > nb_dims`, never true, so its
+    PCA branch never runs and it clusters `activation[:, 0:nb_dims]`. Our defense's default is the
+    PCA it intends (and ART's AC, which it ports, runs); `first` reproduces theirs.
 Features: the pooled embedding (their avgpool hook). A continuous score for the ranking metrics:
 in the reduced space, |z - c_majority| - |z - c_minority| (positive: nearer the suspect cluster),
 shifted below every flagged class's in the classes AC leaves alone (so the ranking follows the
@@ -35,7 +40,7 @@ from harness.core.registry import ANALYSES
 from harness.eval.analysis.detectors.common import Detector, detection_columns, train_features
 from harness.eval.stage import EvalContext
 
-REDUCE = ("ica", "pca")
+REDUCE = ("ica", "pca", "first")
 UNFLAGGED = 1e6  # unflagged classes' scores are shifted below every flagged class's (the ranking follows the decision)
 DEFAULTS = {"reduce": "ica", "dims": 10, "max_share": 0.35, "layer": "embedding", "batch_size": 256}
 
@@ -57,6 +62,8 @@ def reduce_features(feats: np.ndarray, reduce: str = "ica", dims: int = 10, seed
     if reduce not in REDUCE:
         raise ValueError(f"ac reduce must be one of {REDUCE}, got {reduce!r}")
     feats = np.asarray(feats, dtype=np.float64)
+    if reduce == "first":  # BackdoorBench's defense as it runs (module doc)
+        return feats[:, :dims]
     if feats.shape[1] <= dims:
         return feats
     if feats.shape[0] <= dims:
