@@ -196,3 +196,23 @@ def test_a_defense_without_its_backdoored_checkpoint_is_refused() -> None:
     method = METHODS.get("spectral")()
     with pytest.raises(ValueError, match="backdoored_checkpoint"):
         method.select_train_samples(_Samples(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long), np.zeros(0)))
+
+
+@pytest.mark.slow
+def test_a_backdoor_cell_commits_the_detector_columns_and_their_seconds(tiny) -> None:
+    import json
+
+    from harness.run.cell import run_cell
+    from harness.store.index import read_results
+
+    cfg = finalize(compose_config([o for o in tiny if not o.startswith("attack.")] + ["backdoor=badnets",
+                                                                                      "attack=[fgsm]"]))
+    outcome = run_cell(cfg)
+    assert outcome.status == "ok", outcome.error
+    row = read_results(cfg["results_dir"]).to_pylist()[0]
+    stages = json.loads(row["eval_stage_seconds"])
+    for name in DETECTORS:
+        assert name in stages and row[f"det_{name}_seconds"] >= 0
+    assert 0 <= row["det_strip_auroc"] <= 1 and 0 <= row["det_spectral_auroc"] <= 1
+    assert isinstance(row["det_mmbd_detected"], bool) and len(row["det_mmbd_margins"]) == 10
+    print("eval seconds by stage:", {k: round(v, 2) for k, v in stages.items()})

@@ -80,6 +80,9 @@ def cluster_class(feats: np.ndarray, reduce: str = "ica", dims: int = 10, max_sh
                   seed: int = 0) -> ClassClusters:
     """2-means on one class's reduced features; the minority cluster, flagged if under `max_share`."""
     z = reduce_features(feats, reduce, dims, seed)
+    if not np.isfinite(z).all() or len(np.unique(z, axis=0)) < 2:  # degenerate features: nothing to split
+        zeros = np.zeros(len(z))
+        return ClassClusters(zeros.astype(np.int64), 1, False, zeros, z)
     km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(z)  # n_init: 10, their sklearn 0.24-1.3 default
     clusters = km.labels_.astype(np.int64)
     clean = 1 if clusters.sum() >= len(clusters) / 2.0 else 0  # detection_pretrain/ac.py's majority rule

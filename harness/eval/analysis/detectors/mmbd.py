@@ -70,7 +70,10 @@ def mmbd_pvalue(stats: np.ndarray) -> tuple[float, int]:
     null = np.delete(stats, top)
     with warnings.catch_warnings():  # scipy warns on fits of a few points; the fit is what theirs uses
         warnings.simplefilter("ignore")
-        shape, loc, scale = gamma.fit(null)
+        try:
+            shape, loc, scale = gamma.fit(null)
+        except Exception:  # noqa: BLE001 -- a degenerate null (equal margins) has no fit: no verdict
+            return float("nan"), top
     return float(1 - gamma.cdf(stats[top], a=shape, loc=loc, scale=scale) ** len(stats)), top
 
 
@@ -111,6 +114,6 @@ class MMBDDetector(Detector):
         pvalue, top = mmbd_pvalue(stats)
         target = (ctx.cfg.get("backdoor") or {}).get("target")
         return {"det_mmbd_stat": float(stats[top]), "det_mmbd_pvalue": pvalue,
-                "det_mmbd_detected": bool(pvalue < float(options["alpha"])), "det_mmbd_target": top,
+                "det_mmbd_detected": bool(pvalue < float(options["alpha"]))  # NaN (no fit): False, "det_mmbd_target": top,
                 "det_mmbd_target_correct": None if target is None else bool(top == int(target)),
                 "det_mmbd_margins": [float(s) for s in stats]}
