@@ -7,9 +7,10 @@ Their functions run on our weights: their model sees normalised tensors (their t
 Normalize), ours the pixels (the normalisation is inside our model).
 
   strip     detection_infer/strip.py's `STRIP` class (its `check`, `superimpose`, `entropy` and
-            `cleanse`), alpha 1.0 and N 100 as its `filtering` builds it, fpr 0.05 (its class
-            default; `filtering` passes 0.1): partner pool the first 100 digits, inspected the other
-            200 clean + the same 200 patched. Their partner draws (python `random.shuffle`) are
+            `cleanse`), alpha 1.0 as its `filtering` builds it, N 20 (theirs 100: the blends are the
+            same per partner, and their one-forward-per-partner loop is slow on a shared CPU), fpr
+            0.05 (its class default; `filtering` passes 0.1): partner pool the first 50 digits,
+            inspected the next 50 clean + the same 50 patched. Their partner draws (python `random.shuffle`) are
             recorded and handed to ours, batch by batch, so both blend with the same partners.
               entropy_per_input   their `check` (mean entropy over the partners) vs our strip_entropy
               threshold           their threshold_low vs ours, from the pool's entropies
@@ -44,7 +45,7 @@ from conformance_checks.backdoorbench import digits_model_and_clean_data
 from conformance_checks.common import Compared, ScriptBody, load_functions, max_abs
 
 REPOSITORY = "SCLBD/BackdoorBench"
-POOL, N, ALPHA, FPR = 100, 100, 1.0, 0.05
+POOL, N, ALPHA, FPR = 50, 20, 1.0, 0.05  # N 20 (theirs 100): their per-partner loop is slow on a shared CPU
 
 
 class Normalised(nn.Module):
@@ -73,7 +74,7 @@ def check_strip(reference: Path) -> list[Compared]:
 
     model, x, y, patched, _ = _data()
     norm = lambda t: model.normalize(t)  # noqa: E731
-    pool, inspected = x[:POOL], torch.cat([x[POOL:], patched[POOL:]])
+    pool, inspected = x[:POOL], torch.cat([x[POOL:2 * POOL], patched[POOL:2 * POOL]])
     draws: list[list[int]] = []
 
     def shuffle(seq: list[int]) -> None:
