@@ -114,6 +114,6 @@ class MMBDDetector(Detector):
         pvalue, top = mmbd_pvalue(stats)
         target = (ctx.cfg.get("backdoor") or {}).get("target")
         return {"det_mmbd_stat": float(stats[top]), "det_mmbd_pvalue": pvalue,
-                "det_mmbd_detected": bool(pvalue < float(options["alpha"]))  # NaN (no fit): False, "det_mmbd_target": top,
+                "det_mmbd_detected": bool(pvalue < float(options["alpha"])), "det_mmbd_target": top,
                 "det_mmbd_target_correct": None if target is None else bool(top == int(target)),
                 "det_mmbd_margins": [float(s) for s in stats]}
