@@ -32,6 +32,7 @@ MM-BD is not in this checkout of BackdoorBench: no check (docs/detectors.md).
 """
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -178,7 +179,7 @@ def check_ac(reference: Path) -> list[Compared]:
     class_indices = [np.flatnonzero(labels == c) for c in range(int(classes.max()) + 1)]
     suspicious: list[int] = []
     for c in classes:
-        body.run(nodes, {"np": np, "torch": torch, "KMeans": _KMeans, "silhouette_score": silhouette_score,
+        body.run(nodes, {"np": np, "torch": torch, "KMeans": _KMeans, "silhouette_score": silhouette_score, "logging": logging,
                          "self": SimpleNamespace(args=SimpleNamespace(nb_dims=10, random_seed=0, nb_clusters=2)),
                          "temp_feats": torch.as_tensor(feats[class_indices[c]]), "class_indices": class_indices,
                          "target_class": int(c), "suspicious_indices": suspicious})
