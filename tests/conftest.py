@@ -50,6 +50,10 @@ def tiny(data_root: Path, tmp_path: Path) -> list[str]:
         "data.train_limit=256",
         "eval.limit=64",
         "attack.pgd.steps=3",
+        # the backdoor detectors every backdoor cell runs, at a few steps (docs/detectors.md)
+        "eval.detectors.mmbd.starts=2",
+        "eval.detectors.mmbd.steps=3",
+        "eval.detectors.strip.n=4",
     ]
 
 

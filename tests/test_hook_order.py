@@ -16,7 +16,8 @@ from helpers import method_cell
 HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "on_epoch_start", "pre_pass",
          "pre_pass_step", "training_step", "after_step", "on_epoch_end", "eval_model", "state_dict", "load_state_dict")
 EPOCHS, STEPS = 2, 2
-SELECTING = {"abl": 6, "abl_finetune": 122}  # 5% of 128 under the isolation model, and the rest
+SELECTING = {"abl": 6, "abl_finetune": 122,  # 5% of 128 under the isolation model, and the rest
+             "spectral": 107, "ac": 79}  # less the 15% top spectral scores of each class; less each class's smaller cluster
 PRE_PASSING = {"i_bau"}  # a pass of the method's own before each epoch's training (I-BAU's perturbation)
 
 

@@ -169,7 +169,9 @@ METHODS: Registry = Registry(
      # backdoor defenses (docs/backdoor.md)
      "methods.cbd", "methods.ft", "methods.fp", "methods.nad", "methods.abl",
      "methods.ft_sam", "methods.i_bau", "methods.sau",
-     "methods.backdoor.clp", "methods.backdoor.anp", "methods.backdoor.nc"),
+     "methods.backdoor.clp", "methods.backdoor.anp", "methods.backdoor.nc",
+     # detect, remove, retrain (the detectors' scoring functions; docs/detectors.md)
+     "methods.spectral", "methods.ac"),
 )
 ATTACKS: Registry = Registry(
     "attack",
@@ -200,7 +202,10 @@ ANALYSES: Registry = Registry(
     "analysis", "robustgrid.analyses",
     # evaluation analyses (harness/eval/stage.py): each adds columns or files to a cell's rows
     ("harness.eval.integrity", "harness.eval.samples", "harness.eval.neuron_sensitivity",
-     "harness.eval.backdoor_metrics", "harness.eval.analysis.run_ace"),
+     "harness.eval.backdoor_metrics", "harness.eval.analysis.run_ace",
+     # backdoor detectors (docs/detectors.md): on by default on backdoor cells, eval.detectors
+     "harness.eval.analysis.detectors.strip", "harness.eval.analysis.detectors.spectral",
+     "harness.eval.analysis.detectors.ac", "harness.eval.analysis.detectors.mmbd"),
 )
 
 REGISTRIES: dict[str, Registry] = {
