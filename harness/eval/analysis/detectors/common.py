@@ -175,7 +175,12 @@ class Detector(Analysis):
         return static_poison(cfg) if self.needs_static_poison else True
 
     def check(self, cfg: dict[str, Any]) -> None:
-        self.options(cfg)
+        options = self.options(cfg)
+        if options is not None:
+            self.validate(options)
+
+    def validate(self, options: dict[str, Any]) -> None:
+        """Raise ValueError naming a bad setting of this detector (before work, and again at run)."""
 
     def run(self, ctx: EvalContext) -> None:
         """Adds this detector's `det_<name>_*` values to the cell's `detectors_json` column (one JSON
@@ -183,6 +188,7 @@ class Detector(Analysis):
         started = time.perf_counter()
         options = self.options(ctx.cfg)
         assert options is not None, "applies() said it runs"
+        self.validate(options)
         found = self.detect(ctx, options)
         found[f"det_{self.label}_seconds"] = time.perf_counter() - started
         ctx.columns["detectors_json"] = json.dumps({**detector_values(ctx.columns), **found},
