@@ -218,3 +218,20 @@ def test_a_backdoor_cell_commits_the_detector_columns_and_their_seconds(tiny) ->
     assert 0 <= values["det_strip_auroc"] <= 1 and 0 <= values["det_spectral_auroc"] <= 1
     assert isinstance(values["det_mmbd_detected"], bool) and len(values["det_mmbd_margins"]) == 10
     print("eval seconds by stage:", {k: round(v, 2) for k, v in stages.items()})
+
+
+def test_degenerate_features_and_a_failing_detector_never_fail_the_cell() -> None:
+    """Constant features (a dead tiny model) make FastICA whiten NaN: AC leaves the class unflagged;
+    a detector that raises records det_<name>_error in detectors_json instead of failing the cell."""
+    result = ac.cluster_class(np.zeros((40, 16)), "ica", 10, 0.35, 0)
+    assert not result.flagged
+
+    class Broken(common.Detector):
+        def detect(self, ctx, options):
+            raise np.linalg.LinAlgError("singular")
+
+    ctx = EvalContext.__new__(EvalContext)
+    ctx.cfg, ctx.columns = {"key": "k", "backdoor": {"name": "badnets"}}, {}
+    Broken("broken", {}).run(ctx)
+    values = detector_values(ctx.columns)
+    assert values["det_broken_error"] == "LinAlgError: singular" and values["det_broken_seconds"] >= 0

@@ -79,7 +79,10 @@ def reduce_features(feats: np.ndarray, reduce: str = "ica", dims: int = 10, seed
 def cluster_class(feats: np.ndarray, reduce: str = "ica", dims: int = 10, max_share: float = 0.35,
                   seed: int = 0) -> ClassClusters:
     """2-means on one class's reduced features; the minority cluster, flagged if under `max_share`."""
-    z = reduce_features(feats, reduce, dims, seed)
+    try:
+        z = reduce_features(feats, reduce, dims, seed)
+    except (ValueError, np.linalg.LinAlgError):  # FastICA / PCA on degenerate features (NaN whitening)
+        z = np.full((len(feats), 1), np.nan)
     if not np.isfinite(z).all() or len(np.unique(z, axis=0)) < 2:  # degenerate features: nothing to split
         zeros = np.zeros(len(z))
         return ClassClusters(zeros.astype(np.int64), 1, False, zeros, z)

@@ -13,6 +13,7 @@ avgpool hook for PreAct-R18), "last_stage" the last feature stage's output flatt
 from __future__ import annotations
 
 import json
+import sys
 
 import time
 from contextlib import contextmanager
@@ -189,7 +190,12 @@ class Detector(Analysis):
         options = self.options(ctx.cfg)
         assert options is not None, "applies() said it runs"
         self.validate(options)
-        found = self.detect(ctx, options)
+        try:
+            found = self.detect(ctx, options)
+        except Exception as err:  # a detector that cannot score this model never fails the cell's results
+            found = {f"det_{self.label}_error": f"{type(err).__name__}: {err}"}
+            print(f"warning: detector {self.label} failed on {ctx.cfg.get('key')}: {type(err).__name__}: {err}",
+                  file=sys.stderr)
         found[f"det_{self.label}_seconds"] = time.perf_counter() - started
         ctx.columns["detectors_json"] = json.dumps({**detector_values(ctx.columns), **found},
                                                    sort_keys=True, default=_plain)
