@@ -11,7 +11,7 @@ from typing import Any
 
 from harness.backdoor.learned import ensure_poison_artifact, learned_poison, poison_artifact_key, progress
 from harness.backdoor.surrogate import ensure_surrogate, surrogate_key
-from harness.eval.stage import Artifact
+from harness.core.artifact import Artifact
 
 
 def poison_artifacts(cfg: dict[str, Any]) -> list[Artifact]:

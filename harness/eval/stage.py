@@ -24,21 +24,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from harness.core.artifact import Artifact  # noqa: F401  (declared by analyses; re-exported)
 from harness.core.plugin_config import selectable_analyses
 from harness.core.registry import ANALYSES
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """Something analyses (or a cell's training data) need built first, once per `key` however many
-    cells need it."""
-
-    key: str  # identity and dedup key, e.g. "ddpm/<hash>"
-    label: str  # shown in logs and the plan
-    build: Callable[..., Any]  # build(device=...) builds and caches it (picklable: a function or partial)
-    inputs: tuple[str, ...] = ()  # keys of artifacts built before this one (a generated set: its generator)
-    options: dict[str, Any] | None = None  # Ray options replacing one rank's (a generated set's node only
-    #                                        orchestrates: no GPU, its shard tasks hold the GPUs)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from harness.core.errors import DataError
 from harness.data.generated import check_generated_set, generated_location, generated_ratio, shard_readers
 from harness.data.shards import load_manifest
 from harness.eval.analysis.aux_models import aux_folder, ensure_aux
-from harness.eval.stage import Artifact
+from harness.core.artifact import Artifact
 from harness.generate.generation import GenerationConfig, GenerationSpec, ensure_generated, plan_spec
 from harness.generate.generator import ensure_generator
 
