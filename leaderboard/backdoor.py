@@ -35,7 +35,7 @@ UNDEFENDED = "erm"
 _COLUMNS = ["key", "status", "dataset", "arch", "method", "seed", "clean_acc", "backdoor",
             "poison_rate", "target_class", "asr", "backdoor_robust_acc", "n_poisoned", "n_triggered"]
 _OPTIONAL = {"train_flags": pa.list_(pa.string()), "validation_n": pa.int64(),  # issue 25: null where absent
-             "train_seconds": pa.float64()}
+             "train_seconds": pa.float64(), "detectors_json": pa.string()}
 _CELL_SQL = """
 WITH cell_status AS (SELECT key, bool_and(status = 'ok') AS ok FROM results GROUP BY key)
 SELECT r.key, any_value(method), any_value(config_json), avg(clean_acc), avg(asr)
@@ -55,7 +55,8 @@ cells AS (
            any_value(n_triggered) AS n_triggered,
            list_sort(list_distinct(flatten(coalesce(list(train_flags) FILTER (WHERE train_flags IS NOT NULL), []))))
                AS train_flags,
-           max(validation_n) AS validation_n, avg(train_seconds) AS train_seconds{cell_detectors}
+           max(validation_n) AS validation_n, avg(train_seconds) AS train_seconds,
+           any_value(detectors_json) AS detectors_json
     FROM results r JOIN cell_status s USING (key)
     WHERE s.ok AND r.backdoor IS NOT NULL AND r.backdoor <> 'none'
     GROUP BY r.key
@@ -64,23 +65,27 @@ SELECT dataset, backdoor, rate, target, arch, method, count(*) AS n_seeds,
        list(key ORDER BY seed, key) AS keys,
        avg(ca), stddev_samp(ca), avg(asr), stddev_samp(asr), avg(ra), stddev_samp(ra),
        avg(n_poisoned), avg(n_triggered),
-       list(train_flags ORDER BY seed, key), list(validation_n ORDER BY seed, key), avg(train_seconds){row_detectors}
+       list(train_flags ORDER BY seed, key), list(validation_n ORDER BY seed, key), avg(train_seconds),
+       list(detectors_json ORDER BY seed, key)
 FROM cells
 GROUP BY dataset, backdoor, rate, target, arch, method
 ORDER BY dataset, backdoor, rate, target
 """
 
 
-def detector_names(columns: list[str]) -> list[str]:
-    """Backdoor detectors with results (harness/eval/analysis/detectors: `det_<name>_auroc`), sorted."""
-    return sorted(c[len("det_"):-len("_auroc")] for c in columns
-                  if c.startswith("det_") and c.endswith("_auroc") and c[len("det_"):-len("_auroc")].isidentifier())
-
-
-def _sql(detectors: list[str]) -> str:
-    """The table query with one mean AUROC column per detector (cell mean, then the mean over seeds)."""
-    return _SQL.format(cell_detectors="".join(f', avg("det_{d}_auroc") AS "det_{d}"' for d in detectors),
-                       row_detectors="".join(f', avg("det_{d}")' for d in detectors))
+def detector_aurocs(blobs: list[str | None]) -> dict[str, float]:
+    """{detector: mean AUROC over the cells} from the cells' `detectors_json` (harness/eval/analysis/
+    detectors writes `det_<name>_auroc` there); a detector without a finite AUROC in any cell is left out."""
+    found: dict[str, list[float]] = defaultdict(list)
+    for blob in blobs:
+        try:
+            values = json.loads(blob) if blob else {}
+        except ValueError:
+            continue
+        for column, value in values.items() if isinstance(values, dict) else ():
+            if column.startswith("det_") and column.endswith("_auroc") and _num(value) is not None:
+                found[column[len("det_"):-len("_auroc")]].append(float(value))
+    return {name: sum(v) / len(v) for name, v in sorted(found.items())}
 
 
 def _num(value: Any) -> float | None:
@@ -100,17 +105,15 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
         for name, kind in _OPTIONAL.items():
             if name not in results.column_names:
                 results = results.append_column(pa.field(name, kind), pa.nulls(results.num_rows, kind))
-        detectors = detector_names(results.column_names)
-        columns = (_COLUMNS + list(_OPTIONAL) + [f"det_{d}_auroc" for d in detectors]
-                   + (["config_json"] if "config_json" in results.column_names else []))
+        columns = _COLUMNS + list(_OPTIONAL) + (["config_json"] if "config_json" in results.column_names else [])
         con.register("results", results.select(columns))
-        records = con.execute(_sql(detectors)).fetchall()
+        records = con.execute(_SQL).fetchall()
         der = cell_ders(con.execute(_CELL_SQL).fetchall()) if "config_json" in columns else {}
     finally:
         con.close()
     tables: dict[tuple, dict[str, Any]] = {}
     for (dataset, backdoor, rate, target, arch, method, n_seeds, keys, ca, ca_sd, asr, asr_sd,
-         ra, ra_sd, n_poisoned, n_triggered, train_flags, validation_ns, train_seconds, *detector_means) in records:
+         ra, ra_sd, n_poisoned, n_triggered, train_flags, validation_ns, train_seconds, detector_blobs) in records:
         table = tables.setdefault((dataset, backdoor, rate, target), {
             "track": "backdoor", "dataset": dataset, "backdoor": backdoor, "poison_rate": _num(rate),
             "target_class": target, "rows": [],
@@ -125,8 +128,7 @@ def backdoor_tables(results: pa.Table) -> list[dict[str, Any]]:
             **_health(list(keys), list(train_flags), list(validation_ns)),
             **_mean_std("der", [der[k] for k in keys if k in der]),
             "der_values": [der[k] for k in keys if k in der],
-            "detectors": {name: _num(value) for name, value in zip(detectors, detector_means)
-                          if _num(value) is not None},
+            "detectors": detector_aurocs(detector_blobs),
         })
     for table in tables.values():
         table["rows"].sort(key=lambda r: (r["flagged"], r["asr_mean"] is None, r["asr_mean"] or 0.0,

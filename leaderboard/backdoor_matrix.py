@@ -1,7 +1,7 @@
 """The backdoor track as one attack x defense matrix (BackdoorBench's view): per (dataset, arch,
 poison rate, target), a heatmap per metric (CA, ASR, RA, DER) with poisons as rows and defenses as
 columns, each square linking to its cell; the defenses ranked by their mean DER over every
-(attack, seed) with a 95% interval; and the detectors' mean AUROC per attack, on the undefended (poisoned ERM) model of that attack, as
+(attack, seed) with a 95% interval; and the detectors' mean AUROC (from the rows' `detectors_json`) per attack, on the undefended (poisoned ERM) model of that attack, as
 BackdoorBench's detection track measures them.
 
 Built from `backdoor_tables` (leaderboard/backdoor.py), which already holds each (attack, arch,

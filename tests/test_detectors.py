@@ -17,6 +17,7 @@ from harness.core.registry import ANALYSES
 from harness.data.loader import make_loader
 from harness.data.shards import load_manifest
 from harness.eval.analysis.detectors import ac, common, mmbd, spectral, strip
+from harness.eval.analysis.detectors.common import detector_values
 from harness.eval.stage import EvalContext, cell_analyses
 from tests.helpers import digits_classifier
 
@@ -106,7 +107,7 @@ def test_every_detector_separates_poisoned_from_clean_on_a_backdoored_model(back
         t0 = time.perf_counter()
         analysis.run(ctx)
         timings[name] = time.perf_counter() - t0
-    c = ctx.columns
+    c = detector_values(ctx.columns)  # every detector's values, in the row's detectors_json
     print("detector seconds:", {k: round(v, 2) for k, v in timings.items()},
           {k: round(c[f"det_{k}_auroc"], 3) for k in ("strip", "spectral", "ac")}, "mmbd p", c["det_mmbd_pvalue"])
     assert c["det_strip_auroc"] > 0.9, c
@@ -211,8 +212,26 @@ def test_a_backdoor_cell_commits_the_detector_columns_and_their_seconds(tiny) ->
     assert outcome.status == "ok", outcome.error
     row = read_results(cfg["results_dir"]).to_pylist()[0]
     stages = json.loads(row["eval_stage_seconds"])
+    values = detector_values(row)
     for name in DETECTORS:
-        assert name in stages and row[f"det_{name}_seconds"] >= 0
-    assert 0 <= row["det_strip_auroc"] <= 1 and 0 <= row["det_spectral_auroc"] <= 1
-    assert isinstance(row["det_mmbd_detected"], bool) and len(row["det_mmbd_margins"]) == 10
+        assert name in stages and values[f"det_{name}_seconds"] >= 0
+    assert 0 <= values["det_strip_auroc"] <= 1 and 0 <= values["det_spectral_auroc"] <= 1
+    assert isinstance(values["det_mmbd_detected"], bool) and len(values["det_mmbd_margins"]) == 10
     print("eval seconds by stage:", {k: round(v, 2) for k, v in stages.items()})
+
+
+def test_degenerate_features_and_a_failing_detector_never_fail_the_cell() -> None:
+    """Constant features (a dead tiny model) make FastICA whiten NaN: AC leaves the class unflagged;
+    a detector that raises records det_<name>_error in detectors_json instead of failing the cell."""
+    result = ac.cluster_class(np.zeros((40, 16)), "ica", 10, 0.35, 0)
+    assert not result.flagged
+
+    class Broken(common.Detector):
+        def detect(self, ctx, options):
+            raise np.linalg.LinAlgError("singular")
+
+    ctx = EvalContext.__new__(EvalContext)
+    ctx.cfg, ctx.columns = {"key": "k", "backdoor": {"name": "badnets"}}, {}
+    Broken("broken", {}).run(ctx)
+    values = detector_values(ctx.columns)
+    assert values["det_broken_error"] == "LinAlgError: singular" and values["det_broken_seconds"] >= 0

@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from harness.backdoor.base import Poison, build_poison
+from harness.backdoor.base import Poison, build_poison, to_levels
 from harness.store.storage import open_store
 
 ARRAYS = "arrays.npz"
@@ -79,6 +79,30 @@ class LearnedPoison(Poison):
         out = super().describe()
         out["surrogate"] = vars(self.surrogate)
         return out
+
+
+class StoredTriggerPoison(LearnedPoison):
+    """A learned poison whose artifact is one trigger image in pixel levels (`trigger`, uint8, C x H x W
+    at the dataset's native resolution), added to each image in levels (LF, TrojanNN)."""
+
+    _levels: torch.Tensor | None = None
+
+    def use_artifact(self, arrays: dict[str, np.ndarray]) -> None:
+        self._levels = torch.from_numpy(arrays["trigger"].astype(np.float64))
+
+    def trigger_levels(self) -> torch.Tensor:
+        """The stored trigger (C, H, W) in pixel levels, float64."""
+        self.require_loaded()
+        assert self._levels is not None
+        return self._levels
+
+    def levels_plus_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """x in pixel levels plus the trigger (float64, not yet clipped); x must be at native resolution."""
+        levels = self.trigger_levels()
+        if tuple(levels.shape) != tuple(x.shape[1:]):
+            raise ValueError(f"{self.name} trigger is {tuple(levels.shape)}, the images {tuple(x.shape[1:])}: the "
+                             f"trigger is built at the dataset's native resolution")
+        return to_levels(x) + levels.to(x.device)
 
 
 def _code_hash(poison: LearnedPoison) -> str:

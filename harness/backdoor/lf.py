@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.backdoor.base import from_levels, to_levels
-from harness.backdoor.learned import LearnedPoison
+from harness.backdoor.base import from_levels
+from harness.backdoor.learned import StoredTriggerPoison
 from harness.core.registry import POISONS
 
 
@@ -106,7 +106,7 @@ def pick_per_class(rng: np.random.RandomState, labels: np.ndarray, count: int) -
 
 
 @POISONS.register("lf")
-class LowFrequency(LearnedPoison):
+class LowFrequency(StoredTriggerPoison):
     name = "lf"
     artifact_fields = ("images", "per_class_eval", "delta", "max_passes", "overshoot", "max_iter_df", "sigma",
                        "amplitude", "uap_seed")
@@ -171,18 +171,5 @@ class LowFrequency(LearnedPoison):
         v = self.universal_perturbation(model, train, test, test_labels.numpy(), device, log)
         return {"trigger": np.floor(np.clip(v.double().numpy() * 255, 0, 255)).astype(np.uint8)}
 
-    def use_artifact(self, arrays: dict[str, np.ndarray]) -> None:
-        self._levels = torch.from_numpy(arrays["trigger"].astype(np.float64))
-
-    def trigger_levels(self) -> torch.Tensor:
-        """The additive trigger (C, H, W) in pixel levels, float64."""
-        self.require_loaded()
-        assert self._levels is not None
-        return self._levels
-
     def _trigger(self, x: torch.Tensor) -> torch.Tensor:
-        levels = self.trigger_levels()
-        if tuple(levels.shape) != tuple(x.shape[1:]):
-            raise ValueError(f"lf trigger is {tuple(levels.shape)}, the images {tuple(x.shape[1:])}: the trigger is "
-                             f"built at the dataset's native resolution")
-        return from_levels(to_levels(x) + levels.to(x.device), x.dtype)
+        return from_levels(self.levels_plus_trigger(x), x.dtype)

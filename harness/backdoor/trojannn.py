@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from harness.backdoor.base import from_levels, to_levels
-from harness.backdoor.learned import LearnedPoison
+from harness.backdoor.base import from_levels
+from harness.backdoor.learned import StoredTriggerPoison
 from harness.core.registry import POISONS
 
 OVERFLOWS = ("wrap", "clip")
@@ -83,7 +83,7 @@ def optimise_trigger(model: torch.nn.Module, mask: torch.Tensor, neurons: torch.
 
 
 @POISONS.register("trojannn")
-class TrojanNN(LearnedPoison):
+class TrojanNN(StoredTriggerPoison):
     name = "trojannn"
     artifact_fields = ("num_neuron", "neuron_target_value", "mask_update_iters", "eps", "alpha", "tolerance")
 
@@ -116,19 +116,6 @@ class TrojanNN(LearnedPoison):
                                  self.alpha, self.tolerance, log)
         return {"trigger": (image[0].cpu() * 255).to(torch.uint8).numpy(), "neurons": neurons.cpu().numpy()}
 
-    def use_artifact(self, arrays: dict[str, np.ndarray]) -> None:
-        self._levels = torch.from_numpy(arrays["trigger"].astype(np.float64))
-
-    def trigger_levels(self) -> torch.Tensor:
-        """The trigger image (C, H, W) in pixel levels, float64."""
-        self.require_loaded()
-        assert self._levels is not None
-        return self._levels
-
     def _trigger(self, x: torch.Tensor) -> torch.Tensor:
-        levels = self.trigger_levels()
-        if tuple(levels.shape) != tuple(x.shape[1:]):
-            raise ValueError(f"trojannn trigger is {tuple(levels.shape)}, the images {tuple(x.shape[1:])}: the "
-                             f"trigger is built at the dataset's native resolution")
-        v = to_levels(x) + levels.to(x.device)
+        v = self.levels_plus_trigger(x)
         return from_levels(torch.remainder(v, 256) if self.overflow == "wrap" else v, x.dtype)

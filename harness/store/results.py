@@ -80,6 +80,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("n_triggered", pa.int64()),
         pa.field("backdoor_eval_seconds", pa.float64()),
         pa.field("analysis_json", pa.string()),  # JSON {label: summary} of post-eval analyses (ACE)
+        pa.field("detectors_json", pa.string()),  # JSON {det_<name>_<quantity>: value} of the backdoor detectors
         pa.field("cell_id", pa.string()),  # the key without the code version (harness.core.config.cell_identity)
         # cost of the result (harness/eval/cost.py): what the robust accuracy was bought with
         pa.field("device_name", pa.string()),  # GPU product name, or the CPU model

@@ -79,7 +79,10 @@ def reduce_features(feats: np.ndarray, reduce: str = "ica", dims: int = 10, seed
 def cluster_class(feats: np.ndarray, reduce: str = "ica", dims: int = 10, max_share: float = 0.35,
                   seed: int = 0) -> ClassClusters:
     """2-means on one class's reduced features; the minority cluster, flagged if under `max_share`."""
-    z = reduce_features(feats, reduce, dims, seed)
+    try:
+        z = reduce_features(feats, reduce, dims, seed)
+    except (ValueError, np.linalg.LinAlgError):  # FastICA / PCA on degenerate features (NaN whitening)
+        z = np.full((len(feats), 1), np.nan)
     if not np.isfinite(z).all() or len(np.unique(z, axis=0)) < 2:  # degenerate features: nothing to split
         zeros = np.zeros(len(z))
         return ClassClusters(zeros.astype(np.int64), 1, False, zeros, z)
@@ -125,13 +128,10 @@ class ActivationClusteringDetector(Detector):
     default_config = DEFAULTS
     needs_static_poison = True
 
-    def check(self, cfg: dict[str, Any]) -> None:
-        options = self.options(cfg)
-        if options is not None:
-            check_options(options)
+    def validate(self, options: dict[str, Any]) -> None:
+        check_options(options)
 
     def detect(self, ctx: EvalContext, options: dict[str, Any]) -> dict[str, Any]:
-        check_options(options)
         _, labels, feats, is_poison = train_features(ctx.cfg, ctx.model, ctx.device, str(options["layer"]),
                                                      int(options["batch_size"]))
         scores, flagged, n_classes = ac_detect(feats, labels, str(options["reduce"]), int(options["dims"]),

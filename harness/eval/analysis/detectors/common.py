@@ -12,6 +12,9 @@ avgpool hook for PreAct-R18), "last_stage" the last feature stage's output flatt
 """
 from __future__ import annotations
 
+import json
+import sys
+
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +132,20 @@ def train_features(cfg: dict[str, Any], model: nn.Module, device: torch.device |
     return indices[order], labels[order], features[order], np.isin(indices[order], poisoned)
 
 
+def detector_values(row: dict[str, Any]) -> dict[str, Any]:
+    """The `det_<name>_*` values of a result row (or an eval context's columns): its detectors_json."""
+    return json.loads(row.get("detectors_json") or "{}")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as JSON values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 class Detector(Analysis):
     """A backdoor detector: on by default on every backdoor cell (`always`), off where
     `eval.detectors.<name>` is null; its settings are `default_config` updated by that block."""
@@ -159,14 +176,29 @@ class Detector(Analysis):
         return static_poison(cfg) if self.needs_static_poison else True
 
     def check(self, cfg: dict[str, Any]) -> None:
-        self.options(cfg)
+        options = self.options(cfg)
+        if options is not None:
+            self.validate(options)
+
+    def validate(self, options: dict[str, Any]) -> None:
+        """Raise ValueError naming a bad setting of this detector (before work, and again at run)."""
 
     def run(self, ctx: EvalContext) -> None:
+        """Adds this detector's `det_<name>_*` values to the cell's `detectors_json` column (one JSON
+        object for every detector: the result schema stays fixed whatever detectors are installed)."""
         started = time.perf_counter()
         options = self.options(ctx.cfg)
         assert options is not None, "applies() said it runs"
-        ctx.columns |= self.detect(ctx, options)
-        ctx.columns[f"det_{self.label}_seconds"] = time.perf_counter() - started
+        self.validate(options)
+        try:
+            found = self.detect(ctx, options)
+        except Exception as err:  # a detector that cannot score this model never fails the cell's results
+            found = {f"det_{self.label}_error": f"{type(err).__name__}: {err}"}
+            print(f"warning: detector {self.label} failed on {ctx.cfg.get('key')}: {type(err).__name__}: {err}",
+                  file=sys.stderr)
+        found[f"det_{self.label}_seconds"] = time.perf_counter() - started
+        ctx.columns["detectors_json"] = json.dumps({**detector_values(ctx.columns), **found},
+                                                   sort_keys=True, default=_plain)
 
     def detect(self, ctx: EvalContext, options: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError

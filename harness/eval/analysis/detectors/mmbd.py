@@ -100,10 +100,9 @@ class MMBDDetector(Detector):
     order = 54
     default_config = DEFAULTS
 
-    def check(self, cfg: dict[str, Any]) -> None:
-        options = self.options(cfg)
-        if options is not None and (int(options["starts"]) < 1 or int(options["steps"]) < 1
-                                    or not 0 < float(options["alpha"]) < 1):
+    def validate(self, options: dict[str, Any]) -> None:
+        if (int(options["starts"]) < 1 or int(options["steps"]) < 1
+                or not 0 < float(options["alpha"]) < 1):
             raise ValueError("eval.detectors.mmbd: starts and steps must be >= 1, alpha in (0, 1)")
 
     def detect(self, ctx: EvalContext, options: dict[str, Any]) -> dict[str, Any]:

@@ -67,13 +67,10 @@ class SpectralDetector(Detector):
     default_config = DEFAULTS
     needs_static_poison = True
 
-    def check(self, cfg: dict[str, Any]) -> None:
-        options = self.options(cfg)
-        if options is not None:
-            check_options(options)
+    def validate(self, options: dict[str, Any]) -> None:
+        check_options(options)
 
     def detect(self, ctx: EvalContext, options: dict[str, Any]) -> dict[str, Any]:
-        check_options(options)
         _, labels, feats, is_poison = train_features(ctx.cfg, ctx.model, ctx.device, str(options["layer"]),
                                                      int(options["batch_size"]))
         scores = spectral_scores(feats, labels, bool(options["centered"]))

@@ -122,13 +122,10 @@ class StripDetector(Detector):
     order = 51
     default_config = DEFAULTS
 
-    def check(self, cfg: dict[str, Any]) -> None:
-        options = self.options(cfg)
-        if options is not None:
-            check_options(options)
+    def validate(self, options: dict[str, Any]) -> None:
+        check_options(options)
 
     def detect(self, ctx: EvalContext, options: dict[str, Any]) -> dict[str, Any]:
-        check_options(options)
         model, device = ctx.model.eval(), ctx.device
         pool, source = clean_pool(ctx.cfg, float(options["clean_fraction"]))
         pool = pool.to(device)
