@@ -1,4 +1,4 @@
-"""The pruning / trigger-synthesis defenses (methods/backdoor/: CLP, ANP, NC): each decision they
+"""The pruning / trigger-synthesis defenses (methods/backdoor/: CLP, ANP, NC, RNP, BNP): each decision they
 document, on a digits test_resnet, through the trainer; the plan refuses a BatchNorm-pruning
 defense on an architecture without BatchNorm, and a clean fraction outside (0, 1], before work."""
 from __future__ import annotations
@@ -126,7 +126,7 @@ def test_clp_trains_zero_epochs_and_the_pruned_model_is_the_cells_checkpoint(erm
 def test_a_batchnorm_defense_on_a_vit_is_refused_at_plan_time_naming_it_and_the_fix(data_root, tmp_path) -> None:
     from harness.run.grid import validate_cell
 
-    for method in ("clp", "anp"):
+    for method in ("clp", "anp", "rnp", "bnp"):
         cfg = _cell(data_root, tmp_path, method, "arch=test_vit")
         with pytest.raises(ConfigError, match=rf"method={method} prunes BatchNorm.*arch=test_vit.*Fix: .*arch=test_resnet"):
             validate_cell(cfg)
@@ -137,7 +137,7 @@ def test_a_batchnorm_defense_on_a_vit_is_refused_at_plan_time_naming_it_and_the_
 def test_a_clean_fraction_outside_0_1_is_refused_before_work(data_root, tmp_path, fraction) -> None:
     from harness.run.grid import validate_cell
 
-    for method in ("clp", "ft"):
+    for method in ("clp", "ft", "rnp"):
         cfg = _cell(data_root, tmp_path, method, f"method.clean_subset={fraction}")
         with pytest.raises(ConfigError, match=r"method.clean_subset must be in \(0, 1\].*Fix: method.clean_subset=0.05"):
             validate_cell(cfg)  # what `robustgrid grid` and --dry-run check for every cell before Ray starts
@@ -271,3 +271,157 @@ def test_nc_flags_the_target_class_of_a_planted_trigger_and_unlearns_it(backdoor
     with torch.no_grad():
         asr_after = float((model(triggered[keep]).argmax(1) == 0).float().mean())
     assert asr_after < asr_before
+
+
+# ------------------------------------------------------------------------------------------ RNP
+
+def test_rnp_prunes_by_their_final_rule_on_planted_masks() -> None:
+    """threshold: every mask <= 0.7 as their 4-decimal mask file reads it (0.70004 -> 0.7000 is
+    pruned, 0.7001 is not); number n: the 2 * ceil(n) lowest masks, ties in layer/channel order."""
+    from methods.backdoor.rnp import rnp_prune_flags
+
+    masks = [torch.tensor([0.1, 0.70004, 0.7001, 0.9]), torch.tensor([0.69, 1.0, 0.1])]
+    flags = rnp_prune_flags(masks, "threshold", 0.7)
+    assert flags[0].tolist() == [True, True, False, False] and flags[1].tolist() == [True, False, True]
+    flags = rnp_prune_flags(masks, "number", 0.7)  # ceil(0.7) = 1, twice: the two lowest (0.1, 0.1)
+    assert flags[0].tolist() == [True, False, False, False] and flags[1].tolist() == [False, False, True]
+    flags = rnp_prune_flags(masks, "number", 2)  # four: 0.1, 0.1, 0.69, 0.70004
+    assert flags[0].tolist() == [True, True, False, False] and flags[1].tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="pruning_by"):
+        rnp_prune_flags(masks, "percent", 0.7)
+
+
+def test_rnp_plans_unlearning_then_recovery_from_one_erm(data_root, tmp_path) -> None:
+    """Two upstream nodes: the grid's ERM and rnp_unlearn (itself from the same ERM) with the cell's
+    unlearning settings; the recovery stage is SGD(0.2, momentum 0.9), no decay, 20 epochs."""
+    from harness.run.plan import build_plan, train_node_id
+
+    cfg = _cell(data_root, tmp_path, "rnp", "method.clean_threshold=0.3")
+    plan = build_plan([cfg])
+    node = plan.nodes[train_node_id(cfg)]
+    ups = {u.arg: u.cfg["method"] for u in node.upstream}
+    assert ups["backdoored_checkpoint"]["name"] == "erm"
+    assert ups["unlearned_checkpoint"] == {"name": "rnp_unlearn", "clean_subset": 0.01, "unlearning_epochs": 20,
+                                           "unlearning_lr": 0.01, "schedule": [10, 20], "clean_threshold": 0.3,
+                                           "batch_size": 256}
+    unlearn = plan.nodes[train_node_id(node.upstream[1].cfg)]
+    assert train_node_id(node.upstream[0].cfg) in unlearn.inputs  # one ERM for both
+    assert planned_trainer(cfg)["optimizer"] == {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0,
+                                                 "nesterov": False}
+    assert planned_trainer(cfg)["epochs"] == 20
+    stage = planned_trainer(node.upstream[1].cfg)
+    assert stage["optimizer"]["weight_decay"] == 5e-4 and stage["schedule"]["milestones"] == [10, 20]
+
+
+def test_rnp_unlearning_stops_at_the_threshold_and_holds_still_after(erm_model, data_root, tmp_path,
+                                                                      monkeypatch) -> None:
+    """Gradient ascent until an epoch's training accuracy is <= clean_threshold; the remaining
+    epochs of the node change nothing (weights and BatchNorm statistics put back after each step)."""
+    save_checkpoint(tmp_path / "erm.pt", {"model": erm_model.state_dict()})
+    cfg = _cell(data_root, tmp_path, "rnp_unlearn", "method.unlearning_epochs=6", "method.batch_size=16",
+                "method.clean_subset=0.125", "method.unlearning_lr=0.05", "method.clean_threshold=0.5")
+    method, summary, run = _train_planned(cfg, tmp_path / "erm.pt", monkeypatch)
+    accs = [c["train_acc"] for c in summary.curve]
+    stop = method.stopped_epoch
+    assert 0 <= stop < 5, accs  # it stopped before the last epoch
+    assert accs[stop] <= 0.5 and all(a > 0.5 for a in accs[:stop])
+    assert summary.curve[-1]["unlearn_stopped_epoch"] == stop
+    saved = torch.load(local_work_dir(run) / trainer.CHECKPOINT, weights_only=False)["model"]
+    for name, value in saved.items():
+        assert torch.equal(value, method.snapshot[name].cpu()), name  # the stopped model, unchanged since
+    moved = max(float((saved[k].float() - v.float()).abs().max()) for k, v in erm_model.state_dict().items())
+    assert moved > 1e-3  # and it did unlearn
+
+
+def test_rnp_learns_masks_on_the_unlearned_model_then_prunes_the_original(erm_model, data_root, tmp_path,
+                                                                          monkeypatch) -> None:
+    """Masks learn (in [0, 1]) on the unlearned model with its weights fixed; after the last epoch the
+    module holds the ORIGINAL backdoored weights with the weight term of the pruned channels gated off
+    (bias kept), which is what evaluation loads."""
+    from methods.backdoor.rnp import MaskedBatchNorm, rnp_prune_flags
+
+    unlearned = copy.deepcopy(erm_model)
+    with torch.no_grad():
+        for p in unlearned.parameters():
+            p.mul_(0.7)  # another model than the original: the recovery must not leak into the result
+    save_checkpoint(tmp_path / "erm.pt", {"model": erm_model.state_dict()})
+    save_checkpoint(tmp_path / "unlearned.pt", {"model": unlearned.state_dict()})
+    cfg = _cell(data_root, tmp_path, "rnp", "method.recovering_epochs=3", "method.batch_size=8",
+                "method.clean_subset=0.1", "method.pruning_number=0.99")
+    run = run_config(cfg, {"backdoored_checkpoint": str(tmp_path / "erm.pt"),
+                           "unlearned_checkpoint": str(tmp_path / "unlearned.pt")})
+    built: list[Any] = []
+    build = trainer.build_method
+    monkeypatch.setattr(trainer, "build_method", lambda c: built.append(build(c)) or built[-1])
+    summary = trainer.train(run, local_work_dir(run))
+    assert len(summary.curve) == 3 and summary.n_train == 26
+    module: MaskedBatchNorm = built[0].module
+    masks = [m.detach() for m in module.masks()]
+    assert all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in masks)
+    assert any(float((m - 1).abs().max()) > 0.01 for m in masks)
+    reference = erm_model.state_dict()
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(value.cpu(), reference[name]), name  # the original weights and statistics
+    flags = rnp_prune_flags(masks, "threshold", 0.99)
+    for i, f in enumerate(flags):
+        assert torch.equal(getattr(module, f"weight_gate_{i}") == 0, f)
+        assert bool((getattr(module, f"bias_gate_{i}") == 1).all())
+    assert module.pruned_count() == sum(int(f.sum()) for f in flags) > 0
+    evaluated = trainer.load_trained_classifier(run, local_work_dir(run)).eval()
+    x, _ = digits_batch(Path(run["data"]["dir"]), 16)
+    pruned = copy.deepcopy(erm_model).eval()
+    modules = dict(pruned.named_modules())
+    with torch.no_grad():
+        for name, f in zip(module.layers, flags):
+            modules[name].weight[f] = 0.0  # their `pruning` on the original model
+        assert torch.allclose(evaluated(x), pruned(x), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ BNP
+
+def test_bnp_flags_a_channel_whose_batch_statistics_leave_its_running_ones(erm_model, digits_dir) -> None:
+    """A planted backdoor neuron: one channel's running mean far from what a batch gives it (KL of
+    their formula huge) is flagged in its layer; with an infinite u nothing is; the KL is theirs."""
+    from methods.backdoor.bnp import bnp_prune_flags, pre_activation_stats
+
+    model = copy.deepcopy(erm_model).eval()
+    bn = model.body.layer2[0].bn2
+    x, _ = digits_batch(digits_dir, 64)
+    with torch.no_grad():
+        bn.running_mean[4] += 30 * bn.running_var[4].sqrt()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    layer = names.index("body.layer2.0.bn2")
+    kls, flags = bnp_prune_flags(model, x, u=3.0)
+    assert bool(flags[layer][4]) and int(kls[layer].argmax()) == 4
+    mean_1, var_1 = pre_activation_stats(model, x)[layer]
+    mean_2, var_2 = bn.running_mean, bn.running_var
+    expected = torch.log(var_2 / var_1) + (var_1 + (mean_1 - mean_2) ** 2) / (2 * var_2) - 0.5
+    assert torch.allclose(kls[layer], expected)
+    assert not any(bool(f.any()) for f in bnp_prune_flags(model, x, u=1e9)[1])
+    assert model.training is False
+
+
+def test_bnp_prunes_on_a_poisoned_training_batch_through_the_plan(erm_model, data_root, tmp_path,
+                                                                   monkeypatch) -> None:
+    """needs_train_data: the planned node gets the grid cell's data and poison, and draws its batch
+    from the POISONED split (not its clean subset); 0 epochs; the gates are the checkpoint."""
+    from methods.backdoor.bnp import bnp_prune_flags
+
+    save_checkpoint(tmp_path / "erm.pt", {"model": erm_model.state_dict()})
+    cfg = _cell(data_root, tmp_path, "bnp", "method.batch_size=64", "method.u=1.0")
+    assert planned_trainer(cfg)["epochs"] == 0
+    batches: list[torch.Tensor] = []
+    from methods.backdoor.bnp import BNP
+
+    draw = BNP.poisoned_batch
+    monkeypatch.setattr(BNP, "poisoned_batch", lambda self, s: batches.append(draw(self, s)) or batches[-1])
+    method, summary, run = _train_planned(cfg, tmp_path / "erm.pt", monkeypatch)
+    assert run["method"]["train_data"]["backdoor"]["name"] == "badnets" and summary.curve == []
+    assert run["backdoor"]["clean_train"] and len(batches) == 1 and batches[0].shape[0] == 64
+    white = (batches[0][:, :, -2:, -2:] == 1.0).flatten(1).all(1)  # the 2x2 white patch on 8x8 digits
+    assert 0 < int(white.sum()) < 64  # a poisoned batch (10% poisoned), not the clean subset
+    _, flags = bnp_prune_flags(copy.deepcopy(erm_model), batches[0], 1.0)
+    saved = torch.load(local_work_dir(run) / trainer.CHECKPOINT, weights_only=False)["model"]
+    for i, f in enumerate(flags):
+        assert torch.equal(saved[f"weight_gate_{i}"] == 0, f) and torch.equal(saved[f"bias_gate_{i}"] == 0, f)
+    assert sum(int(f.sum()) for f in flags) == sum(method.report["pruned"]) > 0

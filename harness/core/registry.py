@@ -171,7 +171,9 @@ METHODS: Registry = Registry(
      "methods.ft_sam", "methods.i_bau", "methods.sau",
      "methods.backdoor.clp", "methods.backdoor.anp", "methods.backdoor.nc",
      # detect, remove, retrain (the detectors' scoring functions; docs/detectors.md)
-     "methods.spectral", "methods.ac"),
+     "methods.spectral", "methods.ac",
+     # more pruning defenses (issue 26, defenses_prune: RNP's two nodes, BNP)
+     "methods.backdoor.rnp", "methods.backdoor.bnp"),
 )
 ATTACKS: Registry = Registry(
     "attack",
