@@ -116,7 +116,7 @@ def _status_parser() -> argparse.ArgumentParser:
 
 def _list_parser() -> argparse.ArgumentParser:
     parser = _sub("list", "Print registered plugin names, one per line; broken ones on stderr.", epilog=False)
-    parser.add_argument("kind", choices=["methods", "attacks", "architectures", "datasets", "poisons"])
+    parser.add_argument("kind", choices=["methods", "attacks", "architectures", "datasets", "poisons", "analyses"])
     return parser
 
 

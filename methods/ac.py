@@ -27,6 +27,7 @@ from methods.filtered_retrain import FilteredRetrain
 @METHODS.register("ac")
 class ActivationClustering(FilteredRetrain):
     name = "ac"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Detecting Backdoor Attacks on Deep Neural Networks by Activation "
                                                 "Clustering", "venue": "AAAI SafeAI workshop", "year": "2019"}
 

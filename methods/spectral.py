@@ -25,6 +25,7 @@ from methods.filtered_retrain import FilteredRetrain
 @METHODS.register("spectral")
 class SpectralSignatures(FilteredRetrain):
     name = "spectral"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Spectral Signatures in Backdoor Attacks", "venue": "NeurIPS",
                                        "year": "2018"}
 

@@ -36,6 +36,9 @@ def test_list_prints_registered_names() -> None:
     assert out.returncode == 0 and names == sorted(names)
     defenses = {line[0] for line in lines if line[1:] == ["backdoor defense"]}
     assert {"cbd", "ft", "fp", "nad", "abl"} <= defenses and not defenses & {"erm", "abl_lga", "trades"}
+    analyses = [line.split("\t") for line in _cli("list", "analyses").stdout.splitlines()]
+    detectors = {line[0] for line in analyses if line[1:] == ["backdoor detector"]}
+    assert {"strip", "spectral", "ac", "mmbd"} <= detectors and "integrity" not in detectors
     assert {"erm", "pgd_at", "trades", "mart", "awp", "fgsm_rs", "causaladv_m", "sns", "adml_pgd_at"} <= set(names)
     assert {"cbd", "ft", "fp", "nad", "abl"} <= set(names)
     assert {"none", "badnets", "blended", "sig", "wanet", "bpp", "adaptive_blend", "adaptive_patch",

@@ -106,6 +106,7 @@ def anp_loss(module: nn.Module, raw: PerturbedBatchNorm, x: torch.Tensor, y: tor
 @METHODS.register("anp")
 class ANP(Method):
     name = "anp"
+    backdoor_defense = True
     needs_batchnorm: ClassVar[bool] = True
     paper: ClassVar[dict[str, str]] = {"title": "Adversarial Neuron Pruning Purifies Backdoored Deep Models",
                                        "venue": "NeurIPS", "year": "2021"}

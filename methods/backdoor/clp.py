@@ -64,6 +64,7 @@ class CLP(FineTuning):
     """Data-free: prune BatchNorm channels with outlying Lipschitz bounds; no training by default."""
 
     name = "clp"
+    backdoor_defense = True
     needs_batchnorm: ClassVar[bool] = True
     paper: ClassVar[dict[str, str]] = {"title": "Data-free Backdoor Removal based on Channel Lipschitzness",
                                        "venue": "ECCV", "year": "2022"}

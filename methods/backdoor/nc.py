@@ -247,6 +247,7 @@ class NeuralCleanse(FineTuning):
     """Neural Cleanse's detection (MAD on the reversed masks) and unlearning with the trigger."""
 
     name = "nc"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in "
                                                 "Neural Networks", "venue": "IEEE S&P", "year": "2019"}
 

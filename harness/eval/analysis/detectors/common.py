@@ -134,6 +134,7 @@ class Detector(Analysis):
     `eval.detectors.<name>` is null; its settings are `default_config` updated by that block."""
 
     always = True
+    detector = True  # `robustgrid list analyses` marks it
     order = 50
     default_config: ClassVar[dict[str, Any]] = {}
     needs_static_poison: ClassVar[bool] = False  # a training-set detector needs the poisoned indices
