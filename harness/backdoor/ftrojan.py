@@ -49,8 +49,8 @@ _HALF = 1 << (_SHIFT - 1)
 
 
 def rgb_to_ycrcb(rgb: torch.Tensor) -> torch.Tensor:
-    """OpenCV's COLOR_RGB2YCrCb on uint8 levels (B, 3, H, W) as int64 (its fixed-point formula)."""
-    r, g, b = rgb.long().unbind(1)
+    """OpenCV's COLOR_RGB2YCrCb on uint8 levels (B, 3, H, W) as int32 (its fixed-point formula)."""
+    r, g, b = rgb.int().unbind(1)
     y = (r * 4899 + g * 9617 + b * 1868 + _HALF) >> _SHIFT
     cr = ((r - y) * 11682 + (128 << _SHIFT) + _HALF) >> _SHIFT
     cb = ((b - y) * 9241 + (128 << _SHIFT) + _HALF) >> _SHIFT
@@ -58,8 +58,8 @@ def rgb_to_ycrcb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def ycrcb_to_rgb(ycc: torch.Tensor) -> torch.Tensor:
-    """OpenCV's COLOR_YCrCb2RGB on uint8 levels (B, 3, H, W) as int64, saturated to [0, 255]."""
-    y, cr, cb = ycc.long().unbind(1)
+    """OpenCV's COLOR_YCrCb2RGB on uint8 levels (B, 3, H, W) as int32, saturated to [0, 255]."""
+    y, cr, cb = ycc.int().unbind(1)
     cr, cb = cr - 128, cb - 128
     r = y + ((cr * 22987 + _HALF) >> _SHIFT)
     g = y + ((cb * -5636 + cr * -11698 + _HALF) >> _SHIFT)
@@ -70,7 +70,7 @@ def ycrcb_to_rgb(ycc: torch.Tensor) -> torch.Tensor:
 def astype_uint8(v: torch.Tensor) -> torch.Tensor:
     """NumPy's float -> uint8 `astype` on x86 as their code relies on: truncate toward zero, then
     wrap modulo 256 (-1.5 -> 255, 256.7 -> 0)."""
-    return torch.remainder(torch.trunc(v).long(), 256)
+    return torch.remainder(torch.trunc(v), 256.0).int()
 
 
 @lru_cache(maxsize=64)
@@ -142,9 +142,9 @@ class FTrojan(Poison):
         if c == 1:  # grey as Y alone, saturated (module docstring)
             out = torch.trunc((levels + pattern).clamp(0, 255))
             return (out / 255.0).to(x.dtype)
-        space = rgb_to_ycrcb(levels) if self.yuv else levels.long()
+        space = rgb_to_ycrcb(levels) if self.yuv else levels
         shifted = space.double()
         shifted[:, self.channel_list] += pattern
-        cast = torch.trunc(shifted.clamp(0, 255)).long() if self.saturate else astype_uint8(shifted)
+        cast = torch.trunc(shifted.clamp(0, 255)).int() if self.saturate else astype_uint8(shifted)
         rgb = ycrcb_to_rgb(cast) if self.yuv else cast
         return (rgb.double() / 255.0).to(x.dtype)
