@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CELLS = ["backdoor=bpp", "backdoor=refool", "backdoor=adaptive_blend backdoor.rate=0.1",
-         "backdoor=adaptive_patch backdoor.rate=0.1", "backdoor=badnets backdoor.label_mode=all_to_all"]
+         "backdoor=adaptive_patch backdoor.rate=0.1", "backdoor=badnets backdoor.label_mode=all_to_all",
+         "backdoor=ftrojan"]
 
 
 def main() -> None:

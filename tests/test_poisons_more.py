@@ -1,4 +1,4 @@
-"""BPP, Adaptive-Blend, Adaptive-Patch, Refool and the all-to-all label mode (issue 26, poisons 1)."""
+"""BPP, Adaptive-Blend, Adaptive-Patch, Refool, FTrojan and the all-to-all label mode (issue 26, poisons 1)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,11 +10,13 @@ from harness.backdoor.adaptive_patch import AdaptivePatch
 from harness.backdoor.badnets import BadNets
 from harness.backdoor.base import build_poison
 from harness.backdoor.bpp import BPP, dither
+from harness.backdoor.ftrojan import FTrojan, block_pattern, dct_matrix
 from harness.backdoor.plan import PoisonPlan, select_indices, train_plan
 from harness.backdoor.refool import Refool
 from harness.eval.backdoor_metrics import attack_success_all_to_all
 
-NEW = ("bpp", "adaptive_blend", "adaptive_patch", "refool")
+NEW = ("bpp", "adaptive_blend", "adaptive_patch", "refool", "ftrojan")
+NO_PATTERN = ("bpp", "ftrojan")  # triggers with no random pattern: pattern_seed changes nothing
 
 
 def _batch(c: int, h: int, b: int = 6, seed: int = 0) -> torch.Tensor:
@@ -39,7 +41,7 @@ def test_triggers_stay_in_range_deterministic_and_shaped(name: str, c: int, h: i
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     assert not torch.equal(out, x)
     assert torch.equal(out, again.trigger(x)), "a fresh instance must give the same trigger"
-    if name != "bpp":  # BPP's trigger has no pattern
+    if name not in NO_PATTERN:
         assert not torch.equal(out, _poison(name, pattern_seed=1).trigger(x)), "pattern_seed must change it"
     train = poison.train_variant(x, np.arange(len(x)))
     assert train.shape == x.shape and train.min() >= 0 and train.max() <= 1
@@ -166,6 +168,10 @@ def test_all_to_all_asr_is_against_each_images_own_target(digits_dir) -> None:
     ({"name": "adaptive_patch", "alphas": []}, "alphas"),
     ({"name": "refool", "clean_label": True, "poisoning": "per_batch"}, "refool is clean-label"),
     ({"name": "refool", "offset_range": [5, 2]}, "offset_range"),
+    ({"name": "ftrojan", "pos_list": [[15, 32]]}, "pos_list must be"),
+    ({"name": "ftrojan", "pos_list": [[15]]}, "pos_list must be"),
+    ({"name": "ftrojan", "channel_list": [3]}, "channel_list must name"),
+    ({"name": "ftrojan", "window_size": 1}, "window_size must be"),
 ])
 def test_bad_settings_are_refused_with_the_fix(cfg: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -200,3 +206,62 @@ def test_wavefront_dithering_equals_the_raster_loop(h: int, w: int) -> None:
     x = torch.randint(0, 256, (3, 3, h, w), generator=torch.Generator().manual_seed(h * w)).float()
     expected = np.stack([_raster_dither(img, 8) for img in x.numpy()])
     np.testing.assert_array_equal(dither(x, 8).numpy(), expected)
+
+
+# ----------------------------------------------------------------------------------------- FTrojan
+
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("h", [8, 16, 32])
+def test_ftrojan_is_deterministic_in_range_and_on_the_byte_grid(c: int, h: int) -> None:
+    x = _batch(c, h, b=4)
+    out = FTrojan().trigger(x)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, FTrojan().trigger(x)) and not torch.equal(out, x)
+    assert torch.equal((out * 255).round() / 255, out), "stored as uint8, as BackdoorBench stores it"
+    one_by_one = torch.cat([FTrojan().trigger(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(out, one_by_one), "a function of each image alone"
+
+
+def test_ftrojan_pattern_is_the_inverse_dct_of_the_bump_at_its_positions() -> None:
+    from scipy.fft import dctn
+
+    c = dct_matrix(32).numpy()
+    assert np.allclose(c @ c.T, np.eye(32), atol=1e-12), "orthonormal, as cv2.dct"
+    pattern = block_pattern(32, ((15, 15), (31, 31)), 30.0).numpy()
+    coeffs = dctn(pattern, norm="ortho")  # scipy's DCT-II, independent of ours
+    expected = np.zeros((32, 32))
+    expected[15, 15] = expected[31, 31] = 30.0
+    assert np.abs(coeffs - expected).max() < 1e-12
+
+
+@pytest.mark.parametrize("h,n,pos", [(8, 8, ((3, 3), (7, 7))), (16, 16, ((7, 7), (15, 15))),
+                                     (32, 32, ((15, 15), (31, 31))), (64, 32, ((15, 15), (31, 31)))])
+def test_ftrojan_window_and_positions_scale_to_the_image(h: int, n: int, pos: tuple) -> None:
+    poison = FTrojan()
+    assert poison.window(h, h) == (n, pos)
+    pattern = poison.pattern(h, h)
+    assert torch.equal(pattern[:n, :n], pattern[-n:, -n:]), "the same pattern in every window"
+    with pytest.raises(ValueError, match="window_size"):
+        poison.trigger(torch.zeros(1, 3, 48, 48))  # 48 is not whole 32-px windows
+
+
+def test_ftrojan_grey_goes_on_the_one_channel_and_saturates() -> None:
+    """Digits: the grey channel is Y, the pattern added there; the black background's dips clip at 0
+    (a wrap would make them white)."""
+    black = torch.zeros(1, 1, 16, 16)
+    out = FTrojan().trigger(black)
+    pattern = FTrojan().pattern(16, 16)
+    assert torch.equal(out[0, 0] * 255, torch.trunc(pattern.clamp(0, 255)).float())
+    assert out.max() < 16 / 255 and (out == 0).float().mean() > 0.3
+
+
+def test_ftrojan_rgb_wraps_like_their_cast_unless_saturate() -> None:
+    """Their astype(np.uint8) wraps a chroma pushed past 255 (pure red: Cr 255); saturate clips."""
+    red = torch.zeros(1, 3, 32, 32)
+    red[:, 0] = 1.0
+    wrapped = FTrojan().trigger(red)
+    clipped = FTrojan(saturate=True).trigger(red)
+    assert (wrapped - red).abs().max() > 0.5, "Cr 255 + a positive bump wraps to near 0: far from red"
+    assert (clipped - red).abs().max() < 16 / 255
+    grey = torch.full((1, 3, 32, 32), 128 / 255)  # Cr = Cb = 128: nothing to wrap, both casts agree
+    assert torch.equal(FTrojan().trigger(grey), FTrojan(saturate=True).trigger(grey))

@@ -27,9 +27,17 @@ same transmission and reflection images, 32x32, 16 pairs per model, offsets 3..8
   refool_settings                            alpha_t, ghost_rate, pratio, clean_label, target of
                                              config/attack/refool/default.yaml vs ours
 all_to_all: its AllToAll_shiftLabelAttack(1, K) vs our poisoned_labels, K 10 and 43.
+FTrojan: its utils/bd_img_transform/ftrojann.py `ftrojann_version` built from config/attack/ftrojannn/
+default.yaml, run image by image and stored as its set_one_bd_sample does (astype(np.uint8)), vs our
+`trigger`, on 16 uint8 32x32 images (2 all-0 / all-255) and 4 at 64x64 (2 x 2 windows).
+  ftrojan_colour_conversions     our fixed-point RGB <-> YCrCb vs cv2.cvtColor, all 2^24 colours
+  ftrojan_images_*_off_elsewhere pixels that differ outside those where their own DCT -> IDCT round
+                                 trip left Y below its integer (the count as is in the note)
+  ftrojan_images_*_noise_free    bytes, their IDCT's output rounded to 1e-9 in this process
+  ftrojan_settings               magnitude, window_size, pos_list, channel_list, YUV, pratio, target
 
-Needs numba (BPP's dithering) and OpenCV (Refool's cv2 calls) importable: `pip install numba
-opencv-python-headless` in a side environment on PYTHONPATH. NumPy 2 dropped `np.round_` and
+Needs numba (BPP's dithering) and OpenCV (Refool's and FTrojan's cv2 calls) importable: `pip install numba
+opencv-python-headless` in a side environment on PYTHONPATH. NumPy 2 dropped `np.round_`, `np.float` and
 `np.lib.pad` that their code calls: both are aliased in this process (to np.round, np.pad); nothing
 of theirs is edited.
 """
@@ -233,5 +241,77 @@ def check_all_to_all(reference: Path) -> list[Compared]:
         worst = max(worst, max_abs(theirs, ours))
     return [Compared("all_to_all_labels", worst, "int", "every class, K 10 and 43")]
 
+# ----------------------------------------------------------------------------------------- FTrojan
 
-CHECKS = {"bpp": check_bpp, "refool": check_refool, "all_to_all": check_all_to_all}
+def _their_ftrojan(reference: Path) -> Any:
+    """Their utils/bd_img_transform/ftrojann.py as a module (NumPy 2 lacks its `np.float`: aliased)."""
+    from conformance_checks.common import import_file
+
+    if not hasattr(np, "float"):
+        np.float = float  # type: ignore[attr-defined]
+    return import_file(reference / "utils" / "bd_img_transform" / "ftrojann.py")
+
+
+def _all_colours() -> np.ndarray:
+    a = np.arange(1 << 24, dtype=np.int64)
+    return np.stack([a >> 16, (a >> 8) & 255, a & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+
+
+def check_ftrojan(reference: Path) -> list[Compared]:
+    import cv2
+
+    from harness.backdoor.ftrojan import FTrojan, rgb_to_ycrcb, ycrcb_to_rgb
+
+    module = _their_ftrojan(reference)
+    cfg = yaml.safe_load((reference / "config" / "attack" / "ftrojannn" / "default.yaml").read_text())
+    pos = [(cfg["pos_list"][2 * i], cfg["pos_list"][2 * i + 1]) for i in range(len(cfg["pos_list"]) // 2)]
+    theirs_fn = module.ftrojann_version(YUV=cfg["YUV"], channel_list=cfg["channel_list"],
+                                        window_size=cfg["window_size"], magnitude=cfg["magnitude"], pos_list=pos)
+    ours = FTrojan()
+    out: list[Compared] = []
+
+    # the colour conversions, every colour both ways
+    colours = _all_colours()
+    worst = 0.0
+    for rows in np.array_split(np.arange(4096), 16):
+        block = colours[rows]
+        t = torch.from_numpy(block).permute(2, 0, 1)[None]
+        fwd = rgb_to_ycrcb(t)[0].permute(1, 2, 0).numpy()
+        inv = ycrcb_to_rgb(t)[0].permute(1, 2, 0).numpy()
+        worst = max(worst, float(np.abs(fwd - cv2.cvtColor(block, cv2.COLOR_RGB2YCrCb)).max()),
+                    float(np.abs(inv - cv2.cvtColor(block, cv2.COLOR_YCrCb2RGB)).max()))
+    out.append(Compared("ftrojan_colour_conversions", worst, "int", "cv2.cvtColor RGB2YCrCb and YCrCb2RGB, all 2^24"))
+
+    # the poisoned images (their float64 result stored by set_one_bd_sample: astype(np.uint8))
+    idct = module.IDCT
+    for size, n in ((32, 16), (64, 4)):
+        images = _images(n=n - 2, seed=3)
+        if size != 32:
+            images = np.random.default_rng(4).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+        mine = _bytes(ours.trigger(_as_batch(images)))
+        module.IDCT = idct
+        theirs = np.stack([theirs_fn(img).astype(np.uint8) for img in images])
+        diff, note = _byte_diff(theirs, mine)
+        # where their own DCT -> IDCT left the (untouched) Y channel below its integer value
+        yuv = module.RGB2YUV(images)
+        lowered = module.IDCT(module.DCT(yuv, cfg["window_size"]), cfg["window_size"])[..., 0] < yuv[..., 0]
+        differs = (theirs != mine).any(-1)
+        out.append(Compared(f"ftrojan_images_{size}px_off_elsewhere", float((differs & ~lowered).sum()), "int",
+                            f"pixels that differ where their round trip did not lower Y; as is: {note}, max {diff:g} "
+                            f"level, in {int(differs.sum())} of {int(lowered.sum())} lowered pixels"))
+        module.IDCT = lambda x, w: np.round(idct(x, w), 9)  # only their float noise removed, as a diagnosis
+        theirs = np.stack([theirs_fn(img).astype(np.uint8) for img in images])
+        module.IDCT = idct
+        diff, note = _byte_diff(theirs, mine)
+        out.append(Compared(f"ftrojan_images_{size}px_noise_free", diff, "image",
+                            note + " (their IDCT output rounded to 1e-9)"))
+    out.append(Compared("ftrojan_settings", max_abs(
+        [cfg["magnitude"], cfg["window_size"], *cfg["pos_list"], *cfg["channel_list"], float(bool(cfg["YUV"])),
+         cfg["pratio"], cfg["attack_target"]],
+        [ours.magnitude, ours.window_size, *(q for p in ours.pos_list for q in p), *ours.channel_list,
+         float(ours.yuv), ours.rate, ours.target]),
+        "float", "magnitude, window_size, pos_list, channel_list, YUV, pratio, target"))
+    return out
+
+
+CHECKS = {"bpp": check_bpp, "refool": check_refool, "all_to_all": check_all_to_all, "ftrojan": check_ftrojan}

@@ -197,7 +197,8 @@ POISONS: Registry = Registry(
     ("harness.backdoor.none", "harness.backdoor.badnets", "harness.backdoor.blended",
      "harness.backdoor.sig", "harness.backdoor.wanet",
      "harness.backdoor.bpp", "harness.backdoor.adaptive_blend", "harness.backdoor.adaptive_patch",
-     "harness.backdoor.refool", "harness.backdoor.lf", "harness.backdoor.lc", "harness.backdoor.trojannn"),
+     "harness.backdoor.refool", "harness.backdoor.lf", "harness.backdoor.lc", "harness.backdoor.trojannn",
+     "harness.backdoor.ftrojan"),
 )
 
 ANALYSES: Registry = Registry(
