@@ -71,6 +71,7 @@ def sam_perturbation(params: list[nn.Parameter], grads: list[torch.Tensor | None
 @METHODS.register("ft_sam")
 class FTSAM(Method):
     name = "ft_sam"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware Minimization", "venue": "ICCV", "year": "2023"}
 
     def __init__(self, clean_subset: float = 0.05, epochs: int = 100, batch_size: int = 256, lr: float = 0.01,

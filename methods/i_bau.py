@@ -96,6 +96,7 @@ def patch_some(x: torch.Tensor, delta: torch.Tensor, portion: float) -> torch.Te
 @METHODS.register("i_bau")
 class IBAU(Method):
     name = "i_bau"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Adversarial Unlearning of Backdoors via Implicit Hypergradient", "venue": "ICLR", "year": "2022"}
 
     def __init__(self, clean_subset: float = 0.05, n_rounds: int = 5, batch_size: int = 256, lr: float = 1e-4,

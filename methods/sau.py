@@ -96,6 +96,7 @@ def sau_loss(logits: torch.Tensor, adv_logits: torch.Tensor, adv_logits_ref: tor
 @METHODS.register("sau")
 class SAU(Method):
     name = "sau"
+    backdoor_defense = True
     paper: ClassVar[dict[str, str]] = {"title": "Shared Adversarial Unlearning: Backdoor Mitigation by Unlearning Shared Adversarial Examples", "venue": "NeurIPS", "year": "2023"}
 
     def __init__(self, clean_subset: float = 0.05, n_rounds: int = 100, batch_size: int = 256, lr: float = 1e-4,

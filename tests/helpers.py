@@ -42,7 +42,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-UPSTREAM_CHECKPOINTS = ("backdoored_checkpoint", "teacher_checkpoint", "isolation_checkpoint")  # FT, FP, NAD, CBD, ABL
+UPSTREAM_CHECKPOINTS = ("backdoored_checkpoint", "teacher_checkpoint", "isolation_checkpoint",
+                        "sd_checkpoint")  # FT, FP, NAD, CBD, ABL, D-BR
 
 
 def method_cell(name: str, data_root: Path, results: Path, upstream: str | None, epochs: int = 2,

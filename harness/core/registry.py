@@ -171,7 +171,8 @@ METHODS: Registry = Registry(
      "methods.ft_sam", "methods.i_bau", "methods.sau",
      "methods.backdoor.clp", "methods.backdoor.anp", "methods.backdoor.nc",
      # detect, remove, retrain (the detectors' scoring functions; docs/detectors.md)
-     "methods.spectral", "methods.ac"),
+     "methods.spectral", "methods.ac",
+     "methods.d_br"),
 )
 ATTACKS: Registry = Registry(
     "attack",
