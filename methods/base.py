@@ -14,11 +14,14 @@ this order (tests/test_hook_order.py records it for every registered method):
     select = method.select_train_samples(samples)  # the split indices it trains on (None: all);
                                                  # `samples.score(fn)` scores every training sample
                                                  # on every rank (harness/train/selection.py)
+    pre = method.pre_pass_samples()               # the split indices its pre-pass streams (None: `select`)
     each epoch:
         method.on_epoch_start(ctx)
         if method.pre_pass(ctx):                 # a pass of the method's own first (CBD's critic):
             each batch of another shuffle of the epoch's data:
-                logs = method.pre_pass_step(ddp_module, x, y, ctx)  # no trainer optimiser step
+                logs = method.pre_pass_step(ddp_module, x, y, ctx)  # no trainer optimiser step, unless
+                                                 # `pre_pass_steps_trainer` (D-BR): then backward and the
+                                                 # trainer's step, as for a training step
         each batch:
             logs = method.training_step(ddp_module, x, y, ctx)  # {'loss': ..., other logged terms;
                                                  # a method with a train-time attack logs
@@ -151,6 +154,9 @@ class Method:
                                               # grid=backdoor_bench crosses every one with every poison)
     needs_batchnorm: ClassVar[bool] = False  # True: prunes BatchNorm neurons (CLP, ANP); the plan
                                              # refuses it on an architecture without BatchNorm2d
+    pre_pass_steps_trainer: ClassVar[bool] = False  # True: the trainer backpropagates each pre-pass step's
+                                                    # 'loss' and steps its own optimiser (D-BR unlearns and
+                                                    # relearns with one SGD, its momentum shared)
 
     @classmethod
     def upstream(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> list[Upstream]:
@@ -203,6 +209,12 @@ class Method:
         calling `pre_pass_step` on each batch (default False). CBD's official loop trains its
         critic on a full pass of the data before each epoch of the clean model."""
         return False
+
+    def pre_pass_samples(self) -> np.ndarray | None:
+        """The split indices the pre-pass streams (None: the training pass's selection); asked once,
+        right after `select_train_samples`. D-BR unlearns its suspected-poisoned samples in the
+        pre-pass and relearns its suspected-clean ones in the training pass."""
+        return None
 
     def pre_pass_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:

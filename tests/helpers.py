@@ -43,7 +43,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 UPSTREAM_CHECKPOINTS = ("backdoored_checkpoint", "teacher_checkpoint", "isolation_checkpoint",
-                        "unlearned_checkpoint")  # FT, FP, NAD, CBD, ABL; RNP
+                        "unlearned_checkpoint", "sd_checkpoint")  # FT, FP, NAD, CBD, ABL; RNP; D-BR
 
 
 def method_cell(name: str, data_root: Path, results: Path, upstream: str | None, epochs: int = 2,

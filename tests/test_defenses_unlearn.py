@@ -289,3 +289,131 @@ def test_each_defense_trains_through_the_trainer_from_a_backdoored_model(name, d
     model = trainer.load_trained_classifier(cfg, work)
     x, _ = digits_batch(Path(cfg["data"]["dir"]), 8)
     assert torch.isfinite(model(x)).all()
+
+
+# ------------------------------------------------------------------------------------------- D-BR
+
+def _patched(x: torch.Tensor) -> torch.Tensor:
+    """A 3x3 white patch in the bottom-right corner (BadNets-style), the planted trigger."""
+    out = x.clone()
+    out[..., -3:, -3:] = 1.0
+    return out
+
+
+def test_fct_separates_planted_poisoned_samples(digits_dir) -> None:
+    """FCT and the separation pick out the samples whose features move under the transforms: 112
+    blank images (a rotation and a shift leave them blank: FCT exactly 0) and 16 planted with a 3x3
+    patch in a corner (moved by T: FCT > 0), under a digits classifier. The planted ones score
+    above every clean one, fill D_p, and none lands in D_c. (On real digits at 8x8, a BadNets-style
+    square patch did not separate: docs/backdoor.md, D-BR, gives the measured AUROC.)"""
+    from methods.d_br import DBR, fct, random_transform
+
+    model = digits_classifier(digits_dir).eval()
+    x = torch.zeros(128, 1, 8, 8)
+    x[:16] = _patched(x[:16])
+    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scores = fct(model, x, random_transform(x, torch.Generator().manual_seed(0)))
+    assert float(scores[16:].abs().max()) == 0.0 and float(scores[:16].min()) > 0.0
+
+    class Samples:
+        device, poisoned = torch.device("cpu"), torch.arange(16).numpy()
+
+        def score(self, fn):
+            with torch.no_grad():  # as TrainSamples.score
+                return torch.arange(len(y)).numpy(), fn(x, y).double().numpy()
+
+    method = DBR(poison_ratio=0.1)  # threshold at rank 128 - 12: inside the planted 16
+    method.scorer = model
+    d_c, d_p, _ = method.separate(Samples())
+    assert not set(d_c.tolist()) & set(range(16)), "no planted sample is taken as clean"
+    assert set(d_p.tolist()) <= set(range(16)) and len(d_p) > 0  # the second pass draws afresh: about 12
+    assert method.stats["poison_precision"] == 1.0 and method.stats["clean_precision"] == 1.0
+
+
+def test_fct_transform_is_a_rotation_then_an_integer_shift() -> None:
+    from methods.d_br import random_transform, transform_one
+
+    img = torch.zeros(1, 9, 9)
+    img[0, 4, 6] = 1.0  # two pixels right of the centre
+    assert transform_one(img, 90.0, 0, 0)[0].nonzero().tolist() == [[2, 4]]  # counter-clockwise: up
+    assert transform_one(img, 0.0, 1, 2)[0].nonzero().tolist() == [[6, 7]]  # then shifted (x + 1, y + 2)
+    x = torch.rand(5, 1, 12, 12)
+    a = random_transform(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, random_transform(x, torch.Generator().manual_seed(3)))  # seeded: a resume re-draws it
+    assert not torch.equal(a, random_transform(x, torch.Generator().manual_seed(4)))
+
+
+def test_thresholds_and_intra_loss_follow_backdoorbench() -> None:
+    from methods.d_br import intra_loss, thresholds
+
+    scores = torch.randperm(100).double().numpy()
+    assert thresholds(scores, 0.2, 0.05) == (20.0, 95.0)  # sorted[int(n a_c)], sorted[n - int(n a_p)]
+    with pytest.raises(ValueError, match="poison_ratio"):
+        thresholds(scores[:10], 0.2, 0.05)  # int(10 x 0.05) = 0 suspected poisoned
+    feats = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    y = torch.tensor([0, 0, 1, 7])
+    c = F.normalize(torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), dim=1)
+    sim = c @ c.T
+    sim.fill_diagonal_(0.0)
+    assert intra_loss(feats, y, 10).item() == pytest.approx(sim.mean().item())  # classes present, 3 x 3
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"clean_ratio": 0.0}, "clean_ratio"), ({"poison_ratio": 1.2}, "poison_ratio"),
+    ({"clean_ratio": 0.9, "poison_ratio": 0.2}, "clean_ratio \\+ poison_ratio"),
+    ({"trans1": "blur"}, "trans1=rotate"), ({"epochs": 0}, "epochs >= 1"), ({"lr": -1.0}, "lr > 0"),
+    ({"bogus": 1}, "unknown|bogus")])
+def test_d_br_bad_settings_are_refused(setting, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_method({"name": "d_br", **setting})
+    with pytest.raises(ValueError, match="at least one epoch"):
+        build_method({"name": "d_br_sd", "sd_epochs": 0, "intra_epochs": 0})
+
+
+def test_d_br_plans_its_fct_model_and_the_backdoored_erm(tiny) -> None:
+    """Two upstream nodes: the grid's backdoored ERM (what is unlearned) and the FCT model, trained
+    from scratch on the poisoned split without augmentation (12 epochs, one SGD at 0.01)."""
+    base = [*tiny, "backdoor=badnets"]
+    erm = finalize(compose_config([*base, "method=erm"]))
+    cfg = finalize(compose_config([*base, "method=d_br", "method.intra_epochs=3"]))
+    plan = build_plan([cfg])
+    inputs = plan.nodes[train_node_id(cfg)].inputs
+    assert train_node_id(erm) in inputs
+    sd = [plan.nodes[i] for i in inputs if i != train_node_id(erm)]
+    assert len(sd) == 1
+    sd_cfg = run_config(sd[0].cfg, {}) if hasattr(sd[0], "cfg") else None
+    trainer_cfg = planned_trainer(finalize(compose_config([*base, "method=d_br_sd", "method.intra_epochs=3"])))
+    assert trainer_cfg["epochs"] == 5 and trainer_cfg["optimizer"]["lr"] == 0.01 and trainer_cfg["batch_size"] == 128
+    assert planned_data(finalize(compose_config([*base, "method=d_br_sd"])))["augment"] == {}
+    own = planned_trainer(cfg)
+    assert own["epochs"] == 20 and own["optimizer"]["lr"] == 1e-4 and own["schedule"]["name"] == "constant"
+    del sd_cfg
+
+
+@pytest.mark.slow
+def test_d_br_unlearns_its_suspects_then_relearns_the_rest_through_the_trainer(data_root, tmp_path,
+                                                                               backdoored_erm, monkeypatch) -> None:
+    """Each epoch: a pre-pass over D_p stepped by the trainer's SGD (-CE), then the training pass over
+    D_c (CE); the two sets are disjoint and the trainer's one optimiser takes both passes' steps."""
+    from methods.d_br import DBR
+
+    seen: dict[str, int] = {"pre": 0, "train": 0}
+    pre, step = DBR.pre_pass_step, DBR.training_step
+    monkeypatch.setattr(DBR, "pre_pass_step", lambda self, m, x, y, ctx: seen.__setitem__("pre", seen["pre"] + len(y))
+                        or pre(self, m, x, y, ctx))
+    monkeypatch.setattr(DBR, "training_step", lambda self, m, x, y, ctx: seen.__setitem__(
+        "train", seen["train"] + len(y)) or step(self, m, x, y, ctx))
+    cfg = method_cell("d_br", data_root, tmp_path / "results", backdoored_erm, epochs=1, extra=("backdoor=badnets",))
+    work = local_work_dir(cfg)
+    summary = trainer.train(cfg, work)
+    curve = summary.curve[-1]
+    assert seen["train"] == summary.n_train == round(curve["clean_share"] * 128)
+    assert seen["pre"] == round(curve["poison_share"] * 128) > 0
+    assert curve["pre_loss"] == pytest.approx(-curve["pre_unlearn_ce"])
+    saved = torch.load(work / trainer.CHECKPOINT, weights_only=False)["optimizer"]
+    steps = -(-seen["pre"] // 64) + -(-seen["train"] // 64)
+    assert len(saved["state"]) > 0 and steps == 2  # momentum buffers from both passes' steps
+    before = torch.load(backdoored_erm, weights_only=False)["model"]
+    after = torch.load(work / trainer.CHECKPOINT, weights_only=False)["model"]
+    assert max(float((after[k].float() - before[k].float()).abs().max()) for k in before if k.endswith("weight")) > 0

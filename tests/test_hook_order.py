@@ -17,8 +17,10 @@ HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "o
          "pre_pass_step", "training_step", "after_step", "on_epoch_end", "eval_model", "state_dict", "load_state_dict")
 EPOCHS, STEPS = 2, 2
 SELECTING = {"abl": 6, "abl_finetune": 122,  # 5% of 128 under the isolation model, and the rest
-             "spectral": 107, "ac": 79}  # less the 15% top spectral scores of each class; less each class's smaller cluster
-PRE_PASSING = {"i_bau"}  # a pass of the method's own before each epoch's training (I-BAU's perturbation)
+             "spectral": 107, "ac": 79,  # less the 15% top spectral scores of each class; less each class's smaller cluster
+             "d_br": 27}  # FCT <= the 20% threshold in a second pass (its pre-pass unlearns the >= 95% ones)
+PRE_PASSING = {"i_bau", "d_br"}  # a pass of the method's own before each epoch's training (I-BAU's perturbation;
+                                 # D-BR's unlearning of its suspected poisoned samples)
 
 
 def _recording(method: Method, calls: list[str]) -> Method:

@@ -24,6 +24,7 @@ the yaml with our configs/method/<name>.yaml and the trainer our runtime_trainer
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import sys
@@ -354,4 +355,178 @@ def check_sau(reference: Path) -> list[Compared]:
     ]
 
 
-CHECKS = {"ft_sam": check_ft_sam, "i_bau": check_i_bau, "sau": check_sau}
+# ------------------------------------------------------------------------------------------- D-BR
+
+class _FeatureNet(nn.Module):
+    """Their `drop_linear`'d model: forward is the classifier's pooled features."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x)[0]
+
+
+def _their_transformed(reference: Path, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[tuple[float, int, int]]]:
+    """Their transform3 (get_transform_br: RandomRotation(180) then RandomAffine(translate 0.2), PIL)
+    on each image, torch's global generator seeded per image; with the draws it made, replayed."""
+    from torchvision import transforms
+
+    get = load_functions(reference / "utils" / "defense_utils" / "dbr" / "dataloader_bd.py", ["get_transform_br"],
+                         {"transforms": transforms})["get_transform_br"]
+    opt = SimpleNamespace(input_height=x.shape[-2], input_width=x.shape[-1], dataset="gtsrb", trans1="rotate",
+                          trans2="affine")
+    transform3 = get(opt, train=True)[2]
+    out, draws = [], []
+    for i in range(x.shape[0]):
+        torch.manual_seed(seed + i)
+        out.append(transform3(transforms.ToPILImage()(x[i])))
+        torch.manual_seed(seed + i)  # the same draws again: the rotation's angle, then the affine's (0, tx, ty)
+        angle = float(torch.empty(1).uniform_(-180.0, 180.0).item())
+        torch.empty(1).uniform_(0.0, 0.0)
+        tx = int(round(torch.empty(1).uniform_(-0.2 * x.shape[-1], 0.2 * x.shape[-1]).item()))
+        ty = int(round(torch.empty(1).uniform_(-0.2 * x.shape[-2], 0.2 * x.shape[-2]).item()))
+        draws.append((angle, tx, ty))
+    return torch.stack(out), draws
+
+
+class _Scored:
+    """Our TrainSamples over one in-memory batch (split indices 0..n-1, nothing planted)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.device, self.poisoned = x, y, torch.device("cpu"), np.zeros(0, np.int64)
+
+    def score(self, fn: Callable) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            return np.arange(len(self.y)), fn(self.x, self.y).double().numpy()
+
+
+def check_d_br(reference: Path) -> list[Compared]:
+    import tempfile
+
+    import methods.d_br as dbr
+    from harness.train.optimizers import build_optimizer
+    from harness.train.trainer import _step
+
+    cfg, ours = _cfg(reference, "d-br"), _ours_cfg("d_br")
+    sd = load_functions(reference / "utils" / "defense_utils" / "dbr" / "sd.py",
+                        ["calculate_consistency", "calculate_gamma", "separate_samples"],
+                        {"os": __import__("os"), "np": np, "torch": torch, "logging": __import__("logging"),
+                         "normalization": lambda args, t: t.clone()})  # their gtsrb branch: no normalisation
+    utils_br = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
+        "backdoorbench_utils_br", reference / "utils" / "defense_utils" / "dbr" / "utils_br.py"))
+    utils_br.__spec__.loader.exec_module(utils_br)  # type: ignore[union-attr]
+    their_cls = load_functions(reference / "defense" / "d-br.py", ["d_br", "finetune_epoch"],
+                               {"defense": object, "torch": torch, "nn": nn, "F": F, "np": np, "sys": sys,
+                                "logging": __import__("logging"), "normalization": lambda args, t: t.clone(),
+                                "progress_bar": lambda *a, **k: None, "AverageMeter": utils_br.AverageMeter,
+                                "accuracy": utils_br.accuracy})
+    base, x, y = digits_model_and_clean_data()
+    base.eval()
+    x = torch.floor(x * 255) / 255  # what PIL holds (ToPILImage: mul(255).byte())
+    out: list[Compared] = []
+
+    # their transform3 on PIL images against ours on tensors, with the same draws
+    theirs_t, draws = _their_transformed(reference, x, 1000)
+    ours_t = torch.stack([dbr.transform_one(x[i], *d) for i, d in enumerate(draws)])
+    differ = int((theirs_t != ours_t).sum())
+    out.append(Compared("fct_transform", max_abs(theirs_t, ours_t), "image",
+                        note=f"{differ} of {theirs_t.numel()} pixels differ (PIL's nearest rotation against "
+                             f"torchvision's on tensors); FCT from ours vs theirs differs by "
+                             f"{max_abs(dbr.fct(base, x, theirs_t), dbr.fct(base, x, ours_t)):.2e}"))
+    second_t, _ = _their_transformed(reference, x, 5000)  # the separating pass draws afresh
+
+    # FCT scores, thresholds and the split: their sd.py on the same model and transformed images
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SimpleNamespace(save_path=tmp, device="cpu", dataset="gtsrb", batch_size=len(y), debug=False,
+                               clean_ratio=cfg["clean_ratio"], poison_ratio=cfg["poison_ratio"])
+        index = torch.arange(len(y))
+        net = _FeatureNet(copy.deepcopy(base))
+        with contextlib.redirect_stdout(io.StringIO()):
+            sd["calculate_consistency"](args, [([x, x, theirs_t], y, index, torch.zeros(len(y), dtype=torch.bool), y)],
+                                        net)
+            args.gamma_low, args.gamma_high = sd["calculate_gamma"](args)
+            sd["separate_samples"](args, [([x, x, second_t], y, index, torch.zeros(len(y)), y)], net)
+        their_scores = np.loadtxt(Path(tmp) / "data_produce" / "all.txt")
+        their_clean = np.sort(np.load(Path(tmp) / "data_produce" / "clean_samples.npy", allow_pickle=True).astype(int))
+        their_poison = np.sort(np.load(Path(tmp) / "data_produce" / "poison_samples.npy",
+                                       allow_pickle=True).astype(int))
+    method = dbr.DBR(**ours)
+    method.scorer = copy.deepcopy(base)
+    fed = iter([theirs_t, second_t])
+    real = dbr.random_transform
+    dbr.random_transform = lambda batch, gen, *a, **k: next(fed)
+    try:
+        clean, poisoned, _ = method.separate(_Scored(x, y))
+    finally:
+        dbr.random_transform = real
+    ours_scores = dbr.fct(base, x, theirs_t).detach().numpy()
+    out += [
+        Compared("fct_scores", max_abs(their_scores, ours_scores),
+                 note=f"scores {their_scores.min():.2e}..{their_scores.max():.2e}"),
+        Compared("thresholds", max_abs([args.gamma_low, args.gamma_high], [method.stats["gamma_c"],
+                                                                           method.stats["gamma_p"]])),
+        Compared("separated_samples", len(set(their_clean) ^ set(clean.tolist()))
+                 + len(set(their_poison) ^ set(poisoned.tolist())), "int",
+                 note=f"D_c {len(clean)}, D_p {len(poisoned)} of {len(y)}"),
+    ]
+
+    # one removal step: unlearn D_p (one batch), then relearn D_c (one batch), one SGD, train mode
+    theirs_model, ours_model = twins(base)
+    args = SimpleNamespace(device="cpu", dataset="gtsrb", print_freq=10, debug=False, **{k: cfg[k] for k in ("batch_size",)})
+    args = their_cls["d_br"].set_new_args(None, args, "unlearn_relearn")
+    optimizer = torch.optim.SGD(theirs_model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss()
+    xp, yp = x[torch.as_tensor(poisoned)], y[torch.as_tensor(poisoned)]
+    xc, yc = x[torch.as_tensor(clean)], y[torch.as_tensor(clean)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        their_cls["d_br"].train_step_unlearning(None, args, [(xp, yp)], theirs_model, optimizer, criterion, 1)
+        their_cls["d_br"].train_step_relearning(None, args, [(xc, yc)], theirs_model, optimizer, criterion, 1)
+    trainer = dbr.DBR.runtime_trainer(ours, {})
+    module = ours_model.train()
+    our_opt = build_optimizer(trainer["optimizer"], method.param_groups(module))
+    ctx = train_context(module)
+    _step(method, module, our_opt, {}, xp, yp, ctx, torch.device("cpu"), "fp32", pre=True)
+    _step(method, module, our_opt, {}, xc, yc, ctx, torch.device("cpu"), "fp32")
+    out += [
+        Compared("parameters_after_unlearn_relearn", max_param_diff(theirs_model, module)),
+        Compared("batchnorm_after_unlearn_relearn", max_param_diff(theirs_model, module, buffers=True)),
+    ]
+
+    # one L_intra step of the FCT model (their finetune_epoch, SGD lr 0.01 momentum 0.9 wd 5e-4)
+    their_net, our_base = _FeatureNet(copy.deepcopy(base)), copy.deepcopy(base)
+    sd_args = SimpleNamespace(**{**cfg, "device": "cpu", "dataset": "gtsrb", "num_classes": 10})
+    sd_opt, sd_sched = _opt_sched(reference)(their_net, sd_args)
+    losses: list = []
+    with _recording_backward(losses):
+        their_cls["finetune_epoch"](sd_args, [([x], y, None, torch.zeros(len(y), dtype=torch.bool), y)], their_net,
+                                    sd_opt, None, 0)
+    sd_method = dbr.DBRSeparationModel(**{k: v for k, v in ours.items() if k in dbr.SD})
+    sd_module = sd_method.build(our_base)
+    sd_trainer = dbr.DBRSeparationModel.runtime_trainer(dbr.DBR.sd_config(ours), {})
+    sd_our_opt = build_optimizer(sd_trainer["optimizer"], sd_method.param_groups(sd_module))
+    sd_module.train()
+    logs = _step(sd_method, sd_module, sd_our_opt, {}, x, y, train_context(sd_module, epoch=sd_method.sd_epochs),
+                 torch.device("cpu"), "fp32")
+    out += [
+        Compared("intra_loss", abs(float(losses[-1]) - float(logs["loss"].detach()))),
+        Compared("parameters_after_intra_step", max_abs([p.detach() for p in their_net.parameters()],
+                                                        [p.detach() for p in sd_module.parameters()])),
+    ]
+
+    # settings: their yaml and set_new_args beside our defaults
+    steps = {step: their_cls["d_br"].set_new_args(None, SimpleNamespace(**cfg, debug=False), step)
+             for step in ("train_notrans", "finetune_notrans", "unlearn_relearn")}
+    out.append(Compared("settings", max_abs(
+        [ours["clean_ratio"], ours["poison_ratio"], ours["sd_epochs"], ours["intra_epochs"], ours["sd_lr"],
+         ours["sd_momentum"], ours["sd_weight_decay"], ours["sd_batch_size"], ours["epochs"], ours["batch_size"],
+         ours["lr"], ours["momentum"], ours["weight_decay"]],
+        [cfg["clean_ratio"], cfg["poison_ratio"], steps["train_notrans"].epochs, steps["finetune_notrans"].epochs,
+         cfg["lr"], cfg["sgd_momentum"], cfg["wd"], cfg["batch_size"], steps["unlearn_relearn"].epochs,
+         steps["unlearn_relearn"].batch_size, steps["unlearn_relearn"].lr, 0.9, 5e-4]),
+        note="SD lr: theirs CosineAnnealingLR(T_max 100) per epoch, ours constant (1.0 to 0.970 over 12 epochs)"))
+    return out
+
+
+CHECKS = {"ft_sam": check_ft_sam, "i_bau": check_i_bau, "sau": check_sau, "d_br": check_d_br}

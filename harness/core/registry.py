@@ -172,8 +172,10 @@ METHODS: Registry = Registry(
      "methods.backdoor.clp", "methods.backdoor.anp", "methods.backdoor.nc",
      # detect, remove, retrain (the detectors' scoring functions; docs/detectors.md)
      "methods.spectral", "methods.ac",
-     # more pruning defenses (issue 26, defenses_prune: RNP's two nodes, BNP)
-     "methods.backdoor.rnp", "methods.backdoor.bnp"),
+     # more pruning defenses (RNP: unlearn, then recover masks; BNP: BatchNorm statistics)
+     "methods.backdoor.rnp", "methods.backdoor.bnp",
+     # unlearn the suspected poisoned, relearn the rest (D-BR)
+     "methods.d_br"),
 )
 ATTACKS: Registry = Registry(
     "attack",

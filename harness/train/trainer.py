@@ -208,9 +208,11 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     # the part of the split the method trains on (None: all; ABL: its isolated 1%), decided again on resume,
     # never the validation split (TrainSamples does not show it either)
     select = method.select_train_samples(TrainSamples(cfg, device, rank, world_size))
+    pre_select = method.pre_pass_samples()  # None: the pre-pass streams `select` (D-BR: its suspected poisoned)
     held = validation_split(cfg)  # None: trainer.validation off
     if held is not None:
         select = held.train_indices(select)
+        pre_select = held.train_indices(pre_select) if pre_select is not None else None
     rule = select_rule(tcfg)
     check_select(tcfg, held is not None, train_plan(cfg) is not None)
     probe = ValidationProbe.load(cfg, held, device, rank, world_size, precision, trained=select) \
@@ -224,6 +226,15 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         steps_per_epoch, used = epoch_steps(counts, per_rank_batch, bool(tcfg.get("drop_last", False)))
     else:  # an epoch is ceil(real images / global batch) steps, each batch real + generated
         steps_per_epoch, used = mix["steps_per_epoch"], counts
+    if pre_select is not None and mix is not None:
+        raise ValueError(f"method '{cfg['method']['name']}' streams a pre-pass of its own samples, which "
+                         f"data.generated does not mix; unset data.generated for this method")
+    pre_counts = [split_count(dataset_dir, "train", r, world_size, limit=dcfg.get("train_limit"),
+                              num_workers=int(tcfg.get("num_workers", 0)), select=pre_select)
+                  for r in range(world_size)] if pre_select is not None else counts
+    pre_steps, pre_used = epoch_steps(pre_counts, per_rank_batch, bool(tcfg.get("drop_last", False))) \
+        if pre_select is not None else (steps_per_epoch, used)
+    pre_weight = sum(used) / max(1, sum(pre_used))  # the epoch's logs are divided by the training pass's samples
     averaging = ema_settings(tcfg)  # the weight average starts from the weights training starts from
     ema = WeightAverage(module, averaging, epochs * steps_per_epoch, device) if averaging is not None else None
     if ema is not None and state.get("ema"):
@@ -257,19 +268,24 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
     sync_every = 50 if use_cuda else 1  # reading a GPU value waits for the GPU: only now and then
     bar = progress_bar(total=(epochs - start_epoch) * steps_per_epoch, desc=cfg.get("label", "train"),
                        enabled=rank == 0 and bool(tcfg.get("progress", True)))
-    def loader(directory: Path | str, batch: int, seed: int, epoch: int, real: bool) -> Any:
+    def loader(directory: Path | str, batch: int, seed: int, epoch: int, real: bool, pre: bool = False) -> Any:
         """One pass of this rank's part of the real split (or of the generated set: no limit,
-        selection or poison), shuffled from (seed, epoch) and augmented alike."""
+        selection or poison), shuffled from (seed, epoch) and augmented alike; `pre`: the
+        pre-pass's own selection where the method has one."""
+        chosen = pre_select if pre and pre_select is not None else select
         return make_loader(directory, "train", batch, rank=rank, world_size=world_size,
                            num_workers=int(tcfg.get("num_workers", 0)), shuffle=bool(dcfg.get("shuffle", True)),
                            seed=seed, epoch=epoch, img_size=dcfg.get("img_size"),
                            augment=dcfg.get("augment"), limit=dcfg.get("train_limit") if real else None,
                            shuffle_buffer=dcfg.get("shuffle_buffer"), cache_dir=dcfg.get("cache"),
-                           poison=poison.for_epoch(epoch) if poison and real else None, select=select if real else None,
+                           poison=poison.for_epoch(epoch) if poison and real else None, select=chosen if real else None,
                            pin_memory=use_cuda, prefetch_factor=tcfg.get("prefetch_factor") if use_cuda else None)
 
-    def epoch_batches(epoch: int, seed: int) -> Any:
-        """This rank's batches of one pass over the epoch's data, shuffled from `seed`."""
+    def epoch_batches(epoch: int, seed: int, pre: bool = False) -> Any:
+        """This rank's batches of one pass over the epoch's data (`pre`: the pre-pass's), shuffled from `seed`."""
+        if pre and pre_select is not None:
+            return even_batches(loader(dataset_dir, per_rank_batch, seed, epoch, True, pre=True), pre_used[rank],
+                                pre_steps, drop=pre_counts[rank] - pre_used[rank])
         if mix is not None:  # real + generated in every batch (harness/data/generated.py)
             n_real, n_gen = mix["real_per_rank_batch"], mix["generated_per_rank_batch"]
             return mixed_batches(lambda e: loader(dataset_dir, n_real, seed, e, True),
@@ -287,14 +303,22 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         sums: dict[str, torch.Tensor] = {}
         seen = 0
         if method.pre_pass(context(epoch, 0)):  # the method's own pass first (CBD's critic): another shuffle
-            for step_in_epoch, (x, y) in enumerate(epoch_batches(epoch, int(cfg["seed"]) + PRE_PASS_SEED)):
+            for step_in_epoch, (x, y) in enumerate(epoch_batches(epoch, int(cfg["seed"]) + PRE_PASS_SEED, pre=True)):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device, precision):
-                    pre_logs = method.pre_pass_step(ddp, x, y, context(epoch, step_in_epoch))
+                pre_ctx = context(epoch, step_in_epoch)
+                if method.pre_pass_steps_trainer:  # backward and the trainer's step (D-BR's unlearning)
+                    for group, base in zip(optimizer.param_groups, base_lrs):
+                        group["lr"] = base * pre_ctx.lr_scale
+                    pre_logs = _step(method, ddp, optimizer, extras, x, y, pre_ctx, device, precision, pre=True)
+                    _check_finite(cfg, pre_logs["loss"].detach(), epoch, step_in_epoch)
+                else:
+                    with autocast(device, precision):
+                        pre_logs = method.pre_pass_step(ddp, x, y, pre_ctx)
+                weight = y.shape[0] * pre_weight  # epoch means over the pre-pass's own samples
                 for name, value in pre_logs.items():
-                    sums[f"pre_{name}"] = sums.get(f"pre_{name}", 0) + value.detach().float() * y.shape[0]
+                    sums[f"pre_{name}"] = sums.get(f"pre_{name}", 0) + value.detach().float() * weight
         batches_t0 = time.perf_counter()  # the wait for the run's first batch is warm-up too (pipeline fill)
         for step_in_epoch, (x, y) in enumerate(epoch_batches(epoch, int(cfg["seed"]))):
             ctx = context(epoch, step_in_epoch)
@@ -419,11 +443,12 @@ def steady_images_per_second(samples: int, seconds: float, warmup_seconds: float
 
 def _step(method: Method, ddp: DDP, optimizer: torch.optim.Optimizer, extras: dict[str, ExtraOptimizer],
           x: torch.Tensor, y: torch.Tensor, ctx: TrainContext, device: torch.device,
-          precision: str) -> dict[str, torch.Tensor]:
-    """One optimisation step: the method's loss (autocast in `precision`), backward, the trainer's
-    optimiser step, then the extra optimisers the trainer steps."""
+          precision: str, pre: bool = False) -> dict[str, torch.Tensor]:
+    """One optimisation step: the method's loss (autocast in `precision`; `pre`: its pre-pass
+    loss, `pre_pass_steps_trainer`), backward, the trainer's optimiser step, then the extra
+    optimisers the trainer steps."""
     with autocast(device, precision):
-        logs = method.training_step(ddp, x, y, ctx)
+        logs = (method.pre_pass_step if pre else method.training_step)(ddp, x, y, ctx)
     optimizer.zero_grad(set_to_none=True)
     logs["loss"].backward()
     optimizer.step()
