@@ -37,6 +37,7 @@ from torch import nn
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
 from methods.backdoor.masks import GatedBatchNorm
+from methods.backdoor.pruning import MaskLearning
 from methods.base import Method, TrainContext, Upstream
 from methods.ft import finetune_trainer, load_weights
 
@@ -104,7 +105,7 @@ def anp_loss(module: nn.Module, raw: PerturbedBatchNorm, x: torch.Tensor, y: tor
 
 
 @METHODS.register("anp")
-class ANP(Method):
+class ANP(MaskLearning, Method):
     name = "anp"
     backdoor_defense = True
     needs_batchnorm: ClassVar[bool] = True
@@ -149,9 +150,6 @@ class ANP(Method):
             bn.momentum = 0.0  # batch statistics in train mode, running statistics kept (theirs prunes the original)
         return self.module
 
-    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
-        return [{"params": module.masks()}]
-
     def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:
         raw = self.module
@@ -159,21 +157,6 @@ class ANP(Method):
         loss, logits, rob = anp_loss(module, raw, x, y, self.eps, self.steps, self.alpha)
         return {"loss": loss, "loss_perturbed": rob.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
 
-    def after_step(self, module: nn.Module, ctx: TrainContext) -> None:
-        with torch.no_grad():  # their clip_mask
-            for mask in module.masks():
-                mask.clamp_(0.0, 1.0)
-
-    def on_epoch_end(self, ctx: TrainContext) -> None:
-        """After the last epoch: prune every channel whose mask is <= the threshold (weight only)."""
-        if ctx.epoch == ctx.epochs - 1 and self.module is not None and not bool(self.module.pruned):
-            self.prune(self.module)
-
     def prune(self, module: PerturbedBatchNorm) -> None:
+        """After the last epoch: prune every channel whose mask is <= the threshold (weight only)."""
         module.set_pruned([m.detach() <= self.threshold for m in module.masks()], bias=False)
-
-    def report(self) -> dict[str, Any]:
-        module = self.module
-        assert module is not None
-        return {"pruned": module.pruned_count(), "channels": module.channel_count(),
-                "mask_min": float(min(m.min() for m in module.masks()))}

@@ -43,10 +43,10 @@ from torch import nn
 
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
-from methods.backdoor.clp import NO_TRAINING
 from methods.backdoor.masks import GatedBatchNorm, batchnorm_layers
-from methods.base import TrainContext, TrainSamples
-from methods.ft import FineTuning, finetune_trainer, load_weights
+from methods.backdoor.pruning import PruneThenFineTune
+from methods.base import TrainSamples
+from methods.ft import load_weights
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def bnp_prune_flags(model: nn.Module, x: torch.Tensor, u: float) -> tuple[list[t
 
 
 @METHODS.register("bnp")
-class BNP(FineTuning):
+class BNP(PruneThenFineTune):
     """Prune BatchNorm channels whose pre-activation statistics on a poisoned batch are outliers."""
 
     name = "bnp"
@@ -102,12 +102,6 @@ class BNP(FineTuning):
         self.u, self.train_data = float(u), train_data
         self.module: GatedBatchNorm | None = None
         self.report: dict[str, Any] = {}
-
-    @classmethod
-    def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-        """0 epochs (the official: prune, no fine-tuning) unless `epochs` asks for fine-tuning."""
-        stage = finetune_trainer(cls, method_cfg, trainer_cfg)
-        return {**stage, **NO_TRAINING} if stage["epochs"] == 0 else stage
 
     def build(self, model: Classifier) -> nn.Module:
         self.module = GatedBatchNorm(load_weights(model, self.backdoored_checkpoint))
@@ -145,11 +139,3 @@ class BNP(FineTuning):
             self.report = {"pruned": [int(f.sum()) for f in flags], "layers": module.layers,
                            "max_kl": [float(k.max()) for k in kls]}
         return None
-
-    def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      ctx: TrainContext) -> dict[str, torch.Tensor]:
-        """The optional fine-tuning (`epochs` > 0): cross-entropy on the clean subset, gates fixed."""
-        logs = super().training_step(module, x, y, ctx)
-        raw: GatedBatchNorm = ctx.classifier  # type: ignore[assignment]
-        logs["pruned_fraction"] = torch.tensor(raw.pruned_count() / max(1, raw.channel_count()))
-        return logs

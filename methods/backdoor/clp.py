@@ -32,10 +32,8 @@ from torch import nn
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
 from methods.backdoor.masks import GatedBatchNorm, conv_batchnorm_pairs
-from methods.base import TrainContext
-from methods.ft import FineTuning, finetune_trainer, load_weights
-
-NO_TRAINING = {"epochs": 0, "schedule": {"name": "constant", "granularity": "epoch", "warmup_epochs": 0}}
+from methods.backdoor.pruning import PruneThenFineTune
+from methods.ft import load_weights
 
 
 @torch.no_grad()
@@ -60,7 +58,7 @@ def clp_prune_flags(model: nn.Module, u: float) -> tuple[list[torch.Tensor], lis
 
 
 @METHODS.register("clp")
-class CLP(FineTuning):
+class CLP(PruneThenFineTune):
     """Data-free: prune BatchNorm channels with outlying Lipschitz bounds; no training by default."""
 
     name = "clp"
@@ -80,12 +78,6 @@ class CLP(FineTuning):
         self.u = float(u)
         self.report: dict[str, Any] = {}
 
-    @classmethod
-    def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-        """0 epochs (the official: prune, no fine-tuning) unless `epochs` asks for fine-tuning."""
-        stage = finetune_trainer(cls, method_cfg, trainer_cfg)
-        return {**stage, **NO_TRAINING} if stage["epochs"] == 0 else stage
-
     def build(self, model: Classifier) -> nn.Module:
         module = GatedBatchNorm(load_weights(model, self.backdoored_checkpoint))
         bounds, flags = clp_prune_flags(module.model, self.u)
@@ -93,11 +85,3 @@ class CLP(FineTuning):
         self.report = {"pruned": [int(f.sum()) for f in flags], "layers": module.layers,
                        "max_bound": [float(b.max()) for b in bounds]}
         return module
-
-    def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      ctx: TrainContext) -> dict[str, torch.Tensor]:
-        """The optional fine-tuning (`epochs` > 0): cross-entropy on the clean subset, gates fixed."""
-        logs = super().training_step(module, x, y, ctx)
-        raw: GatedBatchNorm = ctx.classifier  # type: ignore[assignment]
-        logs["pruned_fraction"] = torch.tensor(raw.pruned_count() / max(1, raw.channel_count()))
-        return logs

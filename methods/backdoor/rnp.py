@@ -52,6 +52,7 @@ from torch import nn
 from architectures.classifier import Classifier
 from harness.core.registry import METHODS
 from methods.backdoor.masks import GatedBatchNorm
+from methods.backdoor.pruning import MaskLearning
 from methods.base import Method, TrainContext, Upstream
 from methods.ft import finetune_trainer, load_weights
 from methods.unlearning import check_clean_subset
@@ -188,7 +189,7 @@ class RNPUnlearn(Method):
 
 
 @METHODS.register("rnp")
-class RNP(Method):
+class RNP(MaskLearning, Method):
     """Learn BatchNorm masks on the unlearned model, prune the original backdoored model by them."""
 
     name = "rnp"
@@ -242,31 +243,13 @@ class RNP(Method):
         self.module = MaskedBatchNorm(model)
         return self.module
 
-    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
-        return [{"params": module.masks()}]
-
     def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:
         logits = module(x)
         ce = F.cross_entropy(logits, y)
         return {"loss": self.alpha * ce, "train_acc": (logits.argmax(1) == y).float().mean()}
 
-    def after_step(self, module: nn.Module, ctx: TrainContext) -> None:
-        with torch.no_grad():  # their clip_mask
-            for mask in module.masks():
-                mask.clamp_(0.0, 1.0)
-
-    def on_epoch_end(self, ctx: TrainContext) -> None:
-        """After the last epoch: the original backdoored model, pruned by the masks."""
-        if ctx.epoch == ctx.epochs - 1 and self.module is not None and not bool(self.module.pruned):
-            self.prune(self.module)
-
     def prune(self, module: MaskedBatchNorm) -> None:
+        """After the last epoch: the original backdoored model, pruned by the masks."""
         load_weights(module.model, self.backdoored_checkpoint)  # weights and BatchNorm statistics
         module.set_pruned(rnp_prune_flags(list(module.masks()), self.pruning_by, self.pruning_number), bias=False)
-
-    def report(self) -> dict[str, Any]:
-        module = self.module
-        assert module is not None
-        return {"pruned": module.pruned_count(), "channels": module.channel_count(),
-                "mask_min": float(min(m.min() for m in module.masks()))}
