@@ -33,6 +33,8 @@ this order (tests/test_hook_order.py records it for every registered method):
             method.after_step(module, ctx)
         method.on_epoch_end(ctx)
         checkpoint: method.state_dict() beside the module's and the optimisers' states
+    record = method.summary()                    # once, after training: what the method decided
+                                                 # (JSON), the result row's `method_summary`
     evaluation: method.eval_model(module)        # the classifier the attacks are run against
 
 What a method needs before it can train is declared on the class, read by the plan
@@ -237,6 +239,12 @@ class Method:
 
     def state_dict(self) -> dict[str, Any]:
         """Method state beyond the module's and the optimisers' (e.g. a critic's weights)."""
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """What the method decided, for the record: a pruning defense's pruned channels, Neural
+        Cleanse's flagged classes, D-BR's separation. JSON types only; asked once after training
+        (also when a resumed run finds it finished), stored as the result row's `method_summary`."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -269,6 +269,11 @@ class DBR(Method):
         self.suspected = poisoned
         return clean
 
+    def summary(self) -> dict[str, Any]:
+        """The FCT separation: thresholds, the shares unlearned / relearned, their precision where
+        the poisoned indices are known."""
+        return {k: float(v) if math.isfinite(v) else None for k, v in self.stats.items()}
+
     def pre_pass(self, ctx: TrainContext) -> bool:
         return True  # unlearning first, every epoch
 

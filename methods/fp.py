@@ -197,6 +197,13 @@ class FinePruning(FineTuning):
             return float(correct.mean()) if len(correct) else 0.0
         return accuracy_with
 
+    def summary(self) -> dict[str, Any]:
+        """Pruned channels of the last stage (off the mask: a resumed run restores it)."""
+        if self.module is None:
+            return {}
+        mask = self.module.mask
+        return {"pruned_channels": int((mask == 0).sum()), "channels": int(mask.numel()), "layer": self.module.layer}
+
     def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:
         raw: PrunedClassifier = ctx.classifier  # type: ignore[assignment]

@@ -64,7 +64,7 @@ def test_clp_bound_is_the_largest_singular_value_times_the_batchnorm_scale(erm_m
 
 
 def test_clp_prunes_the_channel_with_a_planted_lipschitz_bound_and_nothing_without_outliers(erm_model) -> None:
-    from methods.backdoor.clp import CLP, clp_prune_flags
+    from methods.backdoor.clp import CLP, channel_lipschitz_bounds, clp_prune_flags
 
     model = copy.deepcopy(erm_model)
     conv, bn = model.body.layer2[0].conv2, model.body.layer2[0].bn2
@@ -76,7 +76,10 @@ def test_clp_prunes_the_channel_with_a_planted_lipschitz_bound_and_nothing_witho
     assert bool(module.gates(layer)[0][5] == 0) and bool(module.gates(layer)[1][5] == 0)
     _, flags = clp_prune_flags(model, u=1e9)  # an infinite threshold prunes nothing
     assert not any(bool(f.any()) for f in flags)
-    assert method.report["pruned"][layer] >= 1 and sum(method.report["pruned"]) == module.pruned_count()
+    record = method.summary()  # the row's method_summary
+    assert record["pruned_per_layer"]["body.layer2.0.bn2"] >= 1 and record["pruned_channels"] == module.pruned_count()
+    assert sum(record["pruned_per_layer"].values()) == record["pruned_channels"] and record["channels"] == 1008
+    assert record["max_bound"]["body.layer2.0.bn2"] == pytest.approx(float(channel_lipschitz_bounds(conv, bn)[5]))
 
 
 def test_clp_gates_zero_the_pruned_channels_output(erm_model, digits_dir) -> None:
@@ -113,12 +116,36 @@ def test_clp_trains_zero_epochs_and_the_pruned_model_is_the_cells_checkpoint(erm
     method, summary, run = _train_planned(cfg, tmp_path / "erm.pt", monkeypatch)
     assert summary.curve == [] and summary.samples_per_epoch == []
     saved = torch.load(local_work_dir(run) / trainer.CHECKPOINT, weights_only=False)
-    layer = method.report["layers"].index("body.layer3.0.bn1")
+    layer = method.module.layers.index("body.layer3.0.bn1")
+    assert summary.method_summary["pruned_per_layer"]["body.layer3.0.bn1"] >= 1  # recorded for the row
     assert float(saved["model"][f"weight_gate_{layer}"][7]) == 0.0 and bool(saved["model"]["pruned"])
     evaluated = trainer.load_trained_classifier(run, local_work_dir(run))
     x, _ = digits_batch(Path(run["data"]["dir"]), 16)
     with torch.no_grad():
         assert torch.equal(evaluated(x), method.eval_model(method.build(copy.deepcopy(model))).eval()(x))
+
+
+
+def test_a_clp_cell_records_what_it_pruned_in_its_result_row(tiny) -> None:
+    """Method.summary reaches the row: the pruned channels (in all and per layer), equal to the gates
+    of the checkpoint the cell evaluated, and the per-layer bound CLP pruned by."""
+    import json
+
+    from harness.run.cell import run_cell
+    from harness.run.plan import build_plan
+    from harness.store.index import read_results
+
+    cfg = finalize(compose_config([o for o in tiny if not o.startswith("attack.")]
+                                  + ["backdoor=badnets", "attack=[fgsm]", "method=clp", "method.u=1.0"]))
+    outcome = run_cell(cfg)
+    assert outcome.status == "ok", outcome.error
+    row = read_results(cfg["results_dir"]).to_pylist()[0]
+    record = json.loads(row["method_summary"])
+    node = next(n for n in build_plan([cfg]) if n.kind == "train" and n.cfg["method"]["name"] == "clp")
+    saved = torch.load(local_work_dir(node.cfg) / trainer.CHECKPOINT, weights_only=False)["model"]
+    gated = sum(int((v == 0).sum()) for k, v in saved.items() if k.startswith("weight_gate_"))
+    assert record["pruned_channels"] == gated > 0 and sum(record["pruned_per_layer"].values()) == gated
+    assert record["channels"] == 1008 and set(record["max_bound"]) == set(record["pruned_per_layer"])
 
 
 # ----------------------------------------------------------------------------- refusals before work
@@ -265,7 +292,7 @@ def test_nc_flags_the_target_class_of_a_planted_trigger_and_unlearns_it(backdoor
     build = trainer.build_method
     monkeypatch.setattr(trainer, "build_method", lambda c: built.append(build(c)) or built[-1])
     summary = trainer.train(run, local_work_dir(run))
-    assert built[0].report["flagged"] == [0] and built[0].report["anomaly_index"] > 2
+    assert built[0].summary()["flagged"] == [0] and built[0].summary()["anomaly_index"] > 2
     assert summary.curve[-1]["nc_flagged"] == 1 and summary.curve[-1]["nc_anomaly_index"] > 2
     model = trainer.load_trained_classifier(run, local_work_dir(run)).eval()
     with torch.no_grad():
@@ -424,4 +451,4 @@ def test_bnp_prunes_on_a_poisoned_training_batch_through_the_plan(erm_model, dat
     saved = torch.load(local_work_dir(run) / trainer.CHECKPOINT, weights_only=False)["model"]
     for i, f in enumerate(flags):
         assert torch.equal(saved[f"weight_gate_{i}"] == 0, f) and torch.equal(saved[f"bias_gate_{i}"] == 0, f)
-    assert sum(int(f.sum()) for f in flags) == sum(method.report["pruned"]) > 0
+    assert sum(int(f.sum()) for f in flags) == summary.method_summary["pruned_channels"] > 0

@@ -2,6 +2,8 @@
 documented order, for every registered method (2 epochs x 2 steps, world size 1)."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,17 @@ from methods.base import Method
 from helpers import method_cell
 
 HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "on_epoch_start", "pre_pass",
-         "pre_pass_step", "training_step", "after_step", "on_epoch_end", "eval_model", "state_dict", "load_state_dict")
+         "pre_pass_step", "training_step", "after_step", "on_epoch_end", "eval_model", "state_dict", "load_state_dict", "summary")
 EPOCHS, STEPS = 2, 2
 SELECTING = {"abl": 6, "abl_finetune": 122,  # 5% of 128 under the isolation model, and the rest
              "spectral": 107, "ac": 79,  # less the 15% top spectral scores of each class; less each class's smaller cluster
              "d_br": 27}  # FCT <= the 20% threshold in a second pass (its pre-pass unlearns the >= 95% ones)
+SUMMARISING = {  # what a defense records of its decision (Method.summary -> the row's method_summary)
+    "clp": ("pruned_channels", "channels", "pruned_per_layer", "max_bound"),
+    "bnp": ("pruned_channels", "channels", "pruned_per_layer", "max_kl"),
+    "anp": ("pruned_channels", "channels", "mask_min"), "rnp": ("pruned_channels", "channels", "mask_min"),
+    "fp": ("pruned_channels", "channels", "layer"), "nc": ("anomaly_index", "flagged", "norms"),
+    "d_br": ("gamma_c", "gamma_p", "clean_share", "poison_share")}
 PRE_PASSING = {"i_bau", "d_br"}  # a pass of the method's own before each epoch's training (I-BAU's perturbation;
                                  # D-BR's unlearning of its suspected poisoned samples)
 
@@ -53,7 +61,8 @@ def _expected(steps: int = STEPS, pre_pass: bool = False) -> list[str]:
     """methods/base.py's order; the trainer takes `eval_model` once, as train-time attacks' target."""
     epoch = (["on_epoch_start", "pre_pass"] + ["pre_pass_step"] * (steps if pre_pass else 0)
              + ["training_step", "after_step"] * steps + ["on_epoch_end", "state_dict"])
-    return ["build", "param_groups", "extra_optimizers", "eval_model", "select_train_samples"] + epoch * EPOCHS
+    return (["build", "param_groups", "extra_optimizers", "eval_model", "select_train_samples"] + epoch * EPOCHS
+            + ["summary"])
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -78,11 +87,14 @@ def test_trainer_calls_every_hook_in_the_documented_order(name, data_root, tmp_p
     assert len(built) == 1
     steps = -(-selected // cfg["trainer"]["batch_size"])
     assert calls == _expected(steps, pre_pass=name in PRE_PASSING), f"{name}: hooks called as {calls}"
+    json.dumps(summary.method_summary, allow_nan=False)  # JSON types only: it is stored as JSON text
+    assert set(SUMMARISING.get(name, ())) <= summary.method_summary.keys(), f"{name}: {summary.method_summary}"
 
     calls.clear()  # a resumed run restores the method's state after the optimisers', and trains nothing
-    trainer.train(cfg, work)
+    resumed = trainer.train(cfg, work)
     assert calls == ["build", "param_groups", "extra_optimizers", "eval_model", "load_state_dict",
-                     "select_train_samples"]
+                     "select_train_samples", "summary"]
+    assert resumed.method_summary.get("pruned_channels") == summary.method_summary.get("pruned_channels")
 
     calls.clear()  # evaluation rebuilds the method and asks it for the classifier to attack
     trainer.load_trained_classifier(cfg, work)

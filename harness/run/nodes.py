@@ -184,7 +184,7 @@ def _train_columns(cfg: dict[str, Any], summary: TrainSummary) -> dict[str, Any]
     return {"n_train": summary.n_train, "epochs": summary.epochs, "world_size": summary.world_size,
             "replicas_in_sync": summary.replicas_in_sync, "train_seconds": summary.train_seconds,
             "images_per_second": summary.images_per_second, "final_train_loss": summary.final_train_loss,
-            "train_curve": json.dumps(summary.curve),
+            "train_curve": json.dumps(summary.curve), "method_summary": json.dumps(summary.method_summary),
             "checkpoint_sha256": file_sha256(local_work_dir(cfg) / CHECKPOINT), "device": summary.device,
             **health_columns(cfg, summary)}
 

@@ -104,6 +104,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("val_clean_acc", pa.float64()),  # the validation probe at the selected epoch
         pa.field("val_robust_acc", pa.float64()),  # PGD-10 at data.eps (clean cells)
         pa.field("val_asr", pa.float64()),  # triggered validation copy (backdoor cells)
+        pa.field("method_summary", pa.string()),  # JSON of Method.summary(): what the method decided (pruned, flagged)
     ]
 )
 

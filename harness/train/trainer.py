@@ -103,6 +103,7 @@ class TrainSummary:
     probe_seconds: float = 0.0  # validation probes, inside train_seconds (not in images/s)
     ema: dict[str, Any] | None = None  # trainer.ema: the delivered weights are the average (harness/train/ema.py)
     generated: dict[str, Any] | None = None  # data.generated: the set mixed in, its ratio, the batch split (None: off)
+    method_summary: dict[str, Any] = field(default_factory=dict)  # Method.summary(): what the method decided
 
 
 def train(cfg: dict[str, Any], work_dir: Path) -> TrainSummary:
@@ -403,7 +404,7 @@ def _fit(rank: int, world_size: int, cfg: dict[str, Any], work_dir: Path, device
         train_flops=step_flops_per_image * total_samples if step_flops_per_image is not None else None,
         peak_memory_bytes=peak_memory_bytes(device), compile=backend, num_classes=int(manifest["num_classes"]),
         validation=held.describe() if held is not None else None, selection=chosen, probe_seconds=probe_seconds,
-        ema=None if ema is None else ema.describe(), generated=mix,
+        ema=None if ema is None else ema.describe(), generated=mix, method_summary=method.summary(),
     )
 
 

@@ -100,8 +100,6 @@ class BNP(PruneThenFineTune):
             raise ValueError(f"bnp needs u >= 0, epochs >= 0 and batch_size >= 2 (a variance per channel); "
                              f"got u={u}, epochs={epochs}, batch_size={batch_size}")
         self.u, self.train_data = float(u), train_data
-        self.module: GatedBatchNorm | None = None
-        self.report: dict[str, Any] = {}
 
     def build(self, model: Classifier) -> nn.Module:
         self.module = GatedBatchNorm(load_weights(model, self.backdoored_checkpoint))
@@ -136,6 +134,5 @@ class BNP(PruneThenFineTune):
         if not bool(module.pruned):
             kls, flags = bnp_prune_flags(module.model, self.poisoned_batch(samples), self.u)
             module.set_pruned(flags, bias=True)
-            self.report = {"pruned": [int(f.sum()) for f in flags], "layers": module.layers,
-                           "max_kl": [float(k.max()) for k in kls]}
+            self.stats = {"max_kl": dict(zip(module.layers, (float(k.max()) for k in kls)))}
         return None

@@ -76,12 +76,10 @@ class CLP(PruneThenFineTune):
         if not float(u) >= 0 or int(epochs) < 0:
             raise ValueError(f"clp needs u >= 0 and epochs >= 0; got u={u}, epochs={epochs}")
         self.u = float(u)
-        self.report: dict[str, Any] = {}
 
     def build(self, model: Classifier) -> nn.Module:
         module = GatedBatchNorm(load_weights(model, self.backdoored_checkpoint))
         bounds, flags = clp_prune_flags(module.model, self.u)
         module.set_pruned(flags, bias=True)
-        self.report = {"pruned": [int(f.sum()) for f in flags], "layers": module.layers,
-                       "max_bound": [float(b.max()) for b in bounds]}
+        self.module, self.stats = module, {"max_bound": dict(zip(module.layers, (float(b.max()) for b in bounds)))}
         return module

@@ -94,8 +94,16 @@ class GatedBatchNorm(nn.Module):
                     getattr(self, f"bias_gate_{i}").masked_fill_(flags, 0.0)
             self.pruned.fill_(True)
 
+    def pruned_per_layer(self) -> list[int]:
+        return [int((getattr(self, f"weight_gate_{i}") == 0).sum()) for i in range(len(self.layers))]
+
     def pruned_count(self) -> int:
-        return int(sum(int((getattr(self, f"weight_gate_{i}") == 0).sum()) for i in range(len(self.layers))))
+        return sum(self.pruned_per_layer())
+
+    def summary(self) -> dict[str, Any]:
+        """Pruned channels (in all, per BatchNorm layer) out of all: a pruning defense's record."""
+        return {"pruned_channels": self.pruned_count(), "channels": self.channel_count(),
+                "pruned_per_layer": dict(zip(self.layers, self.pruned_per_layer()))}
 
     def channel_count(self) -> int:
         return int(sum(getattr(self, f"weight_gate_{i}").numel() for i in range(len(self.layers))))

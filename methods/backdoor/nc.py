@@ -31,6 +31,8 @@ epochs (CIFAR-10: 10 x 80 x 2,500 images, about 20 ERM epochs); its memory is K 
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, ClassVar
 
 import torch
@@ -290,6 +292,11 @@ class NeuralCleanse(FineTuning):
             print(f"nc: anomaly index {index:.3f}, flagged classes {flagged}, mask L1 norms {self.report['norms']}",
                   flush=True)
         return module
+
+    def summary(self) -> dict[str, Any]:
+        """The detection: anomaly index (null without a trigger node), flagged classes, mask norms."""
+        index = self.report["anomaly_index"]
+        return {**self.report, "anomaly_index": index if math.isfinite(index) else None}
 
     def training_step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: TrainContext) -> dict[str, torch.Tensor]:

@@ -25,7 +25,15 @@ NO_TRAINING = {"epochs": 0, "schedule": {"name": "constant", "granularity": "epo
 
 
 class PruneThenFineTune(FineTuning):
-    """FT's stage on the clean subset, 0 epochs by default; the subclass sets the gates."""
+    """FT's stage on the clean subset, 0 epochs by default; the subclass sets the gates of
+    `self.module` and keeps its per-layer statistic in `self.stats` (for the record)."""
+
+    module: GatedBatchNorm | None = None
+    stats: dict[str, Any] = {}  # replaced, never mutated: the subclass assigns its own
+
+    def summary(self) -> dict[str, Any]:
+        """The pruned channels (a resumed run reads them off the restored gates) and the statistic."""
+        return {} if self.module is None else {**self.module.summary(), **self.stats}
 
     @classmethod
     def runtime_trainer(cls, method_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -63,3 +71,9 @@ class MaskLearning:
 
     def prune(self, module: Any) -> None:
         raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """The pruned channels and the smallest learned mask."""
+        if self.module is None:
+            return {}
+        return {**self.module.summary(), "mask_min": float(min(m.detach().min() for m in self.module.masks()))}
