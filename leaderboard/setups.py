@@ -23,29 +23,37 @@ from harness.core.config import training_setup
 MAX_LABEL_PARTS = 4  # more differing values than this are summarised as "+N more"
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a.b': leaf} for nested dicts; lists and scalars are leaves."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(_flatten(sub, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: value}
+def _differing(values: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """[(path, {setup id: value there, or unset})] of the config values that differ between setups.
+    Where every setup that has the value holds a dict the comparison goes inside it; where one holds
+    a dict and another a scalar (`data.generated`: null in one arm, {per_class: 1000} in another)
+    the whole value is one difference, named once."""
+    present = [v for v in values.values() if v is not _UNSET]
+    if present and all(isinstance(v, dict) for v in present):  # a setup without the dict: unset inside it
+        keys = sorted({k for v in present for k in v})
+        return [d for k in keys for d in _differing(
+            {sid: _UNSET if v is _UNSET else v.get(k, _UNSET) for sid, v in values.items()}, f"{prefix}{k}.")]
+    if len({json.dumps(v, sort_keys=True, default=str) if v is not _UNSET else "<unset>"
+            for v in values.values()}) > 1:
+        return [(prefix[:-1], values)]
+    return []
+
+
+_UNSET = object()
 
 
 def _show(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    if value is _UNSET:
+        return "unset"
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def setup_labels(setups: dict[str, dict[str, Any]]) -> dict[str, str]:
     """For setups of one (dataset, arch, method): id -> label of the values that set it apart."""
-    flat = {sid: _flatten(s) for sid, s in setups.items()}
-    paths = sorted({p for f in flat.values() for p in f})
-    differing = [p for p in paths
-                 if len({json.dumps(f[p], default=str) if p in f else "<unset>" for f in flat.values()}) > 1]
+    differing = _differing(dict(setups))
     labels = {}
-    for sid, f in flat.items():
-        parts = [f"{p}={_show(f[p]) if p in f else 'unset'}" for p in differing]
+    for sid in setups:
+        parts = [f"{path}={_show(values[sid])}" for path, values in differing]
         if len(parts) > MAX_LABEL_PARTS:
             parts = parts[:MAX_LABEL_PARTS] + [f"+{len(parts) - MAX_LABEL_PARTS} more"]
         labels[sid] = ", ".join(parts) or sid

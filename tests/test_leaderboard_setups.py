@@ -9,6 +9,7 @@ from harness.store.index import read_results
 
 from harness.store.results import write_cell_result
 from leaderboard.aggregate import aggregate
+from harness.core.config import training_setup
 from leaderboard.setups import setup_labels
 
 
@@ -53,6 +54,15 @@ def test_labels_name_only_the_differing_values_and_stay_short() -> None:
     labels = setup_labels({"x": base, "y": other})
     assert labels == {"x": "data.img_size=null, extra.a=unset, trainer.epochs=10",
                       "y": "data.img_size=16, extra.a=1, trainer.epochs=40"}
+    # a value that is a dict in one setup and null in another is one difference, not one per leaf,
+    # and a location (the generated set's folder) is not how the model was trained
+    arms = {"none": {"data": {"generated": None}},
+            "10k": {"data": {"generated": {"per_class": 1000}, "generated_dir": "/r/artifacts/generated/k1"}},
+            "50k": {"data": {"generated": {"per_class": 5000}, "generated_dir": "/r/artifacts/generated/k2"}}}
+    assert setup_labels({k: training_setup({**v, "trainer": {}, "method": {"name": "erm"}})[1]
+                         for k, v in arms.items()}) == {"none": "data.generated=null",
+                                                        "10k": 'data.generated={"per_class":1000}',
+                                                        "50k": 'data.generated={"per_class":5000}'}
     many = {str(i): {f"k{j}": i for j in range(6)} for i in range(2)}
     assert setup_labels(many)["1"] == "k0=1, k1=1, k2=1, k3=1, +2 more"
 

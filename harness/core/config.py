@@ -45,7 +45,7 @@ NON_SEMANTIC_KEYS = ("results_dir", "leaderboard_dir", "ray", "resources", "labe
 EVAL_ONLY_KEYS = ("attack", "eval", "analysis")
 NON_SEMANTIC_TRAINER_KEYS = ("progress", "num_workers", "threads_per_rank", "device")
 TRAINER_EVAL_KEYS = ("flags",)  # trainer settings read by the eval node only (harness/train/health.py)
-NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source", "cache")
+NON_SEMANTIC_DATA_KEYS = ("root", "dir", "source", "cache", "generated_dir")  # where, not what: locations
 # Groups open by design besides plugins' `open_config_keys`: a grid's axes may sweep any key, and an
 # optimizer's or schedule's settings depend on its `name` (the trainer checks them before any work).
 OPEN_KEYS = ("grid.axes", "trainer.optimizer", "trainer.schedule",
