@@ -37,8 +37,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA, FastICA
 
 from harness.core.registry import ANALYSES
-from harness.eval.analysis.detectors.common import Detector, detection_columns, train_features
-from harness.eval.stage import EvalContext
+from harness.eval.analysis.detectors.common import TrainingSetDetector
 
 REDUCE = ("ica", "pca", "first")
 UNFLAGGED = 1e6  # unflagged classes' scores are shifted below every flagged class's (the ranking follows the decision)
@@ -121,19 +120,17 @@ def check_options(options: dict[str, Any]) -> None:
 
 
 @ANALYSES.register("ac")
-class ActivationClusteringDetector(Detector):
+class ActivationClusteringDetector(TrainingSetDetector):
     """Activation Clustering over the poisoned training split (module doc)."""
 
     order = 53
     default_config = DEFAULTS
-    needs_static_poison = True
 
     def validate(self, options: dict[str, Any]) -> None:
         check_options(options)
 
-    def detect(self, ctx: EvalContext, options: dict[str, Any]) -> dict[str, Any]:
-        _, labels, feats, is_poison = train_features(ctx.cfg, ctx.model, ctx.device, str(options["layer"]),
-                                                     int(options["batch_size"]))
+    def decide(self, feats: np.ndarray, labels: np.ndarray, options: dict[str, Any],
+               seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         scores, flagged, n_classes = ac_detect(feats, labels, str(options["reduce"]), int(options["dims"]),
-                                               float(options["max_share"]), int(ctx.cfg["seed"]))
-        return detection_columns("ac", scores, is_poison, flagged) | {"det_ac_n_classes_flagged": n_classes}
+                                               float(options["max_share"]), seed)
+        return scores, flagged, {"det_ac_n_classes_flagged": n_classes}

@@ -202,3 +202,22 @@ class Detector(Analysis):
 
     def detect(self, ctx: EvalContext, options: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
+
+
+class TrainingSetDetector(Detector):
+    """A detector of poisoned TRAINING samples from the model's features on the poisoned split
+    (Spectral Signatures, Activation Clustering): `decide` scores and flags them; the AUROC, TPR
+    and the flags' precision against the known poisoned indices are computed here alike."""
+
+    needs_static_poison = True
+
+    def detect(self, ctx: EvalContext, options: dict[str, Any]) -> dict[str, Any]:
+        _, labels, feats, is_poison = train_features(ctx.cfg, ctx.model, ctx.device, str(options["layer"]),
+                                                     int(options["batch_size"]))
+        scores, flagged, extra = self.decide(feats, labels, options, int(ctx.cfg["seed"]))
+        return detection_columns(self.label, scores, is_poison, flagged) | extra
+
+    def decide(self, feats: np.ndarray, labels: np.ndarray, options: dict[str, Any],
+               seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(score per sample, higher = more suspect; flagged per sample; extra det_* values)."""
+        raise NotImplementedError

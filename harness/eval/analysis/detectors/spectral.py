@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from harness.core.registry import ANALYSES
-from harness.eval.analysis.detectors.common import Detector, detection_columns, train_features
-from harness.eval.stage import EvalContext
+from harness.eval.analysis.detectors.common import TrainingSetDetector
 
 DEFAULTS = {"percentile": 85.0, "layer": "last_stage", "centered": False, "batch_size": 256}
 
@@ -60,19 +59,16 @@ def check_options(options: dict[str, Any]) -> None:
 
 
 @ANALYSES.register("spectral")
-class SpectralDetector(Detector):
+class SpectralDetector(TrainingSetDetector):
     """Spectral Signatures over the poisoned training split (module doc)."""
 
     order = 52
     default_config = DEFAULTS
-    needs_static_poison = True
 
     def validate(self, options: dict[str, Any]) -> None:
         check_options(options)
 
-    def detect(self, ctx: EvalContext, options: dict[str, Any]) -> dict[str, Any]:
-        _, labels, feats, is_poison = train_features(ctx.cfg, ctx.model, ctx.device, str(options["layer"]),
-                                                     int(options["batch_size"]))
+    def decide(self, feats: np.ndarray, labels: np.ndarray, options: dict[str, Any],
+               seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         scores = spectral_scores(feats, labels, bool(options["centered"]))
-        flagged = spectral_flags(scores, labels, float(options["percentile"]))
-        return detection_columns("spectral", scores, is_poison, flagged)
+        return scores, spectral_flags(scores, labels, float(options["percentile"])), {}
