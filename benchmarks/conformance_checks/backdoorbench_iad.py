@@ -6,8 +6,8 @@ DownSampleBlock, UpSampleBlock, Normalize, Denormalize, InputAwareGenerator, Thr
 InputAware class, its BadNet base replaced by `object`; the module-level argument parsing and
 training are not run); their normalisation comes from their own get_dataset_normalization. Their
 `progress_bar` (a terminal display) and `all_acc` (an epoch metric) are given as a no-op and a plain
-accuracy: neither enters a compared quantity. Two settings: dataset 'cifar10' at 32x32 RGB (their
-32 / 3-level networks) and 'mnist' at 8x8 grey (their 16 / 2-level networks, at our digits' size).
+accuracy: neither enters a compared quantity. Two settings: dataset 'mnist' at 8x8 grey (their 16 /
+2-level networks, at our digits' size) and 'cifar10' at 32x32 RGB (their 32 / 3-level networks).
 
   structure       their G and M state dicts load into ours (strict): names and shapes
   forward         G and M outputs on the same normalised batch, train and eval mode (float)
@@ -187,9 +187,10 @@ def _mask_step(ref, attack, args, their_m, our_m, poison, n1, n2, tag) -> list[C
     theirs, ours = copy.deepcopy(their_m).train(), copy.deepcopy(our_m).train()
     opt_t = torch.optim.Adam(theirs.parameters(), 0.01, betas=(0.5, 0.9))
     opt_o = torch.optim.Adam(ours.parameters(), 0.01, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt_t, [10, 20], 0.1)  # before the recorder: it patches step
     rec_t, rec_o = _Recorder(opt_t), _Recorder(opt_o)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt_t, [10, 20], 0.1)
-    attack.train_mask_step(theirs, opt_t, sched, [(n1, None)], [(n2, None)], args)
+    labels = torch.zeros(len(n1), dtype=torch.long)  # read by their loop, unused
+    attack.train_mask_step(theirs, opt_t, sched, [(n1, labels)], [(n2, labels)], args)
     poison.mask_step(ours, opt_o, n1, n2)
     return [Compared(f"{tag}_mask_step_gradients", max_abs(rec_t.grads[0], rec_o.grads[0])),
             Compared(f"{tag}_mask_step_parameters", max_param_diff(theirs, ours)),
@@ -208,8 +209,9 @@ def _joint_steps(ref, attack, args, their_g, their_m, our_g, our_m, poison, x1, 
     for c, g in ((their_c, tg), (our_c, og)):
         opt_c = torch.optim.SGD(c.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
         opt_g = torch.optim.Adam(g.parameters(), 0.01, betas=(0.5, 0.9))
-        opts.append((opt_c, opt_g, _Recorder(opt_g), torch.optim.lr_scheduler.MultiStepLR(opt_c, [100], 0.1),
-                     torch.optim.lr_scheduler.MultiStepLR(opt_g, [200], 0.1)))
+        sched_c = torch.optim.lr_scheduler.MultiStepLR(opt_c, [100], 0.1)
+        sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, [200], 0.1)  # before the recorder: it patches step
+        opts.append((opt_c, opt_g, _Recorder(opt_g), sched_c, sched_g))
     halves = [(x1[:20], y1[:20], x2[:20]), (x1[20:], y1[20:], x2[20:])]
     (t_c, t_g, t_rec, t_sc, t_sg), (o_c, o_g, o_rec, o_sc, o_sg) = opts
     loader1 = [(normalise(a, mean, std), y) for a, y, _ in halves]
@@ -246,7 +248,7 @@ class _Denorm(nn.Module):
 
 def check_iad(reference: Path) -> list[Compared]:
     ref = _theirs(reference)
-    return _setting(reference, ref, "cifar10", (3, 32, 32)) + _setting(reference, ref, "mnist", (1, 8, 8))
+    return _setting(reference, ref, "mnist", (1, 8, 8)) + _setting(reference, ref, "cifar10", (3, 32, 32))
 
 
 CHECKS = {"iad": check_iad}

@@ -253,7 +253,7 @@ class InputAware(LearnedPoison):
         total = self.lambda_norm * norm + self.lambda_div * div
         total.backward()
         opt.step()
-        return float(total), float(norm), float(div)
+        return float(total.detach()), float(norm.detach()), float(div.detach())
 
     def joint_step(self, netC: nn.Module, netG: IADNet, netM: IADNet, opt_c: torch.optim.Optimizer,
                    opt_g: torch.optim.Optimizer, x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor,
@@ -281,7 +281,7 @@ class InputAware(LearnedPoison):
         total.backward()
         opt_c.step()
         opt_g.step()
-        return {"loss": float(total), "ce": float(ce), "div": float(div), "poisoned": nb}
+        return {"loss": float(total.detach()), "ce": float(ce.detach()), "div": float(div.detach()), "poisoned": nb}
 
     def _pairs(self, images: torch.Tensor, gen: torch.Generator, device: torch.device | str,
                labels: torch.Tensor | None = None):
