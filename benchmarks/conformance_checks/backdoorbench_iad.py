@@ -20,9 +20,11 @@ accuracy: neither enters a compared quantity. Two settings: dataset 'mnist' at 8
                   at the optimiser's step), parameters and BatchNorm statistics after it
   joint steps     their train_step on two pairs of batches of 40 (4 poisoned, 4 cross each) vs two of
                   our joint_step, from the same C (ours, behind their Denormalize on their side: their
-                  C sees normalised images, ours normalises inside), G and frozen M: G's accumulated
-                  gradients (relative), C's parameters and BatchNorm statistics, G's parameters and
-                  BatchNorm variances after them. G's conv biases feed BatchNorm: their gradient is 0 up
+                  C sees normalised images, ours normalises inside), G and frozen M: G's gradients at
+                  step 1 (relative), C's parameters and BatchNorm statistics and G's BatchNorm variances
+                  after both; then the second step alone from their state after the first (ours set to
+                  it: C, G, G's accumulated gradients, both optimisers), G's gradients, G's and C's
+                  parameters. Unsynced, step 1's float noise grows through Adam (reported in a note). G's conv biases feed BatchNorm: their gradient is 0 up
                   to float noise, which Adam turns into +-lr moves; they (and the running means that
                   follow them) are reported in a note, not compared
 """
@@ -238,14 +240,58 @@ def _joint_steps(ref, attack, args, their_g, their_m, our_g, our_m, poison, x1, 
     bias_note = (f"conv biases before BatchNorm left out: their gradient is 0 up to float noise (|g| <= {bias_grad:.1e} "
                  f"here), which Adam's normalised step turns into +-lr moves on either side (they differ by "
                  f"{_named_diff(tg, og, 'conv2d.bias'):.3f}), and the running means follow them")
-    return [Compared(f"{tag}_joint_G_gradients_step1", _relative(t_rec.grads[0], o_rec.grads[0], kept), "float",
-                     "relative to the largest gradient of each tensor"),
-            Compared(f"{tag}_joint_G_gradients_step2", _relative(t_rec.grads[1], o_rec.grads[1], kept), "float",
-                     "accumulated over both steps on both sides (their loop never zeroes G's gradients)"),
-            Compared(f"{tag}_joint_C_parameters", max_param_diff(their_c[1], our_c)),
-            Compared(f"{tag}_joint_C_batchnorm", max_param_diff(their_c[1], our_c, buffers=True)),
-            Compared(f"{tag}_joint_G_parameters", _named_diff(tg, og, "conv2d.bias", keep=False), "float", bias_note),
-            Compared(f"{tag}_joint_G_batchnorm_var", _named_diff(tg, og, "running_var", buffers=True))]
+    drift = (f"unsynced, after two steps: G parameters {_named_diff(tg, og, 'conv2d.bias', keep=False):.1e}, G's "
+             f"accumulated gradients {_relative(t_rec.grads[1], o_rec.grads[1], kept):.1e} (relative): step 1's float "
+             f"noise amplified by Adam's normalised step, each step itself equal")
+    synced = _synced_second_step(attack, args, their_g, their_m, our_g, our_m, poison, model, denorm, halves,
+                                 mean, std, kept, tag, drift)
+    return synced + [Compared(f"{tag}_joint_G_gradients_step1", _relative(t_rec.grads[0], o_rec.grads[0], kept), "float",
+                              "relative to the largest gradient of each tensor"),
+                     Compared(f"{tag}_joint_C_parameters", max_param_diff(their_c[1], our_c), "float",
+                              "after two steps, unsynced"),
+                     Compared(f"{tag}_joint_C_batchnorm", max_param_diff(their_c[1], our_c, buffers=True)),
+                     Compared(f"{tag}_joint_G_batchnorm_var", _named_diff(tg, og, "running_var", buffers=True), "float",
+                              bias_note)]
+
+
+def _synced_second_step(attack, args, their_g, their_m, our_g, our_m, poison, model, denorm, halves, mean, std,
+                        kept, tag, drift: str) -> list[Compared]:
+    """Their train_step on the first pair, ours likewise; then ours set to their state (C, G, G's
+    accumulated gradients, both optimisers' states) and the second step compared on its own."""
+    from harness.backdoor.iad import normalise
+
+    their_c, our_c = nn.Sequential(_Denorm(denorm), copy.deepcopy(model)), copy.deepcopy(model)
+    tg, og = copy.deepcopy(their_g), copy.deepcopy(our_g)
+    tm, om = copy.deepcopy(their_m).eval().requires_grad_(False), copy.deepcopy(our_m).eval().requires_grad_(False)
+    built = []
+    for c, g in ((their_c, tg), (our_c, og)):
+        opt_c = torch.optim.SGD(c.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
+        opt_g = torch.optim.Adam(g.parameters(), 0.01, betas=(0.5, 0.9))
+        scheds = (torch.optim.lr_scheduler.MultiStepLR(opt_c, [100], 0.1),
+                  torch.optim.lr_scheduler.MultiStepLR(opt_g, [200], 0.1))
+        built.append((opt_c, opt_g, _Recorder(opt_g), scheds))
+    (t_c, t_g, t_rec, (t_sc, t_sg)), (o_c, o_g, o_rec, _) = built
+    args.pratio, poison.rate = 0.2, 0.2
+    gen = torch.Generator()
+    for step, (a, y, b) in enumerate(halves):
+        attack.train_step(their_c, tg, tm, t_c, t_g, t_sc, t_sg, [(normalise(a, mean, std), y)],
+                          [(normalise(b, mean, std), y)], args)
+        our_c.train()
+        og.train()
+        poison.joint_step(our_c, og, om, o_c, o_g, a, y, b, mean, std, 10, gen)
+        if step == 0:  # ours := theirs
+            our_c.load_state_dict(their_c[1].state_dict())
+            og.load_state_dict(tg.state_dict())
+            for p_o, p_t in zip(og.parameters(), tg.parameters()):
+                p_o.grad = p_t.grad.detach().clone()
+            o_c.load_state_dict(copy.deepcopy(t_c.state_dict()))  # load_state_dict shares same-device tensors
+            o_g.load_state_dict(copy.deepcopy(t_g.state_dict()))
+    args.pratio, poison.rate = 0.1, 0.1
+    return [Compared(f"{tag}_joint_step2_synced_G_gradients", _relative(t_rec.grads[1], o_rec.grads[1], kept),
+                     "float", "the second step from their state after the first (relative)"),
+            Compared(f"{tag}_joint_step2_synced_G_parameters", _named_diff(tg, og, "conv2d.bias", keep=False), "float",
+                     drift),
+            Compared(f"{tag}_joint_step2_synced_C_parameters", max_param_diff(their_c[1], our_c))]
 
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor], kept: list[int]) -> float:
