@@ -200,7 +200,7 @@ POISONS: Registry = Registry(
      "harness.backdoor.sig", "harness.backdoor.wanet",
      "harness.backdoor.bpp", "harness.backdoor.adaptive_blend", "harness.backdoor.adaptive_patch",
      "harness.backdoor.refool", "harness.backdoor.lf", "harness.backdoor.lc", "harness.backdoor.trojannn",
-     "harness.backdoor.ftrojan", "harness.backdoor.iad"),
+     "harness.backdoor.ftrojan", "harness.backdoor.iad", "harness.backdoor.ssba"),
 )
 
 ANALYSES: Registry = Registry(
