@@ -1,6 +1,8 @@
 """Small builders the tests share."""
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -8,6 +10,8 @@ import torch.nn.functional as F
 
 from architectures.classifier import Classifier
 from architectures.presets import build_classifier
+from harness.backdoor.artifacts import poison_artifacts
+from harness.core.config import compose_config, finalize
 from harness.data.loader import make_loader
 from harness.data.shards import load_manifest
 
@@ -110,3 +114,25 @@ def _killed_run_main(cfg: dict, work_dir: Path, world_size: int, last_epoch: int
     from harness.train.ranks import run_ranks
 
     run_ranks(fit_until, world_size, cfg, cfg, work_dir, last_epoch, store_dir=work_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _composed_poison_cell(data_root: Path, extra: tuple[str, ...]) -> dict:
+    return compose_config([f"data.root={data_root}", "trainer=tiny", "data.train_limit=256", "eval.limit=64",
+                           "attack=[fgsm]", *extra])
+
+
+def tiny_poison_cell(data_root: Path, results: Path, *extra: str, seed: int = 0) -> dict:
+    """A tiny digits cell with `extra` overrides (a learned poison's settings), composed once per
+    override set (Hydra takes seconds on a loaded machine)."""
+    return finalize({**copy.deepcopy(_composed_poison_cell(data_root, tuple(extra))), "results_dir": str(results),
+                     "seed": seed})
+
+
+def build_poison_artifacts(cfg: dict) -> str:
+    """Build the cell's poison artifacts in order (a surrogate first, where one is needed); the
+    poison's key, the last built."""
+    key = ""
+    for artifact in poison_artifacts(cfg):
+        key = artifact.build(device="cpu")
+    return key

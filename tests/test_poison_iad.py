@@ -3,8 +3,6 @@ loaded from plain arrays, triggers that differ per image, cross samples that car
 trigger and keep their label, and bad settings refused before any work."""
 from __future__ import annotations
 
-import copy
-import functools
 import io
 from pathlib import Path
 
@@ -16,26 +14,10 @@ from harness.backdoor import plan as poison_plan
 from harness.backdoor.artifacts import poison_artifacts
 from harness.backdoor.iad import IADNet, InputAware, architecture
 from harness.backdoor.learned import artifact_rel
-from harness.core.config import compose_config, finalize
+from helpers import build_poison_artifacts as _build, tiny_poison_cell as _cell
 
 IAD_TINY = ("backdoor=iad", "backdoor.surrogate.epochs=1", "backdoor.surrogate.batch_size=256",
             "backdoor.mask_epochs=1", "backdoor.epochs=1", "backdoor.width=4")
-
-
-@functools.lru_cache(maxsize=4)
-def _composed(data_root: Path, extra: tuple[str, ...]) -> dict:
-    return compose_config([f"data.root={data_root}", "trainer=tiny", "data.train_limit=256", "eval.limit=64",
-                           "attack=[fgsm]", *extra])
-
-
-def _cell(data_root: Path, results: Path, *extra: str, seed: int = 0) -> dict:
-    return finalize({**copy.deepcopy(_composed(data_root, tuple(extra))), "results_dir": str(results), "seed": seed})
-
-
-def _build(cfg: dict) -> str:
-    for artifact in poison_artifacts(cfg):
-        key = artifact.build(device="cpu")
-    return key
 
 
 @pytest.fixture(scope="module")

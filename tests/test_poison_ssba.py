@@ -7,8 +7,6 @@ The digits artifact trains for 2 steps only (the machine is shared): its encoder
 untrained, which is enough for the plumbing; learning is tested on a small problem apart."""
 from __future__ import annotations
 
-import copy
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +17,11 @@ from harness.backdoor import plan as poison_plan
 from harness.backdoor.artifacts import poison_artifacts
 from harness.backdoor.learned import artifact_rel
 from harness.backdoor.ssba import SSBA, Decoder, Encoder, bit_accuracy, encode, make_secret
-from harness.core.config import compose_config, finalize
+from helpers import tiny_poison_cell as _cell
 
 TINY = ["backdoor=ssba", "backdoor.width=4", "backdoor.steps=2", "backdoor.batch_size=16", "backdoor.no_im_loss_steps=1",
         "backdoor.l2_loss_ramp=1"]
 BITS, WIDTH, STEPS, LR = 4, 4, 200, 0.01  # a problem small enough to learn in seconds
-
-
-@functools.lru_cache(maxsize=4)
-def _composed(data_root: Path, extra: tuple[str, ...]) -> dict:
-    return compose_config([f"data.root={data_root}", "trainer=tiny", "data.train_limit=256", "eval.limit=64",
-                           "attack=[fgsm]", *extra])
-
-
-def _cell(data_root: Path, results: Path, *extra: str, seed: int = 0) -> dict:
-    return finalize({**copy.deepcopy(_composed(data_root, tuple(extra))), "results_dir": str(results), "seed": seed})
 
 
 def _build(cfg: dict) -> str:

@@ -4,8 +4,6 @@ artifact is refused with the fix; LC's poisoned samples are its stored PGD image
 and a tiny LF cell runs end to end and reports ASR."""
 from __future__ import annotations
 
-import copy
-import functools
 import shutil
 from pathlib import Path
 
@@ -17,28 +15,11 @@ from harness.backdoor.artifacts import poison_artifacts
 from harness.backdoor.learned import LearnedPoison, artifact_rel, ensure_poison_artifact, poison_artifact_key
 from harness.backdoor import plan as poison_plan
 from harness.backdoor.plan import train_plan
-from harness.core.config import compose_config, finalize
+from helpers import build_poison_artifacts as _build, tiny_poison_cell as _cell
 
 LF_TINY = ["backdoor=lf", "backdoor.surrogate.epochs=1", "backdoor.surrogate.batch_size=256", "backdoor.images=8",
            "backdoor.max_passes=1", "backdoor.max_iter_df=20"]
 LC_TINY = ["backdoor=lc", "backdoor.surrogate.epochs=1", "backdoor.surrogate.batch_size=256", "backdoor.steps=2"]
-
-
-@functools.lru_cache(maxsize=16)
-def _composed(data_root: Path, extra: tuple[str, ...]) -> dict:
-    return compose_config([f"data.root={data_root}", "trainer=tiny", "data.train_limit=256", "eval.limit=64",
-                           "attack=[fgsm]", *extra])
-
-
-def _cell(data_root: Path, results: Path, *extra: str, seed: int = 0) -> dict:
-    """A tiny cell (composing once per override set: Hydra takes seconds on a loaded machine)."""
-    return finalize({**copy.deepcopy(_composed(data_root, extra)), "results_dir": str(results), "seed": seed})
-
-
-def _build(cfg: dict) -> str:
-    for artifact in poison_artifacts(cfg):
-        key = artifact.build(device="cpu")
-    return key
 
 
 @pytest.fixture(scope="module")
