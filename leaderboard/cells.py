@@ -70,6 +70,19 @@ class Cell:
         return sorted({f for r in self.rows for f in (r.get("flags") or [])})
 
     @property
+    def method_summary(self) -> dict[str, str]:
+        """What the method decided (Method.summary: a defense's pruned channels, flagged classes), each
+        value as compact JSON text; {} when the method recorded nothing or the row predates the column."""
+        text = self.first("method_summary")
+        try:
+            record = json.loads(text) if text else {}
+        except ValueError:  # a malformed value never breaks the page
+            return {}
+        if not isinstance(record, dict):
+            return {}
+        return {str(k): v if isinstance(v, str) else json.dumps(v, separators=(", ", ": ")) for k, v in record.items()}
+
+    @property
     def flag_details(self) -> dict[str, str]:
         """Each flag's evidence (harness/eval/integrity.py's flag_details JSON), as text for tooltips."""
         out: dict[str, str] = {}

@@ -84,3 +84,25 @@ def test_neuron_sensitivity_column_is_averaged_over_seeds(tmp_path: Path) -> Non
     (page,) = (site / "settings").glob("*.html")
     html = page.read_text()
     assert ">neuron sensitivity</th>" in html and "0.25 ± 0.071" in html
+
+
+def test_a_cell_page_shows_what_the_method_decided(tmp_path: Path) -> None:
+    """The row's method_summary (Method.summary) is a table on the cell page; a malformed or empty
+    one shows none and never breaks the page."""
+    from leaderboard import build_site
+
+    rows = _rows("a0", _config(0, None), 0.1)
+    rows[0]["method_summary"] = json.dumps({"pruned_channels": 5, "channels": 1008,
+                                            "pruned_per_layer": {"body.bn1": 5}})
+    write_cell_result(tmp_path, "a0", rows)
+    for key, text in (("a1", "{}"), ("a2", "not json")):
+        bad = _rows(key, _config(1 if key == "a1" else 2, None), 0.1)
+        bad[0]["method_summary"] = text
+        write_cell_result(tmp_path, key, bad)
+    site = tmp_path / "site"
+    build_site(tmp_path, site)
+    pages = {p.name: p.read_text() for p in (site / "cells").glob("*.html")}
+    shown = [html for html in pages.values() if 'id="method-summary"' in html]
+    assert len(pages) == 3 and len(shown) == 1
+    assert ">pruned_channels</th><td><code>5</code>" in shown[0]
+    assert "<code>{&#34;body.bn1&#34;: 5}</code>" in shown[0] or '<code>{"body.bn1": 5}</code>' in shown[0]
