@@ -10,6 +10,8 @@ and stores the deployment graph's clip(image + residual, 0, 1) as (x * 255).asty
 truncation. BackdoorBench (attack/ssba.py) trains nothing either: it replaces each image by row
 `index` of an npy (N, H, W, C uint8, every image of the split, train and test alike) that its
 resource/ssba scripts make with a PyTorch fingerprint encoder (BCE + ramped L2, Adam 1e-4).
+That training (resource/ssba/train.py, ArtificialGANFingerprints' networks) is runnable PyTorch;
+ours follows StegaStamp's TF networks instead and was not run beside it (docs/conformance.md).
 
 Ours is an artifact node (harness/backdoor/learned.py, no clean surrogate): at the dataset's
 native resolution, StegaStamp's networks (models.py) scaled to the image, trained here on the
