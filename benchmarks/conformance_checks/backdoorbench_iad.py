@@ -208,19 +208,9 @@ def _joint_steps(ref, attack, args, their_g, their_m, our_g, our_m, poison, x1, 
 
     channels, size = x1.shape[1], x1.shape[-1]
     model = tiny_model(in_chans=channels, img_size=size)
-    their_c = nn.Sequential(_Denorm(denorm), copy.deepcopy(model))
-    our_c = copy.deepcopy(model)
-    tg, og = copy.deepcopy(their_g), copy.deepcopy(our_g)
-    tm, om = copy.deepcopy(their_m).eval().requires_grad_(False), copy.deepcopy(our_m).eval().requires_grad_(False)
-    opts = []
-    for c, g in ((their_c, tg), (our_c, og)):
-        opt_c = torch.optim.SGD(c.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
-        opt_g = torch.optim.Adam(g.parameters(), 0.01, betas=(0.5, 0.9))
-        sched_c = torch.optim.lr_scheduler.MultiStepLR(opt_c, [100], 0.1)
-        sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, [200], 0.1)  # before the recorder: it patches step
-        opts.append((opt_c, opt_g, _Recorder(opt_g), sched_c, sched_g))
+    (their_c, tg, tm, (t_c, t_g, t_rec, t_sc, t_sg)), (our_c, og, om, (o_c, o_g, o_rec, _, _)) = \
+        _paired_joint_state(their_g, their_m, our_g, our_m, model, denorm)
     halves = [(x1[:20], y1[:20], x2[:20]), (x1[20:], y1[20:], x2[20:])]
-    (t_c, t_g, t_rec, t_sc, t_sg), (o_c, o_g, o_rec, o_sc, o_sg) = opts
     loader1 = [(normalise(a, mean, std), y) for a, y, _ in halves]
     loader2 = [(normalise(b, mean, std), y) for _, y, b in halves]
     args.pratio = 0.2  # 4 poisoned and 4 cross of 20 in both batches
@@ -260,17 +250,8 @@ def _synced_second_step(attack, args, their_g, their_m, our_g, our_m, poison, mo
     accumulated gradients, both optimisers' states) and the second step compared on its own."""
     from harness.backdoor.iad import normalise
 
-    their_c, our_c = nn.Sequential(_Denorm(denorm), copy.deepcopy(model)), copy.deepcopy(model)
-    tg, og = copy.deepcopy(their_g), copy.deepcopy(our_g)
-    tm, om = copy.deepcopy(their_m).eval().requires_grad_(False), copy.deepcopy(our_m).eval().requires_grad_(False)
-    built = []
-    for c, g in ((their_c, tg), (our_c, og)):
-        opt_c = torch.optim.SGD(c.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
-        opt_g = torch.optim.Adam(g.parameters(), 0.01, betas=(0.5, 0.9))
-        scheds = (torch.optim.lr_scheduler.MultiStepLR(opt_c, [100], 0.1),
-                  torch.optim.lr_scheduler.MultiStepLR(opt_g, [200], 0.1))
-        built.append((opt_c, opt_g, _Recorder(opt_g), scheds))
-    (t_c, t_g, t_rec, (t_sc, t_sg)), (o_c, o_g, o_rec, _) = built
+    (their_c, tg, tm, (t_c, t_g, t_rec, t_sc, t_sg)), (our_c, og, om, (o_c, o_g, o_rec, _, _)) = \
+        _paired_joint_state(their_g, their_m, our_g, our_m, model, denorm)
     args.pratio, poison.rate = 0.2, 0.2
     gen = torch.Generator()
     for step, (a, y, b) in enumerate(halves):
@@ -292,6 +273,22 @@ def _synced_second_step(attack, args, their_g, their_m, our_g, our_m, poison, mo
             Compared(f"{tag}_joint_step2_synced_G_parameters", _named_diff(tg, og, "conv2d.bias", keep=False), "float",
                      drift),
             Compared(f"{tag}_joint_step2_synced_C_parameters", max_param_diff(their_c[1], our_c))]
+
+
+def _paired_joint_state(their_g, their_m, our_g, our_m, model: nn.Module, denorm: Any) -> list[tuple]:
+    """Both sides' joint-training state from the same weights: [(C, G copy, frozen M copy, (C's SGD,
+    G's Adam, G's gradient recorder, C's and G's MultiStepLR)) for theirs, then ours]. Their C sees
+    normalised images (their Denormalize in front), ours [0, 1] ones."""
+    sides = []
+    for c, g, m in ((nn.Sequential(_Denorm(denorm), copy.deepcopy(model)), their_g, their_m),
+                    (copy.deepcopy(model), our_g, our_m)):
+        g, m = copy.deepcopy(g), copy.deepcopy(m).eval().requires_grad_(False)
+        opt_c = torch.optim.SGD(c.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
+        opt_g = torch.optim.Adam(g.parameters(), 0.01, betas=(0.5, 0.9))
+        sched_c = torch.optim.lr_scheduler.MultiStepLR(opt_c, [100], 0.1)
+        sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, [200], 0.1)  # before the recorder: it patches step
+        sides.append((c, g, m, (opt_c, opt_g, _Recorder(opt_g), sched_c, sched_g)))
+    return sides
 
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor], kept: list[int]) -> float:
