@@ -23,6 +23,9 @@ from harness.core.config import training_setup
 MAX_LABEL_PARTS = 4  # more differing values than this are summarised as "+N more"
 
 
+_UNSET = object()  # a setup that lacks the value
+
+
 def _differing(values: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
     """[(path, {setup id: value there, or unset})] of the config values that differ between setups.
     Where every setup that has the value holds a dict the comparison goes inside it; where one holds
@@ -37,9 +40,6 @@ def _differing(values: dict[str, Any], prefix: str = "") -> list[tuple[str, dict
             for v in values.values()}) > 1:
         return [(prefix[:-1], values)]
     return []
-
-
-_UNSET = object()
 
 
 def _show(value: Any) -> str:

@@ -15,8 +15,9 @@ from harness.store.checkpoint_sync import local_work_dir as checkpoint_dir
 from methods.base import Method
 from helpers import method_cell
 
-HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "on_epoch_start", "pre_pass",
-         "pre_pass_step", "training_step", "after_step", "on_epoch_end", "eval_model", "state_dict", "load_state_dict", "summary")
+HOOKS = ("build", "param_groups", "extra_optimizers", "select_train_samples", "pre_pass_samples", "on_epoch_start",
+         "pre_pass", "pre_pass_step", "training_step", "after_step", "on_epoch_end", "eval_model", "state_dict",
+         "load_state_dict", "summary")
 EPOCHS, STEPS = 2, 2
 SELECTING = {"abl": 6, "abl_finetune": 122,  # 5% of 128 under the isolation model, and the rest
              "spectral": 107, "ac": 79,  # less the 15% top spectral scores of each class; less each class's smaller cluster
@@ -61,8 +62,8 @@ def _expected(steps: int = STEPS, pre_pass: bool = False) -> list[str]:
     """methods/base.py's order; the trainer takes `eval_model` once, as train-time attacks' target."""
     epoch = (["on_epoch_start", "pre_pass"] + ["pre_pass_step"] * (steps if pre_pass else 0)
              + ["training_step", "after_step"] * steps + ["on_epoch_end", "state_dict"])
-    return (["build", "param_groups", "extra_optimizers", "eval_model", "select_train_samples"] + epoch * EPOCHS
-            + ["summary"])
+    return (["build", "param_groups", "extra_optimizers", "eval_model", "select_train_samples", "pre_pass_samples"]
+            + epoch * EPOCHS + ["summary"])
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -93,7 +94,7 @@ def test_trainer_calls_every_hook_in_the_documented_order(name, data_root, tmp_p
     calls.clear()  # a resumed run restores the method's state after the optimisers', and trains nothing
     resumed = trainer.train(cfg, work)
     assert calls == ["build", "param_groups", "extra_optimizers", "eval_model", "load_state_dict",
-                     "select_train_samples", "summary"]
+                     "select_train_samples", "pre_pass_samples", "summary"]
     assert resumed.method_summary.get("pruned_channels") == summary.method_summary.get("pruned_channels")
 
     calls.clear()  # evaluation rebuilds the method and asks it for the classifier to attack
